@@ -1,0 +1,263 @@
+"""Tasks and batching: from :class:`~fedrec.data.split.SplitData` to padded tensors.
+
+Three tasks, all producing left-padded ``(B, T)`` tensors with **0 as padding**:
+
+``ctr``
+    Each position's next impression and its label. Training: for each user, the last
+    ``max_len + 1`` training impressions; ``items[:, t]`` (and, optionally for the model,
+    ``labels[:, t]``) is the history token, ``target_items[:, t]`` / ``target_labels[:, t]``
+    the impression that follows it, ``target_mask`` marks real targets. Evaluation: the
+    history is all earlier-split interactions (train for valid; train + valid for test) and
+    only the last position carries a target — the held-out impression.
+``next_item``
+    The same windows; training adds ``negatives`` ``(B, T, n_neg)`` drawn uniformly among
+    items the user never interacted with; evaluation adds ``candidates`` ``(B, 1 + N)``
+    (column 0 the held-out item) for sampled ranking, or nothing for full ranking (use
+    :meth:`ExampleSet.exclusions` for the items to exclude).
+``cdr``
+    One example per (user, domain, positive item) with ``negatives`` ``(B, n_neg)`` from the
+    same domain, an own-domain context ``own_items`` ``(B, T)`` (a random subset of the
+    user's other training items in that domain, never the positive) and an other-domain
+    context ``other_items`` ``(B, T)`` (a random subset of the user's training items in the
+    other domains). Contexts are re-drawn each time a batch is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.split import TEST, TRAIN, VALID, SplitData
+from fedrec.errors import ConfigError
+
+__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "iterate_batches"]
+
+TASKS = ("ctr", "next_item", "cdr")
+STAGES = ("train", "valid", "test")
+_STAGE_PART = {"train": TRAIN, "valid": VALID, "test": TEST}
+
+
+@dataclass
+class ExampleSet:
+    """The examples of one task and stage, as numpy arrays (one row per example).
+
+    ``rows`` are indices into the split's row arrays; -1 marks padding. For ``ctr`` and
+    ``next_item``: ``input_rows`` ``(N, T)`` and ``target_rows`` ``(N, T)``; for ``cdr``:
+    ``target_rows`` ``(N, 1)`` (the positive) and ``input_rows`` empty (contexts are drawn
+    per batch).
+    """
+
+    task: str
+    stage: str
+    split: SplitData
+    seq: np.ndarray
+    input_rows: np.ndarray
+    target_rows: np.ndarray
+    max_len: int
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    @property
+    def users(self) -> np.ndarray:
+        """User index of every example."""
+        return self.split.seq_user[self.seq]
+
+    @property
+    def domains(self) -> np.ndarray:
+        """Domain index of every example (-1 on single-domain data)."""
+        return self.split.seq_domain[self.seq]
+
+    def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR ``(indptr, indices)`` of the items each example's user interacted with in
+        earlier splits — the candidates that full-ranking evaluation must exclude."""
+        sp = self.split
+        earlier = _STAGE_PART[self.stage]
+        row_user = sp.row_user
+        keep = sp.part < earlier
+        # per user: unique items of earlier parts
+        keys = np.unique(row_user[keep].astype(np.int64) * (sp.n_items + 1) + sp.item[keep])
+        k_user, k_item = keys // (sp.n_items + 1), keys % (sp.n_items + 1)
+        starts = np.searchsorted(k_user, self.users, side="left")
+        ends = np.searchsorted(k_user, self.users, side="right")
+        lengths = ends - starts
+        indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        idx = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return indptr, k_item[idx]
+
+
+def _last_rows(rows: np.ndarray, group: np.ndarray, n_groups: int, width: int, skip_last: int = 0) -> np.ndarray:
+    """``(n_groups, width)`` matrix of the last ``width`` rows of each group, left-padded
+    with -1, ignoring each group's last ``skip_last`` rows. ``rows`` sorted by (group, time)."""
+    out = np.full((n_groups, width), -1, dtype=np.int64)
+    if rows.size == 0:
+        return out
+    counts = np.bincount(group, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(rows.size) - starts[group]
+    from_end = counts[group] - 1 - rank - skip_last
+    keep = (from_end >= 0) & (from_end < width)
+    out[group[keep], width - 1 - from_end[keep]] = rows[keep]
+    return out
+
+
+def build_examples(split: SplitData, *, task: str, stage: str, max_len: int) -> ExampleSet:
+    """Build the :class:`ExampleSet` of ``task`` at ``stage`` with histories of ``max_len``."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ConfigError(f"max_len must be a positive integer (got {max_len!r})")
+    if task == "cdr" and not split.domains:
+        raise ConfigError("task 'cdr' needs multi-domain data (rows with a domain)")
+    part = _STAGE_PART[stage]
+    row_seq = split.row_seq
+    n_seq = split.n_sequences
+
+    if task == "cdr":
+        targets = np.flatnonzero(split.part == part)
+        return ExampleSet(task, stage, split, row_seq[targets], np.zeros((len(targets), 0), dtype=np.int64),
+                          targets[:, None], max_len)
+
+    if stage == "train":
+        rows = np.flatnonzero(split.part == TRAIN)
+        group = row_seq[rows]
+        tgt = _last_rows(rows, group, n_seq, max_len)
+        inp = _last_rows(rows, group, n_seq, max_len, skip_last=1)
+        has = (tgt[:, -1] >= 0) & (inp[:, -1] >= 0)  # at least two training rows
+        # a target without an input before it is not a training target
+        tgt = np.where(inp >= 0, tgt, -1)
+        seqs = np.flatnonzero(has)
+        return ExampleSet(task, stage, split, seqs, inp[seqs], tgt[seqs], max_len)
+
+    hist_rows = np.flatnonzero(split.part < part)
+    hist = _last_rows(hist_rows, row_seq[hist_rows], n_seq, max_len)
+    targets = np.flatnonzero(split.part == part)
+    seqs = row_seq[targets]
+    tgt = np.full((len(targets), max_len), -1, dtype=np.int64)
+    tgt[:, -1] = targets
+    return ExampleSet(task, stage, split, seqs, hist[seqs], tgt, max_len)
+
+
+def _take(values: np.ndarray, rows: np.ndarray, fill=0) -> np.ndarray:
+    out = values[np.maximum(rows, 0)]
+    return np.where(rows >= 0, out, fill)
+
+
+def _sample_context(
+    indptr: np.ndarray,
+    groups: np.ndarray,
+    width: int,
+    rng: np.random.Generator,
+    *,
+    exclude_row: np.ndarray | None = None,
+    exclude_domain: np.ndarray | None = None,
+    row_domain: np.ndarray | None = None,
+    order: np.ndarray | None = None,
+) -> np.ndarray:
+    """A random subset (up to ``width``) of each group's rows, as a -1-padded matrix.
+
+    Group ``g``'s rows are ``order[indptr[g]:indptr[g+1]]`` (``order`` defaults to identity).
+    """
+    sizes = indptr[groups + 1] - indptr[groups]
+    longest = int(sizes.max()) if sizes.size else 0
+    out = np.full((len(groups), width), -1, dtype=np.int64)
+    if longest == 0:
+        return out
+    pos = np.arange(longest)[None, :]
+    rows = indptr[groups][:, None] + pos
+    valid = pos < sizes[:, None]
+    rows = np.where(valid, rows, 0)
+    if order is not None:
+        rows = order[rows]
+    if exclude_row is not None:
+        valid &= rows != exclude_row[:, None]
+    if exclude_domain is not None:
+        valid &= row_domain[rows] != exclude_domain[:, None]
+    keys = np.where(valid, rng.random(valid.shape), np.inf)
+    pick = np.argsort(keys, axis=1, kind="stable")[:, :width]
+    chosen = np.take_along_axis(rows, pick, axis=1)
+    ok = np.take_along_axis(valid, pick, axis=1)
+    out[:, : chosen.shape[1]] = np.where(ok, chosen, -1)
+    return out
+
+
+def iterate_batches(
+    examples: ExampleSet,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_negatives: int = 0,
+    sampler: UniformNegativeSampler | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches of ``examples`` as dicts of tensors (see the module docstring).
+
+    Keys always present: ``user`` (B,), ``domain`` (B,), ``target_items``,
+    ``target_labels`` (float), ``target_mask`` (bool); for ``ctr``/``next_item`` also
+    ``items`` and ``labels`` (B, T); ``user_features`` (B, F_u) and ``item_features`` are
+    looked up by the model from the split (not copied per batch). With ``num_negatives``
+    (``next_item`` training: ``(B, T, n)``; evaluation: ``candidates`` ``(B, 1 + n)``;
+    ``cdr``: ``negatives`` ``(B, n)``) a ``sampler`` is required.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+    if num_negatives and sampler is None:
+        raise ConfigError("num_negatives > 0 needs a sampler")
+    sp = examples.split
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
+    train_rows = train_indptr = user_rows = user_indptr = None
+    if examples.task == "cdr":
+        # own-domain context: training rows of the sequence; other-domain: of the user
+        train_mask = sp.part == TRAIN
+        row_seq = sp.row_seq
+        train_rows = np.flatnonzero(train_mask)  # sorted by sequence already
+        train_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_seq[train_rows], minlength=sp.n_sequences))])
+        ru = sp.row_user[train_rows]
+        by_user = np.argsort(ru, kind="stable")
+        user_rows = train_rows[by_user]
+        user_indptr = np.concatenate([[0], np.cumsum(np.bincount(ru, minlength=sp.n_users + 1))])
+        row_domain = np.repeat(sp.seq_domain, np.diff(sp.indptr))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        tgt = examples.target_rows[idx]
+        users = examples.users[idx]
+        domains = examples.domains[idx]
+        batch = {
+            "user": torch.from_numpy(users),
+            "domain": torch.from_numpy(domains),
+            "target_items": torch.from_numpy(_take(sp.item, tgt)),
+            "target_labels": torch.from_numpy(_take(sp.label, tgt).astype(np.float32)),
+            "target_mask": torch.from_numpy(tgt >= 0),
+        }
+        if examples.task == "cdr":
+            own = _sample_context(train_indptr, examples.seq[idx], examples.max_len, rng,
+                                  exclude_row=tgt[:, 0], order=train_rows)
+            other = _sample_context(user_indptr, users, examples.max_len, rng, exclude_domain=domains,
+                                    row_domain=row_domain, order=user_rows)
+            batch["own_items"] = torch.from_numpy(_take(sp.item, own))
+            batch["other_items"] = torch.from_numpy(_take(sp.item, other))
+            if num_negatives:
+                batch["negatives"] = torch.from_numpy(sampler.sample(users, num_negatives, domains=domains if sp.domains else None))
+        else:
+            inp = examples.input_rows[idx]
+            batch["items"] = torch.from_numpy(_take(sp.item, inp))
+            batch["labels"] = torch.from_numpy(_take(sp.label, inp).astype(np.int64))
+            if num_negatives:
+                dom = domains if sp.domains else None
+                if examples.stage == "train":
+                    T = tgt.shape[1]
+                    neg = sampler.sample(np.repeat(users, T), num_negatives,
+                                         domains=None if dom is None else np.repeat(dom, T))
+                    neg = neg.reshape(len(idx), T, num_negatives) * (tgt >= 0)[:, :, None]
+                    batch["negatives"] = torch.from_numpy(neg)
+                else:
+                    neg = sampler.sample(users, num_negatives, domains=dom)
+                    batch["candidates"] = torch.from_numpy(np.concatenate([_take(sp.item, tgt[:, -1:]), neg], axis=1))
+        yield batch

@@ -1,0 +1,183 @@
+"""The canonical interactions table and the dataset bundle every source returns.
+
+Columns of :class:`Interactions` (one row per exposure or interaction):
+
+========  ========  ==========================================================
+column    dtype     meaning
+========  ========  ==========================================================
+user      int64     raw user id (as in the source; remapped later by a split)
+item      int64     raw item id
+time      int64 or  timestamp, or the position within the user's file order
+          float64   when the source has no time
+label     int8      optional: 1 click / positive, 0 non-click / negative exposure
+rating    float64   optional: explicit rating
+domain    object    optional: domain name (cross-domain data)
+split     object    optional: the files' own split, "train" / "valid" / "test"
+========  ========  ==========================================================
+
+Rows are kept in file order; sorting by time happens in :mod:`fedrec.data.split`,
+stably, so ties keep their file order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedrec.errors import DataError
+
+__all__ = ["Interactions", "Dataset", "REQUIRED", "OPTIONAL", "SPLITS"]
+
+REQUIRED = ("user", "item", "time")
+OPTIONAL = ("label", "rating", "domain", "split")
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """A validated canonical interactions table (see the module docstring).
+
+    Construct through :meth:`from_frame`, which checks columns, dtypes and values and
+    raises :class:`~fedrec.errors.DataError` naming ``source`` on a violation.
+    """
+
+    frame: pd.DataFrame
+    source: str = ""
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, *, source: str) -> "Interactions":
+        """Validate ``frame`` and wrap it; ``source`` names the file(s) for error messages."""
+        missing = [c for c in REQUIRED if c not in frame.columns]
+        if missing:
+            raise DataError("missing required column", file=source, column=missing[0])
+        extra = [c for c in frame.columns if c not in REQUIRED + OPTIONAL]
+        if extra:
+            raise DataError("unexpected column in canonical table", file=source, column=extra[0])
+        if len(frame) == 0:
+            raise DataError("no interactions", file=source)
+        out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+        for col in ("user", "item"):
+            out[col] = _as_int64(frame[col], col, source)
+        time = frame["time"]
+        if not pd.api.types.is_numeric_dtype(time):
+            time = pd.to_numeric(time, errors="coerce")
+        _no_nan(time, "time", source)
+        out["time"] = time.to_numpy()
+        if "label" in frame.columns:
+            label = frame["label"]
+            if not pd.api.types.is_numeric_dtype(label):
+                label = pd.to_numeric(label, errors="coerce")
+            _no_nan(label, "label", source)
+            bad = ~np.isin(label.to_numpy(), (0, 1))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    "label must be 0 or 1", file=source, column="label", value=label.iloc[i]
+                )
+            out["label"] = label.to_numpy().astype(np.int8)
+        if "rating" in frame.columns:
+            rating = pd.to_numeric(frame["rating"], errors="coerce")
+            _no_nan(rating, "rating", source)
+            out["rating"] = rating.to_numpy(dtype=np.float64)
+        if "domain" in frame.columns:
+            out["domain"] = frame["domain"].astype(str).to_numpy()
+        if "split" in frame.columns:
+            split = frame["split"].astype(str)
+            bad = ~split.isin(SPLITS)
+            if bad.any():
+                raise DataError(
+                    "split must be train, valid or test",
+                    file=source,
+                    column="split",
+                    value=split[bad].iloc[0],
+                )
+            out["split"] = split.to_numpy()
+        return cls(out, source)
+
+    # -- convenience -------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether rows carry an explicit 0/1 label (otherwise all are implicit positives)."""
+        return "label" in self.frame.columns
+
+    @property
+    def has_domains(self) -> bool:
+        """Whether rows carry a domain (cross-domain data)."""
+        return "domain" in self.frame.columns
+
+    @property
+    def has_split(self) -> bool:
+        """Whether the files fixed their own train/valid/test split."""
+        return "split" in self.frame.columns
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names in order of first appearance (empty for single-domain data)."""
+        if not self.has_domains:
+            return []
+        return list(pd.unique(self.frame["domain"]))
+
+
+@dataclass
+class Dataset:
+    """What a source returns: interactions plus optional side tables.
+
+    Attributes
+    ----------
+    name:
+        The spec it was loaded from.
+    interactions:
+        The canonical :class:`Interactions` table.
+    user_features, item_features:
+        Optional integer-coded feature tables indexed by raw user / item id (one column
+        per categorical field; code 0 is free for padding: codes are shifted by +1 when the
+        source's codes start at 0).
+    user_groups:
+        Optional true latent group per raw user id (synthetic data), for scoring group
+        discovery.
+    meta:
+        Free-form facts about the source (generative parameters, thresholds, ...).
+    """
+
+    name: str
+    interactions: Interactions
+    user_features: pd.DataFrame | None = None
+    item_features: pd.DataFrame | None = None
+    user_groups: pd.Series | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _no_nan(series: pd.Series, column: str, source: str) -> None:
+    isna = pd.isna(series).to_numpy()
+    if isna.any():
+        i = int(np.flatnonzero(isna)[0])
+        raise DataError(
+            f"missing or non-numeric value in row {i + 1} of the table",
+            file=source,
+            column=column,
+            value=None if series.iloc[i] is None or series.iloc[i] != series.iloc[i] else series.iloc[i],
+        )
+
+
+def _as_int64(series: pd.Series, column: str, source: str) -> np.ndarray:
+    """Convert ``series`` to int64, or raise naming the first non-integer value."""
+    if pd.api.types.is_integer_dtype(series) and not series.isna().any():
+        return series.to_numpy(dtype=np.int64)
+    numeric = pd.to_numeric(series, errors="coerce")
+    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(values) | (values != np.round(values))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"ids must be integers (row {i + 1} of the table)",
+            file=source,
+            column=column,
+            value=series.iloc[i],
+        )
+    return values.astype(np.int64)

@@ -1,0 +1,170 @@
+"""``synthetic:key=value,...`` — the embedded default data: users drawn from latent groups.
+
+No file needed; seeded, so the same spec gives the same data. The generative process:
+
+1. ``groups`` latent groups, each with a taste vector ``theta_g ~ N(0, I_dim)``; every user
+   gets a group ``z_u`` uniformly at random and a taste
+   ``w_u = sqrt(group_weight) * theta_{z_u} + sqrt(1 - group_weight) * eps_u``,
+   ``eps_u ~ N(0, I_dim)`` — a group-level taste plus an individual one.
+2. ``items`` items, each with a ``category`` (one of ``categories``, uniform) and a latent
+   vector ``v_i = mu_{category} + 0.5 * noise`` (``mu_c ~ N(0, I_dim)``); a ``brand`` code
+   (uniform over 50) and a Zipf popularity ``pop_i ∝ 1 / rank^0.8`` (random ranks).
+3. Each user sees ``L_u ~ Uniform{min_len..max_len}`` impressions at increasing times
+   (exponential gaps). An impression is, with probability ``explore``, drawn from the
+   popularity distribution, otherwise picked from 20 popularity-drawn candidates by a
+   softmax over ``w_u . v_i`` — the feed is already personalised, as in real logs.
+4. Clicks: ``P(click) = sigmoid(sharpness * w_u . v_i / sqrt(dim) + b_u)``, with a user
+   click propensity ``b_u ~ N(0, 0.5^2)``. Every impression keeps its 0/1 label.
+5. User profile: ``segment`` equals the user's group with probability ``profile_signal``
+   (else a random group), plus an uninformative ``age`` band (1..6). Item features:
+   ``category``, ``brand``. All codes start at 1 (0 = padding).
+
+The true group of every user is kept (:attr:`Dataset.user_groups`) to score group discovery.
+
+Multi-domain variant (``domains=2`` or more): each domain has its own ``items`` items (and
+category means); a user's taste is shared across domains, so interactions in one domain
+carry information about another. A fraction ``overlap`` of users is active in every domain;
+the rest are active in one domain each. Rows carry ``domain`` (``d0``, ``d1``, ...).
+
+Options (defaults): ``users=2000, items=1000, groups=4, categories=20, dim=16,
+group_weight=0.8, min_len=10, max_len=60, explore=0.3, sharpness=3.0, profile_signal=0.5,
+domains=1, overlap=1.0, seed=0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedrec.data.interactions import Dataset, Interactions
+from fedrec.data.sources import SOURCES
+from fedrec.data.spec import Options, SourceSpec
+from fedrec.errors import SpecError
+
+_CANDIDATES = 20
+_BRANDS = 50
+
+
+@SOURCES.register("synthetic")
+def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
+    """Generate the synthetic grouped-users data (see the module docstring for options)."""
+    p = dict(
+        users=options.int("users", 2000, minimum=1),
+        items=options.int("items", 1000, minimum=2),
+        groups=options.int("groups", 4, minimum=1),
+        categories=options.int("categories", 20, minimum=1),
+        dim=options.int("dim", 16, minimum=1),
+        group_weight=options.float("group_weight", 0.8, minimum=0.0, maximum=1.0),
+        min_len=options.int("min_len", 10, minimum=1),
+        max_len=options.int("max_len", 60, minimum=1),
+        explore=options.float("explore", 0.3, minimum=0.0, maximum=1.0),
+        sharpness=options.float("sharpness", 3.0, minimum=0.0),
+        profile_signal=options.float("profile_signal", 0.5, minimum=0.0, maximum=1.0),
+        domains=options.int("domains", 1, minimum=1),
+        overlap=options.float("overlap", 1.0, minimum=0.0, maximum=1.0),
+        seed=options.int("seed", 0),
+    )
+    options.finish()
+    if p["max_len"] < p["min_len"]:
+        raise SpecError(f"{spec.text}: max_len ({p['max_len']}) must be >= min_len ({p['min_len']})")
+    return generate(name=spec.text, **p)
+
+
+def generate(
+    *,
+    name: str = "synthetic:",
+    users: int = 2000,
+    items: int = 1000,
+    groups: int = 4,
+    categories: int = 20,
+    dim: int = 16,
+    group_weight: float = 0.8,
+    min_len: int = 10,
+    max_len: int = 60,
+    explore: float = 0.3,
+    sharpness: float = 3.0,
+    profile_signal: float = 0.5,
+    domains: int = 1,
+    overlap: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """Generate a synthetic :class:`Dataset` (parameters as in the module docstring)."""
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal((groups, dim))
+    group = rng.integers(groups, size=users)
+    taste = np.sqrt(group_weight) * theta[group] + np.sqrt(1.0 - group_weight) * rng.standard_normal((users, dim))
+    propensity = 0.5 * rng.standard_normal(users)
+
+    # which users are active in which domain
+    active = np.ones((users, domains), dtype=bool)
+    if domains > 1:
+        single = rng.random(users) >= overlap
+        home = rng.integers(domains, size=users)
+        active[single] = False
+        active[single, home[single]] = True
+
+    frames = []
+    item_tables = []
+    for d in range(domains):
+        # per-domain catalogue
+        category = rng.integers(categories, size=items)
+        mu = rng.standard_normal((categories, dim))
+        vec = mu[category] + 0.5 * rng.standard_normal((items, dim))
+        brand = rng.integers(_BRANDS, size=items)
+        ranks = rng.permutation(items) + 1
+        pop = 1.0 / ranks**0.8
+        pop /= pop.sum()
+
+        who = np.flatnonzero(active[:, d])
+        lengths = rng.integers(min_len, max_len + 1, size=who.size)
+        uid = np.repeat(who, lengths)
+        n = uid.size
+        # exposures: popularity draws, or a preference pick among popularity candidates
+        cand = rng.choice(items, size=(n, _CANDIDATES), p=pop)
+        logits = np.einsum("nd,nkd->nk", taste[uid], vec[cand]) / np.sqrt(dim)
+        logits -= logits.max(axis=1, keepdims=True)
+        prob = np.exp(logits)
+        prob /= prob.sum(axis=1, keepdims=True)
+        pick = (prob.cumsum(axis=1) < rng.random((n, 1))).sum(axis=1).clip(max=_CANDIDATES - 1)
+        chosen = cand[np.arange(n), pick]
+        explore_mask = rng.random(n) < explore
+        chosen[explore_mask] = cand[explore_mask, 0]
+        affinity = np.einsum("nd,nd->n", taste[uid], vec[chosen]) / np.sqrt(dim)
+        click = rng.random(n) < 1.0 / (1.0 + np.exp(-(sharpness * affinity + propensity[uid])))
+        gaps = rng.exponential(600.0, size=n).round().astype(np.int64) + 1
+        first = np.cumsum(lengths) - lengths
+        cum = np.cumsum(gaps)
+        # per-user clock: the user's own cumulative gaps after a common start
+        time = 1_700_000_000 + cum - np.repeat((cum - gaps)[first], lengths)
+        frame = pd.DataFrame({"user": uid + 1, "item": chosen + 1 + d * items, "time": time, "label": click.astype(np.int8)})
+        if domains > 1:
+            frame["domain"] = f"d{d}"
+        frames.append(frame)
+        item_tables.append(
+            pd.DataFrame(
+                {"category": category + 1, "brand": brand + 1},
+                index=pd.Index(np.arange(items) + 1 + d * items, name="item"),
+            )
+        )
+    table = pd.concat(frames, ignore_index=True)
+    segment = np.where(rng.random(users) < profile_signal, group, rng.integers(groups, size=users))
+    user_features = pd.DataFrame(
+        {"segment": segment + 1, "age": rng.integers(6, size=users) + 1},
+        index=pd.Index(np.arange(users) + 1, name="user"),
+    )
+    present = np.unique(table["user"].to_numpy())
+    return Dataset(
+        name=name,
+        interactions=Interactions.from_frame(table, source=name),
+        user_features=user_features.loc[present],
+        item_features=pd.concat(item_tables),
+        user_groups=pd.Series(group + 1, index=pd.Index(np.arange(users) + 1, name="user"), name="group").loc[present],
+        meta={
+            "format": "synthetic",
+            "time_unit": "s",
+            "params": dict(users=users, items=items, groups=groups, categories=categories, dim=dim,
+                           group_weight=group_weight, min_len=min_len, max_len=max_len, explore=explore,
+                           sharpness=sharpness, profile_signal=profile_signal, domains=domains,
+                           overlap=overlap, seed=seed),
+        },
+    )

@@ -1,0 +1,100 @@
+"""``csv:PATH`` and ``parquet:PATH`` — a user's own logs, with a column mapping.
+
+The query maps canonical fields to the file's columns, e.g.
+``csv:logs.csv?user=uid&item=iid&time=ts&label=click``. ``user`` and ``item`` are required;
+``time`` (default: the row's position within its user), ``label`` (0/1), ``rating`` and
+``domain`` are optional; ``split`` maps a column holding train/valid/test.
+
+CSV options: ``sep`` (default ``,``; ``tab`` for a tab), ``header`` (default true; with
+``header=false`` refer to columns by 0-based position, e.g. ``user=0&item=1``).
+Ids must be integers unless ``ids=factorize``, which codes string ids (e.g. Amazon
+reviewer ids and ASINs) as integers in order of first appearance. ``label_from_rating=X``
+derives the label as ``rating >= X`` when the file has ratings but no label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedrec.data.interactions import Dataset, Interactions
+from fedrec.data.io import float_column, int_column, read_table, resolve_file
+from fedrec.data.sources import SOURCES
+from fedrec.data.spec import Options, SourceSpec
+from fedrec.errors import DataError, SpecError
+
+_FIELDS = ("user", "item", "time", "label", "rating", "domain", "split")
+
+
+def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
+    mapping = {f: options.str(f) for f in _FIELDS}
+    ids = options.choice("ids", ("int", "factorize"), "int")
+    threshold = options.float("label_from_rating")
+    if parquet:
+        header, sep = True, ","
+    else:
+        sep = options.str("sep", ",")
+        sep = {"tab": "\t", "\\t": "\t", "space": " "}.get(sep, sep)
+        header = options.bool("header", True)
+    options.finish()
+    for field in ("user", "item"):
+        if mapping[field] is None:
+            raise SpecError(f"{spec.text}: the column mapping needs '{field}=COLUMN' (e.g. ?user=uid&item=iid)")
+    if threshold is not None and mapping["label"] is not None:
+        raise SpecError(f"{spec.text}: give either 'label' or 'label_from_rating', not both")
+    if threshold is not None and mapping["rating"] is None:
+        raise SpecError(f"{spec.text}: 'label_from_rating' needs 'rating=COLUMN'")
+    path = resolve_file(spec.path)
+    frame, lines = read_table(path, sep=sep, header=header, parquet=parquet, dtype=None if parquet else str)
+    if not header:
+        frame.columns = [str(i) for i in range(frame.shape[1])]
+    used = {f: c for f, c in mapping.items() if c is not None}
+    for field, column in used.items():
+        if column not in frame.columns:
+            have = ", ".join(map(str, frame.columns))
+
+
+            raise DataError(f"no such column for '{field}' (the file has: {have})", file=path, column=column)
+    table = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+    for field in ("user", "item"):
+        column = used[field]
+        if ids == "factorize":
+            codes, _ = pd.factorize(frame[column].astype(str).str.strip())
+            table[field] = codes.astype(np.int64)
+        else:
+            table[field] = int_column(frame, column, lines, path)
+    if "time" in used:
+        table["time"] = float_column(frame, used["time"], lines, path)
+        if np.all(table["time"].to_numpy() == np.round(table["time"].to_numpy())):
+            table["time"] = table["time"].astype(np.int64)
+    else:
+        table["time"] = table.groupby("user").cumcount().to_numpy()
+    if "rating" in used:
+        table["rating"] = float_column(frame, used["rating"], lines, path)
+    if "label" in used:
+        table["label"] = int_column(frame, used["label"], lines, path)
+        bad = ~np.isin(table["label"].to_numpy(), (0, 1))
+        if bad.any():
+
+
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError("label must be 0 or 1", file=path, row=int(lines[i]), column=used["label"], value=frame[used["label"]].iloc[i])
+    elif threshold is not None:
+        table["label"] = (table["rating"].to_numpy() >= threshold).astype(np.int8)
+    for field in ("domain", "split"):
+        if field in used:
+            table[field] = frame[used[field]].astype(str).str.strip().to_numpy()
+    fmt = "parquet" if parquet else "csv"
+    return Dataset(spec.text, Interactions.from_frame(table, source=str(path)), meta={"format": fmt, "columns": used})
+
+
+@SOURCES.register("csv")
+def load_csv(spec: SourceSpec, options: Options) -> Dataset:
+    """Load a delimited file with a column mapping in the spec's query."""
+    return _load(spec, options, parquet=False)
+
+
+@SOURCES.register("parquet")
+def load_parquet(spec: SourceSpec, options: Options) -> Dataset:
+    """Load a parquet file with a column mapping in the spec's query."""
+    return _load(spec, options, parquet=True)

@@ -1,0 +1,251 @@
+"""Splits: from a canonical :class:`~fedrec.data.Dataset` to id-remapped, time-sorted
+sequences with a train / valid / test label per interaction.
+
+Methods
+-------
+``leave-last-two-out``
+    Per sequence (a user, or a (user, domain) pair on multi-domain data), interactions are
+    sorted by time with a *stable* sort, so ties keep their file order; the last one is
+    test, the second-to-last valid, the rest train. Sequences with fewer than
+    ``min_interactions`` (default 3) interactions are dropped.
+``files``
+    The files' own split (the ``split`` column, e.g. the CDR folders' train/valid/test).
+``auto`` (default)
+    ``files`` when the data carries a split, else ``leave-last-two-out``.
+
+Ids are remapped to contiguous indices: users 1..U and items 1..I in increasing raw-id
+order, **0 reserved for padding** everywhere (features, groups and the domain of item 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from fedrec.data.interactions import Dataset
+from fedrec.errors import ConfigError, DataError
+
+__all__ = ["SplitConfig", "SplitData", "split_dataset", "TRAIN", "VALID", "TEST", "PART_NAMES"]
+
+TRAIN, VALID, TEST = 0, 1, 2
+PART_NAMES = ("train", "valid", "test")
+_METHODS = ("auto", "leave-last-two-out", "files")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How to split: ``method`` (auto, leave-last-two-out, files) and ``min_interactions``."""
+
+    method: Literal["auto", "leave-last-two-out", "files"] = "auto"
+    min_interactions: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in _METHODS:
+            raise ConfigError(f"split method must be one of {', '.join(_METHODS)} (got {self.method!r})")
+        if not isinstance(self.min_interactions, int) or self.min_interactions < 1:
+            raise ConfigError(f"min_interactions must be a positive integer (got {self.min_interactions!r})")
+
+
+@dataclass
+class SplitData:
+    """Time-sorted, id-remapped interactions grouped into sequences, with a split per row.
+
+    Rows are grouped by sequence (``indptr``, CSR-style: the rows of sequence ``s`` are
+    ``indptr[s]:indptr[s+1]``) and sorted by time inside each sequence. A sequence is one
+    user on single-domain data and one (user, domain) pair on multi-domain data.
+
+    Attributes
+    ----------
+    n_users, n_items:
+        Number of real users / items; indices run 1..n (0 is padding).
+    user_raw, item_raw:
+        Raw id of each index (position 0 holds -1 for padding).
+    domains:
+        Domain names (empty for single-domain data); ``item_domain[i]`` is the domain index
+        of item ``i`` (-1 for padding and on single-domain data).
+    seq_user, seq_domain, indptr:
+        The sequences: their user index, domain index (-1 without domains), row ranges.
+    item, label, time, part:
+        Per row: item index, 0/1 label (1 for implicit positives), time, and
+        ``TRAIN``/``VALID``/``TEST``.
+    has_labels:
+        Whether labels are real 0/1 feedback (CTR data) or implicit positives.
+    user_features, item_features:
+        ``(n_users + 1, F)`` / ``(n_items + 1, F)`` integer code arrays aligned with the
+        indices (row 0 = padding, all zeros), or ``None``; ``*_feature_names`` name columns.
+    user_group:
+        True latent group of each user index (0 for padding) on synthetic data, else None.
+    method:
+        The split method actually used.
+    """
+
+    n_users: int
+    n_items: int
+    user_raw: np.ndarray
+    item_raw: np.ndarray
+    domains: list[str]
+    item_domain: np.ndarray
+    seq_user: np.ndarray
+    seq_domain: np.ndarray
+    indptr: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+    time: np.ndarray
+    part: np.ndarray
+    has_labels: bool
+    user_features: np.ndarray | None
+    item_features: np.ndarray | None
+    user_feature_names: list[str]
+    item_feature_names: list[str]
+    user_group: np.ndarray | None
+    method: str
+
+    # -- derived views -------------------------------------------------------------
+    @property
+    def n_sequences(self) -> int:
+        """Number of sequences (users, or (user, domain) pairs)."""
+        return len(self.seq_user)
+
+    @property
+    def row_seq(self) -> np.ndarray:
+        """Sequence index of every row."""
+        return np.repeat(np.arange(self.n_sequences), np.diff(self.indptr))
+
+    @property
+    def row_user(self) -> np.ndarray:
+        """User index of every row."""
+        return np.repeat(self.seq_user, np.diff(self.indptr))
+
+    def part_counts(self) -> dict[str, int]:
+        """Number of rows in each split."""
+        counts = np.bincount(self.part, minlength=3)
+        return {name: int(counts[i]) for i, name in enumerate(PART_NAMES)}
+
+    def sequence_items(self, s: int, parts: tuple[int, ...] = (TRAIN,)) -> np.ndarray:
+        """Raw ids of the items of sequence ``s`` in the given parts, in time order."""
+        rows = slice(self.indptr[s], self.indptr[s + 1])
+        keep = np.isin(self.part[rows], parts)
+        return self.item_raw[self.item[rows][keep]]
+
+    def sequence_labels(self, s: int, parts: tuple[int, ...] = (TRAIN,)) -> np.ndarray:
+        """Labels of sequence ``s`` in the given parts, in time order."""
+        rows = slice(self.indptr[s], self.indptr[s + 1])
+        keep = np.isin(self.part[rows], parts)
+        return self.label[rows][keep]
+
+    def seen_pairs(self, parts: tuple[int, ...] = (TRAIN, VALID, TEST)) -> np.ndarray:
+        """Sorted unique keys ``user * (n_items + 1) + item`` of the rows in ``parts``."""
+        keep = np.isin(self.part, parts)
+        keys = self.row_user[keep].astype(np.int64) * (self.n_items + 1) + self.item[keep]
+        return np.unique(keys)
+
+
+def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitData:
+    """Remap ids and split ``dataset`` as ``config`` says (see the module docstring)."""
+    config = config or SplitConfig()
+    inter = dataset.interactions
+    frame = inter.frame
+    method = config.method
+    if method == "auto":
+        method = "files" if inter.has_split else "leave-last-two-out"
+    if method == "files" and not inter.has_split:
+        raise ConfigError(f"split method 'files' needs data that carries its own split ({dataset.name} has none)")
+
+    domains = inter.domains
+    dom = (
+        pd.Index(domains).get_indexer(frame["domain"]).astype(np.int64)
+        if domains
+        else np.full(len(frame), -1, dtype=np.int64)
+    )
+    user_raw_rows = frame["user"].to_numpy()
+    time = frame["time"].to_numpy()
+    # stable: lexsort keeps file order among equal (user, domain, time)
+    order = np.lexsort((time, dom, user_raw_rows))
+    user_raw_rows, dom, time = user_raw_rows[order], dom[order], time[order]
+    item_raw_rows = frame["item"].to_numpy()[order]
+    label = frame["label"].to_numpy()[order].astype(np.int8) if inter.has_labels else np.ones(len(frame), dtype=np.int8)
+
+    # sequence boundaries
+    new_seq = np.ones(len(order), dtype=bool)
+    new_seq[1:] = (user_raw_rows[1:] != user_raw_rows[:-1]) | (dom[1:] != dom[:-1])
+    starts = np.flatnonzero(new_seq)
+    lengths = np.diff(np.append(starts, len(order)))
+    if method == "leave-last-two-out":
+        keep_seq = lengths >= config.min_interactions
+        if not keep_seq.any():
+            raise DataError(
+                f"no user has at least {config.min_interactions} interactions, nothing to split",
+                file=dataset.name,
+            )
+        keep = np.repeat(keep_seq, lengths)
+        part = np.zeros(len(order), dtype=np.int8)
+        ends = starts + lengths
+        part[ends - 1] = TEST
+        part[ends - 2] = VALID
+        part[np.repeat(~keep_seq, lengths)] = TRAIN
+    else:
+        part = pd.Index(PART_NAMES).get_indexer(frame["split"].to_numpy()[order]).astype(np.int8)
+        keep = np.ones(len(order), dtype=bool)
+    user_raw_rows, item_raw_rows, dom, time, label, part = (
+        a[keep] for a in (user_raw_rows, item_raw_rows, dom, time, label, part)
+    )
+    if len(user_raw_rows) == 0:
+        raise DataError("no interactions left after splitting", file=dataset.name)
+
+    user_raw = np.unique(user_raw_rows)
+    item_raw = np.unique(item_raw_rows)
+    user_idx = np.searchsorted(user_raw, user_raw_rows) + 1
+    item_idx = np.searchsorted(item_raw, item_raw_rows) + 1
+
+    new_seq = np.ones(len(user_idx), dtype=bool)
+    new_seq[1:] = (user_idx[1:] != user_idx[:-1]) | (dom[1:] != dom[:-1])
+    starts = np.flatnonzero(new_seq)
+    indptr = np.append(starts, len(user_idx)).astype(np.int64)
+
+    item_domain = np.full(len(item_raw) + 1, -1, dtype=np.int64)
+    item_domain[item_idx] = dom
+
+    user_features, user_names = _align_features(dataset.user_features, user_raw, "user", dataset.name)
+    item_features, item_names = _align_features(dataset.item_features, item_raw, "item", dataset.name)
+    user_group = None
+    if dataset.user_groups is not None:
+        user_group = np.zeros(len(user_raw) + 1, dtype=np.int64)
+        user_group[1:] = dataset.user_groups.reindex(user_raw).fillna(0).to_numpy(dtype=np.int64)
+
+    return SplitData(
+        n_users=len(user_raw),
+        n_items=len(item_raw),
+        user_raw=np.concatenate([[-1], user_raw]).astype(np.int64),
+        item_raw=np.concatenate([[-1], item_raw]).astype(np.int64),
+        domains=list(domains),
+        item_domain=item_domain,
+        seq_user=user_idx[starts].astype(np.int64),
+        seq_domain=dom[starts].astype(np.int64),
+        indptr=indptr,
+        item=item_idx.astype(np.int64),
+        label=label,
+        time=time,
+        part=part,
+        has_labels=inter.has_labels,
+        user_features=user_features,
+        item_features=item_features,
+        user_feature_names=user_names,
+        item_feature_names=item_names,
+        user_group=user_group,
+        method=method,
+    )
+
+
+def _align_features(table: pd.DataFrame | None, raw: np.ndarray, kind: str, name: str):
+    """``(len(raw) + 1, F)`` code array aligned with the indices; unknown ids get code 0."""
+    if table is None or table.shape[1] == 0:
+        return None, []
+    aligned = table.reindex(raw)
+    missing = aligned.isna().any(axis=1).to_numpy()
+    if missing.all():
+        raise DataError(f"no {kind} in the interactions has a feature row", file=name)
+    codes = aligned.fillna(0).to_numpy(dtype=np.int64)
+    return np.vstack([np.zeros((1, codes.shape[1]), dtype=np.int64), codes]), [str(c) for c in table.columns]
