@@ -170,7 +170,10 @@ def parse_spec(text: str, *, pathless: frozenset[str] = frozenset({"synthetic"})
     path, _, query = rest.partition("?")
     if fmt in pathless:
         options = _parse_pairs(path, ",", text)
-        options.update({k: v for k, v in _parse_pairs(query, "&", text).items() if k not in options})
+        for key, value in _parse_pairs(query, "&", text).items():
+            if key in options:
+                raise SpecError(f"{text}: option '{key}' is given twice")
+            options[key] = value
         return SourceSpec(fmt, "", options, text)
     if not path.strip():
         raise SpecError(f"data spec {text!r}: format '{fmt}' needs a path after the colon")

@@ -49,9 +49,10 @@ def _codes(values: pd.Series) -> np.ndarray:
     return codes.astype(np.int64) + 1
 
 
-def _user_features(path: Path, sep: str) -> pd.DataFrame:
-    frame, lines = read_table(path, sep=sep, header=False, dtype=str,
-                              names=["user", "age", "gender", "occupation", "zip"],
+def _user_features(path: Path, dat: bool) -> pd.DataFrame:
+    # u.user: id|age|gender|occupation|zip ; users.dat: id::gender::age::occupation::zip
+    names = ["user", "gender", "age", "occupation", "zip"] if dat else ["user", "age", "gender", "occupation", "zip"]
+    frame, lines = read_table(path, sep="::" if dat else "|", header=False, dtype=str, names=names,
                               encoding="latin-1")
     ids = int_column(frame, "user", lines, path)
     age = int_column(frame, "age", lines, path)
@@ -123,7 +124,7 @@ def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
         upath = find_in_dir(directory, ["users.dat" if dat else "u.user"], required=False)
         ipath = find_in_dir(directory, ["movies.dat" if dat else "u.item"], required=False)
         if upath is not None:
-            user_features = _user_features(upath, "::" if dat else "|")
+            user_features = _user_features(upath, dat)
         if ipath is not None:
             item_features = _item_features_dat(ipath) if dat else _item_features_100k(ipath)
     return Dataset(
