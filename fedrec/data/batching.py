@@ -1,6 +1,7 @@
 """Tasks and batching: from :class:`~fedrec.data.split.SplitData` to padded tensors.
 
-Three tasks, all producing left-padded ``(B, T)`` tensors with **0 as padding**:
+Three tasks, all producing ``(B, T)`` tensors with **0 as padding** (sequences are
+left-padded, so the most recent interaction is always in the last column):
 
 ``ctr``
     Each position's next impression and its label. Training: for each user, the last
@@ -19,7 +20,8 @@ Three tasks, all producing left-padded ``(B, T)`` tensors with **0 as padding**:
     same domain, an own-domain context ``own_items`` ``(B, T)`` (a random subset of the
     user's other training items in that domain, never the positive) and an other-domain
     context ``other_items`` ``(B, T)`` (a random subset of the user's training items in the
-    other domains). Contexts are re-drawn each time a batch is built.
+    other domains). Contexts are unordered sets, padded with 0 on the right, re-drawn each
+    time a batch is built (UniCDR's interaction masking).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ __all__ = [
     "partition_users",
     "partition_domains",
     "label_distribution",
+    "dominant_item_feature",
 ]
 
 PARTITION_SCHEMES: tuple[str, ...] = ("user", "iid", "dirichlet")
@@ -323,3 +324,27 @@ def label_distribution(parts: Sequence[Any], labels_by_user: Any) -> np.ndarray:
             idx = np.searchsorted(values, labs)
             counts[i] = np.bincount(idx, minlength=values.size)
     return counts
+
+
+def dominant_item_feature(split: Any, field: str) -> np.ndarray:
+    """Per-user label for a Dirichlet split: the most frequent code of item feature
+    ``field`` among the user's training interactions (ties -> the smallest code).
+
+    Returns an array of length ``split.n_users + 1`` indexed by user index (entry 0, the
+    padding user, is 0), so ``labels=dominant_item_feature(split, "category")[users]``.
+    Raises :class:`ConfigError` when the data has no item feature ``field``.
+    """
+    names = list(getattr(split, "item_feature_names", []) or [])
+    if split.item_features is None or field not in names:
+        raise ConfigError(f"no item feature {field!r} in this data (item features: {', '.join(names) or 'none'})")
+    from fedrec.data.split import TRAIN
+
+    rows = np.flatnonzero(split.part == TRAIN)
+    users = split.row_user[rows]
+    codes = split.item_features[split.item[rows], names.index(field)]
+    n_codes = int(split.item_features[:, names.index(field)].max()) + 1
+    counts = np.zeros((split.n_users + 1, n_codes), dtype=np.int64)
+    np.add.at(counts, (users, codes), 1)
+    out = counts.argmax(axis=1)
+    out[0] = 0
+    return out

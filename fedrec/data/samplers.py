@@ -15,7 +15,7 @@ from fedrec.errors import ConfigError, DataError
 
 __all__ = ["UniformNegativeSampler"]
 
-_MAX_ROUNDS = 100
+_MAX_ROUNDS = 20
 
 
 class UniformNegativeSampler:
@@ -77,9 +77,15 @@ class UniformNegativeSampler:
                     break
                 items[bad] = pool[self.rng.integers(pool.size, size=int(bad.sum()))]
                 bad[bad] = self._seen(u[bad], items[bad])
-            if bad.any():
-                user = int(self.split.user_raw[u[bad][0]])
-                raise DataError(f"user {user} has interacted with (almost) every item; cannot sample negatives")
+            # rejection left a few draws for users who saw most of the pool: draw those
+            # exactly from the user's unseen items
+            for j in np.flatnonzero(bad):
+                lo, hi = np.searchsorted(self._keys, [u[j] * self._stride, (u[j] + 1) * self._stride])
+                unseen = np.setdiff1d(pool, self._keys[lo:hi] - u[j] * self._stride)
+                if unseen.size == 0:
+                    user = int(self.split.user_raw[u[j]])
+                    raise DataError(f"user {user} has interacted with every item of the pool; cannot sample negatives")
+                items[j] = unseen[self.rng.integers(unseen.size)]
             out[rows] = items.reshape(len(rows), n)
         return out
 

@@ -182,10 +182,11 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitD
             )
         keep = np.repeat(keep_seq, lengths)
         part = np.zeros(len(order), dtype=np.int8)
-        ends = starts + lengths
+        # only kept sequences get valid/test rows; a sequence of length 1 (kept when
+        # min_interactions == 1) has a test row and no valid row
+        ends = (starts + lengths)[keep_seq]
+        part[ends[lengths[keep_seq] >= 2] - 2] = VALID
         part[ends - 1] = TEST
-        part[ends - 2] = VALID
-        part[np.repeat(~keep_seq, lengths)] = TRAIN
     else:
         part = pd.Index(PART_NAMES).get_indexer(frame["split"].to_numpy()[order]).astype(np.int8)
         keep = np.ones(len(order), dtype=bool)

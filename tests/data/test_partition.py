@@ -250,3 +250,25 @@ def test_domains_bad_input():
         partition_domains([])
     with pytest.raises(ConfigError, match="'a'"):
         partition_domains(["a", "b", "a"])
+
+
+def test_dominant_item_feature_labels_users_by_their_most_clicked_category():
+    import pandas as pd
+
+    from fedrec.data.interactions import Dataset, Interactions
+    from fedrec.data.partition import dominant_item_feature
+    from fedrec.data.split import split_dataset
+
+    frame = pd.DataFrame({
+        "user": [1, 1, 1, 1, 1, 2, 2, 2, 2, 2],
+        "item": [10, 10, 11, 12, 12, 11, 11, 11, 10, 12],
+        "time": [0, 1, 2, 3, 4, 0, 1, 2, 3, 4],
+    })
+    items = pd.DataFrame({"category": [1, 2, 3]}, index=pd.Index([10, 11, 12], name="item"))
+    ds = Dataset("t", Interactions.from_frame(frame, source="t"), item_features=items)
+    split = split_dataset(ds)
+    labels = dominant_item_feature(split, "category")
+    # training rows: user 1 -> items 10, 10, 11 (category 1 twice); user 2 -> 11, 11, 11 (category 2)
+    assert labels.tolist() == [0, 1, 2]
+    with pytest.raises(ConfigError, match="no item feature 'brand'"):
+        dominant_item_feature(split, "brand")

@@ -1,0 +1,125 @@
+"""Tests for fedrec.data.samplers.UniformNegativeSampler: negatives are never seen items,
+are uniform over the unseen ones, are reproducible through state_dict, stay in the user's
+domain on multi-domain data, and a user with nothing unseen is an error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.data import Dataset, Interactions
+from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.split import TRAIN, split_dataset
+from fedrec.errors import ConfigError, DataError
+
+
+def _split(rows: list[tuple]):
+    frame = pd.DataFrame(rows, columns=["user", "item", "time", "domain"][: len(rows[0])])
+    return split_dataset(Dataset(name="t", interactions=Interactions.from_frame(frame, source="t")))
+
+
+def _user(sp, raw: int) -> int:
+    return int(np.flatnonzero(sp.user_raw == raw)[0])
+
+
+def _dense_split(seen_by_user_1: int):
+    """20 items; user 1 saw items 1..``seen_by_user_1``; user 2 saw 1, 2, 3 and the rest."""
+    rows = [(1, i, i) for i in range(1, seen_by_user_1 + 1)]
+    rows += [(2, i, i) for i in [1, 2, 3] + list(range(seen_by_user_1 + 1, 21))]
+    sp = _split(rows)
+    assert sp.n_items == 20 and np.array_equal(sp.item_raw[1:], np.arange(1, 21))
+    return sp
+
+
+def test_dense_user_only_gets_the_two_unseen_items():
+    sp = _dense_split(18)
+    sampler = UniformNegativeSampler(sp, seed=0)
+    draws = sampler.sample(np.full(50, _user(sp, 1)), 10)
+    assert draws.shape == (50, 10) and draws.dtype == np.int64
+    assert set(sp.item_raw[draws].ravel().tolist()) == {19, 20}
+
+
+def test_dense_user_many_draws_never_raise():
+    sp = _dense_split(18)
+    for seed in range(4):
+        draws = UniformNegativeSampler(sp, seed=seed).sample(np.array([_user(sp, 1)]), 20_000)
+        assert set(sp.item_raw[draws].ravel().tolist()) == {19, 20}
+
+
+def test_draws_are_roughly_uniform_over_unseen_items():
+    sp = _dense_split(10)  # user 1 has 10 unseen items: 11..20
+    sampler = UniformNegativeSampler(sp, seed=3)
+    draws = sp.item_raw[sampler.sample(np.array([_user(sp, 1)]), 20_000)].ravel()
+    counts = pd.Series(draws).value_counts().reindex(range(11, 21), fill_value=0)
+    assert counts.sum() == 20_000  # nothing outside 11..20
+    expected = 20_000 / 10
+    chi2 = float((((counts - expected) ** 2) / expected).sum())
+    assert chi2 < 40.0, counts.to_dict()  # 9 dof: P(chi2 > 40) ~ 1e-5
+
+
+def test_exclude_parts_limits_what_counts_as_seen():
+    # user 1: train 1..8, valid 9, test 10; items 11, 12 from user 2
+    rows = [(1, i, i) for i in range(1, 11)] + [(2, 11, 1), (2, 12, 2), (2, 1, 3)]
+    sp = _split(rows)
+    sampler = UniformNegativeSampler(sp, seed=0, exclude_parts=(TRAIN,))
+    drawn = set(sp.item_raw[sampler.sample(np.full(200, _user(sp, 1)), 5)].ravel().tolist())
+    assert drawn == {9, 10, 11, 12}
+
+
+def test_state_dict_round_trip_reproduces_draws():
+    sp = _dense_split(10)
+    users = np.array([_user(sp, 1), _user(sp, 2)] * 5)
+    sampler = UniformNegativeSampler(sp, seed=7)
+    sampler.sample(users, 4)  # advance the generator
+    state = sampler.state_dict()
+    first = sampler.sample(users, 4)
+    sampler.sample(users, 4)
+    sampler.load_state_dict(state)
+    assert np.array_equal(sampler.sample(users, 4), first)
+    # a fresh sampler built with another seed resumes from the same state too
+    other = UniformNegativeSampler(sp, seed=99)
+    other.load_state_dict(state)
+    assert other.seed == 7
+    sampler.load_state_dict(state)
+    assert np.array_equal(other.sample(users, 4), sampler.sample(users, 4))
+
+
+def test_same_seed_same_draws_and_different_seed_different_draws():
+    sp = _dense_split(10)
+    users = np.full(100, _user(sp, 1))
+    a = UniformNegativeSampler(sp, seed=1).sample(users, 3)
+    b = UniformNegativeSampler(sp, seed=1).sample(users, 3)
+    c = UniformNegativeSampler(sp, seed=2).sample(users, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_user_who_saw_every_item_raises_data_error():
+    sp = _dense_split(20)
+    sampler = UniformNegativeSampler(sp, seed=0)
+    with pytest.raises(DataError, match="user 1"):
+        sampler.sample(np.array([_user(sp, 2), _user(sp, 1)]), 2)
+
+
+def test_zero_negatives_and_negative_count():
+    sp = _dense_split(10)
+    sampler = UniformNegativeSampler(sp, seed=0)
+    assert sampler.sample(np.array([1, 2]), 0).shape == (2, 0)
+    with pytest.raises(ConfigError):
+        sampler.sample(np.array([1]), -1)
+
+
+def test_multi_domain_draws_stay_in_the_given_domain():
+    rows = [(1, i, i, "A") for i in range(1, 5)] + [(1, 100 + i, i, "B") for i in range(1, 4)]
+    rows += [(2, i, i, "A") for i in range(5, 9)] + [(2, 100 + i, i, "B") for i in range(4, 10)]
+    sp = _split(rows)
+    sampler = UniformNegativeSampler(sp, seed=0)
+    u1 = _user(sp, 1)
+    doms = np.array([0, 1] * 50)
+    draws = sampler.sample(np.full(100, u1), 6, domains=doms)
+    raw = sp.item_raw[draws]
+    assert set(raw[doms == 0].ravel().tolist()) == {5, 6, 7, 8}
+    assert set(raw[doms == 1].ravel().tolist()) == {104, 105, 106, 107, 108, 109}
+    with pytest.raises(ConfigError, match="domain"):
+        sampler.sample(np.array([u1]), 2)
