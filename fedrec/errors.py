@@ -11,7 +11,13 @@ __all__ = ["FedrecError", "DataError", "SpecError", "ConfigError"]
 
 
 class FedrecError(Exception):
-    """Base class of every error fedrec reports to a user as one line."""
+    """Base class of every error fedrec reports to a user as one line.
+
+    Line breaks in the message (e.g. from a percent-decoded option name) become spaces.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 class DataError(FedrecError):
@@ -58,7 +64,7 @@ class DataError(FedrecError):
             if len(shown) > 60:
                 shown = shown[:57] + "..."
             text += f" (got {shown})"
-        super().__init__(text.replace("\n", " "))
+        super().__init__(text)
 
 
 class SpecError(FedrecError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,6 +26,8 @@ __all__ = [
     "int_column",
     "float_column",
     "iter_lines",
+    "unique_ids",
+    "missing_cells",
 ]
 
 
@@ -83,6 +86,26 @@ def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
         raise DataError(f"cannot read file ({exc})", file=path) from None
 
 
+def _read(path: Path, *, sep: str, header: bool, names, encoding: str, dtype, parquet: bool):
+    if parquet:
+        frame = pd.read_parquet(path)
+        return frame, np.arange(len(frame)) + 1
+    frame = pd.read_csv(
+        path,
+        sep=sep,
+        header=0 if header else None,
+        names=None if header else list(names) if names is not None else None,
+        engine="c" if len(sep) == 1 or sep == r"\s+" else "python",
+        skip_blank_lines=False,
+        encoding=encoding,
+        compression="infer",
+        dtype=dtype,
+        quoting=csv.QUOTE_MINIMAL,
+        index_col=False,
+    )
+    return frame, np.arange(len(frame)) + (2 if header else 1)
+
+
 def read_table(
     path: Path,
     *,
@@ -102,24 +125,14 @@ def read_table(
     a requested column the file does not have.
     """
     try:
-        if parquet:
-            frame = pd.read_parquet(path)
-            lines = np.arange(len(frame)) + 1
-        else:
-            frame = pd.read_csv(
-                path,
-                sep=sep,
-                header=0 if header else None,
-                names=None if header else list(names) if names is not None else None,
-                engine="c" if len(sep) == 1 or sep == r"\s+" else "python",
-                skip_blank_lines=False,
-                encoding=encoding,
-                compression="infer",
-                dtype=dtype,
-                quoting=csv.QUOTE_MINIMAL,
-                index_col=False,
-            )
-            lines = np.arange(len(frame)) + (2 if header else 1)
+        with warnings.catch_warnings():
+            # pandas only warns when line 1 has more fields than the names: make it an error
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame, lines = _read(path, sep=sep, header=header, names=names, encoding=encoding,
+                                 dtype=dtype, parquet=parquet)
+    except pd.errors.ParserWarning:
+        expected = len(names) if names is not None else "header's"
+        raise DataError(f"line {2 if header else 1} has more fields than the {expected} expected", file=path) from None
     except FileNotFoundError:
         raise DataError("file not found", file=path) from None
     except pd.errors.EmptyDataError:
@@ -155,17 +168,59 @@ def _first_bad(bad: np.ndarray, series: pd.Series, lines: np.ndarray, path: Path
     raise DataError(f"expected {what}", file=path, row=int(lines[i]), column=column, value=value)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EXACT_FLOAT = 2**53  # integers beyond this are not exact in float64
+
+
 def int_column(frame: pd.DataFrame, column: str, lines: np.ndarray, path: Path) -> np.ndarray:
-    """Column ``column`` as int64, or a :class:`DataError` naming the first bad line and value."""
+    """Column ``column`` as int64, or a :class:`DataError` naming the first bad line and value.
+
+    Integer text is parsed exactly (no detour through float64, so large ids are never
+    rounded); ids outside the int64 range are errors. Integral floats such as ``"3.0"`` are
+    accepted when they are exact in float64.
+    """
     series = frame[column]
     if pd.api.types.is_integer_dtype(series.dtype):
         return series.to_numpy(dtype=np.int64)
-    numeric = pd.to_numeric(series, errors="coerce")
-    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = ~np.isfinite(values) | (values != np.round(values))
+    if pd.api.types.is_bool_dtype(series.dtype):
+        return series.to_numpy(dtype=np.int64)
+    if pd.api.types.is_float_dtype(series.dtype):
+        values = series.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > _EXACT_FLOAT)
+        if bad.any():
+            _first_bad(bad, series, lines, path, column, "an integer")
+        return values.astype(np.int64)
+    text = series.astype("string").str.strip()
+    is_int = text.str.fullmatch(r"[+-]?\d+").fillna(False).to_numpy(dtype=bool)
+    if is_int.all():
+        as_int = [int(v) for v in text]
+        out_of_range = np.array([not (_INT64_MIN <= v <= _INT64_MAX) for v in as_int])
+        if out_of_range.any():
+            _first_bad(out_of_range, series, lines, path, column, "an integer id within the int64 range")
+        return np.array(as_int, dtype=np.int64)
+    values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~is_int & (~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > _EXACT_FLOAT))
     if bad.any():
         _first_bad(bad, series, lines, path, column, "an integer")
-    return values.astype(np.int64)
+    # mixed integer text and integral floats: parse each exactly
+    return np.array([int(v) if ok else int(f) for v, ok, f in zip(text, is_int, values)], dtype=np.int64)
+
+
+def unique_ids(ids: np.ndarray, lines: np.ndarray, path: Path, column: str) -> None:
+    """Raise a :class:`DataError` naming the first repeated id of a feature table."""
+    dup = pd.Index(ids).duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise DataError("duplicate id", file=path, row=int(lines[i]), column=column, value=int(ids[i]))
+
+
+def missing_cells(frame: pd.DataFrame, column: str, lines: np.ndarray, path: Path) -> None:
+    """Raise a :class:`DataError` naming the first empty cell of ``column``."""
+    series = frame[column]
+    empty = series.isna().to_numpy() | (series.astype("string").str.strip() == "").fillna(True).to_numpy(dtype=bool)
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise DataError("missing value", file=path, row=int(lines[i]), column=column)
 
 
 def float_column(frame: pd.DataFrame, column: str, lines: np.ndarray, path: Path) -> np.ndarray:

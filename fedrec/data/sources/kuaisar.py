@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.data.interactions import Dataset, Interactions
-from fedrec.data.io import find_in_dir, int_column, read_table, require_dir
+from fedrec.data.io import find_in_dir, int_column, read_table, require_dir, unique_ids
 from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError
@@ -30,10 +30,7 @@ def read_feature_table(path, id_column: str) -> pd.DataFrame:
         have = ", ".join(map(str, frame.columns))
         raise DataError(f"no such column (the file has: {have})", file=path, column=id_column)
     ids = int_column(frame, id_column, lines, path)
-    dup = pd.Index(ids).duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise DataError("duplicate id", file=path, row=int(lines[i]), column=id_column, value=int(ids[i]))
+    unique_ids(ids, lines, path, id_column)
     fields = [c for c in frame.columns if c != id_column]
     out = pd.DataFrame(index=pd.Index(ids, name=id_column))
     for col in fields:

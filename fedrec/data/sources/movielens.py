@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.data.interactions import Dataset, Interactions
-from fedrec.data.io import find_in_dir, float_column, int_column, read_table, resolve_file
+from fedrec.data.io import find_in_dir, float_column, int_column, read_table, resolve_file, unique_ids
 from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError
@@ -55,6 +55,7 @@ def _user_features(path: Path, dat: bool) -> pd.DataFrame:
     frame, lines = read_table(path, sep="::" if dat else "|", header=False, dtype=str, names=names,
                               encoding="latin-1")
     ids = int_column(frame, "user", lines, path)
+    unique_ids(ids, lines, path, "user")
     age = int_column(frame, "age", lines, path)
     out = pd.DataFrame(index=pd.Index(ids, name="user"))
     out["age"] = np.searchsorted(_AGE_BANDS, age, side="right") + 1
@@ -69,6 +70,7 @@ def _item_features_100k(path: Path) -> pd.DataFrame:
     frame, lines = read_table(path, sep="|", header=False, dtype=str, encoding="latin-1",
                               names=["item", "title", "release", "video", "url", *genre_cols])
     ids = int_column(frame, "item", lines, path)
+    unique_ids(ids, lines, path, "item")
     flags = frame[genre_cols].fillna("0").to_numpy() == "1"
     years = frame["release"].fillna("").str.extract(_DATE_YEAR)[0]
     return _item_table(ids, flags, years)
@@ -78,6 +80,7 @@ def _item_features_dat(path: Path) -> pd.DataFrame:
     frame, lines = read_table(path, sep="::", header=False, dtype=str, encoding="latin-1",
                               names=["item", "title", "genres"])
     ids = int_column(frame, "item", lines, path)
+    unique_ids(ids, lines, path, "item")
     flags = frame["genres"].fillna("").str.get_dummies(sep="|").to_numpy().astype(bool)
     years = frame["title"].fillna("").str.extract(_YEAR)[0]
     return _item_table(ids, flags, years)

@@ -30,10 +30,16 @@ def load_seq(spec: SourceSpec, options: Options) -> Dataset:
         tokens = line.split()
         try:
             ids = [int(t) for t in tokens]
+            if not all(_is_int(t) for t in tokens):
+                raise ValueError
         except ValueError:
             j = next(j for j, t in enumerate(tokens) if not _is_int(t))
             column = "user" if j == 0 else f"item {j}"
             raise DataError("expected an integer id", file=path, row=number, column=column, value=tokens[j]) from None
+        big = next((j for j, v in enumerate(ids) if not -(2**63) <= v < 2**63), None)
+        if big is not None:
+            column = "user" if big == 0 else f"item {big}"
+            raise DataError("id outside the int64 range", file=path, row=number, column=column, value=tokens[big])
         if len(ids) < 2:
             raise DataError("line has a user id but no items", file=path, row=number, value=line)
         user = ids[0]
@@ -58,8 +64,6 @@ def load_seq(spec: SourceSpec, options: Options) -> Dataset:
 
 
 def _is_int(token: str) -> bool:
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+    """ASCII digits with an optional sign (rejects ``1_0`` and non-ASCII digits)."""
+    body = token[1:] if token[:1] in "+-" else token
+    return body.isascii() and body.isdigit()

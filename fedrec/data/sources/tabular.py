@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from fedrec.data.interactions import Dataset, Interactions
-from fedrec.data.io import float_column, int_column, read_table, resolve_file
+from fedrec.data.interactions import SPLITS, Dataset, Interactions
+from fedrec.data.io import float_column, int_column, missing_cells, read_table, resolve_file
 from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError, SpecError
@@ -55,6 +55,15 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
 
 
             raise DataError(f"no such column for '{field}' (the file has: {have})", file=path, column=column)
+    for field in ("user", "item", "domain", "split"):
+        if field in used:
+            missing_cells(frame, used[field], lines, path)
+    if "split" in used:
+        bad = ~frame[used["split"]].astype(str).str.strip().isin(SPLITS).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError("split must be train, valid or test", file=path, row=int(lines[i]),
+                            column=used["split"], value=frame[used["split"]].iloc[i])
     table = pd.DataFrame(index=pd.RangeIndex(len(frame)))
     for field in ("user", "item"):
         column = used[field]
