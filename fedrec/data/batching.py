@@ -11,23 +11,32 @@ left-padded, so the most recent interaction is always in the last column):
     history is all earlier-split interactions (train for valid; train + valid for test) and
     only the last position carries a target — the held-out impression.
 ``next_item``
-    The same windows; training adds ``negatives`` ``(B, T, n_neg)`` drawn uniformly among
-    items the user never interacted with; evaluation adds ``candidates`` ``(B, 1 + N)``
-    (column 0 the held-out item) for sampled ranking, or nothing for full ranking (use
-    :meth:`ExampleSet.exclusions` for the items to exclude).
+    The same windows over the user's **positive** interactions (on CTR logs with real 0/1
+    labels, non-clicks are neither targets nor history); training adds ``negatives``
+    ``(B, T, n_neg)`` drawn uniformly among items the user never interacted with;
+    evaluation adds ``candidates`` ``(B, 1 + N)`` (column 0 the held-out item; drawn once
+    per example set from the sampler's seed, so every model and batch size sees the same
+    negatives) for sampled ranking, or nothing for full ranking (use
+    :meth:`ExampleSet.exclusions` for the items to exclude). Users whose held-out
+    interaction is a non-click have no evaluation example at that stage.
 ``cdr``
     One example per (user, domain, positive item) with ``negatives`` ``(B, n_neg)`` from the
     same domain, an own-domain context ``own_items`` ``(B, T)`` (a random subset of the
-    user's other training items in that domain, never the positive) and an other-domain
-    context ``other_items`` ``(B, T)`` (a random subset of the user's training items in the
-    other domains). Contexts are unordered sets, padded with 0 on the right, re-drawn each
-    time a batch is built (UniCDR's interaction masking).
+    user's other training items in that domain, never the positive item) and an
+    other-domain context ``other_items`` ``(B, T)`` (a random subset of the user's training
+    items in the other domains). Contexts are unordered sets, padded with 0 on the right,
+    re-drawn each time a batch is built (UniCDR's interaction masking).
+
+Evaluation histories: see :func:`history_parts` (on the files' own split, training rows
+only). :meth:`ExampleSet.subset` restricts examples to a client's users.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Literal
+
+import numbers
 
 import numpy as np
 import torch
@@ -36,7 +45,7 @@ from fedrec.data.samplers import UniformNegativeSampler
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
-__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "iterate_batches"]
+__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "history_parts", "iterate_batches"]
 
 TASKS = ("ctr", "next_item", "cdr")
 STAGES = ("train", "valid", "test")
@@ -74,13 +83,31 @@ class ExampleSet:
         """Domain index of every example (-1 on single-domain data)."""
         return self.split.seq_domain[self.seq]
 
-    def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
-        """CSR ``(indptr, indices)`` of the items each example's user interacted with in
-        earlier splits — the candidates that full-ranking evaluation must exclude."""
+    def subset(self, users: np.ndarray) -> "ExampleSet":
+        """The examples of the given user indices only (a client's shard)."""
+        keep = np.isin(self.users, np.asarray(users))
+        return replace(self, seq=self.seq[keep], input_rows=self.input_rows[keep], target_rows=self.target_rows[keep])
+
+    def candidates(self, n: int, *, seed: int) -> np.ndarray:
+        """``(N, 1 + n)`` sampled-ranking candidates: column 0 the held-out item, then ``n``
+        uniform items the user never interacted with, within the item's domain.
+
+        Drawn from ``seed`` alone, so every model and batch size is scored on the same
+        negatives (the same seed gives the same candidates for the same examples).
+        """
         sp = self.split
-        earlier = _STAGE_PART[self.stage]
+        sampler = UniformNegativeSampler(sp, seed=seed)
+        targets = _take(sp.item, self.target_rows[:, -1])
+        negatives = sampler.sample(self.users, n, domains=self.domains if sp.domains else None)
+        return np.concatenate([targets[:, None], negatives], axis=1)
+
+    def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
+        """CSR ``(indptr, indices)`` of the items in each example's history splits (see
+        :func:`history_parts`; empty for training examples) — the candidates that
+        full-ranking evaluation must exclude."""
+        sp = self.split
         row_user = sp.row_user
-        keep = sp.part < earlier
+        keep = np.isin(sp.part, history_parts(sp, self.stage))
         # per user: unique items of earlier parts
         keys = np.unique(row_user[keep].astype(np.int64) * (sp.n_items + 1) + sp.item[keep])
         k_user, k_item = keys // (sp.n_items + 1), keys % (sp.n_items + 1)
@@ -113,21 +140,27 @@ def build_examples(split: SplitData, *, task: str, stage: str, max_len: int) -> 
         raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    if not isinstance(max_len, int) or max_len < 1:
+    if not isinstance(max_len, numbers.Integral) or isinstance(max_len, bool) or max_len < 1:
         raise ConfigError(f"max_len must be a positive integer (got {max_len!r})")
+    max_len = int(max_len)
     if task == "cdr" and not split.domains:
         raise ConfigError("task 'cdr' needs multi-domain data (rows with a domain)")
     part = _STAGE_PART[stage]
     row_seq = split.row_seq
     n_seq = split.n_sequences
+    # next_item / cdr learn from positives: on CTR logs (real 0/1 labels) non-clicks are
+    # neither targets nor history items
+    usable = np.ones(len(split.part), dtype=bool)
+    if task != "ctr" and split.has_labels:
+        usable = split.label == 1
 
     if task == "cdr":
-        targets = np.flatnonzero(split.part == part)
+        targets = np.flatnonzero((split.part == part) & usable)
         return ExampleSet(task, stage, split, row_seq[targets], np.zeros((len(targets), 0), dtype=np.int64),
                           targets[:, None], max_len)
 
     if stage == "train":
-        rows = np.flatnonzero(split.part == TRAIN)
+        rows = np.flatnonzero((split.part == TRAIN) & usable)
         group = row_seq[rows]
         tgt = _last_rows(rows, group, n_seq, max_len)
         inp = _last_rows(rows, group, n_seq, max_len, skip_last=1)
@@ -137,13 +170,28 @@ def build_examples(split: SplitData, *, task: str, stage: str, max_len: int) -> 
         seqs = np.flatnonzero(has)
         return ExampleSet(task, stage, split, seqs, inp[seqs], tgt[seqs], max_len)
 
-    hist_rows = np.flatnonzero(split.part < part)
+    hist_rows = np.flatnonzero(np.isin(split.part, history_parts(split, stage)) & usable)
     hist = _last_rows(hist_rows, row_seq[hist_rows], n_seq, max_len)
-    targets = np.flatnonzero(split.part == part)
+    targets = np.flatnonzero((split.part == part) & usable)
     seqs = row_seq[targets]
     tgt = np.full((len(targets), max_len), -1, dtype=np.int64)
     tgt[:, -1] = targets
     return ExampleSet(task, stage, split, seqs, hist[seqs], tgt, max_len)
+
+
+def history_parts(split: SplitData, stage: str) -> tuple[int, ...]:
+    """The splits whose rows form the history of an evaluation example at ``stage``.
+
+    Leave-last-two-out: train for valid, train + valid for test (the validation item
+    precedes the test item in time). The files' own split: train only — in CDR releases
+    the validation rows are not earlier interactions (UniCDR even reuses the test file as
+    validation), so appending them would leak the answer.
+    """
+    if stage == "train":
+        return ()
+    if split.method == "files" or stage == "valid":
+        return (TRAIN,)
+    return (TRAIN, VALID)
 
 
 def _take(values: np.ndarray, rows: np.ndarray, fill=0) -> np.ndarray:
@@ -158,6 +206,8 @@ def _sample_context(
     rng: np.random.Generator,
     *,
     exclude_row: np.ndarray | None = None,
+    exclude_item: np.ndarray | None = None,
+    row_item: np.ndarray | None = None,
     exclude_domain: np.ndarray | None = None,
     row_domain: np.ndarray | None = None,
     order: np.ndarray | None = None,
@@ -179,6 +229,8 @@ def _sample_context(
         rows = order[rows]
     if exclude_row is not None:
         valid &= rows != exclude_row[:, None]
+    if exclude_item is not None:
+        valid &= row_item[rows] != exclude_item[:, None]
     if exclude_domain is not None:
         valid &= row_domain[rows] != exclude_domain[:, None]
     keys = np.where(valid, rng.random(valid.shape), np.inf)
@@ -215,6 +267,7 @@ def iterate_batches(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
     train_rows = train_indptr = user_rows = user_indptr = None
+    candidates = None
     if examples.task == "cdr":
         # own-domain context: training rows of the sequence; other-domain: of the user
         train_mask = sp.part == TRAIN
@@ -240,7 +293,8 @@ def iterate_batches(
         }
         if examples.task == "cdr":
             own = _sample_context(train_indptr, examples.seq[idx], examples.max_len, rng,
-                                  exclude_row=tgt[:, 0], order=train_rows)
+                                  exclude_row=tgt[:, 0], exclude_item=sp.item[tgt[:, 0]], row_item=sp.item,
+                                  order=train_rows)
             other = _sample_context(user_indptr, users, examples.max_len, rng, exclude_domain=domains,
                                     row_domain=row_domain, order=user_rows)
             batch["own_items"] = torch.from_numpy(_take(sp.item, own))
@@ -260,6 +314,7 @@ def iterate_batches(
                     neg = neg.reshape(len(idx), T, num_negatives) * (tgt >= 0)[:, :, None]
                     batch["negatives"] = torch.from_numpy(neg)
                 else:
-                    neg = sampler.sample(users, num_negatives, domains=dom)
-                    batch["candidates"] = torch.from_numpy(np.concatenate([_take(sp.item, tgt[:, -1:]), neg], axis=1))
+                    if candidates is None:
+                        candidates = examples.candidates(num_negatives, seed=sampler.seed)
+                    batch["candidates"] = torch.from_numpy(candidates[idx])
         yield batch

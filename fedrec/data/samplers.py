@@ -46,6 +46,8 @@ class UniformNegativeSampler:
             self._domain_items = [np.arange(1, split.n_items + 1)]
 
     def _seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if len(self._keys) == 0:
+            return np.zeros(len(users), dtype=bool)
         keys = users.astype(np.int64) * self._stride + items
         pos = np.searchsorted(self._keys, keys)
         pos = np.minimum(pos, len(self._keys) - 1)

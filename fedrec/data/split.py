@@ -19,6 +19,7 @@ order, **0 reserved for padding** everywhere (features, groups and the domain of
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,7 +46,8 @@ class SplitConfig:
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ConfigError(f"split method must be one of {', '.join(_METHODS)} (got {self.method!r})")
-        if not isinstance(self.min_interactions, int) or self.min_interactions < 1:
+        if (not isinstance(self.min_interactions, numbers.Integral) or isinstance(self.min_interactions, bool)
+                or self.min_interactions < 1):
             raise ConfigError(f"min_interactions must be a positive integer (got {self.min_interactions!r})")
 
 

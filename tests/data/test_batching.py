@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedrec.data import Dataset, Interactions
 from fedrec.data.batching import build_examples, iterate_batches
@@ -214,7 +215,7 @@ def test_exclusions_are_exactly_the_users_earlier_split_items(stage):
 
 def test_exclusions_for_test_include_the_valid_item_but_not_the_test_item():
     sp, _ = _split(CTR)
-    ex = build_examples(sp, task="next_item", stage="test", max_len=3)
+    ex = build_examples(sp, task="ctr", stage="test", max_len=3)
     indptr, indices = ex.exclusions()
     i = int(np.flatnonzero(sp.user_raw[ex.users] == 1)[0])
     assert sorted(sp.item_raw[indices[indptr[i] : indptr[i + 1]]].tolist()) == [11, 12, 13, 14, 15, 16]
@@ -265,8 +266,7 @@ def test_cdr_contexts_come_from_the_right_training_rows(stage, max_len):
             domain = sp.domains[b["domain"][i]]
             positive = int(sp.item_raw[b["target_items"][i, 0]])
             own_pool = Counter(_cdr_train_items(frame, user, domain))
-            if stage == "train":
-                own_pool[positive] -= 1  # the positive row itself is excluded (once)
+            own_pool.pop(positive, None)  # the positive item never appears in its own context
             own = [x for x in _raw(sp, b["own_items"][i]) if x]
             assert not Counter(own) - own_pool
             assert len(own) == min(max_len, sum(own_pool.values()))
@@ -280,7 +280,7 @@ def test_cdr_contexts_come_from_the_right_training_rows(stage, max_len):
             assert not set(negs.tolist()) & seen[user]
 
 
-def test_cdr_own_context_excludes_the_positive_row_but_not_a_repeat_of_its_item():
+def test_cdr_own_context_excludes_every_row_of_the_positive_item():
     sp, frame = _split(CDR)
     ex = build_examples(sp, task="cdr", stage="train", max_len=10)
     b = _one_batch(ex, seed=0)
@@ -289,8 +289,8 @@ def test_cdr_own_context_excludes_the_positive_row_but_not_a_repeat_of_its_item(
         if sp.user_raw[b["user"][i]] == 1 and sp.item_raw[b["target_items"][i, 0]] == 102
     ]
     assert len(rows) == 2  # 102 appears twice in user 1's A training rows
-    for i in rows:
-        assert sorted(x for x in _raw(sp, b["own_items"][i]) if x) == [101, 102, 103, 104]
+    for i in rows:  # neither of its two rows may leak the answer into the context
+        assert sorted(x for x in _raw(sp, b["own_items"][i]) if x) == [101, 103, 104]
     # the user with a single A training row gets an empty own context there
     (i,) = [i for i in range(len(ex)) if sp.user_raw[b["user"][i]] == 4 and sp.domains[b["domain"][i]] == "A"]
     assert _raw(sp, b["own_items"][i]) == [0] * 10
@@ -368,3 +368,74 @@ def test_example_rows_are_training_rows_for_the_train_stage():
     for rows in (ex.input_rows, ex.target_rows):
         real = rows[rows >= 0]
         assert np.all(sp.part[real] == TRAIN)
+
+
+# -- review fixes: positives only, no leaking histories, fixed candidates, shards -------------
+
+
+def _frame_split(rows: dict):
+    frame = pd.DataFrame(rows)
+    return split_dataset(Dataset("t", Interactions.from_frame(frame, source="t")))
+
+
+def test_next_item_on_click_logs_uses_only_clicks_as_targets_and_history():
+    # user 1: clicks 11, 13, 15 and non-clicks 12, 14; the test impression (16) is a non-click
+    # user 2: test impression 23 is a click
+    sp = _frame_split({
+        "user": [1] * 6 + [2] * 4,
+        "item": [11, 12, 13, 14, 15, 16, 21, 22, 24, 23],
+        "time": list(range(6)) + list(range(4)),
+        "label": [1, 0, 1, 0, 1, 0, 1, 1, 1, 1],
+    })
+    train = build_examples(sp, task="next_item", stage="train", max_len=4)
+    b = _one_batch(train, seed=0)
+    i = int(np.flatnonzero(sp.user_raw[np.asarray(b["user"])] == 1)[0])
+    assert sp.item_raw[b["items"][i]].tolist() == [-1, -1, -1, 11]  # -1 = padding's raw id
+    assert [x for x in sp.item_raw[b["target_items"][i]].tolist() if x > 0] == [13]
+    assert (np.asarray(b["target_labels"])[np.asarray(b["target_mask"])] == 1).all()
+    test = build_examples(sp, task="next_item", stage="test", max_len=4)
+    assert sp.user_raw[test.users].tolist() == [2]  # user 1's held-out impression is a non-click
+    assert set(sp.item_raw[sp.item[test.input_rows[0][test.input_rows[0] >= 0]]].tolist()) <= {21, 22, 24}
+    # ctr keeps every impression
+    assert len(build_examples(sp, task="ctr", stage="test", max_len=4)) == 2
+
+
+def test_files_split_evaluation_history_is_training_rows_only():
+    # UniCDR-style: the validation rows duplicate the test rows; they must not enter the history
+    sp = _frame_split({
+        "user": [1, 1, 1, 1], "item": [1, 2, 9, 9], "time": [0, 1, 2, 3],
+        "split": ["train", "train", "valid", "test"],
+    })
+    test = build_examples(sp, task="next_item", stage="test", max_len=3)
+    history = sp.item_raw[sp.item[test.input_rows[0][test.input_rows[0] >= 0]]].tolist()
+    assert history == [1, 2]
+    indptr, indices = test.exclusions()
+    assert sorted(sp.item_raw[indices].tolist()) == [1, 2]
+
+
+def test_sampled_candidates_do_not_depend_on_batch_size_or_sampler_history():
+    sp = _frame_split({"user": [1] * 5 + [2] * 5, "item": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] ,
+                       "time": list(range(5)) * 2})
+    ex = build_examples(sp, task="next_item", stage="test", max_len=3)
+    used = UniformNegativeSampler(sp, seed=7)
+    used.sample(np.array([1, 2]), 50)  # a training epoch moved this sampler's generator
+    big = next(iterate_batches(ex, batch_size=10, num_negatives=4, sampler=UniformNegativeSampler(sp, seed=7)))
+    small = list(iterate_batches(ex, batch_size=1, num_negatives=4, sampler=used))
+    torch.testing.assert_close(big["candidates"], torch.cat([s["candidates"] for s in small]))
+    torch.testing.assert_close(big["candidates"][:, 0], big["target_items"][:, -1])
+
+
+def test_subset_keeps_only_a_clients_users():
+    sp = _frame_split({"user": [1] * 4 + [2] * 4 + [3] * 4, "item": list(range(1, 13)), "time": list(range(4)) * 3})
+    ex = build_examples(sp, task="ctr", stage="train", max_len=3)
+    shard = ex.subset(np.array([1, 3]))
+    assert sorted(shard.users.tolist()) == [1, 3]
+    np.testing.assert_array_equal(shard.input_rows, ex.input_rows[np.isin(ex.users, [1, 3])])
+    assert len(ex.subset(np.array([], dtype=np.int64))) == 0
+
+
+def test_numpy_integers_are_accepted_as_sizes_and_empty_exclusions_work():
+    sp = _frame_split({"user": [1] * 4, "item": [1, 2, 3, 4], "time": [0, 1, 2, 3]})
+    assert len(build_examples(sp, task="ctr", stage="train", max_len=np.int64(3))) == 1
+    draws = UniformNegativeSampler(sp, seed=0, exclude_parts=()).sample(np.array([1]), 5)
+    assert draws.shape == (1, 5) and (draws >= 1).all()
