@@ -34,7 +34,7 @@ only). :meth:`ExampleSet.subset` restricts examples to a client's users.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numbers
 

@@ -6,7 +6,6 @@ import gzip
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from fedrec.data import known_formats, load_dataset
 
