@@ -52,8 +52,6 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     for field, column in used.items():
         if column not in frame.columns:
             have = ", ".join(map(str, frame.columns))
-
-
             raise DataError(f"no such column for '{field}' (the file has: {have})", file=path, column=column)
     for field in ("user", "item", "domain", "split"):
         if field in used:
@@ -84,8 +82,6 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
         table["label"] = int_column(frame, used["label"], lines, path)
         bad = ~np.isin(table["label"].to_numpy(), (0, 1))
         if bad.any():
-
-
             i = int(np.flatnonzero(bad)[0])
             raise DataError("label must be 0 or 1", file=path, row=int(lines[i]), column=used["label"], value=frame[used["label"]].iloc[i])
     elif threshold is not None:
