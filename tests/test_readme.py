@@ -25,4 +25,5 @@ def test_ci_runs_the_readme_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in quickstart_commands():
         assert any(line.strip() == command or line.strip().startswith(command) for line in ci), command
-    assert "5" in (ROOT / ".ci" / "run").read_text()  # pytest's "no tests collected" is handled
+    # pytest's "no tests collected" (exit 5) must fail CI, not pass it
+    assert '"$status" -eq 5' in (ROOT / ".ci" / "run").read_text()

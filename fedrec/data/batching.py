@@ -106,10 +106,7 @@ class ExampleSet:
         :func:`history_parts`; empty for training examples) — the candidates that
         full-ranking evaluation must exclude."""
         sp = self.split
-        row_user = sp.row_user
-        keep = np.isin(sp.part, history_parts(sp, self.stage))
-        # per user: unique items of earlier parts
-        keys = np.unique(row_user[keep].astype(np.int64) * (sp.n_items + 1) + sp.item[keep])
+        keys = sp.seen_pairs(history_parts(sp, self.stage))
         k_user, k_item = keys // (sp.n_items + 1), keys % (sp.n_items + 1)
         starts = np.searchsorted(k_user, self.users, side="left")
         ends = np.searchsorted(k_user, self.users, side="right")
@@ -241,6 +238,17 @@ def _sample_context(
     return out
 
 
+def _cdr_index(sp: SplitData):
+    """Training rows grouped by sequence (own-domain contexts) and by user (other-domain)."""
+    train_rows = np.flatnonzero(sp.part == TRAIN)  # sorted by sequence already
+    train_indptr = np.concatenate([[0], np.cumsum(np.bincount(sp.row_seq[train_rows], minlength=sp.n_sequences))])
+    ru = sp.row_user[train_rows]
+    user_rows = train_rows[np.argsort(ru, kind="stable")]
+    user_indptr = np.concatenate([[0], np.cumsum(np.bincount(ru, minlength=sp.n_users + 1))])
+    row_domain = np.repeat(sp.seq_domain, np.diff(sp.indptr))
+    return train_rows, train_indptr, user_rows, user_indptr, row_domain
+
+
 def iterate_batches(
     examples: ExampleSet,
     *,
@@ -266,19 +274,9 @@ def iterate_batches(
     sp = examples.split
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(examples)) if shuffle else np.arange(len(examples))
-    train_rows = train_indptr = user_rows = user_indptr = None
     candidates = None
     if examples.task == "cdr":
-        # own-domain context: training rows of the sequence; other-domain: of the user
-        train_mask = sp.part == TRAIN
-        row_seq = sp.row_seq
-        train_rows = np.flatnonzero(train_mask)  # sorted by sequence already
-        train_indptr = np.concatenate([[0], np.cumsum(np.bincount(row_seq[train_rows], minlength=sp.n_sequences))])
-        ru = sp.row_user[train_rows]
-        by_user = np.argsort(ru, kind="stable")
-        user_rows = train_rows[by_user]
-        user_indptr = np.concatenate([[0], np.cumsum(np.bincount(ru, minlength=sp.n_users + 1))])
-        row_domain = np.repeat(sp.seq_domain, np.diff(sp.indptr))
+        train_rows, train_indptr, user_rows, user_indptr, row_domain = sp.cached("cdr_context_index", lambda: _cdr_index(sp))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         tgt = examples.target_rows[idx]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedrec.data.io import int_column
 from fedrec.errors import DataError
 
 __all__ = ["Interactions", "Dataset", "REQUIRED", "OPTIONAL", "SPLITS"]
@@ -59,8 +60,9 @@ class Interactions:
         if len(frame) == 0:
             raise DataError("no interactions", file=source)
         out = pd.DataFrame(index=pd.RangeIndex(len(frame)))
+        rows = np.arange(1, len(frame) + 1)  # in-memory tables: "line" = 1-based row
         for col in ("user", "item"):
-            out[col] = _as_int64(frame[col], col, source)
+            out[col] = int_column(frame, col, rows, source)
         time = frame["time"]
         if not pd.api.types.is_numeric_dtype(time):
             time = pd.to_numeric(time, errors="coerce")
@@ -163,21 +165,3 @@ def _no_nan(series: pd.Series, column: str, source: str) -> None:
             column=column,
             value=None if series.iloc[i] is None or series.iloc[i] != series.iloc[i] else series.iloc[i],
         )
-
-
-def _as_int64(series: pd.Series, column: str, source: str) -> np.ndarray:
-    """Convert ``series`` to int64, or raise naming the first non-integer value."""
-    if pd.api.types.is_integer_dtype(series) and not series.isna().any():
-        return series.to_numpy(dtype=np.int64)
-    numeric = pd.to_numeric(series, errors="coerce")
-    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(values) | (values != np.round(values))
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"ids must be integers (row {i + 1} of the table)",
-            file=source,
-            column=column,
-            value=series.iloc[i],
-        )
-    return values.astype(np.int64)

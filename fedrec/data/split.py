@@ -20,8 +20,8 @@ order, **0 reserved for padding** everywhere (features, groups and the domain of
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ __all__ = ["SplitConfig", "SplitData", "split_dataset", "TRAIN", "VALID", "TEST"
 TRAIN, VALID, TEST = 0, 1, 2
 PART_NAMES = ("train", "valid", "test")
 _METHODS = ("auto", "leave-last-two-out", "files")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,15 @@ class SplitData:
     user_group: np.ndarray | None
     method: str
 
-    # -- derived views -------------------------------------------------------------
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # -- derived views (computed once: treat a SplitData as immutable) ---------------
+    def cached(self, key: object, compute: Callable[[], T]) -> T:
+        """``compute()`` once per ``key``, kept on this split (for per-client reuse)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     @property
     def n_sequences(self) -> int:
         """Number of sequences (users, or (user, domain) pairs)."""
@@ -114,12 +123,12 @@ class SplitData:
     @property
     def row_seq(self) -> np.ndarray:
         """Sequence index of every row."""
-        return np.repeat(np.arange(self.n_sequences), np.diff(self.indptr))
+        return self.cached("row_seq", lambda: np.repeat(np.arange(self.n_sequences), np.diff(self.indptr)))
 
     @property
     def row_user(self) -> np.ndarray:
         """User index of every row."""
-        return np.repeat(self.seq_user, np.diff(self.indptr))
+        return self.cached("row_user", lambda: np.repeat(self.seq_user, np.diff(self.indptr)))
 
     def part_counts(self) -> dict[str, int]:
         """Number of rows in each split."""
@@ -140,9 +149,12 @@ class SplitData:
 
     def seen_pairs(self, parts: tuple[int, ...] = (TRAIN, VALID, TEST)) -> np.ndarray:
         """Sorted unique keys ``user * (n_items + 1) + item`` of the rows in ``parts``."""
-        keep = np.isin(self.part, parts)
-        keys = self.row_user[keep].astype(np.int64) * (self.n_items + 1) + self.item[keep]
-        return np.unique(keys)
+
+        def compute() -> np.ndarray:
+            keep = np.isin(self.part, parts)
+            return np.unique(self.row_user[keep].astype(np.int64) * (self.n_items + 1) + self.item[keep])
+
+        return self.cached(("seen_pairs", tuple(sorted(parts))), compute)
 
 
 def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitData:

@@ -439,3 +439,14 @@ def test_numpy_integers_are_accepted_as_sizes_and_empty_exclusions_work():
     assert len(build_examples(sp, task="ctr", stage="train", max_len=np.int64(3))) == 1
     draws = UniformNegativeSampler(sp, seed=0, exclude_parts=()).sample(np.array([1]), 5)
     assert draws.shape == (1, 5) and (draws >= 1).all()
+
+
+def test_shard_exclusions_equal_the_full_sets_rows_for_those_users():
+    sp = _frame_split({"user": [1] * 5 + [2] * 4 + [3] * 6, "item": [1, 2, 3, 4, 5, 2, 6, 7, 8, 1, 3, 5, 7, 9, 10],
+                       "time": list(range(5)) + list(range(4)) + list(range(6))})
+    full = build_examples(sp, task="next_item", stage="test", max_len=3)
+    f_ptr, f_idx = full.exclusions()
+    for user in (1, 3):
+        s_ptr, s_idx = full.subset(np.array([user])).exclusions()  # reuses the split's cached keys
+        i = int(np.flatnonzero(full.users == user)[0])
+        np.testing.assert_array_equal(s_idx, f_idx[f_ptr[i] : f_ptr[i + 1]])

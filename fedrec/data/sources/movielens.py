@@ -94,9 +94,11 @@ def _item_table(ids: np.ndarray, flags: np.ndarray, years: pd.Series) -> pd.Data
     out["genre1"] = np.where(count > 0, order[:, 0] + 1, 0)
     second = order[:, 1] + 1 if flags.shape[1] > 1 else np.zeros(len(ids), dtype=np.int64)
     out["genre2"] = np.where(count > 1, second, 0)
-    decade = pd.to_numeric(years, errors="coerce").to_numpy() // 10
-    out["decade"] = _codes(pd.Series(np.where(np.isnan(decade), -1, decade)))
-    out.loc[np.isnan(decade), "decade"] = 0
+    decade = pd.to_numeric(years, errors="coerce") // 10
+    codes = np.zeros(len(ids), dtype=np.int64)  # 0 = unknown year
+    known = decade.notna().to_numpy()
+    codes[known] = _codes(decade[known].astype(int))
+    out["decade"] = codes
     return out
 
 
