@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -69,6 +70,97 @@ def data_describe(
         typer.echo(json.dumps(stats))
         return
     _print_stats(stats)
+
+
+@app.command("train")
+def train_command(
+    model: str = typer.Option(..., "--model", "-m", help="Model name (see `fedrec models`)."),
+    data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...]."),
+    task: str = typer.Option("ctr", "--task", help="ctr or next_item."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on validation)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (training order, init, negatives)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model] and [train] tables."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
+) -> None:
+    """Train a model centrally and report validation and test metrics at the best validation epoch."""
+    from fedrec.config import build_config, load_toml, parse_assignments
+    from fedrec.data import load_dataset
+    from fedrec.data.split import split_dataset
+    from fedrec.train import TrainConfig, train
+
+    try:
+        file_cfg = load_toml(config) if config else {}
+        unknown = set(file_cfg) - {"model", "train", "split"}
+        if unknown:
+            raise FedrecError(f"{config}: unknown table(s) {', '.join(sorted(unknown))} (known: model, train, split)")
+        model_options = dict(file_cfg.get("model", {}))
+        model_options.update(parse_assignments(sets))
+        train_options = dict(file_cfg.get("train", {}))
+        for key, value in (("protocol", protocol), ("epochs", epochs), ("seed", seed)):
+            if value is not None:
+                train_options[key] = value
+        if checkpoint is not None:
+            train_options["checkpoint"] = str(checkpoint)
+        train_options.setdefault("progress", not as_json and sys.stderr.isatty())
+        train_cfg = build_config(TrainConfig, train_options, where="train")
+        if task not in ("ctr", "next_item"):
+            raise FedrecError(f"--task must be ctr or next_item (got {task!r})")
+        from fedrec.data.split import SplitConfig
+
+        split_cfg = build_config(SplitConfig, file_cfg.get("split", {}), where="split")
+        split = split_dataset(load_dataset(data), split_cfg)
+        result = train(model, split, task=task, model_options=model_options, config=train_cfg, data_name=data)
+    except FedrecError as exc:
+        _fail(exc)
+    result.pop("model_state", None)
+    if out is not None:
+        _write_json_atomic(result, out)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    _print_result(result)
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the registered models and the tasks they support."""
+    from fedrec.models.registry import MODELS
+
+    for name in MODELS.names():
+        spec = MODELS.create(name)
+        doc = (sys.modules[spec.model.__module__].__doc__ or "").strip().splitlines()
+        typer.echo(f"{name:12s} tasks: {', '.join(spec.model.tasks):16s} {doc[0] if doc else ''}")
+
+
+def _write_json_atomic(obj: dict, path: Path) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def _print_result(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} on {result['data']} ({result['task']}, {result['protocol']})")
+    table.add_column("metric")
+    table.add_column("valid", justify="right")
+    table.add_column("test", justify="right")
+    for key in result["test"]:
+        v, t = result["valid"].get(key), result["test"][key]
+        table.add_row(key, "-" if v is None else f"{v:.4f}", "-" if t is None else f"{t:.4f}")
+    Console().print(table)
+    typer.echo(f"best epoch {result['best_epoch']} of {result['epochs_run']} ({result['selection']}), "
+               f"{result['seconds']:.1f} s, {result['parameters']:,} parameters")
 
 
 @data_app.command("formats")

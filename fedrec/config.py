@@ -1,0 +1,109 @@
+"""Flat kebab-case options at the edge (TOML files, ``--set key=value``, Flower run config)
+turned into typed dataclass configs — in exactly one place, here.
+
+Rules: ``some-key`` and ``some_key`` name the same field; an unknown key is an error listing
+the known ones; a value of the wrong type is an error (strings from the command line are
+parsed to the field's type); nothing is silently fixed up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from fedrec.errors import ConfigError
+
+__all__ = ["build_config", "load_toml", "parse_assignments"]
+
+T = TypeVar("T")
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        kind = args[0]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{where}: option '{key}' must be of type {kind.__name__} (got {value!r})")
+
+
+def build_config(cls: type[T], options: Mapping[str, Any] | None, *, where: str = "config", **fixed: Any) -> T:
+    """Build dataclass ``cls`` from flat ``options`` (kebab- or snake-case keys).
+
+    ``fixed`` are values set by the caller (e.g. the task), which options may not override.
+    Raises :class:`ConfigError` on an unknown key or a wrong type.
+    """
+    hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    for raw_key, value in (options or {}).items():
+        key = str(raw_key).replace("-", "_")
+        if key not in fields or key in fixed:
+            known = ", ".join(sorted(f.replace("_", "-") for f in fields - set(fixed)))
+            raise ConfigError(f"{where}: unknown option '{raw_key}' (known: {known})")
+        values[key] = _coerce(value, hints[key], raw_key, where)
+    values.update(fixed)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file into a dict; a missing or malformed file is a :class:`ConfigError`."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        with open(p, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, str]:
+    """``["a=1", "b-c=x"]`` -> ``{"a": "1", "b-c": "x"}``; malformed items are errors."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
+        key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
+        out[key.strip()] = value.strip()
+    return out

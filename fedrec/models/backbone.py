@@ -1,0 +1,283 @@
+"""The shared sequence backbone of SASRec and MRFF: inputs, a stack of Transformer blocks
+with a pluggable feed-forward part, and the two task heads.
+
+Inputs (following the MRFF reference on KuaiSAR-R, with options beyond it):
+
+* item representation ``item_repr``: ``attributes`` (concatenated embeddings of the item's
+  categorical fields, ``field_dim`` each — the MRFF reference, no id embedding), ``id`` (an
+  item-id embedding), ``both``, or ``auto`` (``both`` when the data has item features, else
+  ``id``). When the concatenation is not ``dim`` wide a linear map brings it to ``dim``.
+* user representation ``e_u``: concatenated user-profile field embeddings (``user_profile``)
+  and/or a user-id embedding (``user_id``); used by the CTR head and by MRFF's gate.
+* ``label_tokens``: each history token also carries its own feedback label (an embedding of
+  click / non-click added to the item), beyond the reference.
+
+Block (pre-LayerNorm as in SASRec's public PyTorch port and the MRFF reference)::
+
+    q = LN_att(h); h = q + Attention(query=q, keys/values=h)
+    z = LN_ffn(h); h = FFN(z, context)          # SASRec: z + PositionwiseFFN(z); MRFF: gated
+    h = h * not_padding
+    ... final LayerNorm
+
+Heads: CTR — ``[h_t ; item(target) ; e_u] -> Linear -> ReLU -> Linear -> sigmoid``, BCE over
+every real target position; next item — ``h_t . item(target)`` with BCE against sampled
+negatives (``next_loss="bce"``, SASRec) or cross-entropy over all items (``"ce"``).
+
+A bidirectional encoder (``bidirectional=True``, BERT4Rec-style attention) trains on the
+last position of each window only: elsewhere a position would see its own target. (No cloze
+task yet.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec.errors import ConfigError
+from fedrec.models.base import PRIVATE_PER_USER, PUBLIC, ModelData, ParamRole, RecModel
+from fedrec.models.layers import PositionwiseFFN, SelfAttention
+
+__all__ = ["BackboneConfig", "SequenceModel", "ResidualFFN"]
+
+_ITEM_REPR = ("auto", "attributes", "id", "both")
+
+
+@dataclass
+class BackboneConfig:
+    """Options of the sequence backbone (see the module docstring)."""
+
+    dim: int = 48
+    field_dim: int = 8
+    layers: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    max_len: int = 65
+    item_repr: str = "auto"
+    user_profile: bool = True
+    user_id: bool = False
+    label_tokens: bool = False
+    bidirectional: bool = False
+    ctr_hidden: int = 32
+    next_loss: str = "bce"
+    task: str = "ctr"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "field_dim", "layers", "heads", "max_len", "ctr_hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model option '{name}' must be a positive integer (got {value!r})")
+        if self.dim % self.heads:
+            raise ConfigError(f"model option 'dim' ({self.dim}) must be divisible by 'heads' ({self.heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model option 'dropout' must be in [0, 1) (got {self.dropout})")
+        if self.item_repr not in _ITEM_REPR:
+            raise ConfigError(f"model option 'item_repr' must be one of {', '.join(_ITEM_REPR)} (got {self.item_repr!r})")
+        if self.next_loss not in ("bce", "ce"):
+            raise ConfigError(f"model option 'next_loss' must be bce or ce (got {self.next_loss!r})")
+        if self.task not in ("ctr", "next_item"):
+            raise ConfigError(f"task must be ctr or next_item (got {self.task!r})")
+        if self.bidirectional and self.label_tokens:
+            raise ConfigError("label_tokens with a bidirectional encoder would show each target's label: not allowed")
+
+
+class ItemEncoder(nn.Module):
+    """Item index -> ``dim``-wide representation (id and/or attribute embeddings)."""
+
+    def __init__(self, data: ModelData, cfg: BackboneConfig) -> None:
+        super().__init__()
+        mode = cfg.item_repr
+        if mode == "auto":
+            mode = "both" if data.item_features is not None else "id"
+        if mode in ("attributes", "both") and data.item_features is None:
+            raise ConfigError(f"item_repr '{mode}' needs item features, and this data has none")
+        self.mode = mode
+        width = 0
+        self.id_embedding = None
+        if mode in ("id", "both"):
+            self.id_embedding = nn.Embedding(data.n_items + 1, cfg.dim, padding_idx=0)
+            width += cfg.dim
+        self.fields = nn.ModuleList()
+        self._features = None  # data, not a parameter or buffer (Opacus forbids buffers)
+        if mode in ("attributes", "both"):
+            self._features = data.item_features
+            self.fields = nn.ModuleList(nn.Embedding(c, cfg.field_dim) for c in data.item_cardinalities)
+            width += cfg.field_dim * len(self.fields)
+        self.project = nn.Linear(width, cfg.dim) if width != cfg.dim else None
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """``(...,)`` item indices -> ``(..., dim)``."""
+        parts = []
+        if self.id_embedding is not None:
+            parts.append(self.id_embedding(items))
+        if len(self.fields):
+            codes = self._features.to(items.device)[items]  # (..., F)
+            parts.extend(emb(codes[..., j].contiguous()) for j, emb in enumerate(self.fields))
+        x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return self.project(x) if self.project is not None else x
+
+
+class UserEncoder(nn.Module):
+    """User index -> profile (and optional id) embedding ``e_u`` (width may be 0)."""
+
+    def __init__(self, data: ModelData, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self._features = data.user_features if cfg.user_profile else None
+        self.fields = nn.ModuleList()
+        if self._features is not None:
+            self.fields = nn.ModuleList(nn.Embedding(c, cfg.field_dim) for c in data.user_cardinalities)
+        self.id_embedding = nn.Embedding(data.n_users + 1, cfg.field_dim) if cfg.user_id else None
+        self.width = cfg.field_dim * (len(self.fields) + (1 if cfg.user_id else 0))
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` user indices -> ``(B, width)``."""
+        parts = []
+        if len(self.fields):
+            codes = self._features.to(users.device)[users]
+            parts.extend(emb(codes[:, j].contiguous()) for j, emb in enumerate(self.fields))
+        if self.id_embedding is not None:
+            parts.append(self.id_embedding(users))
+        if not parts:
+            return torch.zeros(users.shape[0], 0, device=users.device)
+        return torch.cat(parts, dim=-1)
+
+
+class ResidualFFN(nn.Module):
+    """SASRec's feed-forward part: ``z + PositionwiseFFN(z)``."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.ffn = PositionwiseFFN(cfg.dim, cfg.dim, dropout=cfg.dropout)
+
+    def forward(self, z: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        """``(B, T, dim)`` -> ``(B, T, dim)``; ``context`` is unused."""
+        return z + self.ffn(z)
+
+
+class SequenceModel(RecModel):
+    """A Transformer sequence model whose blocks' FFN part comes from ``make_ffn(layer)``.
+
+    Parameters
+    ----------
+    data:
+        Facts about the data (sizes, feature tables).
+    cfg:
+        Backbone options.
+    make_ffn:
+        Builds the FFN part of block ``layer``: a module ``(z, context) -> (B, T, dim)``.
+    """
+
+    def __init__(self, data: ModelData, cfg: BackboneConfig, make_ffn: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.data = data
+        self.items = ItemEncoder(data, cfg)
+        self.users = UserEncoder(data, cfg)
+        self.positions = nn.Embedding(cfg.max_len, cfg.dim)
+        self.label_embedding = nn.Embedding(3, cfg.dim) if cfg.label_tokens else None  # 0 pad, 1 non-click, 2 click
+        self.drop = nn.Dropout(cfg.dropout)
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in range(cfg.layers))
+        self.attns = nn.ModuleList(
+            SelfAttention(cfg.dim, cfg.heads, dropout=cfg.dropout, causal=not cfg.bidirectional) for _ in range(cfg.layers)
+        )
+        self.ffn_norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in range(cfg.layers))
+        self.ffns = nn.ModuleList(make_ffn(layer) for layer in range(cfg.layers))
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        if cfg.task == "ctr":
+            self.ctr_head = nn.Sequential(
+                nn.Linear(2 * cfg.dim + self.users.width, cfg.ctr_hidden), nn.ReLU(), nn.Linear(cfg.ctr_hidden, 1)
+            )
+
+    # -- encoder --------------------------------------------------------------------
+    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Hidden states ``h`` (B, T, dim), ``padding`` (B, T), ``user`` embedding and the
+        ``context`` the FFN parts filled in (e.g. MRFF's routing)."""
+        items = batch["items"]
+        T = items.shape[1]
+        if T > self.cfg.max_len:
+            raise ConfigError(f"sequence length {T} exceeds the model's max_len {self.cfg.max_len}")
+        padding = items == 0
+        keep = (~padding).unsqueeze(-1).float()
+        h = self.items(items) * math.sqrt(self.cfg.dim)
+        if self.label_embedding is not None:
+            tokens = torch.where(padding, torch.zeros_like(items), batch["labels"].long() + 1)
+            h = h + self.label_embedding(tokens)
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=items.device)
+        h = self.drop(h + self.positions(pos.expand(items.shape[0], T).contiguous())) * keep
+        user = self.users(batch["user"])
+        context: dict[str, Any] = {"padding": padding, "keep": keep, "user_repr": user, "user": batch["user"],
+                                   "routing": []}
+        for layer in range(self.cfg.layers):
+            q = self.attn_norms[layer](h)
+            h = q + self.attns[layer](h, padding, query=q)
+            z = self.ffn_norms[layer](h)
+            h = self.ffns[layer](z, context) * keep
+        return {"h": self.final_norm(h), "padding": padding, "user_repr": user, "context": context}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Encode and score the batch's targets (and negatives, for next item)."""
+        out = self.encode(batch)
+        h = out["h"]
+        target = self.items(batch["target_items"])  # (B, T, dim)
+        if self.cfg.task == "ctr":
+            u = out["user_repr"].unsqueeze(1).expand(-1, h.shape[1], -1)
+            out["logits"] = self.ctr_head(torch.cat([h, target, u], dim=-1)).squeeze(-1)
+        else:
+            out["logits"] = (h * target).sum(-1)
+            if "negatives" in batch and self.cfg.next_loss == "bce":
+                neg = self.items(batch["negatives"])  # (B, T, n, dim)
+                out["neg_logits"] = (h.unsqueeze(2) * neg).sum(-1)
+        return out
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, Any]) -> torch.Tensor:
+        """Task loss averaged over real target positions, plus any auxiliary loss."""
+        mask = batch["target_mask"]
+        if self.cfg.bidirectional:
+            # position t of a bidirectional encoder sees item t+1 (its own target): train on
+            # the last position only, whose target is not in the input
+            mask = mask.clone()
+            mask[:, :-1] = False
+        if self.cfg.task == "ctr":
+            task = F.binary_cross_entropy_with_logits(out["logits"][mask], batch["target_labels"][mask])
+        elif self.cfg.next_loss == "bce":
+            pos = F.binary_cross_entropy_with_logits(out["logits"][mask], torch.ones_like(out["logits"][mask]))
+            neg_logits = out["neg_logits"][mask]
+            neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
+            task = pos + neg
+        else:
+            table = self.items(torch.arange(self.data.n_items + 1, device=out["h"].device))
+            logits = out["h"][mask] @ table.T
+            logits[:, 0] = float("-inf")
+            task = F.cross_entropy(logits, batch["target_items"][mask])
+        return task + self.auxiliary_loss(out)
+
+    def parameter_roles(self) -> dict[str, ParamRole]:
+        """User-id embeddings are private per user; everything else is public."""
+        return {
+            name: PRIVATE_PER_USER if name.startswith("users.id_embedding.") else PUBLIC
+            for name, _ in self.named_parameters()
+        }
+
+    def auxiliary_loss(self, out: dict[str, Any]) -> torch.Tensor:
+        """Extra loss terms (none for the plain backbone)."""
+        return out["h"].new_zeros(())
+
+    # -- evaluation -----------------------------------------------------------------
+    def predict_ctr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Click probability at the last position (the held-out impression)."""
+        return torch.sigmoid(self.forward(batch)["logits"][:, -1])
+
+    def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` scores of candidate items at the last position."""
+        h = self.encode(batch)["h"][:, -1]
+        return (h.unsqueeze(1) * self.items(candidates)).sum(-1)
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, n_items + 1)`` scores of every item at the last position (column 0 = padding)."""
+        h = self.encode(batch)["h"][:, -1]
+        table = self.items(torch.arange(self.data.n_items + 1, device=h.device))
+        return h @ table.T

@@ -1,0 +1,112 @@
+"""What every model shares: the data facts a model is built from, parameter roles, and the
+model interface the trainers (centralised and federated) rely on.
+
+Parameter roles (read by aggregation, upload size, DP clipping and checkpointing):
+
+``public``
+    Averaged over all participants.
+``group(layer, g)``
+    Averaged over the users routed to group ``g`` at ``layer``; untouched when nobody chose it.
+``private``
+    Never leaves the client. Per-user private tensors are stacked with the user index as
+    their first dimension (row 0 = padding user), so a shard of many users is one tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedrec.data.split import SplitData
+
+__all__ = ["ParamRole", "PUBLIC", "PRIVATE", "PRIVATE_PER_USER", "group_role", "ModelData", "RecModel"]
+
+
+@dataclass(frozen=True)
+class ParamRole:
+    """The role of one parameter: ``kind`` in {public, group, private}; ``layer``/``group``
+    for group parameters; ``per_user`` for private tensors stacked by user index."""
+
+    kind: str
+    layer: int | None = None
+    group: int | None = None
+    per_user: bool = False
+
+    def __str__(self) -> str:
+        if self.kind == "group":
+            return f"group({self.layer}, {self.group})"
+        return self.kind + ("[per-user]" if self.per_user else "")
+
+
+PUBLIC = ParamRole("public")
+PRIVATE = ParamRole("private")
+PRIVATE_PER_USER = ParamRole("private", per_user=True)
+
+
+def group_role(layer: int, g: int) -> ParamRole:
+    """The role of group ``g``'s parameters at ``layer``."""
+    return ParamRole("group", layer=layer, group=g)
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """The facts about the data a model is built from (no interactions).
+
+    ``user_features`` / ``item_features`` are ``(n + 1, F)`` integer code tensors aligned
+    with the indices (row 0 = padding) or ``None``; ``*_cardinalities`` give, per field, the
+    number of codes (max code + 1).
+    """
+
+    n_users: int
+    n_items: int
+    has_labels: bool
+    user_features: torch.Tensor | None
+    item_features: torch.Tensor | None
+    user_cardinalities: tuple[int, ...]
+    item_cardinalities: tuple[int, ...]
+
+    @classmethod
+    def from_split(cls, split: SplitData) -> "ModelData":
+        """Facts of ``split``."""
+
+        def table(arr):
+            if arr is None:
+                return None, ()
+            return torch.from_numpy(np.ascontiguousarray(arr)), tuple(int(c) + 1 for c in arr.max(axis=0))
+
+        uf, uc = table(split.user_features)
+        itf, ic = table(split.item_features)
+        return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic)
+
+
+class RecModel(nn.Module):
+    """Base of the neural models.
+
+    A model maps a batch (the dict of tensors built by :mod:`fedrec.data.batching`) to an
+    output dict; :meth:`loss` turns it into a scalar; :meth:`predict_ctr` gives click
+    probabilities at the target positions (CTR task); :meth:`score_candidates` scores
+    ``(B, C)`` candidate items at the last position (next-item task).
+    """
+
+    #: the tasks the model supports
+    tasks: tuple[str, ...] = ("ctr", "next_item")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, Any]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict_ctr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def parameter_roles(self) -> dict[str, ParamRole]:
+        """Role of every named parameter (default: all public)."""
+        return {name: PUBLIC for name, _ in self.named_parameters()}

@@ -1,0 +1,203 @@
+"""MRFF — Multifaceted User Modeling in Recommendation with Federated Foundation models.
+
+Chunxu Zhang, Guodong Long, Hongkuan Guo, Zhaojie Liu, Guorui Zhou, Zijian Zhang, Yang Liu,
+Bo Yang. "Multifaceted User Modeling in Recommendation: A Federated Foundation Models
+Approach", AAAI 2025 (arXiv 2412.16969).
+
+Each Transformer block's feed-forward part is the sum of
+
+* a **user-specific FFN** (private: one per user, stacked by user index, never shared), and
+* one of ``G`` **group FFNs** shared by the users routed to it, chosen per user and per
+  layer by a **group gating network** on ``[mean of the layer's hidden states over real
+  positions ; user-profile embedding]`` with a softmax.
+
+Because layer ``l``'s gate reads layer ``l``'s hidden states, a user can join different
+groups at different layers (hierarchical groups, ``G ** L`` combinations).
+
+Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
+
+``groups`` (G, 4)
+    Group FFNs per layer; each is an independent module (the public reference code repeats
+    one module, so all its "groups" share weights — not copied).
+``top_k`` (1)
+    Groups per user and layer.
+``gate`` (``hard``)
+    ``hard``: the chosen groups' outputs are summed unscaled, as in the reference code, so
+    the router learns only through the balance loss. ``scaled``: each chosen group's output
+    is multiplied by its gate probability, so the task loss trains the router too.
+``residual`` (false)
+    Add ``z`` around the gated FFN (the reference has no residual there).
+``alpha`` (0.1)
+    Weight of the Switch-Transformer balance loss ``alpha * G * sum_g f_g * P_g`` per layer,
+    ``f_g`` the share of users routed to ``g`` (counted, no gradient) and ``P_g`` the mean
+    gate probability. Centrally ``f`` comes from the batch; federated, from the previous
+    round's counts (``context["group_share"]``).
+``user_ffn`` (true), ``user_hidden`` (0 = ``dim``)
+    The private user FFN and its hidden width. Its parameters are stored in sparse
+    embedding tables (one row per user), so an optimiser step touches only the batch's
+    users — the semantics of one model per user.
+
+Parameter roles: group FFN ``g`` of layer ``l`` -> ``group(l, g)``; user FFNs, user-profile
+and user-id embeddings -> ``private`` (per-user tables stacked by user index); the rest
+(item embeddings, positions, attention, norms, gates, head) -> ``public``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec.errors import ConfigError
+from fedrec.models.backbone import BackboneConfig, SequenceModel
+from fedrec.models.base import PRIVATE, PRIVATE_PER_USER, PUBLIC, ModelData, ParamRole, group_role
+from fedrec.models.layers import PositionwiseFFN
+
+__all__ = ["MRFFConfig", "MRFF", "GroupGatedFFN", "UserFFN"]
+
+
+@dataclass
+class MRFFConfig(BackboneConfig):
+    """Backbone options plus MRFF's (see the module docstring)."""
+
+    groups: int = 4
+    top_k: int = 1
+    gate: str = "hard"
+    residual: bool = False
+    alpha: float = 0.1
+    user_ffn: bool = True
+    user_hidden: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.groups, int) or self.groups < 1:
+            raise ConfigError(f"model option 'groups' must be a positive integer (got {self.groups!r})")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.groups:
+            raise ConfigError(f"model option 'top_k' must be in 1..groups ({self.groups}) (got {self.top_k!r})")
+        if self.gate not in ("hard", "scaled"):
+            raise ConfigError(f"model option 'gate' must be hard or scaled (got {self.gate!r})")
+        if self.alpha < 0:
+            raise ConfigError(f"model option 'alpha' must be >= 0 (got {self.alpha})")
+        if self.user_hidden < 0:
+            raise ConfigError(f"model option 'user_hidden' must be >= 0 (got {self.user_hidden})")
+
+
+class UserFFN(nn.Module):
+    """Per-user position-wise FFNs ``dim -> hidden -> dim``, stacked by user index.
+
+    Each table row holds one user's flattened weights; every user starts from the same
+    initial FFN (as when each client copies the initial global model).
+    """
+
+    def __init__(self, n_users: int, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.dim, self.hidden = dim, hidden
+        proto = PositionwiseFFN(dim, hidden)
+        self.inner = nn.Embedding(n_users + 1, dim * hidden + hidden, sparse=True)
+        self.outer = nn.Embedding(n_users + 1, hidden * dim + dim, sparse=True)
+        with torch.no_grad():
+            self.inner.weight.copy_(torch.cat([proto.inner.weight.T.reshape(-1), proto.inner.bias]).expand_as(self.inner.weight))
+            self.outer.weight.copy_(torch.cat([proto.outer.weight.T.reshape(-1), proto.outer.bias]).expand_as(self.outer.weight))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, z: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """``(B, T, dim)`` hidden states of ``(B,)`` users -> ``(B, T, dim)``."""
+        d, h = self.dim, self.hidden
+        inner = self.inner(users)  # (B, d*h + h)
+        outer = self.outer(users)
+        w1, b1 = inner[:, : d * h].view(-1, d, h), inner[:, d * h :]
+        w2, b2 = outer[:, : h * d].view(-1, h, d), outer[:, h * d :]
+        x = self.drop(F.relu(torch.bmm(z, w1) + b1.unsqueeze(1)))
+        return self.drop(torch.bmm(x, w2) + b2.unsqueeze(1))
+
+
+class GroupGatedFFN(nn.Module):
+    """One MRFF block's FFN part: gate -> chosen group FFN(s) + the user's private FFN."""
+
+    def __init__(self, cfg: MRFFConfig, data: ModelData, layer: int, user_width: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.gate = nn.Linear(cfg.dim + user_width, cfg.groups)
+        self.group_ffns = nn.ModuleList(PositionwiseFFN(cfg.dim, cfg.dim, dropout=cfg.dropout) for _ in range(cfg.groups))
+        self.user_ffn = UserFFN(data.n_users, cfg.dim, cfg.user_hidden or cfg.dim, cfg.dropout) if cfg.user_ffn else None
+
+    def forward(self, z: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
+        """``(B, T, dim)`` -> ``(B, T, dim)``; appends this layer's routing to ``context``."""
+        keep = context["keep"]  # (B, T, 1)
+        real = keep.sum(1).clamp(min=1.0)
+        summary = (z * keep).sum(1) / real  # mean over real positions
+        probs = F.softmax(self.gate(torch.cat([summary, context["user_repr"]], dim=-1)), dim=-1)  # (B, G)
+        choice = probs.topk(self.cfg.top_k, dim=-1).indices  # (B, k)
+        chosen = torch.zeros_like(probs).scatter(1, choice, 1.0)
+        weights = chosen * probs if self.cfg.gate == "scaled" else chosen
+        # G is small: run every group FFN and keep the chosen ones (one batched pass each)
+        out = torch.zeros_like(z)
+        for g, ffn in enumerate(self.group_ffns):
+            w = weights[:, g]
+            if bool((w != 0).any()):
+                out = out + w.view(-1, 1, 1) * ffn(z)
+        if self.user_ffn is not None:
+            out = out + self.user_ffn(z, context["user"])
+        if self.cfg.residual:
+            out = out + z
+        context["routing"].append({"probs": probs, "choice": choice})
+        return out
+
+
+class MRFF(SequenceModel):
+    """MRFF on the causal (SASRec-style) or bidirectional backbone (``bidirectional``)."""
+
+    def __init__(self, data: ModelData, cfg: MRFFConfig) -> None:
+        # the gate reads e_u, so its width is the user encoder's (built before the blocks)
+        super().__init__(data, cfg, make_ffn=lambda layer: GroupGatedFFN(cfg, data, layer, self.users.width))
+
+    def auxiliary_loss(self, out: dict[str, Any]) -> torch.Tensor:
+        """The balance loss, summed over layers (0 when ``alpha`` is 0)."""
+        return self.balance_loss(out["context"]["routing"], out["context"].get("group_share"))
+
+    def balance_loss(self, routing: list[dict[str, torch.Tensor]], group_share: torch.Tensor | None = None) -> torch.Tensor:
+        """``alpha * G * sum_g f_g * P_g`` summed over layers.
+
+        ``group_share`` (``(layers, G)``, optional) gives ``f`` from outside (the previous
+        federated round); otherwise ``f`` is the batch's share of users per group.
+        """
+        cfg = self.cfg
+        total = routing[0]["probs"].new_zeros(())
+        if cfg.alpha == 0:
+            return total
+        for layer, r in enumerate(routing):
+            probs = r["probs"]
+            if group_share is not None:
+                f = group_share[layer].to(probs)
+            else:
+                f = torch.zeros(cfg.groups, device=probs.device).scatter_add(
+                    0, r["choice"].reshape(-1), torch.ones(r["choice"].numel(), device=probs.device)
+                ) / r["choice"].numel()
+            total = total + cfg.alpha * cfg.groups * (f.detach() * probs.mean(0)).sum()
+        return total
+
+    def parameter_roles(self) -> dict[str, ParamRole]:
+        """Groups -> ``group(l, g)``; user FFNs and user embeddings -> private; rest public."""
+        roles = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "ffns" and parts[2] == "group_ffns":
+                roles[name] = group_role(int(parts[1]), int(parts[3]))
+            elif parts[0] == "ffns" and parts[2] == "user_ffn":
+                roles[name] = PRIVATE_PER_USER
+            elif name.startswith("users.id_embedding."):
+                roles[name] = PRIVATE_PER_USER
+            elif name.startswith("users.fields."):
+                roles[name] = PRIVATE
+            else:
+                roles[name] = PUBLIC
+        return roles
+
+    @torch.no_grad()
+    def route(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, layers)`` group chosen (first of top-k) per user and layer."""
+        routing = self.encode(batch)["context"]["routing"]
+        return torch.stack([r["choice"][:, 0] for r in routing], dim=1)

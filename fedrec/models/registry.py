@@ -1,0 +1,56 @@
+"""The model registry: name -> (model class, config class).
+
+``create_model(name, data, options, task=...)`` builds the config from flat options (see
+:mod:`fedrec.config`) and the model from the data facts. Unknown names list the known ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from fedrec.config import build_config
+from fedrec.errors import ConfigError
+from fedrec.models.base import ModelData, RecModel
+from fedrec.models.mrff import MRFF, MRFFConfig
+from fedrec.models.popularity import Popularity
+from fedrec.models.sasrec import SASRec, SASRecConfig
+from fedrec.models.user_ctr import UserCTR
+from fedrec.registry import Registry
+
+__all__ = ["MODELS", "ModelSpec", "create_model", "model_names"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its class, its config class (None: no options), fixed options."""
+
+    model: type[RecModel]
+    config: type | None
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+MODELS.register("sasrec")(lambda: ModelSpec(SASRec, SASRecConfig))
+MODELS.register("bert4rec")(lambda: ModelSpec(SASRec, SASRecConfig, (("bidirectional", True),)))
+MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
+MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
+MODELS.register("user_ctr")(lambda: ModelSpec(UserCTR, None))
+
+
+def model_names() -> list[str]:
+    """Registered model names."""
+    return MODELS.names()
+
+
+def create_model(name: str, data: ModelData, options: Mapping[str, Any] | None = None, *, task: str) -> RecModel:
+    """Build model ``name`` for ``task`` from flat ``options`` (kebab- or snake-case keys)."""
+    spec = MODELS.create(name)
+    if task not in spec.model.tasks:
+        raise ConfigError(f"model '{name}' does not support task '{task}' (it supports: {', '.join(spec.model.tasks)})")
+    if spec.config is None:
+        if options:
+            raise ConfigError(f"model '{name}' takes no options (got {', '.join(options)})")
+        return spec.model(data)
+    cfg = build_config(spec.config, options, where=f"model '{name}'", task=task, **dict(spec.fixed))
+    return spec.model(data, cfg)

@@ -1,0 +1,94 @@
+"""The centralised trainer and ``fedrec train``: model selection on validation, test at the
+best validation epoch, checkpoints, and the baselines on real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedrec.data import load_dataset
+from fedrec.data.batching import build_examples
+from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
+from fedrec.models.base import ModelData
+from fedrec.models.registry import create_model
+from fedrec.train import TrainConfig, evaluate, train
+
+SPEC = "synthetic:users=60,items=80,groups=2,min_len=8,max_len=14,seed=2"
+SMALL = {"dim": 16, "field-dim": 4, "layers": 1, "max-len": 10, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def split():
+    return split_dataset(load_dataset(SPEC))
+
+
+def test_test_metrics_are_those_of_the_best_validation_epoch(split, tmp_path):
+    ckpt = tmp_path / "best.pt"
+    cfg = TrainConfig(epochs=4, batch_size=16, patience=10, progress=False, checkpoint=str(ckpt))
+    result = train("mrff", split, task="ctr", model_options=SMALL, config=cfg)
+    aucs = [h["valid"]["auc"] for h in result["history"]]
+    assert result["best_epoch"] == 1 + aucs.index(max(aucs))
+    assert result["valid"] == result["history"][result["best_epoch"] - 1]["valid"]
+    # re-evaluate the returned best weights on test: the same numbers
+    model = create_model("mrff", ModelData.from_split(split), SMALL, task="ctr")
+    model.load_state_dict(result["model_state"])
+    test = build_examples(split, task="ctr", stage="test", max_len=10)
+    assert evaluate(model, test, task="ctr") == result["test"]
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == result["best_epoch"] and saved["model"] == "mrff"
+
+
+def test_early_stopping_stops_after_patience(split):
+    cfg = TrainConfig(epochs=30, batch_size=16, patience=0, lr=0.5, progress=False)
+    result = train("sasrec", split, task="ctr", model_options=SMALL, config=cfg)
+    assert result["epochs_run"] <= result["best_epoch"] + 1  # patience 0: stop at the first non-improvement
+
+
+def test_next_item_protocols(split):
+    for protocol in ("full", "sampled-99"):
+        cfg = TrainConfig(epochs=1, batch_size=16, progress=False, protocol=protocol)
+        result = train("sasrec", split, task="next_item", model_options=SMALL, config=cfg)
+        assert result["protocol"] == protocol
+        assert set(result["test"]) >= {"hr@10", "ndcg@10", "mrr"}
+        assert 0.0 <= result["test"]["hr@10"] <= 1.0
+
+
+def test_bad_train_options():
+    with pytest.raises(ConfigError, match="protocol"):
+        TrainConfig(protocol="sampled-5")
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+
+
+@pytest.mark.realdata
+def test_user_click_rate_baseline_on_kuaisar(shared_data):
+    split = split_dataset(load_dataset(f"kuaisar:{shared_data}/KuaiSAR-R"))
+    result = train("user_ctr", split, task="ctr", config=TrainConfig(progress=False))
+    # reference notes: AUC 0.688 / LogLoss 0.636 for the smoothed user click rate
+    assert result["test"]["auc"] == pytest.approx(0.688, abs=0.005)
+    assert result["test"]["logloss"] == pytest.approx(0.636, abs=0.005)
+    pop = train("popularity", split, task="ctr", config=TrainConfig(progress=False))
+    assert 0.5 < pop["test"]["auc"] < result["test"]["auc"]
+
+
+def test_cli_train_json_and_errors(tmp_path):
+    out = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--model", "sasrec", "--data", SPEC,
+                          "--task", "ctr", "--epochs", "1", "--set", "dim=16", "--set", "max-len=10",
+                          "--json", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert {"model", "data", "task", "protocol", "valid", "test", "seconds"} <= set(result)
+    assert set(result["test"]) >= {"auc", "logloss"}
+    assert json.loads(out.read_text())["test"] == result["test"]
+    for args, needle in [(["--model", "nope"], "unknown model 'nope'"),
+                         (["--model", "user_ctr", "--task", "next_item"], "does not support task"),
+                         (["--model", "sasrec", "--set", "layers=two"], "must be of type int")]:
+        bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--data", SPEC, *args],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr
