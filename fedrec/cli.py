@@ -125,6 +125,76 @@ def train_command(
     _print_result(result)
 
 
+inspect_app = typer.Typer(help="Look inside trained models.", no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
+
+
+@inspect_app.command("groups")
+def inspect_groups(
+    data: str = typer.Option("synthetic:", "--data", "-d", help="Data spec the model is (or was) trained on."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `fedrec train --checkpoint`; without it an MRFF model is trained first."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML with [model] and [train] tables (when training)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (when training)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (when training)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (when training)."),
+    out: Path = typer.Option(Path("groups"), "--out", help="Folder for groups.json and groups.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data)."""
+    import torch
+
+    from fedrec.config import build_config, load_toml, parse_assignments
+    from fedrec.data import load_dataset
+    from fedrec.data.split import SplitConfig, split_dataset
+    from fedrec.inspect import group_report, plot_group_report, route_users
+    from fedrec.models.base import ModelData
+    from fedrec.models.registry import create_model
+    from fedrec.train import TrainConfig, train
+
+    try:
+        file_cfg = load_toml(config) if config else {}
+        split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
+        if checkpoint is not None:
+            if not checkpoint.is_file():
+                raise FedrecError(f"{checkpoint}: checkpoint not found")
+            saved = torch.load(checkpoint, weights_only=False)
+            model = create_model(saved["model"], ModelData.from_split(split), saved["model_options"], task=saved["task"])
+            model.load_state_dict(saved["state"])
+        else:
+            options = dict(file_cfg.get("model", {}))
+            options.update(parse_assignments(sets))
+            train_options = dict(file_cfg.get("train", {}))
+            for key, value in (("epochs", epochs), ("seed", seed)):
+                if value is not None:
+                    train_options[key] = value
+            train_options.setdefault("progress", not as_json and sys.stderr.isatty())
+            task = "ctr" if split.has_labels else "next_item"
+            result = train("mrff", split, task=task, model_options=options,
+                           config=build_config(TrainConfig, train_options, where="train"), data_name=data)
+            model = create_model("mrff", ModelData.from_split(split), options, task=task)
+            model.load_state_dict(result["model_state"])
+        users, routes = route_users(model, split)
+        report = group_report(users, routes, model.cfg.groups, split.user_group)
+        report["data"] = data
+    except FedrecError as exc:
+        _fail(exc)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(report, out / "groups.json")
+    plot_group_report(report, out / "groups.png")
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for entry in report["layers"]:
+        line = f"layer {entry['layer']}: users per group {entry['users_per_group']}"
+        if "nmi" in entry:
+            line += f", NMI {entry['nmi']:.3f} (chance {entry['nmi_chance']:.3f})"
+        typer.echo(line)
+    if "nmi_combined" in report:
+        typer.echo(f"all layers: {report['combinations_used']} combinations, NMI {report['nmi_combined']:.3f} "
+                   f"(chance {report['nmi_combined_chance']:.3f})")
+    typer.echo(f"wrote {out / 'groups.json'} and {out / 'groups.png'}")
+
+
 @app.command("models")
 def models_command() -> None:
     """List the registered models and the tasks they support."""

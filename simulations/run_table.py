@@ -1,0 +1,98 @@
+"""Train several models over several seeds on one dataset and record a results table.
+
+Usage::
+
+    python simulations/run_table.py simulations/configs/kuaisar_ctr.toml [--seeds 0 1 2] [--only NAME ...]
+
+The TOML file names the data, task and train options, and one ``[[runs]]`` entry per row
+(``name``, ``model``, and model options). Writes ``simulations/results/<stem>.json`` (every
+run's valid/test metrics and history) and ``<stem>.md`` (test metrics at the best
+validation epoch, mean ± standard deviation over seeds). Runs already in the JSON are
+skipped, so an interrupted table resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.config import build_config, load_toml
+from fedrec.data import load_dataset
+from fedrec.data.split import SplitConfig, split_dataset
+from fedrec.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def markdown(results: dict, metrics: list[str], header: str) -> str:
+    """Mean ± std over seeds of each row's test metrics, as a Markdown table."""
+    lines = [header, "", "| model | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best epochs |",
+             "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- |"]
+    rows: dict[str, list[dict]] = {}
+    for key, run in results.items():
+        rows.setdefault(run["row"], []).append(run)
+    for row, runs in rows.items():
+        cells = []
+        for m in metrics:
+            vals = [r["test"][m] for r in runs if r["test"].get(m) is not None]
+            cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
+        epochs = ", ".join(str(r["best_epoch"]) for r in runs)
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} | {epochs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the table described by a TOML file."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", help="run only these row names")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    args = parser.parse_args(argv)
+    cfg = load_toml(args.config)
+    data = cfg["data"].replace("{data_root}", args.data_root)
+    task = cfg["task"]
+    split = split_dataset(load_dataset(data), build_config(SplitConfig, cfg.get("split", {}), where="split"))
+    out_json = ROOT / "simulations" / "results" / f"{args.config.stem}.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    for entry in cfg["runs"]:
+        entry = dict(entry)
+        row, model = entry.pop("name"), entry.pop("model")
+        if args.only and row not in args.only:
+            continue
+        for seed in args.seeds:
+            key = f"{row}/seed{seed}"
+            if key in results:
+                continue
+            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), "seed": seed, "progress": False}, where="train")
+            r = train(model, split, task=task, model_options=entry, config=train_cfg, data_name=cfg["data"])
+            r.pop("model_state")
+            r["row"] = row
+            results[key] = r
+            _write(out_json, json.dumps(results, indent=1))
+            print(f"{key:28s} valid {r['valid']} test {r['test']} best epoch {r['best_epoch']} ({r['seconds']} s)",
+                  flush=True)
+    metrics = cfg.get("metrics", ["auc", "logloss"] if task == "ctr" else ["hr@10", "ndcg@10"])
+    header = f"### {cfg.get('title', args.config.stem)}\n\nData `{cfg['data']}`, task {task}, " \
+             f"protocol {'pooled CTR' if task == 'ctr' else cfg.get('train', {}).get('protocol', 'full')}; " \
+             "test at the best validation epoch."
+    _write(out_json.with_suffix(".md"), markdown(results, metrics, header))
+    print(markdown(results, metrics, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Group discovery report: hand cases for NMI and the spread, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from fedrec.inspect import group_report
+
+
+def test_perfect_and_uninformative_routing():
+    users = np.arange(1, 9)
+    truth = np.array([-1, 0, 0, 1, 1, 0, 0, 1, 1])  # indexed by user index (0 = padding)
+    perfect = np.stack([truth[users], np.zeros(8, dtype=int)], axis=1)  # layer 1 sends everyone to group 0
+    report = group_report(users, perfect, 2, truth)
+    assert report["layers"][0]["nmi"] == 1.0
+    assert report["layers"][1]["nmi"] == 0.0
+    assert report["layers"][0]["users_per_group"] == [4, 4]
+    assert report["layers"][1]["users_per_group"] == [8, 0]
+
+
+def test_counts_contingency_and_combinations():
+    users = np.array([1, 2, 3, 4])
+    routes = np.array([[0, 1], [0, 1], [1, 0], [1, 1]])
+    truth = np.array([0, 1, 1, 2, 2])
+    report = group_report(users, routes, 2, truth)
+    assert report["layers"][0]["users_per_group"] == [2, 2]
+    assert report["layers"][1]["users_per_group"] == [1, 3]
+    assert report["combinations_used"] == 3
+    assert report["layers"][0]["contingency"] == [[2, 0], [0, 2]]
+    assert report["layers"][0]["nmi"] == 1.0 and 0.0 <= report["layers"][0]["nmi_chance"] < 1.0
+
+
+def test_cli_inspect_groups_writes_json_and_png(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", "inspect", "groups", "--data", "synthetic:users=60,items=50,groups=3,seed=1",
+         "--epochs", "1", "--set", "dim=16", "--set", "max-len=12", "--set", "groups=3", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["groups"] == 3 and len(report["layers"]) == 2
+    assert sum(report["layers"][0]["users_per_group"]) == report["users"] == 60
+    assert 0.0 <= report["nmi_combined"] <= 1.0
+    assert (tmp_path / "groups.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "groups.json").read_text())["users"] == 60
