@@ -8,7 +8,7 @@ The TOML file names the data, task and train options, and one ``[[runs]]`` entry
 (``name``, ``model``, and model options). Writes ``simulations/results/<stem>.json`` (every
 run's valid/test metrics and history) and ``<stem>.md`` (test metrics at the best
 validation epoch, mean ± standard deviation over seeds). Runs already in the JSON are
-skipped, so an interrupted table resumes.
+skipped, so an interrupted table resumes; several processes (``--only``) may fill one table.
 """
 
 from __future__ import annotations
@@ -35,6 +35,18 @@ def _write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+def _merge(path: Path, key: str, run: dict) -> dict:
+    """Add one run to the results file under a lock (several processes may fill one table)."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[key] = run
+        _write(path, json.dumps(results, indent=1))
+    return results
 
 
 def markdown(results: dict, metrics: list[str], header: str) -> str:
@@ -81,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             r = train(model, split, task=task, model_options=entry, config=train_cfg, data_name=cfg["data"])
             r.pop("model_state")
             r["row"] = row
-            results[key] = r
-            _write(out_json, json.dumps(results, indent=1))
+            results = _merge(out_json, key, r)
             print(f"{key:28s} valid {r['valid']} test {r['test']} best epoch {r['best_epoch']} ({r['seconds']} s)",
                   flush=True)
     metrics = cfg.get("metrics", ["auc", "logloss"] if task == "ctr" else ["hr@10", "ndcg@10"])
