@@ -85,6 +85,16 @@ class BackboneConfig:
             raise ConfigError("label_tokens with a bidirectional encoder would show each target's label: not allowed")
 
 
+def _small_init(embedding: nn.Embedding, dim: int) -> None:
+    """N(0, 1/dim) rows (padding row kept at 0): id vectors of norm about 1, so the first
+    dot-product scores are O(1). PyTorch's default N(0, 1) gives scores of magnitude ~dim,
+    which saturates the next-item BCE and stalls learning at popularity level."""
+    with torch.no_grad():
+        embedding.weight.normal_(0.0, dim**-0.5)
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+
+
 class ItemEncoder(nn.Module):
     """Item index -> ``dim``-wide representation (id and/or attribute embeddings)."""
 
@@ -100,6 +110,7 @@ class ItemEncoder(nn.Module):
         self.id_embedding = None
         if mode in ("id", "both"):
             self.id_embedding = nn.Embedding(data.n_items + 1, cfg.dim, padding_idx=0)
+            _small_init(self.id_embedding, cfg.dim)
             width += cfg.dim
         self.fields = nn.ModuleList()
         self._features = None  # data, not a parameter or buffer (Opacus forbids buffers)
@@ -131,6 +142,8 @@ class UserEncoder(nn.Module):
         if self._features is not None:
             self.fields = nn.ModuleList(nn.Embedding(c, cfg.field_dim) for c in data.user_cardinalities)
         self.id_embedding = nn.Embedding(data.n_users + 1, cfg.field_dim) if cfg.user_id else None
+        if self.id_embedding is not None:
+            _small_init(self.id_embedding, cfg.field_dim)
         self.width = cfg.field_dim * (len(self.fields) + (1 if cfg.user_id else 0))
 
     def forward(self, users: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,19 @@ def test_same_seed_same_result(split, name, task):
     b = train(name, split, task=task, model_options=_options(name), config=cfg)
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
     assert all(np.isfinite(v) for v in a["test"].values() if v is not None)
+
+
+def test_id_embeddings_start_small_so_first_scores_are_order_one(split):
+    # PyTorch's default N(0, 1) ids made initial next-item logits ~dim and stalled SASRec at
+    # popularity level on LastFM; ids start at N(0, 1/dim) with a zero padding row
+    torch.manual_seed(0)
+    model = create_model("sasrec", ModelData.from_split(split), {"dim": 64, "item-repr": "id", "max-len": 8},
+                         task="next_item")
+    weight = model.items.id_embedding.weight.detach()
+    assert torch.all(weight[0] == 0)
+    assert abs(float(weight[1:].std()) - 64**-0.5) < 0.02
+    batch = _batch(split, "next_item")
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch)["logits"][batch["target_mask"]]
+    assert float(logits.abs().mean()) < 3.0
