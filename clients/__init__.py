@@ -1,5 +1,5 @@
 """The Flower ClientApp of fedrec (thin glue from Flower messages to ``fedrec.federated``).
 
-Arrives with the federated algorithms (issue 4); this package travels inside the Flower app
-bundle built from the project root, not inside the ``fedrec`` wheel.
+This package travels inside the Flower app bundle built from the project root, not inside
+the ``fedrec`` wheel.
 """

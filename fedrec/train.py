@@ -54,6 +54,9 @@ class TrainConfig:
     eval_seed: int = 2024
     checkpoint: str = ""
     progress: bool = True
+    #: extra ranking protocols (comma-separated, e.g. ``"full"``) also evaluated on the test
+    #: set at the best validation epoch; reported under ``test_by_protocol``.
+    also_test: str = ""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
@@ -65,6 +68,15 @@ class TrainConfig:
             raise ConfigError(f"train option 'lr' must be > 0 (got {self.lr})")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
+        for extra in self.extra_protocols():
+            if extra not in PROTOCOLS:
+                raise ConfigError(f"train option 'also_test': unknown protocol {extra!r} "
+                                  f"(expected some of {', '.join(PROTOCOLS)})")
+
+    def extra_protocols(self) -> list[str]:
+        """The protocols named by ``also_test``, without the selection protocol itself."""
+        names = [p.strip() for p in self.also_test.split(",") if p.strip()]
+        return [p for p in dict.fromkeys(names) if p != self.protocol]
 
 
 def selection_metric(task: str) -> str:
@@ -210,6 +222,11 @@ def train(
         bar.close()
         model.load_state_dict(best_state)
     test_scores = evaluate(model, test, **eval_args)
+    by_protocol = {}
+    if task != "ctr":
+        by_protocol[cfg.protocol] = test_scores
+        for extra in cfg.extra_protocols():
+            by_protocol[extra] = evaluate(model, test, **{**eval_args, "protocol": extra})
     return {
         "model": model_name,
         "data": data_name,
@@ -218,6 +235,7 @@ def train(
         "selection": f"valid {metric}",
         "valid": best_valid,
         "test": test_scores,
+        "test_by_protocol": by_protocol,
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "history": history,

@@ -49,6 +49,14 @@ def _merge(path: Path, key: str, run: dict) -> dict:
     return results
 
 
+def _test_value(run: dict, metric: str) -> float | None:
+    """A test metric; ``"full/hr@10"`` reads an extra protocol from ``test_by_protocol``."""
+    if "/" in metric:
+        protocol, name = metric.split("/", 1)
+        return run.get("test_by_protocol", {}).get(protocol, {}).get(name)
+    return run["test"].get(metric)
+
+
 def markdown(results: dict, metrics: list[str], header: str) -> str:
     """Mean ± std over seeds of each row's test metrics, as a Markdown table."""
     lines = [header, "", "| model | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best epochs |",
@@ -59,7 +67,7 @@ def markdown(results: dict, metrics: list[str], header: str) -> str:
     for row, runs in rows.items():
         cells = []
         for m in metrics:
-            vals = [r["test"][m] for r in runs if r["test"].get(m) is not None]
+            vals = [v for v in (_test_value(r, m) for r in runs) if v is not None]
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
         epochs = ", ".join(str(r["best_epoch"]) for r in runs)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} | {epochs} |")

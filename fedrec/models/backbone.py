@@ -146,11 +146,14 @@ class UserEncoder(nn.Module):
             _small_init(self.id_embedding, cfg.field_dim)
         self.width = cfg.field_dim * (len(self.fields) + (1 if cfg.user_id else 0))
 
-    def forward(self, users: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` user indices -> ``(B, width)``."""
+    def forward(self, users: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` user indices -> ``(B, width)``. ``codes`` ``(B, F)`` gives the users'
+        profile codes directly (the federated engine, which renumbers users inside a
+        shard); by default they are looked up by user index."""
         parts = []
         if len(self.fields):
-            codes = self._features.to(users.device)[users]
+            if codes is None:
+                codes = self._features.to(users.device)[users]
             parts.extend(emb(codes[:, j].contiguous()) for j, emb in enumerate(self.fields))
         if self.id_embedding is not None:
             parts.append(self.id_embedding(users))
@@ -183,6 +186,10 @@ class SequenceModel(RecModel):
     make_ffn:
         Builds the FFN part of block ``layer``: a module ``(z, context) -> (B, T, dim)``.
     """
+
+    #: set by the federated engine on its working copy: compute the loss without
+    #: data-dependent shapes, so it runs under ``torch.func.vmap``
+    vmap_safe: bool = False
 
     def __init__(self, data: ModelData, cfg: BackboneConfig, make_ffn: Callable[[int], nn.Module]) -> None:
         super().__init__()
@@ -221,9 +228,9 @@ class SequenceModel(RecModel):
             h = h + self.label_embedding(tokens)
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=items.device)
         h = self.drop(h + self.positions(pos.expand(items.shape[0], T).contiguous())) * keep
-        user = self.users(batch["user"])
+        user = self.users(batch["user"], batch.get("user_codes"))
         context: dict[str, Any] = {"padding": padding, "keep": keep, "user_repr": user, "user": batch["user"],
-                                   "routing": []}
+                                   "routing": [], "group_share": batch.get("group_share")}
         for layer in range(self.cfg.layers):
             q = self.attn_norms[layer](h)
             h = q + self.attns[layer](h, padding, query=q)
@@ -231,8 +238,21 @@ class SequenceModel(RecModel):
             h = self.ffns[layer](z, context) * keep
         return {"h": self.final_norm(h), "padding": padding, "user_repr": user, "context": context}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Encode and score the batch's targets (and negatives, for next item)."""
+    def forward(self, batch: dict[str, torch.Tensor], mode: str = "train") -> Any:
+        """Encode and score the batch's targets (and negatives, for next item).
+
+        Other ``mode`` values return one tensor (for ``torch.func.functional_call``):
+        ``ctr`` the click probabilities at the last position, ``candidates`` the scores of
+        ``batch["candidates"]``, ``all`` the scores of every item.
+        """
+        if mode == "ctr":
+            return self.predict_ctr(batch)
+        if mode == "candidates":
+            return self.score_candidates(batch, batch["candidates"])
+        if mode == "all":
+            return self.score_all(batch)
+        if mode != "train":
+            raise ValueError(f"unknown forward mode {mode!r}")
         out = self.encode(batch)
         h = out["h"]
         target = self.items(batch["target_items"])  # (B, T, dim)
@@ -247,25 +267,44 @@ class SequenceModel(RecModel):
         return out
 
     def loss(self, batch: dict[str, torch.Tensor], out: dict[str, Any]) -> torch.Tensor:
-        """Task loss averaged over real target positions, plus any auxiliary loss."""
+        """Task loss averaged over real target positions, plus any auxiliary loss.
+
+        Written with masked sums rather than boolean indexing, so that it also runs under
+        ``torch.func.vmap`` (one user per slice) in the federated engine.
+        """
         mask = batch["target_mask"]
         if self.cfg.bidirectional:
             # position t of a bidirectional encoder sees item t+1 (its own target): train on
             # the last position only, whose target is not in the input
-            mask = mask.clone()
-            mask[:, :-1] = False
+            last = torch.zeros_like(mask)
+            last[..., -1] = True
+            mask = mask & last
+        weight = mask.float()
+        count = weight.sum().clamp(min=1.0)
+        logits = out["logits"]
         if self.cfg.task == "ctr":
-            task = F.binary_cross_entropy_with_logits(out["logits"][mask], batch["target_labels"][mask])
+            per_pos = F.binary_cross_entropy_with_logits(logits, batch["target_labels"].to(logits.dtype), reduction="none")
         elif self.cfg.next_loss == "bce":
-            pos = F.binary_cross_entropy_with_logits(out["logits"][mask], torch.ones_like(out["logits"][mask]))
-            neg_logits = out["neg_logits"][mask]
-            neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits))
-            task = pos + neg
+            per_pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+            neg_logits = out["neg_logits"]
+            per_neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits), reduction="none")
+            per_pos = per_pos + per_neg.mean(-1)
+        elif not self.vmap_safe:
+            # full cross-entropy on the real positions only (boolean indexing is cheaper on
+            # short sequences but has a data-dependent shape, so not under vmap)
+            table = self.items(torch.arange(self.data.n_items + 1, device=out["h"].device))
+            all_logits = out["h"][mask] @ table.T
+            all_logits[:, 0] = float("-inf")
+            return F.cross_entropy(all_logits, batch["target_items"][mask]) + self.auxiliary_loss(out)
         else:
             table = self.items(torch.arange(self.data.n_items + 1, device=out["h"].device))
-            logits = out["h"][mask] @ table.T
-            logits[:, 0] = float("-inf")
-            task = F.cross_entropy(logits, batch["target_items"][mask])
+            all_logits = out["h"] @ table.T  # (B, T, n_items + 1)
+            pad = torch.zeros(all_logits.shape[-1], dtype=torch.bool, device=all_logits.device)
+            pad[0] = True
+            all_logits = all_logits.masked_fill(pad, float("-inf"))
+            per_pos = F.cross_entropy(all_logits.flatten(0, -2), batch["target_items"].flatten(),
+                                      reduction="none", ignore_index=0).view_as(logits)
+        task = (per_pos * weight).sum() / count
         return task + self.auxiliary_loss(out)
 
     def parameter_roles(self) -> dict[str, ParamRole]:

@@ -14,11 +14,34 @@ Opacus has exact per-sample gradient samplers, and no module owns buffers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SelfAttention", "PositionwiseFFN", "attention_mask"]
+__all__ = ["SelfAttention", "PositionwiseFFN", "attention_mask", "MaskDropout", "mask_dropout"]
+
+
+def mask_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout written as ``x * (rand >= p) / (1 - p)``: the same distribution as
+    ``F.dropout``, but batched efficiently by ``torch.func.vmap`` (whose fallback for the
+    fused dropout kernel loops over the batch)."""
+    if not training or p == 0.0:
+        return x
+    return x * (torch.rand_like(x) >= p).to(x.dtype) / (1.0 - p)
+
+
+class MaskDropout(nn.Module):
+    """:func:`mask_dropout` as a module (drop-in for ``nn.Dropout`` under vmap)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop elements of ``x`` with probability ``p`` (training only)."""
+        return mask_dropout(x, self.p, self.training)
 
 
 def attention_mask(padding: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -58,6 +81,9 @@ class SelfAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (got {dropout})")
         self.dim, self.heads, self.dropout, self.causal = dim, heads, dropout, causal
+        #: compute attention with explicit matmul/softmax instead of the fused kernel (the
+        #: federated engine sets it on its working copy; same result)
+        self.explicit = False
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -76,7 +102,15 @@ class SelfAttention(nn.Module):
         k = self.key(x).view(B, T, h, d).transpose(1, 2)
         v = self.value(x).view(B, T, h, d).transpose(1, 2)
         mask = attention_mask(padding, causal=self.causal)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.explicit:
+            # the same computation in plain ops: torch.func.vmap has batching rules for
+            # these, not for the fused CPU attention kernel
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            weights = mask_dropout(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1),
+                                   self.dropout, self.training)
+            ctx = weights @ v
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(ctx.transpose(1, 2).reshape(B, T, self.dim))
 
 

@@ -133,12 +133,12 @@ class GroupGatedFFN(nn.Module):
         choice = probs.topk(self.cfg.top_k, dim=-1).indices  # (B, k)
         chosen = torch.zeros_like(probs).scatter(1, choice, 1.0)
         weights = chosen * probs if self.cfg.gate == "scaled" else chosen
-        # G is small: run every group FFN and keep the chosen ones (one batched pass each)
+        # G is small: run every group FFN and keep the chosen ones (no data-dependent
+        # branch, so the layer also runs under torch.func.vmap; an unchosen group gets an
+        # exactly zero gradient)
         out = torch.zeros_like(z)
         for g, ffn in enumerate(self.group_ffns):
-            w = weights[:, g]
-            if bool((w != 0).any()):
-                out = out + w.view(-1, 1, 1) * ffn(z)
+            out = out + weights[:, g].view(-1, 1, 1) * ffn(z)
         if self.user_ffn is not None:
             out = out + self.user_ffn(z, context["user"])
         if self.cfg.residual:

@@ -1,0 +1,35 @@
+"""fedrec's ClientApp: each SuperNode holds a shard of users and answers three messages.
+
+``train``     one round of local training of its users (private state kept in ``context.state``)
+``evaluate``  valid and test summaries of its users (no raw scores leave the node)
+``query``     the initial global parameters and the parameter layout (asked once by the server)
+
+All work happens in :mod:`fedrec.federated.node`; this module only registers the handlers.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedrec.federated import node
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train this node's users for one round and reply with the upload."""
+    return Message(node.client_train(msg, context), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate this node's users and reply with metric summaries."""
+    return Message(node.client_evaluate(msg, context), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Reply with the initial global parameters and the layout."""
+    return Message(node.client_init(msg, context), reply_to=msg)

@@ -1,0 +1,449 @@
+"""The federated algorithm interface and its vectorised implementation.
+
+An :class:`Algorithm` is transport-free: the Flower apps in ``clients/`` and ``server/`` (or
+any other transport) only move its inputs and outputs.
+
+* :meth:`Algorithm.initial_global` — the server's starting parameters (public + groups).
+* :meth:`Algorithm.initial_local` — a client's private state for its users.
+* :meth:`Algorithm.client_update` ``(global, local_state, shard, round, group_share) ->
+  (upload, local_state, metrics)`` — every participating user of the shard starts from the
+  global parameters plus its own private ones, takes ``local_steps`` steps on its own
+  training sequence, and contributes to the upload: a **weighted sum** of its public
+  parameters, and for each group it was routed to, that group's parameters (with counts).
+* :meth:`Algorithm.aggregate` ``(global, uploads) -> (global, group_counts, metrics)`` —
+  public = sum / weight; each group = sum over its members / members (unchanged when nobody
+  chose it). The per-layer group counts go back to clients as the next round's share ``f``
+  in the balance loss.
+* :meth:`Algorithm.client_evaluate` — summaries (:mod:`fedrec.federated.evaluation`) of
+  the shard's users' predictions on the valid or test stage, each user with its own model.
+
+**Vectorised shards.** A shard of N users is processed as a batch, with the semantics of N
+one-user clients kept exactly: every user gets its own copy of the trained parameters as a
+row of a stacked ``(N, ...)`` tensor, gradients come from ``torch.func.vmap`` over users
+(one user per slice, so nothing — batch statistics, balance loss, optimiser state — mixes
+users), and the optimiser is applied elementwise to the stacked tensors. Per-user private
+tables are sliced to the shard's rows; inside the vmap each user sees a two-row table
+``[padding, its own row]``. :mod:`fedrec.federated.reference` is the one-user-at-a-time loop
+this is tested against.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedrec.data.batching import ExampleSet, build_examples, iterate_batches
+from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.split import SplitData
+from fedrec.errors import ConfigError
+from fedrec.federated.config import FederatedConfig
+from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, ranking_summary
+from fedrec.federated.layout import Layout
+from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks
+from fedrec.models.base import ModelData, ParamRole, RecModel
+from fedrec.models.layers import MaskDropout, SelfAttention
+from fedrec.models.registry import create_model
+
+__all__ = ["Algorithm", "Shard", "LocalState", "Upload", "participants", "make_shard", "aggregate_uploads"]
+
+Params = dict[str, torch.Tensor]
+_ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam defaults
+
+
+# -- shards and state --------------------------------------------------------------------
+@dataclass
+class Shard:
+    """One client's users (global user indices, sorted) and their examples per stage."""
+
+    users: np.ndarray
+    train: ExampleSet
+    valid: ExampleSet
+    test: ExampleSet
+    #: sampled-ranking candidates per stage, drawn on the whole split (so identical to the
+    #: centralised evaluation's), rows aligned with the stage's examples
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, protocol: str = "full",
+               eval_seed: int = 2024) -> Shard:
+    """The shard of ``users`` (global indices): their train/valid/test examples."""
+    users = np.unique(np.asarray(users, dtype=np.int64))
+    if users.size and (users.min() < 1 or users.max() > split.n_users):
+        raise ConfigError(f"shard users must be in 1..{split.n_users} (got {users.min()}..{users.max()})")
+    stages = {}
+    candidates = {}
+    for stage in ("train", "valid", "test"):
+        full = split.cached(("examples", task, stage, max_len), lambda stage=stage: build_examples(
+            split, task=task, stage=stage, max_len=max_len))
+        keep = np.isin(full.users, users)
+        stages[stage] = full.subset(users)
+        if stage != "train" and task == "next_item" and protocol.startswith("sampled"):
+            n = int(protocol.split("-")[1])
+            all_cands = split.cached(("candidates", task, stage, max_len, n, eval_seed),
+                                     lambda full=full: full.candidates(n, seed=eval_seed))
+            candidates[stage] = all_cands[keep]
+    return Shard(users, stages["train"], stages["valid"], stages["test"], candidates)
+
+
+def participants(n_users: int, *, seed: int, round: int, fraction: float) -> np.ndarray:
+    """Boolean mask ``(n_users + 1,)`` of the users taking part in ``round`` — a function of
+    (seed, round) only, so every client draws the same set in any runtime."""
+    if fraction >= 1.0:
+        mask = np.ones(n_users + 1, dtype=bool)
+    else:
+        mask = np.random.default_rng([seed, round, 7]).random(n_users + 1) < fraction
+    mask[0] = False
+    return mask
+
+
+@dataclass
+class LocalState:
+    """A client's private state: per-user private tensors stacked over its ``users``."""
+
+    users: np.ndarray
+    tensors: Params
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain dict (tensors and the user array)."""
+        return {"users": torch.from_numpy(self.users.copy()), **{f"p.{k}": v for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "LocalState":
+        """Inverse of :meth:`state_dict`."""
+        users = np.asarray(state["users"].numpy() if torch.is_tensor(state["users"]) else state["users"], dtype=np.int64)
+        return cls(users, {k[2:]: torch.as_tensor(v) for k, v in state.items() if k.startswith("p.")})
+
+
+@dataclass
+class Upload:
+    """What one client sends after training (sums over its participating users).
+
+    ``sums``: per shared name, the ``weight``-weighted sum of its users' parameters; per
+    group name, the sum over the users routed to that group. ``group_counts`` ``(layers,
+    G)``: users per group. ``users``/``examples``: participating users and their target
+    positions; ``loss_sum``: sum over users of their first-step loss.
+    """
+
+    sums: Params
+    weight: float
+    group_counts: torch.Tensor
+    users: int
+    examples: int
+    loss_sum: float
+
+
+# -- the algorithm -----------------------------------------------------------------------
+class Algorithm:
+    """Federated training of one model (see the module docstring).
+
+    Parameters
+    ----------
+    split:
+        The data (each client uses only its shard's rows of it).
+    task:
+        ``ctr`` or ``next_item``.
+    model, model_options:
+        Registered model name and its options.
+    config:
+        :class:`FederatedConfig`.
+    """
+
+    name = "base"
+    default_model = "mrff"
+
+    def __init__(self, split: SplitData, *, task: str, model: str | None = None,
+                 model_options: dict[str, Any] | None = None, config: FederatedConfig | None = None) -> None:
+        self.split, self.task = split, task
+        self.config = config or FederatedConfig()
+        self.model_name = model or self.default_model
+        self.model_options = self.check_options(dict(model_options or {}))
+        torch.manual_seed(self.config.seed)
+        self.model: RecModel = create_model(self.model_name, ModelData.from_split(split), self.model_options, task=task)
+        if not getattr(self.model, "trainable", True):
+            raise ConfigError(f"model '{self.model_name}' has no trainable parameters to federate")
+        self.layout = Layout.from_roles(self.model, self.roles(self.model))
+        self.max_len = self.model.cfg.max_len
+        # the working copy for torch.func: dense embedding gradients, vmap-safe loss
+        self.template = copy.deepcopy(self.model)
+        _swap_dropout(self.template)
+        for m in self.template.modules():
+            if isinstance(m, nn.Embedding):
+                m.sparse = False
+            if isinstance(m, SelfAttention):
+                m.explicit = True
+        self.template.vmap_safe = True
+        self._init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._user_codes = (torch.from_numpy(np.ascontiguousarray(split.user_features))
+                            if split.user_features is not None else None)
+
+    # -- hooks for subclasses ----------------------------------------------------------
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate or complete model options (subclasses fix some)."""
+        return options
+
+    def roles(self, model: RecModel) -> dict[str, ParamRole]:
+        """Parameter roles used for federation (default: the model's own)."""
+        return model.parameter_roles()
+
+    # -- state -------------------------------------------------------------------------
+    def initial_global(self) -> Params:
+        """The server's initial parameters (shared + groups), from the seeded model."""
+        return {n: self._init[n].clone() for n in self.layout.global_names}
+
+    def initial_group_counts(self) -> torch.Tensor:
+        """``(layers, G)`` zeros (no round yet): the first round's share is uniform."""
+        return torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
+
+    def initial_local(self, users: np.ndarray) -> LocalState:
+        """Private state of a client holding ``users``: every user starts from the
+        initial model's private values (its own rows of per-user tables)."""
+        users = np.unique(np.asarray(users, dtype=np.int64))
+        idx = torch.from_numpy(users)
+        tensors = {n: self._init[n][idx].clone() for n in self.layout.per_user}
+        for n in self.layout.private:
+            tensors[n] = self._init[n].unsqueeze(0).repeat(len(users), *([1] * self._init[n].dim()))
+        return LocalState(users, tensors)
+
+    def make_shard(self, users: np.ndarray) -> Shard:
+        """The shard of ``users`` for this algorithm's task and model."""
+        return make_shard(self.split, users, task=self.task, max_len=self.max_len, protocol=self.config.protocol,
+                          eval_seed=self.config.eval_seed)
+
+    @staticmethod
+    def group_share(group_counts: torch.Tensor) -> torch.Tensor:
+        """Per-layer share of users per group from counts (uniform where a layer has none)."""
+        counts = group_counts.to(torch.float32)
+        total = counts.sum(-1, keepdim=True)
+        uniform = torch.full_like(counts, 1.0 / max(1, counts.shape[-1]))
+        return torch.where(total > 0, counts / total.clamp(min=1.0), uniform)
+
+    # -- per-user tensors ---------------------------------------------------------------
+    def _positions(self, state: LocalState, users: np.ndarray) -> torch.Tensor:
+        pos = np.searchsorted(state.users, users)
+        if np.any(pos >= len(state.users)) or np.any(state.users[np.minimum(pos, len(state.users) - 1)] != users):
+            missing = users[(pos >= len(state.users)) | (state.users[np.minimum(pos, len(state.users) - 1)] != users)]
+            raise ConfigError(f"the client state has no private parameters for users {missing[:5].tolist()}")
+        return torch.from_numpy(pos)
+
+    def _user_params(self, global_params: Params, state: LocalState, pos: torch.Tensor, *, copy_global: bool) -> tuple[Params, Params]:
+        """(per-user params stacked over ``pos``, shared params). With ``copy_global`` the
+        global parameters are copied per user (training); otherwise passed once."""
+        C = len(pos)
+        per_user: Params = {}
+        shared: Params = {}
+        for n in self.layout.global_names:
+            if copy_global:
+                per_user[n] = global_params[n].unsqueeze(0).repeat(C, *([1] * global_params[n].dim()))
+            else:
+                shared[n] = global_params[n]
+        for n in self.layout.per_user:
+            rows = state.tensors[n][pos]  # (C, D)
+            per_user[n] = torch.stack([torch.zeros_like(rows), rows], dim=1)  # (C, 2, D): [padding, own row]
+        for n in self.layout.private:
+            per_user[n] = state.tensors[n][pos].clone()
+        return per_user, shared
+
+    def _per_user_batch(self, batch: dict[str, torch.Tensor], users: np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch (one example per user) as vmap inputs: users renumbered to 1 (their row
+        of the two-row private tables), profile codes passed explicitly."""
+        keep = ("items", "labels", "target_items", "target_labels", "target_mask", "negatives", "candidates")
+        out = {k: v for k, v in batch.items() if k in keep}
+        out["user"] = torch.ones(len(users), dtype=torch.long)
+        if self._user_codes is not None:
+            out["user_codes"] = self._user_codes[torch.from_numpy(users)]
+        return out
+
+    def _merged(self, per_user: Params, shared: Params) -> Params:
+        return {**shared, **per_user}
+
+    # -- training ------------------------------------------------------------------------
+    def _loss_fn(self):
+        template = self.template
+
+        def user_loss(params: Params, shared: Params, example: dict[str, torch.Tensor], share: torch.Tensor):
+            batch = {k: v.unsqueeze(0) for k, v in example.items()}
+            batch["group_share"] = share
+            out = functional_call(template, {**shared, **params}, (batch,))
+            loss = template.loss(batch, out)
+            routing = out["context"]["routing"]
+            choice = (torch.stack([r["choice"][0] for r in routing]) if routing
+                      else torch.zeros(0, 1, dtype=torch.long))
+            return loss, choice
+
+        return user_loss
+
+    def client_update(self, global_params: Params, state: LocalState, shard: Shard, *, round: int,
+                      group_counts: torch.Tensor | None = None) -> tuple[Upload, LocalState, dict[str, float]]:
+        """Train the shard's participating users for one round (see the module docstring)."""
+        cfg = self.config
+        share = self.group_share(group_counts if group_counts is not None else self.initial_group_counts())
+        mask = participants(self.split.n_users, seed=cfg.seed, round=round, fraction=cfg.fraction)
+        examples = shard.train.subset(shard.users[mask[shard.users]])
+        users = examples.users
+        if len(np.unique(users)) != len(users):
+            raise ConfigError("federated training expects one training example per user")
+        sums = {n: torch.zeros_like(global_params[n]) for n in self.layout.global_names}
+        counts = torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
+        weight_total, loss_sum, n_examples = 0.0, 0.0, 0
+        if len(examples):
+            sampler = (UniformNegativeSampler(self.split, seed=int(np.random.default_rng([cfg.seed, round, 11]).integers(2**31)))
+                       if self.task == "next_item" else None)
+            batch = next(iterate_batches(examples, batch_size=len(examples),
+                                         num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
+            vgrad = vmap(grad_and_value(self._loss_fn(), has_aux=True), in_dims=(0, None, 0, None),
+                         randomness="different")
+            rng_state = torch.random.get_rng_state()
+            # dropout draws depend on (seed, round, shard) only, not on what ran before in
+            # this process (so a Ray actor serving several nodes gives the same result)
+            torch.manual_seed(int(np.random.default_rng([cfg.seed, round, int(shard.users[0])]).integers(2**62)))
+            self.template.train()
+            for start in range(0, len(users), cfg.chunk_size):
+                sl = slice(start, start + cfg.chunk_size)
+                cu = users[sl]
+                pos = self._positions(state, cu)
+                params, _ = self._user_params(global_params, state, pos, copy_global=True)
+                ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+                moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+                choice = None
+                for step in range(1, cfg.local_steps + 1):
+                    grads, (loss, choice) = vgrad(params, {}, ex, share)
+                    if step == 1:
+                        loss_sum += float(loss.sum())
+                    with torch.no_grad():
+                        params = self._step(params, grads, moments, step)
+                # write private rows back; accumulate the upload
+                with torch.no_grad():
+                    for n in self.layout.per_user:
+                        state.tensors[n][pos] = params[n][:, 1]
+                    for n in self.layout.private:
+                        state.tensors[n][pos] = params[n]
+                    n_pos = ex["target_mask"].sum(1).to(torch.float64)
+                    w = torch.ones_like(n_pos) if cfg.weighting == "users" else n_pos
+                    weight_total += float(w.sum())
+                    n_examples += int(n_pos.sum())
+                    for n in self.layout.shared:
+                        sums[n] += torch.tensordot(w.to(params[n].dtype), params[n], dims=1)
+                    for n, (layer, g) in self.layout.groups.items():
+                        member = (choice[:, layer, :] == g).any(-1)  # (C,)
+                        sums[n] += torch.tensordot(member.to(params[n].dtype), params[n], dims=1)
+                    for layer in range(self.layout.layers):
+                        for g in range(self.layout.n_groups):
+                            counts[layer, g] += float((choice[:, layer, :] == g).any(-1).sum())
+            torch.random.set_rng_state(rng_state)
+        upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum)
+        metrics = {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}
+        return upload, state, metrics
+
+    def _step(self, params: Params, grads: Params, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], t: int) -> Params:
+        """One optimiser step on stacked per-user tensors (elementwise, so per user)."""
+        lr = self.config.lr
+        out = {}
+        if self.config.optimizer == "sgd":
+            return {n: p - lr * grads[n] for n, p in params.items()}
+        b1, b2, eps = _ADAM
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        for n, p in params.items():
+            m, v = moments[n]
+            g = grads[n]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+            out[n] = p.addcdiv(m, denom, value=-lr / bc1)
+        return out
+
+    # -- aggregation ---------------------------------------------------------------------
+    def aggregate(self, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:
+        """New global parameters from the clients' uploads (see :func:`aggregate_uploads`)."""
+        return aggregate_uploads(self.layout, global_params, uploads)
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
+                candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Each user's own model on ``examples`` (one per user): CTR ``probs``/``labels``,
+        or next-item ``ranks`` (full ranking, or sampled with ``candidates``)."""
+        if len(examples) == 0:
+            return {"probs": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr" else {"ranks": np.zeros(0)}
+        template = self.template
+        template.eval()
+        task, cfg = self.task, self.config
+        users = examples.users
+        batch = next(iterate_batches(examples, batch_size=len(examples)))
+        if candidates is not None:
+            batch["candidates"] = torch.from_numpy(candidates)
+        mode = "ctr" if task == "ctr" else ("candidates" if candidates is not None else "all")
+
+        def fn(params, shared, example):
+            b = {k: v.unsqueeze(0) for k, v in example.items()}
+            return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
+
+        vfn = vmap(fn, in_dims=(0, None, 0))
+        out = []
+        for start in range(0, len(users), cfg.chunk_size):
+            sl = slice(start, start + cfg.chunk_size)
+            cu = users[sl]
+            params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
+            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+        scores = torch.cat(out).double().numpy()
+        if task == "ctr":
+            return {"probs": scores, "labels": batch["target_labels"][:, -1].numpy()}
+        if candidates is not None:
+            return {"ranks": sampled_ranking_ranks(scores[:, 0], scores[:, 1:])}
+        indptr, indices = examples.exclusions()
+        targets = batch["target_items"][:, -1].numpy()
+        return {"ranks": full_ranking_ranks(scores.reshape(len(users), -1), targets, exclude=(indptr, indices))}
+
+    def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str) -> dict[str, Any]:
+        """The shard's summary for ``stage`` (``valid`` or ``test``): see
+        :mod:`fedrec.federated.evaluation`."""
+        if stage not in ("valid", "test"):
+            raise ConfigError(f"stage must be valid or test (got {stage!r})")
+        examples = getattr(shard, stage)
+        pred = self.predict(global_params, state, examples, shard.candidates.get(stage))
+        if self.task == "ctr":
+            return ctr_summary(pred["labels"], pred["probs"], bins=self.config.auc_bins)
+        return ranking_summary(pred["ranks"])
+
+    def combine(self, summaries: list[dict[str, Any]]) -> dict[str, float | None]:
+        """Pooled metrics from the clients' evaluation summaries."""
+        return combine_ctr(summaries) if self.task == "ctr" else combine_ranking(summaries)
+
+
+
+def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:
+    """The server's step, which needs only the layout: public = sum / weight; each group =
+    sum / members (unchanged when it has none). Sums run in float64 in upload order.
+
+    Returns the new parameters, the ``(layers, G)`` group counts and round metrics.
+    """
+    new = {n: p.clone() for n, p in global_params.items()}
+    counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
+    weight = sum(u.weight for u in uploads)
+    for u in uploads:
+        counts += u.group_counts.to(torch.float64).reshape(counts.shape)
+    if weight > 0:
+        for n in layout.shared:
+            new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(weight).to(global_params[n].dtype)
+    for n, (layer, g) in layout.groups.items():
+        c = float(counts[layer, g])
+        if c > 0:
+            new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(c).to(global_params[n].dtype)
+    users = sum(u.users for u in uploads)
+    metrics = {"users": float(users), "loss": sum(u.loss_sum for u in uploads) / users if users else float("nan")}
+    return new, counts, metrics
+
+
+def _swap_dropout(module: nn.Module) -> None:
+    """Replace every ``nn.Dropout`` by :class:`MaskDropout` (batched well by vmap)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Dropout):
+            setattr(module, name, MaskDropout(child.p))
+        else:
+            _swap_dropout(child)

@@ -1,0 +1,78 @@
+"""Options of a federated run (flat kebab-case keys at the edge: ``[tool.flwr.app.config]``,
+``fedrec simulate --config FILE``, ``--set key=value``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedrec.errors import ConfigError
+from fedrec.federated.evaluation import DEFAULT_BINS
+
+__all__ = ["FederatedConfig", "PROTOCOLS"]
+
+PROTOCOLS = ("full", "sampled-99", "sampled-999")
+
+
+@dataclass
+class FederatedConfig:
+    """How clients train and how the server aggregates.
+
+    ``rounds``
+        Communication rounds.
+    ``local_steps``
+        Gradient steps per participating user per round; each step is one pass over the
+        user's training sequence (the MRFF reference: 1).
+    ``optimizer`` / ``lr``
+        ``adam``: a fresh Adam per user and round (the reference: lr 0.1, so each step is
+        close to a sign-gradient step of size ``lr``); ``sgd``: plain gradient steps.
+    ``weighting``
+        Public parameters averaged with one weight per ``users`` (the reference) or per
+        training ``examples`` (target positions).
+    ``fraction``
+        Share of users taking part in each round (drawn per round from ``seed``; every
+        client computes the same draw, so it is identical in any runtime).
+    ``chunk_size``
+        Users trained together in one vectorised pass (memory/speed trade-off only: the
+        result does not depend on it).
+    ``eval_every`` / ``patience``
+        Evaluate on the validation users every ``eval_every`` rounds (and at the last);
+        stop after ``patience`` evaluations without improvement (0: never stop early).
+    ``protocol`` / ``eval_seed`` / ``negatives``
+        Next-item evaluation protocol and its candidate seed; sampled negatives per target
+        position for next-item BCE training.
+    ``auc_bins``
+        Resolution of the score histograms behind the pooled AUC (see
+        :mod:`fedrec.federated.evaluation`).
+    """
+
+    rounds: int = 100
+    local_steps: int = 1
+    optimizer: str = "adam"
+    lr: float = 0.1
+    weighting: str = "users"
+    fraction: float = 1.0
+    chunk_size: int = 256
+    seed: int = 0
+    eval_every: int = 1
+    patience: int = 0
+    protocol: str = "full"
+    eval_seed: int = 2024
+    negatives: int = 1
+    auc_bins: int = DEFAULT_BINS
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_steps", "chunk_size", "eval_every", "negatives", "auc_bins"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"federated option '{name}' must be >= 1 (got {getattr(self, name)})")
+        if self.patience < 0:
+            raise ConfigError(f"federated option 'patience' must be >= 0 (got {self.patience})")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"federated option 'optimizer' must be adam or sgd (got {self.optimizer!r})")
+        if self.weighting not in ("users", "examples"):
+            raise ConfigError(f"federated option 'weighting' must be users or examples (got {self.weighting!r})")
+        if not self.lr > 0:
+            raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"federated option 'fraction' must be in (0, 1] (got {self.fraction})")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"federated option 'protocol' must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")

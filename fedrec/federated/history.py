@@ -1,0 +1,80 @@
+"""Per-round history of a federated run, best-round selection on validation, early stop.
+
+Test metrics are computed at every evaluation round but only *read* at the round with the
+best validation metric (:func:`fedrec.train.selection_metric`), as in centralised training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from fedrec.federated.spec import RunSpec
+from fedrec.train import selection_metric
+
+__all__ = ["RunHistory"]
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and math.isnan(v):
+            v = None
+        out[k] = round(v, 6) if isinstance(v, float) else v
+    return out
+
+
+class RunHistory:
+    """Collects round metrics; decides the best round and when to stop."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.metric = selection_metric(spec.task)
+        self.rounds: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.stale = 0
+        self.stopped = False
+        self.start = time.perf_counter()
+
+    def record_train(self, round: int, metrics: dict[str, Any]) -> None:
+        """Training metrics of ``round`` (loss, users)."""
+        self.rounds.append({"round": round, "train": _clean(metrics)})
+
+    def record_eval(self, round: int, valid: dict[str, Any], test: dict[str, Any]) -> None:
+        """Evaluation of ``round``; updates the best round and the patience counter."""
+        entry = next((r for r in self.rounds if r["round"] == round), None)
+        if entry is None:
+            entry = {"round": round}
+            self.rounds.append(entry)
+        entry["valid"], entry["test"] = _clean(valid), _clean(test)
+        score = valid.get(self.metric)
+        if score is not None and (self.best is None or score > self.best["valid"][self.metric]):
+            self.best, self.stale = entry, 0
+        else:
+            self.stale += 1
+            if self.spec.federated.patience and self.stale >= self.spec.federated.patience:
+                self.stopped = True
+
+    def should_evaluate(self, round: int) -> bool:
+        """Whether ``round`` is an evaluation round."""
+        return round % self.spec.federated.eval_every == 0 or round == self.spec.federated.rounds
+
+    def result(self) -> dict[str, Any]:
+        """The run's JSON-ready summary: ``valid``/``test`` at the best round, ``history``."""
+        best = self.best or {}
+        return {
+            "algorithm": self.spec.algorithm,
+            "model": self.spec.model or None,
+            "data": self.spec.data,
+            "task": self.spec.task,
+            "protocol": "pooled" if self.spec.task == "ctr" else self.spec.federated.protocol,
+            "selection": f"valid {self.metric}",
+            "rounds": len([r for r in self.rounds if "train" in r]),
+            "best_round": best.get("round"),
+            "valid": best.get("valid", {}),
+            "test": best.get("test", {}),
+            "history": self.rounds,
+            "seconds": round(time.perf_counter() - self.start, 2),
+            "config": self.spec.to_flat(),
+        }

@@ -1,0 +1,207 @@
+"""Translation between Flower records and the algorithm interface, for both sides.
+
+The Flower apps in ``clients/`` and ``server/`` are thin: they call these functions. Records
+(names are the protocol):
+
+server -> client (train)
+    ``arrays`` (ArrayRecord: global parameters), ``config`` (ConfigRecord: ``round``,
+    ``group-counts`` flattened ``(layers, G)`` floats).
+client -> server (train)
+    ``arrays`` (the upload's sums), ``metrics`` (MetricRecord: ``num-examples``, ``weight``,
+    ``users``, ``examples``, ``loss-sum``, ``shard``, ``group-counts``).
+server -> client (evaluate)
+    ``arrays``, ``config`` (``round``).
+client -> server (evaluate)
+    ``metrics``: the valid and test summaries (:mod:`fedrec.federated.evaluation`), keys
+    prefixed ``valid.`` / ``test.``, plus ``num-examples`` and ``shard``.
+server -> client (query ``init``)
+    asks one client for the initial global parameters and the layout, so the server needs
+    no data: reply ``arrays`` and ``layout`` (ConfigRecord).
+
+Client private state lives in ``context.state["fedrec.private"]`` (ArrayRecord).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedrec.data import load_dataset
+from fedrec.data.partition import partition_users
+from fedrec.data.split import split_dataset
+from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
+from fedrec.federated.evaluation import combine_ctr, combine_ranking
+from fedrec.federated.layout import Layout
+from fedrec.federated.registry import create_algorithm
+from fedrec.federated.spec import RunSpec, parse_run_config, shard_of_node
+
+__all__ = ["client_train", "client_evaluate", "client_init", "node_spec", "params_to_record", "record_to_params",
+           "replies_to_uploads", "combine_evaluation", "layout_from_record", "shard_users"]
+
+_PRIVATE = "fedrec.private"
+_lock = threading.Lock()
+_cache: dict[str, Any] = {}
+
+
+# -- conversions -------------------------------------------------------------------------
+def params_to_record(params: Params) -> ArrayRecord:
+    """Parameters (name -> tensor) as an ArrayRecord."""
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
+
+
+def record_to_params(record: ArrayRecord) -> Params:
+    """Inverse of :func:`params_to_record`."""
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def _layout_record(layout: Layout) -> ConfigRecord:
+    names = list(layout.groups)
+    return ConfigRecord({"shared": list(layout.shared), "group-names": names,
+                         "group-layer": [layout.groups[n][0] for n in names],
+                         "group-index": [layout.groups[n][1] for n in names],
+                         "layers": layout.layers, "groups": layout.n_groups})
+
+
+def layout_from_record(record: ConfigRecord) -> Layout:
+    """The server's view of the layout (shared and group names) from a client's reply."""
+    names = list(record.get("group-names", []))
+    groups = {n: (int(layer), int(g)) for n, layer, g in zip(names, record["group-layer"], record["group-index"])}
+    return Layout(tuple(record.get("shared", [])), groups, (), (), int(record["layers"]), int(record["groups"]))
+
+
+# -- client side -------------------------------------------------------------------------
+def node_spec(context: Context) -> RunSpec:
+    """The run spec of this node: run config, with ``data`` overridden by the node config."""
+    config = dict(context.run_config)
+    if "data" in context.node_config:
+        config["data"] = context.node_config["data"]
+    return parse_run_config(config)
+
+
+def _algorithm(spec: RunSpec) -> Algorithm:
+    key = "alg:" + spec.key()
+    with _lock:
+        if key not in _cache:
+            for k in [k for k in _cache if k.startswith("alg:")]:
+                del _cache[k]  # one run at a time per process
+            split = split_dataset(load_dataset(spec.data))
+            _cache[key] = create_algorithm(spec.algorithm, split, task=spec.task, model=spec.model or None,
+                                           model_options=spec.model_options, config=spec.federated)
+        return _cache[key]
+
+
+def shard_users(alg: Algorithm, spec: RunSpec, shard: int, shards: int) -> np.ndarray:
+    """The users (global indices) of shard ``shard`` of ``shards``."""
+    users = np.arange(1, alg.split.n_users + 1)
+    labels = None
+    if spec.partition == "dirichlet":
+        labels = alg.split.user_group if alg.split.user_group is not None else None
+        if labels is None:
+            from fedrec.data.partition import dominant_item_feature
+
+            if alg.split.item_feature_names:
+                labels = dominant_item_feature(alg.split, alg.split.item_feature_names[0])
+    parts = partition_users(users, scheme=spec.partition, num_clients=shards, seed=spec.partition_seed,
+                            alpha=spec.partition_alpha, labels=labels)
+    return np.asarray(parts[shard], dtype=np.int64)
+
+
+def _shard(alg: Algorithm, spec: RunSpec, context: Context) -> Shard:
+    shard, shards = shard_of_node(context.node_config, spec)
+    key = f"shard:{spec.key()}:{shard}:{shards}"
+    with _lock:
+        if key not in _cache:
+            _cache[key] = alg.make_shard(shard_users(alg, spec, shard, shards))
+        return _cache[key]
+
+
+def _local_state(alg: Algorithm, shard: Shard, context: Context) -> LocalState:
+    if _PRIVATE in context.state:
+        state = LocalState.from_state_dict(context.state[_PRIVATE].to_torch_state_dict())
+        if not np.array_equal(state.users, shard.users):
+            raise RuntimeError("this node's saved private state belongs to other users than its shard")
+        return state
+    return alg.initial_local(shard.users)
+
+
+def client_init(msg: Message, context: Context) -> RecordDict:
+    """Reply to the server's ``init`` query: initial global parameters and the layout."""
+    alg = _algorithm(node_spec(context))
+    return RecordDict({"arrays": params_to_record(alg.initial_global()), "layout": _layout_record(alg.layout)})
+
+
+def client_train(msg: Message, context: Context) -> RecordDict:
+    """One round of local training for this node's shard (see the module docstring)."""
+    spec = node_spec(context)
+    alg = _algorithm(spec)
+    shard = _shard(alg, spec, context)
+    config = msg.content["config"]
+    global_params = record_to_params(msg.content["arrays"])
+    counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
+    counts = counts.reshape(alg.layout.layers, alg.layout.n_groups) if counts.numel() else None
+    state = _local_state(alg, shard, context)
+    upload, state, _ = alg.client_update(global_params, state, shard, round=int(config["round"]), group_counts=counts)
+    context.state[_PRIVATE] = ArrayRecord(state.state_dict())
+    metrics = MetricRecord({"num-examples": int(upload.examples), "weight": float(upload.weight),
+                            "users": int(upload.users), "examples": int(upload.examples),
+                            "loss-sum": float(upload.loss_sum), "shard": int(shard_of_node(context.node_config, spec)[0]),
+                            "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
+    return RecordDict({"arrays": params_to_record(upload.sums), "metrics": metrics})
+
+
+def client_evaluate(msg: Message, context: Context) -> RecordDict:
+    """Valid and test summaries of this node's users, each with its own model."""
+    spec = node_spec(context)
+    alg = _algorithm(spec)
+    shard = _shard(alg, spec, context)
+    global_params = record_to_params(msg.content["arrays"])
+    state = _local_state(alg, shard, context)
+    out: dict[str, Any] = {"shard": int(shard_of_node(context.node_config, spec)[0])}
+    n = 0
+    for stage in ("valid", "test"):
+        summary = alg.client_evaluate(global_params, state, shard, stage=stage)
+        n += int(summary["n"])
+        out.update({f"{stage}.{k}": v for k, v in summary.items()})
+    out["num-examples"] = n
+    return RecordDict({"metrics": MetricRecord(out)})
+
+
+# -- server side -------------------------------------------------------------------------
+def _ok(replies: Iterable[Message]) -> list[Message]:
+    replies = list(replies)
+    errors = [r.error for r in replies if r.has_error()]
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0].reason}")
+    return sorted(replies, key=lambda r: int(r.content["metrics"]["shard"]))
+
+
+def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Upload]:
+    """Uploads from train replies, in shard order (so sums run in a fixed order)."""
+    uploads = []
+    for r in _ok(replies):
+        m = r.content["metrics"]
+        counts = torch.tensor(list(m["group-counts"]), dtype=torch.float64).reshape(layout.layers, layout.n_groups)
+        uploads.append(Upload(record_to_params(r.content["arrays"]), float(m["weight"]), counts, int(m["users"]),
+                              int(m["examples"]), float(m["loss-sum"])))
+    return uploads
+
+
+def combine_evaluation(replies: Iterable[Message]) -> dict[str, dict[str, float | None]]:
+    """Pooled ``valid`` and ``test`` metrics from evaluate replies."""
+    out = {}
+    replies = _ok(replies)
+    for stage in ("valid", "test"):
+        summaries = [{k[len(stage) + 1:]: v for k, v in r.content["metrics"].items() if k.startswith(stage + ".")}
+                     for r in replies]
+        is_ctr = any("pos-bins" in s for s in summaries)
+        out[stage] = combine_ctr(summaries) if is_ctr else combine_ranking(summaries)
+    return out
+
+
+def as_config_record(values: Mapping[str, Any]) -> ConfigRecord:
+    """A ConfigRecord from plain Python values."""
+    return ConfigRecord(dict(values))

@@ -1,0 +1,114 @@
+"""A federated run described by flat kebab-case keys — the Flower run config
+(``[tool.flwr.app.config]``, ``flwr run . --run-config``), a ``fedrec simulate --config``
+TOML file, or ``--set key=value`` — turned into typed objects in exactly one place.
+
+Keys
+----
+``data`` (``synthetic:``), ``task`` (``ctr``), ``algorithm`` (``mrff``), ``model`` (the
+algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
+``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
+(write the result JSON there), every :class:`~fedrec.federated.config.FederatedConfig` key,
+and model options as ``model.<option>`` (e.g. ``model.groups = 4``).
+
+A SuperNode's ``--node-config`` may set ``data`` (overrides the run config: the data path is
+the node's), ``shard`` and ``shards`` (which users it holds); in a simulation Flower sets
+``partition-id`` / ``num-partitions``, used when ``shard`` / ``shards`` are absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedrec.config import build_config
+from fedrec.errors import ConfigError
+from fedrec.federated.config import FederatedConfig
+
+__all__ = ["RunSpec", "parse_run_config", "shard_of_node"]
+
+_PARTITIONS = ("iid", "dirichlet")
+
+
+@dataclass
+class RunSpec:
+    """One federated run (see the module docstring)."""
+
+    data: str = "synthetic:"
+    task: str = "ctr"
+    algorithm: str = "mrff"
+    model: str = ""
+    shards: int = 0
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    partition_seed: int = 0
+    out: str = ""
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in ("ctr", "next_item"):
+            raise ConfigError(f"run config 'task' must be ctr or next_item (got {self.task!r})")
+        if self.partition not in _PARTITIONS:
+            raise ConfigError(f"run config 'partition' must be one of {', '.join(_PARTITIONS)} (got {self.partition!r})")
+        if self.shards < 0:
+            raise ConfigError(f"run config 'shards' must be >= 0 (got {self.shards})")
+
+    def key(self) -> str:
+        """A stable string identifying what a client builds from this spec (data, model,
+        algorithm, partition) — for caches."""
+        d = dataclasses.asdict(self)
+        d.pop("out")
+        return json.dumps(d, sort_keys=True, default=str)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Back to flat kebab-case keys (round-trips through :func:`parse_run_config`)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("federated", "model_options"):
+                continue
+            out[f.name.replace("_", "-")] = getattr(self, f.name)
+        for f in dataclasses.fields(FederatedConfig):
+            out[f.name.replace("_", "-")] = getattr(self.federated, f.name)
+        for k, v in self.model_options.items():
+            out[f"model.{k}"] = v
+        return out
+
+
+def parse_run_config(config: Mapping[str, Any]) -> RunSpec:
+    """Flat keys -> :class:`RunSpec`; an unknown key is an error naming it."""
+    own = {f.name for f in dataclasses.fields(RunSpec)} - {"federated", "model_options"}
+    fed = {f.name for f in dataclasses.fields(FederatedConfig)}
+    mine: dict[str, Any] = {}
+    fed_opts: dict[str, Any] = {}
+    model_opts: dict[str, Any] = {}
+    for key, value in config.items():
+        if key.startswith("model."):
+            model_opts[key[len("model."):]] = value
+            continue
+        name = key.replace("-", "_")
+        if name in own:
+            mine[key] = value
+        elif name in fed:
+            fed_opts[key] = value
+        else:
+            known = sorted({k.replace("_", "-") for k in own | fed}) + ["model.<option>"]
+            raise ConfigError(f"run config: unknown key '{key}' (known: {', '.join(known)})")
+    federated = build_config(FederatedConfig, fed_opts, where="run config")
+    spec = build_config(RunSpec, mine, where="run config", federated=federated)
+    spec.model_options = model_opts
+    return spec
+
+
+def shard_of_node(node_config: Mapping[str, Any], spec: RunSpec) -> tuple[int, int]:
+    """``(shard, shards)`` of a node: ``shard``/``shards`` from its node config, else
+    Flower's ``partition-id``/``num-partitions``, else the run config's ``shards``."""
+    shard = node_config.get("shard", node_config.get("partition-id"))
+    shards = node_config.get("shards", node_config.get("num-partitions", spec.shards or None))
+    if shard is None or shards is None:
+        raise ConfigError("node config needs 'shard' and 'shards' (e.g. --node-config \"shard=0 shards=2\")")
+    shard, shards = int(shard), int(shards)
+    if not 0 <= shard < shards:
+        raise ConfigError(f"node config: shard {shard} is not in 0..{shards - 1}")
+    return shard, shards

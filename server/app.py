@@ -1,0 +1,59 @@
+"""fedrec's ServerApp: asks one node for the initial parameters and layout, runs the
+role-aware strategy for ``rounds`` rounds, and writes the result JSON to ``out`` (when set).
+
+The server never loads data: shapes and parameter roles come from a client's ``query`` reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.federated.history import RunHistory
+from fedrec.federated.node import layout_from_record
+from fedrec.federated.spec import parse_run_config
+from server.strategy import RoleAwareStrategy
+
+app = ServerApp()
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.time() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= max(1, n):
+            return nodes
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {n} nodes connected after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run a federated training described by the run config (see ``fedrec.federated.spec``)."""
+    spec = parse_run_config(context.run_config)
+    nodes = _wait_for_nodes(grid, spec.shards)
+    replies = list(grid.send_and_receive([Message(RecordDict({}), dst_node_id=nodes[0], message_type="query")]))
+    if not replies or replies[0].has_error():
+        reason = replies[0].error.reason if replies else "no reply"
+        raise RuntimeError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
+    init = replies[0].content
+    history = RunHistory(spec)
+    strategy = RoleAwareStrategy(layout=layout_from_record(init["layout"]), history=history,
+                                 num_nodes=spec.shards or len(nodes))
+    strategy.start(grid=grid, initial_arrays=init["arrays"], num_rounds=spec.federated.rounds)
+    result = history.result()
+    result["nodes"] = spec.shards or len(nodes)
+    if spec.out:
+        out = Path(spec.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(result, handle, indent=1)
+        os.replace(tmp, out)

@@ -1,0 +1,81 @@
+"""The Strategy of fedrec: Flower's FedAvg machinery for sampling and messaging, with
+aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploads`).
+
+* ``configure_train`` adds ``round`` and the last round's per-layer group counts (the share
+  ``f`` of MRFF's balance loss) to the train config; every node takes part (user-level
+  participation is drawn inside the clients, identically in every runtime).
+* ``aggregate_train``: public parameters = weighted sum / weight; each group = sum over its
+  members / members, unchanged when nobody chose it.
+* ``aggregate_evaluate``: pooled valid/test metrics from client summaries; the best round on
+  validation and early stopping are tracked in :class:`fedrec.federated.history.RunHistory`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedrec.federated.algorithm import aggregate_uploads
+from fedrec.federated.history import RunHistory
+from fedrec.federated.layout import Layout
+from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
+
+__all__ = ["RoleAwareStrategy"]
+
+
+def _metric_record(values: dict) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and v is not None})
+
+
+class RoleAwareStrategy(FedAvg):
+    """FedAvg whose aggregation reads parameter roles (see the module docstring)."""
+
+    def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
+                         min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
+        self.layout = layout
+        self.history = history
+        self.group_counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
+        self._global: dict[str, torch.Tensor] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send the global parameters, the round and the group counts to every node."""
+        if self.history.stopped:
+            return []
+        self._global = record_to_params(arrays)
+        config = ConfigRecord({**dict(config), "round": server_round,
+                               "group-counts": [float(x) for x in self.group_counts.reshape(-1).tolist()]})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Role-aware aggregation of the uploads."""
+        replies = list(replies)
+        if not replies or self._global is None:
+            return None, None
+        uploads = replies_to_uploads(replies, self.layout)
+        new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
+        self.group_counts = counts
+        self.history.record_train(server_round, metrics)
+        return params_to_record(new), _metric_record(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Evaluate on evaluation rounds only (every ``eval-every`` rounds and the last)."""
+        if self.history.stopped and not any(r["round"] == server_round and "train" in r for r in self.history.rounds):
+            return []
+        if not self.history.should_evaluate(server_round):
+            return []
+        config = ConfigRecord({**dict(config), "round": server_round})
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Pooled valid/test metrics; updates the best round."""
+        replies = list(replies)
+        if not replies:
+            return None
+        pooled = combine_evaluation(replies)
+        self.history.record_eval(server_round, pooled["valid"], pooled["test"])
+        return _metric_record({f"{s}.{k}": v for s in ("valid", "test") for k, v in pooled[s].items()})
