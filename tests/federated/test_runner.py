@@ -1,0 +1,82 @@
+"""The Flower apps driven in-process (no Ray): ServerApp + ClientApp + role-aware strategy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedrec.errors import ConfigError
+from fedrec.federated.runner import find_app_dir, run_in_process
+from fedrec.federated.spec import parse_run_config, shard_of_node
+
+TINY = {"data": "synthetic:users=24,items=40,seed=2", "rounds": 2, "shards": 2, "model.dim": 16,
+        "model.max-len": 20}
+
+
+def _strip(result):
+    return {k: v for k, v in result.items() if k not in ("seconds",)}
+
+
+def test_in_process_run_reports_best_round_and_history():
+    result = run_in_process(parse_run_config(TINY))
+    assert result["algorithm"] == "mrff" and result["rounds"] == 2 and result["nodes"] == 2
+    assert [h["round"] for h in result["history"]] == [1, 2]
+    best = next(h for h in result["history"] if h["round"] == result["best_round"])
+    assert result["valid"] == best["valid"] and result["test"] == best["test"]
+    assert result["valid"]["n"] == 24 and 0.0 <= result["test"]["auc"] <= 1.0
+    assert all(h["train"]["users"] == 24 for h in result["history"])
+
+
+def test_same_seed_same_result_other_seed_differs():
+    a = run_in_process(parse_run_config(TINY))
+    b = run_in_process(parse_run_config(TINY))
+    c = run_in_process(parse_run_config({**TINY, "seed": 1}))
+    assert _strip(a)["history"] == _strip(b)["history"]
+    assert a["history"] != c["history"]
+
+
+def test_number_of_shards_does_not_change_the_result_without_dropout():
+    base = {**TINY, "model.dropout": 0.0, "optimizer": "sgd"}
+    one = run_in_process(parse_run_config({**base, "shards": 1}))
+    three = run_in_process(parse_run_config({**base, "shards": 3}))
+    for h1, h3 in zip(one["history"], three["history"]):
+        assert h1["valid"]["auc"] == pytest.approx(h3["valid"]["auc"], abs=1e-4)
+        assert h1["valid"]["logloss"] == pytest.approx(h3["valid"]["logloss"], abs=1e-5)
+
+
+def test_run_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown key 'round'"):
+        parse_run_config({"round": 3})
+    with pytest.raises(ConfigError, match="'rounds' must be >= 1"):
+        parse_run_config({"rounds": 0})
+    with pytest.raises(ConfigError, match="shard 2 is not in 0..1"):
+        shard_of_node({"shard": 2, "shards": 2}, parse_run_config({}))
+    with pytest.raises(ConfigError, match="needs 'shard' and 'shards'"):
+        shard_of_node({}, parse_run_config({}))
+
+
+def test_spec_round_trips_through_flat_keys():
+    spec = parse_run_config({**TINY, "lr": 0.5, "model.groups": 2})
+    assert parse_run_config(spec.to_flat()) == spec
+
+
+def test_app_dir_is_the_project():
+    assert (find_app_dir() / "clients" / "app.py").exists()
+
+
+def test_cli_simulate_json_and_errors(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "fedrec.cli", "simulate", "--data", TINY["data"], "--rounds", "1", "-n", "2",
+           "--set", "model.dim=16", "--set", "model.max-len=20", "--json", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert {"algorithm", "rounds", "valid", "test", "history"} <= set(printed)
+    assert json.loads(out.read_text())["test"] == printed["test"]
+    bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--algorithm", "fedsgd", "--rounds", "1"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "unknown algorithm 'fedsgd'" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
