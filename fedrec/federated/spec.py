@@ -8,7 +8,8 @@ Keys
 algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
 ``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
 (write the result JSON there), every :class:`~fedrec.federated.config.FederatedConfig` key,
-and model options as ``model.<option>`` (e.g. ``model.groups = 4``).
+and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
+keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
 A SuperNode's ``--node-config`` may set ``data`` (overrides the run config: the data path is
 the node's), ``shard`` and ``shards`` (which users it holds); in a simulation Flower sets
@@ -75,6 +76,13 @@ class RunSpec:
             out[f"model.{k}"] = v
         return out
 
+    def flower_config(self) -> dict[str, Any]:
+        """Flat keys for ``flwr run --run-config``: model options as one ``model-options``
+        string (Flower accepts only keys declared in pyproject.toml)."""
+        out = {k: v for k, v in self.to_flat().items() if not k.startswith("model.")}
+        out["model-options"] = ",".join(f"{k}={_plain(v)}" for k, v in self.model_options.items())
+        return out
+
 
 def parse_run_config(config: Mapping[str, Any]) -> RunSpec:
     """Flat keys -> :class:`RunSpec`; an unknown key is an error naming it."""
@@ -84,6 +92,9 @@ def parse_run_config(config: Mapping[str, Any]) -> RunSpec:
     fed_opts: dict[str, Any] = {}
     model_opts: dict[str, Any] = {}
     for key, value in config.items():
+        if key == "model-options":
+            model_opts.update(_parse_pairs(str(value)))
+            continue
         if key.startswith("model."):
             model_opts[key[len("model."):]] = value
             continue
@@ -93,12 +104,26 @@ def parse_run_config(config: Mapping[str, Any]) -> RunSpec:
         elif name in fed:
             fed_opts[key] = value
         else:
-            known = sorted({k.replace("_", "-") for k in own | fed}) + ["model.<option>"]
+            known = sorted({k.replace("_", "-") for k in own | fed}) + ["model-options", "model.<option>"]
             raise ConfigError(f"run config: unknown key '{key}' (known: {', '.join(known)})")
     federated = build_config(FederatedConfig, fed_opts, where="run config")
     spec = build_config(RunSpec, mine, where="run config", federated=federated)
     spec.model_options = model_opts
     return spec
+
+
+def _plain(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _parse_pairs(text: str) -> dict[str, str]:
+    out = {}
+    for item in text.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"run config 'model-options': expected KEY=VALUE items, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def shard_of_node(node_config: Mapping[str, Any], spec: RunSpec) -> tuple[int, int]:
