@@ -183,6 +183,32 @@ def simulate_command(
         typer.echo(f"  {stage}: {values}")
 
 
+@app.command("compare")
+def compare_command(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Comparison TOML (see fedrec.compare; examples in simulations/configs/)."),
+    seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Seeds (repeatable; default 0 1 2)."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these row names (repeatable)."),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for <name>.json/.md/.csv/_curves.png."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Replaces {data_root} in the config's data spec."),
+) -> None:
+    """Run federated and centralised configurations on the same split; write a table
+    (terminal, Markdown, CSV) and learning curves (PNG). Finished runs are kept (resumable)."""
+    from fedrec.compare import load_comparison, run_comparison
+
+    try:
+        cfg = load_comparison(config, data_root=data_root)
+
+        def report(key, result):
+            typer.echo(f"{key}: test {json.dumps(result['test'])} ({result['seconds']} s)", err=True)
+
+        run_comparison(cfg, seeds=list(seeds or [0, 1, 2]), out_dir=out, only=list(only or []) or None,
+                       on_result=report)
+    except FedrecError as exc:
+        _fail(exc)
+    typer.echo((out / f"{cfg['stem']}.md").read_text())
+    typer.echo(f"wrote {out / (cfg['stem'] + '.json')}, .md, .csv and {cfg['stem']}_curves.png")
+
+
 inspect_app = typer.Typer(help="Look inside trained models.", no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect")
 

@@ -1,0 +1,227 @@
+"""Federated and centralised configurations on the same data and split, side by side.
+
+A comparison is a TOML file::
+
+    title = "KuaiSAR-R: federated vs centralised"
+    data = "kuaisar:{data_root}/KuaiSAR-R"    # {data_root} is replaced by --data-root
+    task = "ctr"
+
+    [federated]          # run-config keys shared by every federated row
+    rounds = 60
+
+    [train]              # TrainConfig keys shared by every centralised row
+    epochs = 40
+
+    [[runs]]
+    name = "federated MRFF"
+    kind = "federated"   # or "centralised" (then ``model = NAME`` is required)
+    algorithm = "mrff"   # federated keys of this row (override [federated])
+    [runs.options]       # model options (both kinds)
+    item-repr = "attributes"
+
+Every federated row runs through the project's Flower apps in-process
+(:func:`fedrec.federated.runner.run_in_process`); every centralised row through
+:func:`fedrec.train.train`. Both build the same split from the same data spec. Results are
+merged into ``<out>/<stem>.json`` (resumable: finished (row, seed) pairs are skipped), and
+``<stem>.md``, ``<stem>.csv`` and ``<stem>_curves.png`` (validation metric per round or
+epoch) are rewritten after each run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fedrec.config import build_config, load_toml
+from fedrec.errors import ConfigError
+
+__all__ = ["load_comparison", "run_comparison", "comparison_table", "plot_curves"]
+
+_KINDS = ("federated", "centralised")
+
+
+def load_comparison(path: str | Path, *, data_root: str | None = None) -> dict[str, Any]:
+    """Read and check a comparison file (see the module docstring)."""
+    cfg = load_toml(path)
+    for key in ("data", "runs"):
+        if key not in cfg:
+            raise ConfigError(f"{path}: missing '{key}'")
+    unknown = set(cfg) - {"title", "data", "task", "metrics", "federated", "train", "runs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    if "{data_root}" in cfg["data"]:
+        if data_root is None:
+            raise ConfigError(f"{path}: data uses {{data_root}}; pass --data-root")
+        cfg["data"] = cfg["data"].replace("{data_root}", str(data_root))
+    cfg.setdefault("task", "ctr")
+    names = set()
+    for i, run in enumerate(cfg["runs"]):
+        if "name" not in run or run.get("kind") not in _KINDS:
+            raise ConfigError(f"{path}: runs[{i}] needs a 'name' and a 'kind' ({' or '.join(_KINDS)})")
+        if run["name"] in names:
+            raise ConfigError(f"{path}: run name '{run['name']}' appears twice")
+        names.add(run["name"])
+        if run["kind"] == "centralised" and "model" not in run:
+            raise ConfigError(f"{path}: centralised run '{run['name']}' needs a 'model'")
+    cfg["stem"] = Path(path).stem
+    return cfg
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict) -> dict[str, Any]:
+    run = dict(run)
+    name, kind = run.pop("name"), run.pop("kind")
+    model_options = dict(run.pop("options", {}))
+    if kind == "federated":
+        from fedrec.federated.runner import run_in_process
+        from fedrec.federated.spec import parse_run_config
+
+        flat = {**cfg.get("federated", {}), **run, "data": cfg["data"], "task": cfg["task"], "seed": seed}
+        flat.update({f"model.{k}": v for k, v in model_options.items()})
+        result = run_in_process(parse_run_config(flat))
+        curve = [(h["round"], h["valid"][_metric(cfg)]) for h in result["history"] if "valid" in h]
+        result["curve"] = {"x": "round", "points": curve}
+    else:
+        from fedrec.data import load_dataset
+        from fedrec.data.split import split_dataset
+        from fedrec.train import TrainConfig, train
+
+        model = run.pop("model")
+        if run:
+            raise ConfigError(f"centralised run '{name}': unknown key(s) {', '.join(sorted(run))} (put model options in [runs.options])")
+        if "split" not in split_cache:
+            split_cache["split"] = split_dataset(load_dataset(cfg["data"]))
+        train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), "seed": seed, "progress": False}, where="train")
+        result = train(model, split_cache["split"], task=cfg["task"], model_options=model_options, config=train_cfg,
+                       data_name=cfg["data"])
+        result.pop("model_state")
+        curve = [(h["epoch"], h["valid"][_metric(cfg)]) for h in result["history"]]
+        result["curve"] = {"x": "epoch", "points": curve}
+    result.update({"row": name, "kind": kind, "seed": seed})
+    return result
+
+
+def _metric(cfg: dict[str, Any]) -> str:
+    from fedrec.train import selection_metric
+
+    return selection_metric(cfg["task"])
+
+
+def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path, only: list[str] | None = None,
+                   on_result: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """Run every (row, seed) not yet in ``out_dir/<stem>.json``; write table, CSV and plot."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{cfg['stem']}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if only:
+        missing = set(only) - {r["name"] for r in cfg["runs"]}
+        if missing:
+            raise ConfigError(f"--only: no run named {', '.join(sorted(missing))}")
+    split_cache: dict = {}
+    for run in cfg["runs"]:
+        if only and run["name"] not in only:
+            continue
+        for seed in seeds:
+            key = f"{run['name']}/seed{seed}"
+            if key in results:
+                continue
+            results[key] = _run_one(cfg, run, seed, split_cache)
+            _atomic_write(path, json.dumps(results, indent=1))
+            write_outputs(cfg, results, out_dir)
+            if on_result is not None:
+                on_result(key, results[key])
+    write_outputs(cfg, results, out_dir)
+    return results
+
+
+def _metrics(cfg: dict[str, Any]) -> list[str]:
+    return cfg.get("metrics") or (["auc", "logloss"] if cfg["task"] == "ctr" else ["hr@10", "ndcg@10"])
+
+
+def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per configuration: mean and std over seeds of each test metric."""
+    rows: dict[str, list[dict]] = {}
+    order = [r["name"] for r in cfg["runs"]]
+    for run in results.values():
+        rows.setdefault(run["row"], []).append(run)
+    table = []
+    for name in sorted(rows, key=lambda n: order.index(n) if n in order else len(order)):
+        runs = rows[name]
+        entry = {"row": name, "kind": runs[0]["kind"], "seeds": len(runs)}
+        for m in _metrics(cfg):
+            vals = [r["test"].get(m) for r in runs if r["test"].get(m) is not None]
+            entry[f"test {m}"] = float(np.mean(vals)) if vals else None
+            entry[f"test {m} std"] = float(np.std(vals)) if vals else None
+        entry["best"] = ", ".join(str(r.get("best_round", r.get("best_epoch"))) for r in runs)
+        entry["seconds"] = float(np.mean([r["seconds"] for r in runs]))
+        table.append(entry)
+    return table
+
+
+def write_outputs(cfg: dict[str, Any], results: dict[str, Any], out_dir: Path) -> None:
+    """Markdown, CSV and learning-curve PNG of the results so far."""
+    table = comparison_table(cfg, results)
+    metrics = _metrics(cfg)
+    lines = [f"### {cfg.get('title', cfg['stem'])}", "",
+             f"Data `{cfg['data']}`, task {cfg['task']}; test at the best validation round (federated) or epoch "
+             "(centralised); mean ± std over seeds.", "",
+             "| configuration | kind | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best round/epoch | seconds |",
+             "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- | ---: |"]
+    for e in table:
+        cells = [f"{e[f'test {m}']:.4f} ± {e[f'test {m} std']:.4f}" if e[f"test {m}"] is not None else "-" for m in metrics]
+        lines.append(f"| {e['row']} | {e['kind']} | " + " | ".join(cells) + f" | {e['seeds']} | {e['best']} | {e['seconds']:.0f} |")
+    _atomic_write(out_dir / f"{cfg['stem']}.md", "\n".join(lines) + "\n")
+    buf = io.StringIO()
+    if table:
+        writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    _atomic_write(out_dir / f"{cfg['stem']}.csv", buf.getvalue())
+    plot_curves(cfg, results, out_dir / f"{cfg['stem']}_curves.png")
+
+
+def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> None:
+    """Validation metric per round (federated) and per epoch (centralised), first seed of each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = _metric(cfg)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    seen = set()
+    for run in results.values():
+        if run["row"] in seen or not run.get("curve", {}).get("points"):
+            continue
+        seen.add(run["row"])
+        ax = axes[0] if run["kind"] == "federated" else axes[1]
+        xs, ys = zip(*[(x, y) for x, y in run["curve"]["points"] if y is not None]) if run["curve"]["points"] else ((), ())
+        ax.plot(xs, ys, label=run["row"])
+    for ax, title, xlabel in ((axes[0], "federated", "round"), (axes[1], "centralised", "epoch")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"valid {metric}")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(cfg.get("title", cfg["stem"]))
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
