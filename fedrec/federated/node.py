@@ -31,8 +31,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.data import load_dataset
-from fedrec.data.partition import partition_users
+from fedrec.data.partition import dominant_item_feature, partition_users
 from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.layout import Layout
@@ -99,12 +100,13 @@ def shard_users(alg: Algorithm, spec: RunSpec, shard: int, shards: int) -> np.nd
     users = np.arange(1, alg.split.n_users + 1)
     labels = None
     if spec.partition == "dirichlet":
-        labels = alg.split.user_group if alg.split.user_group is not None else None
-        if labels is None:
-            from fedrec.data.partition import dominant_item_feature
-
-            if alg.split.item_feature_names:
-                labels = dominant_item_feature(alg.split, alg.split.item_feature_names[0])
+        # non-IID by the users' true group (synthetic data) or their dominant item category
+        if alg.split.user_group is not None:
+            labels = alg.split.user_group[users]
+        elif alg.split.item_feature_names:
+            labels = dominant_item_feature(alg.split, alg.split.item_feature_names[0])[users]
+        else:
+            raise ConfigError("partition 'dirichlet' needs user groups or item features to draw labels from")
     parts = partition_users(users, scheme=spec.partition, num_clients=shards, seed=spec.partition_seed,
                             alpha=spec.partition_alpha, labels=labels)
     return np.asarray(parts[shard], dtype=np.int64)

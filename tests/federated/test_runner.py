@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fedrec.errors import ConfigError
@@ -80,3 +81,15 @@ def test_cli_simulate_json_and_errors(tmp_path):
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "unknown algorithm 'fedsgd'" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_dirichlet_partition_gives_every_user_one_shard():
+    from fedrec.federated.node import _algorithm, shard_users
+
+    spec = parse_run_config({**TINY, "partition": "dirichlet", "partition-alpha": 0.3, "shards": 3})
+    alg = _algorithm(spec)
+    parts = [shard_users(alg, spec, i, 3) for i in range(3)]
+    together = np.sort(np.concatenate(parts))
+    assert np.array_equal(together, np.arange(1, 25))
+    result = run_in_process(spec)
+    assert result["valid"]["n"] == 24

@@ -1,0 +1,229 @@
+"""Federated costs on KuaiSAR-R, measured side by side in one run.
+
+Usage::
+
+    python simulations/bench_federated.py [--data-root ../shared/data] [--loop-users 100] [--skip-flwr] [--json]
+
+(a) ``round_over_epoch``: wall time of one federated MRFF round over all users (one
+    vectorised shard, the reference protocol) divided by one centralised MRFF epoch
+    (batch 64) of the same model. Target <= 1.5.
+(b) ``vectorised_speedup``: the one-user-at-a-time loop (a model copy and an optimiser per
+    user, :mod:`fedrec.federated.reference`) over ``--loop-users`` users, divided by the
+    vectorised shard on the same users. Target >= 20.
+(c) ``flwr_seconds_per_round`` / ``flwr_startup_seconds``: ``flwr run .`` on Flower's
+    simulation engine with 4 SuperNodes (KuaiSAR-R split in 4 shards), 1 and 3 rounds;
+    per round = (t3 - t1) / 2, start-up = t1 - per round.
+(d) ``peak_mb``: peak resident memory of each part, each measured in its own subprocess
+    (for ``flwr run``: the largest sum of RSS over all its processes, sampled every 0.5 s).
+
+Each of (a) and (b) runs in a fresh subprocess so one part's memory does not hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {"item-repr": "attributes"}
+
+
+def _split(data_root: str):
+    from fedrec.data import load_dataset
+    from fedrec.data.split import split_dataset
+
+    return split_dataset(load_dataset(f"kuaisar:{data_root}/KuaiSAR-R"))
+
+
+def part_round(data_root: str) -> dict:
+    """One warm-up round, then one timed federated round over all users."""
+    import numpy as np
+
+    from fedrec.federated import FederatedConfig, create_algorithm
+
+    split = _split(data_root)
+    alg = create_algorithm("mrff", split, task="ctr", model_options=OPTIONS, config=FederatedConfig())
+    users = np.arange(1, split.n_users + 1)
+    g, st, sh = alg.initial_global(), alg.initial_local(users), alg.make_shard(users)
+    up, st, _ = alg.client_update(g, st, sh, round=1)
+    g, counts, _ = alg.aggregate(g, [up])
+    start = time.perf_counter()
+    up, st, _ = alg.client_update(g, st, sh, round=2, group_counts=counts)
+    alg.aggregate(g, [up])
+    return {"seconds": time.perf_counter() - start, "users": int(split.n_users)}
+
+
+def part_epoch(data_root: str) -> dict:
+    """One warm-up epoch, then one timed centralised MRFF epoch (batch 64)."""
+    import torch
+
+    from fedrec.data.batching import build_examples, iterate_batches
+    from fedrec.models.base import ModelData
+    from fedrec.models.registry import create_model
+    from fedrec.train import TrainConfig, _optimizers
+
+    split = _split(data_root)
+    torch.manual_seed(0)
+    model = create_model("mrff", ModelData.from_split(split), OPTIONS, task="ctr")
+    opts = _optimizers(model, TrainConfig())
+    examples = build_examples(split, task="ctr", stage="train", max_len=model.cfg.max_len)
+
+    def epoch(seed):
+        model.train()
+        for batch in iterate_batches(examples, batch_size=64, shuffle=True, seed=seed):
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            model.loss(batch, model(batch)).backward()
+            for opt in opts:
+                opt.step()
+
+    epoch(1)
+    start = time.perf_counter()
+    epoch(2)
+    return {"seconds": time.perf_counter() - start}
+
+
+def part_loop(data_root: str, n_users: int) -> dict:
+    """The reference loop and the vectorised shard on the same ``n_users`` users."""
+    import numpy as np
+
+    from fedrec.federated import FederatedConfig, create_algorithm
+    from fedrec.federated.reference import reference_client_update
+
+    split = _split(data_root)
+    alg = create_algorithm("mrff", split, task="ctr", model_options=OPTIONS, config=FederatedConfig())
+    users = np.arange(1, n_users + 1)
+    g, sh = alg.initial_global(), alg.make_shard(users)
+    alg.client_update(g, alg.initial_local(users), sh, round=1)  # warm-up
+    start = time.perf_counter()
+    alg.client_update(g, alg.initial_local(users), sh, round=2)
+    vectorised = time.perf_counter() - start
+    start = time.perf_counter()
+    reference_client_update(alg, g, alg.initial_local(users), sh, round=2)
+    loop = time.perf_counter() - start
+    return {"vectorised_seconds": vectorised, "loop_seconds": loop, "users": n_users}
+
+
+def _in_subprocess(name: str, *args) -> dict:
+    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'simulations')!r}); import bench_federated as b; "
+            f"r = b.part_{name}(*{list(args)!r}); r['peak_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+            "print('RESULT ' + json.dumps(r))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"bench part {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree_rss_mb(root_pids: list[int]) -> float:
+    import psutil
+
+    total = 0
+    seen = set()
+    for pid in root_pids:
+        try:
+            procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    return total / 2**20
+
+
+def flwr_run(data_root: str, rounds: int, home: Path) -> dict:
+    """``flwr run .`` with 4 SuperNodes on KuaiSAR-R; wall seconds and peak summed RSS."""
+    import psutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    out = home / f"result{rounds}.json"
+    run_config = (f'data="kuaisar:{data_root}/KuaiSAR-R" rounds={rounds} shards=4 eval-every={rounds} '
+                  f'model-options="item-repr=attributes" out="{out}"')
+    cmd = [str(Path(bin_dir) / "flwr"), "run", str(ROOT), "--federation-config",
+           "num-supernodes=4 client-resources-num-cpus=1", "--run-config", run_config, "--stream"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0.0
+    try:
+        while proc.poll() is None:
+            superlinks = [p.pid for p in psutil.process_iter(["cmdline"])
+                          if any(str(home) in part for part in (p.info["cmdline"] or []))]
+            peak = max(peak, _tree_rss_mb([proc.pid, *superlinks]))
+            time.sleep(0.5)
+        seconds = time.perf_counter() - start
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if any(f"{home}/local-superlink" in part for part in (p.info["cmdline"] or [])):
+                p.send_signal(signal.SIGTERM)
+    if not out.exists():
+        raise SystemExit(f"flwr run with {rounds} round(s) did not finish (no result file)")
+    return {"seconds": seconds, "peak_mb": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the parts and print the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--loop-users", type=int, default=100)
+    parser.add_argument("--skip-flwr", action="store_true", help="skip part (c)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    data_root = str(Path(args.data_root).resolve())
+
+    rnd = _in_subprocess("round", data_root)
+    epo = _in_subprocess("epoch", data_root)
+    loop = _in_subprocess("loop", data_root, args.loop_users)
+    result = {
+        "round_over_epoch": round(rnd["seconds"] / epo["seconds"], 3),
+        "vectorised_speedup": round(loop["loop_seconds"] / loop["vectorised_seconds"], 1),
+        "round_seconds": round(rnd["seconds"], 2),
+        "epoch_seconds": round(epo["seconds"], 2),
+        "loop_users": loop["users"],
+        "loop_seconds": round(loop["loop_seconds"], 2),
+        "vectorised_seconds_same_users": round(loop["vectorised_seconds"], 3),
+        "flwr_seconds_per_round": None,
+        "flwr_startup_seconds": None,
+        "peak_mb": {"federated_round": round(rnd["peak_mb"]), "centralised_epoch": round(epo["peak_mb"]),
+                    "loop_and_vectorised": round(loop["peak_mb"])},
+    }
+    if not args.skip_flwr:
+        with tempfile.TemporaryDirectory(prefix="fedrec-bench-flwr-") as tmp:
+            one = flwr_run(data_root, 1, Path(tmp) / "h1")
+            three = flwr_run(data_root, 3, Path(tmp) / "h3")
+        per_round = (three["seconds"] - one["seconds"]) / 2
+        result["flwr_seconds_per_round"] = round(per_round, 2)
+        result["flwr_startup_seconds"] = round(one["seconds"] - per_round, 2)
+        result["peak_mb"]["flwr_run_4_supernodes"] = round(max(one["peak_mb"], three["peak_mb"]))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
