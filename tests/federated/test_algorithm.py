@@ -15,6 +15,9 @@ from fedrec.federated.algorithm import Upload, aggregate_uploads
 from fedrec.federated.reference import reference_client_update
 
 
+SMALL = {"dim": 16, "max-len": 20}
+
+
 @pytest.fixture(scope="module")
 def split():
     return split_dataset(load_dataset("synthetic:users=16,items=40,seed=1"))
@@ -57,7 +60,7 @@ def test_shard_of_n_users_equals_n_one_user_clients_run_one_by_one(split, float6
     gradient is ~0 it amplifies rounding differences by up to lr / 1e-8 per step (so
     several Adam steps are compared at a small lr)."""
     cfg = FederatedConfig(optimizer=optimizer, local_steps=steps, lr=lr, chunk_size=7)
-    alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0, "user-id": True}, config=cfg)
+    alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0, "user-id": True, **SMALL}, config=cfg)
     users = np.arange(1, split.n_users + 1)
     g_vec, c_vec, s_vec = _run(alg, [users], 3)
     g_ref, c_ref, s_ref = _run(alg, [np.array([u]) for u in users], 3, reference=True)
@@ -72,7 +75,7 @@ def test_shard_of_n_users_equals_n_one_user_clients_run_one_by_one(split, float6
 
 def test_float32_sgd_matches_the_loop(split):
     cfg = FederatedConfig(optimizer="sgd", local_steps=2, lr=0.1, chunk_size=8)
-    alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0}, config=cfg)
+    alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0, **SMALL}, config=cfg)
     users = np.arange(1, split.n_users + 1)
     g_vec, _, _ = _run(alg, [users], 3)
     g_ref, _, _ = _run(alg, [np.array([u]) for u in users], 3, reference=True)
@@ -84,7 +87,7 @@ def test_result_does_not_depend_on_chunking_or_sharding_without_dropout(split, f
     results = []
     for chunk, shards in ((4, [users]), (64, [users]), (64, np.array_split(users, 3))):
         cfg = FederatedConfig(chunk_size=chunk, lr=0.05)
-        alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0}, config=cfg)
+        alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0, **SMALL}, config=cfg)
         results.append(_run(alg, list(shards), 2)[0])
     assert _max_diff(results[0], results[1]) <= 1e-5
     assert _max_diff(results[0], results[2]) <= 1e-5
@@ -137,7 +140,7 @@ def test_weighting_by_examples_changes_the_average(split):
     users = np.arange(1, split.n_users + 1)
     out = {}
     for weighting in ("users", "examples"):
-        alg = create_algorithm("fedavg", split, task="ctr", model_options={"dropout": 0.0},
+        alg = create_algorithm("fedavg", split, task="ctr", model_options={"dropout": 0.0, **SMALL},
                                config=FederatedConfig(weighting=weighting))
         out[weighting] = _run(alg, [users], 1)[0]
     assert _max_diff(out["users"], out["examples"]) > 1e-6
