@@ -26,6 +26,8 @@ data_app = typer.Typer(help="Inspect data sources.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 EXIT_USER_ERROR = 2
+#: the data of a bare `fedrec simulate` (the quickstart's synthetic population)
+DEFAULT_SIMULATION_DATA = "synthetic:users=600"
 
 
 def _fail(exc: Exception) -> None:
@@ -135,7 +137,7 @@ def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]],
     flat: dict = {}
     file_cfg = load_toml(config) if config else {}
     model_table = file_cfg.pop("model", {}) if isinstance(file_cfg.get("model"), dict) else {}
-    data = data or file_cfg.get("data") or "synthetic:"
+    data = data or file_cfg.get("data") or DEFAULT_SIMULATION_DATA
     flat.update(defaults_for(data))
     flat.update(file_cfg)
     flat.update({f"model.{k}": v for k, v in model_table.items()})
@@ -148,7 +150,7 @@ def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]],
 @app.command("simulate")
 def simulate_command(
     algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg or local."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:users=600)."),
     task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the algorithm's own)."),
     clients: Optional[int] = typer.Option(None, "--clients", "-n", help="Number of clients (shards of users)."),

@@ -87,7 +87,7 @@ def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, 
         if stage != "train" and task == "next_item" and protocol.startswith("sampled"):
             n = int(protocol.split("-")[1])
             all_cands = split.cached(("candidates", task, stage, max_len, n, eval_seed),
-                                     lambda full=full: full.candidates(n, seed=eval_seed))
+                                     lambda full=full, n=n: full.candidates(n, seed=eval_seed))
             candidates[stage] = all_cands[keep]
     return Shard(users, stages["train"], stages["valid"], stages["test"], candidates)
 

@@ -70,7 +70,7 @@ def _layout_record(layout: Layout) -> ConfigRecord:
 def layout_from_record(record: ConfigRecord) -> Layout:
     """The server's view of the layout (shared and group names) from a client's reply."""
     names = list(record.get("group-names", []))
-    groups = {n: (int(layer), int(g)) for n, layer, g in zip(names, record["group-layer"], record["group-index"])}
+    groups = {n: (int(layer), int(g)) for n, layer, g in zip(names, record["group-layer"], record["group-index"], strict=True)}
     return Layout(tuple(record.get("shared", [])), groups, (), (), int(record["layers"]), int(record["groups"]))
 
 

@@ -40,7 +40,7 @@ def _run(alg, shards, rounds, *, reference=False):
     for r in range(1, rounds + 1):
         update = reference_client_update if reference else type(alg).client_update
         ups = []
-        for st, sh in zip(states, made):
+        for st, sh in zip(states, made, strict=True):
             up, _, _ = update(alg, g, st, sh, round=r, group_counts=counts)
             ups.append(up)
         g, counts, _ = alg.aggregate(g, ups)

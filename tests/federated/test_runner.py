@@ -43,7 +43,7 @@ def test_number_of_shards_does_not_change_the_result_without_dropout():
     base = {**TINY, "model.dropout": 0.0, "optimizer": "sgd"}
     one = run_in_process(parse_run_config({**base, "shards": 1}))
     three = run_in_process(parse_run_config({**base, "shards": 3}))
-    for h1, h3 in zip(one["history"], three["history"]):
+    for h1, h3 in zip(one["history"], three["history"], strict=True):
         assert h1["valid"]["auc"] == pytest.approx(h3["valid"]["auc"], abs=1e-4)
         assert h1["valid"]["logloss"] == pytest.approx(h3["valid"]["logloss"], abs=1e-5)
 
@@ -93,3 +93,19 @@ def test_dirichlet_partition_gives_every_user_one_shard():
     assert np.array_equal(together, np.arange(1, 25))
     result = run_in_process(spec)
     assert result["valid"]["n"] == 24
+
+
+def test_simulate_defaults_per_format_and_user_keys_win(tmp_path):
+    from fedrec.cli import _simulate_spec
+
+    spec = _simulate_spec("kuaisar:/data/KuaiSAR-R", None, None, rounds=None)
+    assert spec.model_options == {"item-repr": "attributes"}
+    assert spec.federated.rounds == 60 and spec.task == "ctr"
+    spec = _simulate_spec("kuaisar:/data/KuaiSAR-R", None, ["model.item-repr=both", "lr=0.05"], rounds=5)
+    assert spec.model_options["item-repr"] == "both" and spec.federated.lr == 0.05 and spec.federated.rounds == 5
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('data = "seq:/x/LastFM.txt"\nrounds = 7\n[model]\ndim = 32\n')
+    spec = _simulate_spec(None, cfg, None, rounds=None)
+    assert spec.task == "next_item" and spec.federated.protocol == "sampled-99"
+    assert spec.federated.rounds == 7 and spec.model_options == {"dim": 32}
+    assert _simulate_spec(None, None, None).data == "synthetic:users=600"
