@@ -109,3 +109,11 @@ def test_simulate_defaults_per_format_and_user_keys_win(tmp_path):
     assert spec.task == "next_item" and spec.federated.protocol == "sampled-99"
     assert spec.federated.rounds == 7 and spec.model_options == {"dim": 32}
     assert _simulate_spec(None, None, None).data == "synthetic:users=600"
+
+
+@pytest.mark.parametrize("protocol", ["full", "sampled-99"])
+def test_next_item_runs_through_the_apps(protocol):
+    result = run_in_process(parse_run_config({**TINY, "task": "next_item", "algorithm": "fedavg", "rounds": 1,
+                                              "protocol": protocol}))
+    assert result["protocol"] == protocol and result["selection"] == "valid ndcg@10"
+    assert 0.0 <= result["test"]["hr@10"] <= 1.0 and result["test"]["n"] > 0
