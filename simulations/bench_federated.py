@@ -129,31 +129,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tree_rss_mb(root_pids: list[int]) -> float:
-    import psutil
-
-    total = 0
-    seen = set()
-    for pid in root_pids:
-        try:
-            procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-        except psutil.NoSuchProcess:
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line), read from /proc (Linux)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
-        for p in procs:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-    return total / 2**20
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(entry.name)] = (ppid, cmd)
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _tree(roots: list[int], procs: dict[int, tuple[int, str]]) -> set[int]:
+    members = set(roots)
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in procs.items():
+            if ppid in members and pid not in members:
+                members.add(pid)
+                grew = True
+    return members
 
 
 def flwr_run(data_root: str, rounds: int, home: Path) -> dict:
     """``flwr run .`` with 4 SuperNodes on KuaiSAR-R; wall seconds and peak summed RSS."""
-    import psutil
-
     home.mkdir(parents=True, exist_ok=True)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -167,17 +182,21 @@ def flwr_run(data_root: str, rounds: int, home: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0.0
+    marker = f"{home}/local-superlink"
     try:
         while proc.poll() is None:
-            superlinks = [p.pid for p in psutil.process_iter(["cmdline"])
-                          if any(str(home) in part for part in (p.info["cmdline"] or []))]
-            peak = max(peak, _tree_rss_mb([proc.pid, *superlinks]))
+            procs = _processes()
+            roots = [proc.pid] + [pid for pid, (_, c) in procs.items() if marker in c]
+            peak = max(peak, sum(_rss_mb(pid) for pid in _tree(roots, procs)))
             time.sleep(0.5)
         seconds = time.perf_counter() - start
     finally:
-        for p in psutil.process_iter(["cmdline"]):
-            if any(f"{home}/local-superlink" in part for part in (p.info["cmdline"] or [])):
-                p.send_signal(signal.SIGTERM)
+        for pid, (_, c) in _processes().items():
+            if marker in c:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
     if not out.exists():
         raise SystemExit(f"flwr run with {rounds} round(s) did not finish (no result file)")
     return {"seconds": seconds, "peak_mb": peak}
@@ -196,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rnd = _in_subprocess("round", data_root)
     epo = _in_subprocess("epoch", data_root)
     loop = _in_subprocess("loop", data_root, args.loop_users)
+    print(f"round {rnd}, epoch {epo}, loop {loop}", file=sys.stderr, flush=True)
     result = {
         "round_over_epoch": round(rnd["seconds"] / epo["seconds"], 3),
         "vectorised_speedup": round(loop["loop_seconds"] / loop["vectorised_seconds"], 1),

@@ -117,3 +117,17 @@ def test_next_item_runs_through_the_apps(protocol):
                                               "protocol": protocol}))
     assert result["protocol"] == protocol and result["selection"] == "valid ndcg@10"
     assert 0.0 <= result["test"]["hr@10"] <= 1.0 and result["test"]["n"] > 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "kuaisar:/nonexistent/KuaiSAR-R"], "directory not found"),
+    (["--set", "lr=-1"], "'lr' must be > 0"),
+    (["--set", "model.groups=0"], "'groups' must be a positive integer"),
+    (["--set", "partition=random"], "'partition' must be one of"),
+])
+def test_cli_simulate_bad_input_is_one_line(args, needle, tmp_path):
+    out = tmp_path / "never.json"
+    done = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--rounds", "1", "--out", str(out), *args],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
