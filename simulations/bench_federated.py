@@ -11,8 +11,9 @@ Usage::
     user, :mod:`fedrec.federated.reference`) over ``--loop-users`` users, divided by the
     vectorised shard on the same users. Target >= 20.
 (c) ``flwr_seconds_per_round`` / ``flwr_startup_seconds``: ``flwr run .`` on Flower's
-    simulation engine with 4 SuperNodes (KuaiSAR-R split in 4 shards), 1 and 3 rounds;
-    per round = (t3 - t1) / 2, start-up = t1 - per round.
+    simulation engine with 4 SuperNodes (KuaiSAR-R split in 4 shards), 1 and 4 rounds
+    (evaluation once, after the last round); per round = (t4 - t1) / 3, start-up = t1 - per
+    round.
 (d) ``peak_mb``: peak resident memory of each part, each measured in its own subprocess
     (for ``flwr run``: the largest sum of RSS over all its processes, sampled every 0.5 s).
 
@@ -208,15 +209,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--loop-users", type=int, default=100)
     parser.add_argument("--skip-flwr", action="store_true", help="skip part (c)")
+    parser.add_argument("--only-flwr", action="store_true", help="run part (c) only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     data_root = str(Path(args.data_root).resolve())
 
+    result: dict = {"peak_mb": {}}
+    if not args.only_flwr:
+        result.update(_local_parts(data_root, args.loop_users))
+    if not args.skip_flwr:
+        with tempfile.TemporaryDirectory(prefix="fedrec-bench-flwr-") as tmp:
+            one = flwr_run(data_root, 1, Path(tmp) / "h1")
+            four = flwr_run(data_root, 4, Path(tmp) / "h4")
+        per_round = (four["seconds"] - one["seconds"]) / 3
+        result["flwr_seconds_per_round"] = round(per_round, 2)
+        result["flwr_startup_seconds"] = round(one["seconds"] - per_round, 2)
+        result["peak_mb"]["flwr_run_4_supernodes"] = round(max(one["peak_mb"], four["peak_mb"]))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+def _local_parts(data_root: str, loop_users: int) -> dict:
     rnd = _in_subprocess("round", data_root)
     epo = _in_subprocess("epoch", data_root)
-    loop = _in_subprocess("loop", data_root, args.loop_users)
+    loop = _in_subprocess("loop", data_root, loop_users)
     print(f"round {rnd}, epoch {epo}, loop {loop}", file=sys.stderr, flush=True)
-    result = {
+    return {
         "round_over_epoch": round(rnd["seconds"] / epo["seconds"], 3),
         "vectorised_speedup": round(loop["loop_seconds"] / loop["vectorised_seconds"], 1),
         "round_seconds": round(rnd["seconds"], 2),
@@ -224,25 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "loop_users": loop["users"],
         "loop_seconds": round(loop["loop_seconds"], 2),
         "vectorised_seconds_same_users": round(loop["vectorised_seconds"], 3),
-        "flwr_seconds_per_round": None,
-        "flwr_startup_seconds": None,
         "peak_mb": {"federated_round": round(rnd["peak_mb"]), "centralised_epoch": round(epo["peak_mb"]),
                     "loop_and_vectorised": round(loop["peak_mb"])},
     }
-    if not args.skip_flwr:
-        with tempfile.TemporaryDirectory(prefix="fedrec-bench-flwr-") as tmp:
-            one = flwr_run(data_root, 1, Path(tmp) / "h1")
-            three = flwr_run(data_root, 3, Path(tmp) / "h3")
-        per_round = (three["seconds"] - one["seconds"]) / 2
-        result["flwr_seconds_per_round"] = round(per_round, 2)
-        result["flwr_startup_seconds"] = round(one["seconds"] - per_round, 2)
-        result["peak_mb"]["flwr_run_4_supernodes"] = round(max(one["peak_mb"], three["peak_mb"]))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:32s} {value}")
-    return 0
 
 
 if __name__ == "__main__":
