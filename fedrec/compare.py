@@ -22,7 +22,8 @@ A comparison is a TOML file::
 Every federated row runs through the project's Flower apps in-process
 (:func:`fedrec.federated.runner.run_in_process`); every centralised row through
 :func:`fedrec.train.train`. Both build the same split from the same data spec. Results are
-merged into ``<out>/<stem>.json`` (resumable: finished (row, seed) pairs are skipped), and
+merged into ``<out>/<stem>.json`` (resumable: a finished (row, seed) pair is skipped unless
+its configuration changed since), and
 ``<stem>.md``, ``<stem>.csv`` and ``<stem>_curves.png`` (validation metric per round or
 epoch) are rewritten after each run.
 """
@@ -114,6 +115,15 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
     return result
 
 
+def _fingerprint(cfg: dict[str, Any], run: dict[str, Any]) -> str:
+    """What a row's result depends on (a changed config re-runs the row on resume)."""
+    import hashlib
+
+    relevant = {"data": cfg["data"], "task": cfg["task"], "run": run,
+                "shared": cfg.get("federated", {}) if run["kind"] == "federated" else cfg.get("train", {})}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _metric(cfg: dict[str, Any]) -> str:
     from fedrec.train import selection_metric
 
@@ -135,11 +145,13 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path
     for run in cfg["runs"]:
         if only and run["name"] not in only:
             continue
+        fingerprint = _fingerprint(cfg, run)
         for seed in seeds:
             key = f"{run['name']}/seed{seed}"
-            if key in results:
-                continue
+            if key in results and results[key].get("fingerprint", fingerprint) == fingerprint:
+                continue  # done with this very configuration (results without a fingerprint are kept)
             results[key] = _run_one(cfg, run, seed, split_cache)
+            results[key]["fingerprint"] = fingerprint
             _atomic_write(path, json.dumps(results, indent=1))
             write_outputs(cfg, results, out_dir)
             if on_result is not None:
@@ -209,7 +221,10 @@ def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> Non
             continue
         seen.add(run["row"])
         ax = axes[0] if run["kind"] == "federated" else axes[1]
-        xs, ys = zip(*[(x, y) for x, y in run["curve"]["points"] if y is not None]) if run["curve"]["points"] else ((), ())
+        points = [(x, y) for x, y in run["curve"]["points"] if y is not None]
+        if not points:  # the metric was undefined at every evaluation
+            continue
+        xs, ys = zip(*points)
         ax.plot(xs, ys, label=run["row"])
     for ax, title, xlabel in ((axes[0], "federated", "round"), (axes[1], "centralised", "epoch")):
         ax.set_title(title)

@@ -73,3 +73,13 @@ def test_compare_config_errors(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fedrec.cli", "compare", str(tmp_path / "missing.toml")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "config file not found" in done.stderr
+
+
+def test_changed_row_config_reruns_on_resume(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG)
+    out = tmp_path / "out"
+    first = run_comparison(load_comparison(path), seeds=[0], out_dir=out, only=["central"])
+    path.write_text(CONFIG.replace("[train]\nepochs = 2", "[train]\nepochs = 1"))
+    second = run_comparison(load_comparison(path), seeds=[0], out_dir=out, only=["central"])
+    assert len(first["central/seed0"]["history"]) == 2 and len(second["central/seed0"]["history"]) == 1

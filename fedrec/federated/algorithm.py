@@ -18,7 +18,9 @@ any other transport) only move its inputs and outputs.
   the shard's users' predictions on the valid or test stage, each user with its own model.
 
 **Vectorised shards.** A shard of N users is processed as a batch, with the semantics of N
-one-user clients kept exactly: every user gets its own copy of the trained parameters as a
+one-user clients kept exactly (up to random draws: dropout masks and next-item negatives are
+drawn per shard and chunk, so with dropout the result depends on the sharding and
+``chunk_size``, as it would on real devices; without dropout it does not): every user gets its own copy of the trained parameters as a
 row of a stacked ``(N, ...)`` tensor, gradients come from ``torch.func.vmap`` over users
 (one user per slice, so nothing — batch statistics, balance loss, optimiser state — mixes
 users), and the optimiser is applied elementwise to the stacked tensors. Per-user private
@@ -269,9 +271,11 @@ class Algorithm:
 
         def user_loss(params: Params, shared: Params, example: dict[str, torch.Tensor], share: torch.Tensor):
             batch = {k: v.unsqueeze(0) for k, v in example.items()}
-            batch["group_share"] = share
-            out = functional_call(template, {**shared, **params}, (batch,))
-            loss = template.loss(batch, out)
+            if share.numel():  # no groups federated (e.g. local-only): the model's own share
+                batch["group_share"] = share
+            # the loss must be computed inside the reparametrised call: a full cross-entropy
+            # reads the item table, which has to be the user's copy, not the template's
+            loss, out = functional_call(template, {**shared, **params}, (batch,), {"mode": "loss"})
             routing = out["context"]["routing"]
             choice = (torch.stack([r["choice"][0] for r in routing]) if routing
                       else torch.zeros(0, 1, dtype=torch.long))
@@ -293,7 +297,7 @@ class Algorithm:
         counts = torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
         weight_total, loss_sum, n_examples = 0.0, 0.0, 0
         if len(examples):
-            sampler = (UniformNegativeSampler(self.split, seed=int(np.random.default_rng([cfg.seed, round, 11]).integers(2**31)))
+            sampler = (UniformNegativeSampler(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
             batch = next(iterate_batches(examples, batch_size=len(examples),
                                          num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
@@ -415,6 +419,12 @@ class Algorithm:
         """Pooled metrics from the clients' evaluation summaries."""
         return combine_ctr(summaries) if self.task == "ctr" else combine_ranking(summaries)
 
+
+
+def _negative_seed(seed: int, round: int, shard: Shard) -> int:
+    """Seed of a shard's training negatives in ``round`` (differs between shards)."""
+    first = int(shard.users[0]) if len(shard.users) else 0
+    return int(np.random.default_rng([seed, round, 11, first]).integers(2**31))
 
 
 def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:

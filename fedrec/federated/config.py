@@ -32,8 +32,9 @@ class FederatedConfig:
         Share of users taking part in each round (drawn per round from ``seed``; every
         client computes the same draw, so it is identical in any runtime).
     ``chunk_size``
-        Users trained together in one vectorised pass (memory/speed trade-off only: the
-        result does not depend on it).
+        Users trained together in one vectorised pass (a memory/speed trade-off: without
+        dropout the result does not depend on it; with dropout the masks are drawn per
+        chunk).
     ``eval_every`` / ``patience``
         Evaluate on the validation users every ``eval_every`` rounds (and at the last);
         stop after ``patience`` evaluations without improvement (0: never stop early).

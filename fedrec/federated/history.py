@@ -33,6 +33,7 @@ class RunHistory:
         self.metric = selection_metric(spec.task)
         self.rounds: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.best_score = -math.inf  # unrounded, so a slightly worse round never wins
         self.stale = 0
         self.stopped = False
         self.start = time.perf_counter()
@@ -49,8 +50,8 @@ class RunHistory:
             self.rounds.append(entry)
         entry["valid"], entry["test"] = _clean(valid), _clean(test)
         score = valid.get(self.metric)
-        if score is not None and (self.best is None or score > self.best["valid"][self.metric]):
-            self.best, self.stale = entry, 0
+        if score is not None and score > self.best_score:
+            self.best, self.best_score, self.stale = entry, float(score), 0
         else:
             self.stale += 1
             if self.spec.federated.patience and self.stale >= self.spec.federated.patience:

@@ -43,6 +43,6 @@ class FedMRFFNoGroups(FedMRFF):
         """Force ``groups = 1``; a different explicit value is an error, not a silent fix."""
         options = super().check_options(options)
         given = {k: v for k, v in options.items() if k.replace("-", "_") == "groups"}
-        if any(int(v) != 1 for v in given.values()):
+        if any(str(v).strip() != "1" for v in given.values()):
             raise ConfigError(f"algorithm 'mrff-nogroups' uses groups = 1 (got groups = {list(given.values())[0]})")
         return {**{k: v for k, v in options.items() if k not in given}, "groups": 1}

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedrec.data import load_dataset
 from fedrec.data.partition import dominant_item_feature, partition_users
 from fedrec.data.split import split_dataset
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.layout import Layout
@@ -87,8 +87,7 @@ def _algorithm(spec: RunSpec) -> Algorithm:
     key = "alg:" + spec.key()
     with _lock:
         if key not in _cache:
-            for k in [k for k in _cache if k.startswith("alg:")]:
-                del _cache[k]  # one run at a time per process
+            _cache.clear()  # one run at a time per process: drop the previous run's data and shards
             split = split_dataset(load_dataset(spec.data))
             _cache[key] = create_algorithm(spec.algorithm, split, task=spec.task, model=spec.model or None,
                                            model_options=spec.model_options, config=spec.federated)
@@ -177,7 +176,7 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     replies = list(replies)
     errors = [r.error for r in replies if r.has_error()]
     if errors:
-        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0].reason}")
+        raise FedrecError(f"{len(errors)} client(s) failed: {errors[0].reason}")
     return sorted(replies, key=lambda r: int(r.content["metrics"]["shard"]))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from fedrec.data.batching import iterate_batches
 from fedrec.data.samplers import UniformNegativeSampler
-from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload, participants
+from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload, _negative_seed, participants
 
 __all__ = ["reference_client_update"]
 
@@ -35,8 +35,7 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0
     users = examples.users
-    sampler = (UniformNegativeSampler(alg.split, seed=int(np.random.default_rng([cfg.seed, round, 11]).integers(2**31)))
-               if alg.task == "next_item" else None)
+    sampler = UniformNegativeSampler(alg.split, seed=_negative_seed(cfg.seed, round, shard)) if alg.task == "next_item" else None
     for u in users:
         pos = int(np.searchsorted(state.users, u))
         model = copy.deepcopy(alg.model)
@@ -57,7 +56,8 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         batch = next(iterate_batches(examples.subset(np.array([u])), batch_size=1,
                                      num_negatives=cfg.negatives if sampler is not None else 0, sampler=sampler))
-        batch["group_share"] = share
+        if share.numel():
+            batch["group_share"] = share
         model.train()
         out = None
         for step in range(cfg.local_steps):

@@ -54,7 +54,10 @@ def load_components(app_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
 
     def load(ref: str):
         module, _, attr = ref.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{app_dir / 'pyproject.toml'}: cannot load component {ref!r} ({exc})") from None
 
     return load(comps["serverapp"]), load(comps["clientapp"]), dict(cfg.get("config", {}))
 

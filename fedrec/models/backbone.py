@@ -241,10 +241,14 @@ class SequenceModel(RecModel):
     def forward(self, batch: dict[str, torch.Tensor], mode: str = "train") -> Any:
         """Encode and score the batch's targets (and negatives, for next item).
 
-        Other ``mode`` values return one tensor (for ``torch.func.functional_call``):
-        ``ctr`` the click probabilities at the last position, ``candidates`` the scores of
-        ``batch["candidates"]``, ``all`` the scores of every item.
+        Other ``mode`` values serve ``torch.func.functional_call``, which reparametrises
+        only what runs inside ``forward``: ``loss`` returns ``(loss, outputs)``; ``ctr`` the
+        click probabilities at the last position; ``candidates`` the scores of
+        ``batch["candidates"]``; ``all`` the scores of every item.
         """
+        if mode == "loss":
+            out = self.forward(batch)
+            return self.loss(batch, out), out
         if mode == "ctr":
             return self.predict_ctr(batch)
         if mode == "candidates":

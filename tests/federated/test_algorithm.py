@@ -189,3 +189,23 @@ def test_next_item_sampled_and_full_evaluation_per_user(split):
         up, st, m = alg.client_update(alg.initial_global(), st, alg.make_shard(users), round=1)
         pooled = alg.combine([alg.client_evaluate(alg.initial_global(), st, alg.make_shard(users), stage="test")])
         assert 0.0 <= pooled["hr@10"] <= 1.0 and pooled["n"] > 0
+
+
+def test_next_item_cross_entropy_trains_the_users_item_table(split, float64):
+    """Full cross-entropy reads the item table inside the loss: it must be each user's copy
+    (regression: it once read the template's frozen table). Vectorised == loop."""
+    cfg = FederatedConfig(optimizer="sgd", lr=0.5, chunk_size=5)
+    alg = create_algorithm("fedavg", split, task="next_item", model_options={"dropout": 0.0, "next-loss": "ce", **SMALL},
+                           config=cfg)
+    users = np.arange(1, split.n_users + 1)
+    g_vec, _, _ = _run(alg, [users], 2)
+    g_ref, _, _ = _run(alg, [np.array([u]) for u in users], 2, reference=True)
+    assert _max_diff(g_vec, g_ref) <= 1e-5
+    assert float((g_vec["items.id_embedding.weight"] - alg.initial_global()["items.id_embedding.weight"]).abs().max()) > 1e-3
+
+
+def test_local_only_mrff_runs(split):
+    alg = create_algorithm("local", split, task="ctr", model="mrff", config=FederatedConfig())
+    users = np.arange(1, 6)
+    up, state, m = alg.client_update({}, alg.initial_local(users), alg.make_shard(users), round=1)
+    assert m["users"] == 5 and up.sums == {}
