@@ -224,7 +224,7 @@ def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> Non
         points = [(x, y) for x, y in run["curve"]["points"] if y is not None]
         if not points:  # the metric was undefined at every evaluation
             continue
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, label=run["row"])
     for ax, title, xlabel in ((axes[0], "federated", "round"), (axes[1], "centralised", "epoch")):
         ax.set_title(title)
