@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             if key in results:
                 continue
             train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), "seed": seed, "progress": False}, where="train")
-            r = train(model, split, task=task, model_options=entry, config=train_cfg, data_name=cfg["data"])
+            def log_epoch(rec, key=key):  # one line per epoch, so long runs can be followed
+                print(f"{key} epoch {rec['epoch']} loss {rec['loss']} valid {rec['valid']}", file=sys.stderr, flush=True)
+
+            r = train(model, split, task=task, model_options=entry, config=train_cfg, data_name=cfg["data"],
+                      on_epoch=log_epoch)
             r.pop("model_state")
             r["row"] = row
             results = _merge(out_json, key, r)
