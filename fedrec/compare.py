@@ -57,9 +57,12 @@ def load_comparison(path: str | Path, *, data_root: str | None = None) -> dict[s
     unknown = set(cfg) - {"title", "data", "task", "metrics", "federated", "train", "runs"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    cfg["data_display"] = cfg["data"]  # what tables and results show (no machine paths)
+    cfg["data_root"] = None
     if "{data_root}" in cfg["data"]:
         if data_root is None:
             raise ConfigError(f"{path}: data uses {{data_root}}; pass --data-root")
+        cfg["data_root"] = str(data_root)
         cfg["data"] = cfg["data"].replace("{data_root}", str(data_root))
     cfg.setdefault("task", "ctr")
     names = set()
@@ -115,11 +118,25 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
     return result
 
 
+def _scrub(obj: Any, cfg: dict[str, Any]) -> Any:
+    """Replace the data root by ``{data_root}`` in every string (results carry no machine paths)."""
+    root = cfg.get("data_root")
+    if not root:
+        return obj
+    if isinstance(obj, str):
+        return obj.replace(root, "{data_root}")
+    if isinstance(obj, dict):
+        return {k: _scrub(v, cfg) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_scrub(v, cfg) for v in obj]
+    return obj
+
+
 def _fingerprint(cfg: dict[str, Any], run: dict[str, Any]) -> str:
     """What a row's result depends on (a changed config re-runs the row on resume)."""
     import hashlib
 
-    relevant = {"data": cfg["data"], "task": cfg["task"], "run": run,
+    relevant = {"data": cfg["data_display"], "task": cfg["task"], "run": run,
                 "shared": cfg.get("federated", {}) if run["kind"] == "federated" else cfg.get("train", {})}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -150,7 +167,7 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path
             key = f"{run['name']}/seed{seed}"
             if key in results and results[key].get("fingerprint", fingerprint) == fingerprint:
                 continue  # done with this very configuration (results without a fingerprint are kept)
-            results[key] = _run_one(cfg, run, seed, split_cache)
+            results[key] = _scrub(_run_one(cfg, run, seed, split_cache), cfg)
             results[key]["fingerprint"] = fingerprint
             _atomic_write(path, json.dumps(results, indent=1))
             write_outputs(cfg, results, out_dir)
@@ -189,7 +206,7 @@ def write_outputs(cfg: dict[str, Any], results: dict[str, Any], out_dir: Path) -
     table = comparison_table(cfg, results)
     metrics = _metrics(cfg)
     lines = [f"### {cfg.get('title', cfg['stem'])}", "",
-             f"Data `{cfg['data']}`, task {cfg['task']}; test at the best validation round (federated) or epoch "
+             f"Data `{cfg['data_display']}`, task {cfg['task']}; test at the best validation round (federated) or epoch "
              "(centralised); mean ± std over seeds.", "",
              "| configuration | kind | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best round/epoch | seconds |",
              "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- | ---: |"]

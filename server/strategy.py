@@ -59,7 +59,10 @@ class RoleAwareStrategy(FedAvg):
         uploads = replies_to_uploads(replies, self.layout)
         new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
         self.group_counts = counts
-        self.history.record_train(server_round, metrics)
+        record = dict(metrics)
+        if counts.numel():
+            record["group-counts"] = counts.tolist()  # users per group, per layer
+        self.history.record_train(server_round, record)
         return params_to_record(new), _metric_record(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

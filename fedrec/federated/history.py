@@ -19,6 +19,9 @@ __all__ = ["RunHistory"]
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, list):
+            out[k] = v
+            continue
         if isinstance(v, float) and math.isnan(v):
             v = None
         out[k] = round(v, 6) if isinstance(v, float) else v

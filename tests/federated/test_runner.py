@@ -29,6 +29,8 @@ def test_in_process_run_reports_best_round_and_history():
     assert result["valid"] == best["valid"] and result["test"] == best["test"]
     assert result["valid"]["n"] == 24 and 0.0 <= result["test"]["auc"] <= 1.0
     assert all(h["train"]["users"] == 24 for h in result["history"])
+    counts = result["history"][0]["train"]["group-counts"]  # (layers, G) users per group
+    assert len(counts) == 2 and all(sum(layer) == 24 for layer in counts)
 
 
 def test_same_seed_same_result_other_seed_differs():
