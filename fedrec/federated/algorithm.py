@@ -262,9 +262,6 @@ class Algorithm:
             out["user_codes"] = self._user_codes[torch.from_numpy(users)]
         return out
 
-    def _merged(self, per_user: Params, shared: Params) -> Params:
-        return {**shared, **per_user}
-
     # -- training ------------------------------------------------------------------------
     def _loss_fn(self):
         template = self.template

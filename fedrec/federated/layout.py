@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from fedrec.models.base import ParamRole
@@ -70,10 +69,3 @@ class Layout:
         """Names of group ``g`` at ``layer``."""
         return [n for n, lg in self.groups.items() if lg == (layer, g)]
 
-    def upload_floats(self, params: dict[str, torch.Tensor], routed_groups_per_layer: int = 1) -> int:
-        """Floats one user uploads per round: shared parameters plus its routed groups."""
-        shared = sum(params[n].numel() for n in self.shared)
-        if not self.groups:
-            return shared
-        per_group = sum(params[n].numel() for n in self.groups) / max(1, self.layers * self.n_groups)
-        return int(shared + per_group * self.layers * routed_groups_per_layer)

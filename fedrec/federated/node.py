@@ -24,7 +24,7 @@ Client private state lives in ``context.state["fedrec.private"]`` (ArrayRecord).
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -202,7 +202,3 @@ def combine_evaluation(replies: Iterable[Message]) -> dict[str, dict[str, float 
         out[stage] = combine_ctr(summaries) if is_ctr else combine_ranking(summaries)
     return out
 
-
-def as_config_record(values: Mapping[str, Any]) -> ConfigRecord:
-    """A ConfigRecord from plain Python values."""
-    return ConfigRecord(dict(values))
