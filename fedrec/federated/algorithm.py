@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
@@ -331,12 +332,12 @@ class Algorithm:
                     n_examples += int(n_pos.sum())
                     for n in self.layout.shared:
                         sums[n] += torch.tensordot(w.to(params[n].dtype), params[n], dims=1)
-                    for n, (layer, g) in self.layout.groups.items():
-                        member = (choice[:, layer, :] == g).any(-1)  # (C,)
-                        sums[n] += torch.tensordot(member.to(params[n].dtype), params[n], dims=1)
-                    for layer in range(self.layout.layers):
-                        for g in range(self.layout.n_groups):
-                            counts[layer, g] += float((choice[:, layer, :] == g).any(-1).sum())
+                    if self.layout.groups:
+                        # (C, layers, G): whether each user chose group g at layer l (any of its top-k)
+                        member = F.one_hot(choice, self.layout.n_groups).amax(dim=2).to(torch.float64)
+                        counts += member.sum(0)
+                        for n, (layer, g) in self.layout.groups.items():
+                            sums[n] += torch.tensordot(member[:, layer, g].to(params[n].dtype), params[n], dims=1)
             torch.random.set_rng_state(rng_state)
         upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum)
         metrics = {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}
