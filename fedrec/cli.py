@@ -156,6 +156,10 @@ def simulate_command(
     clients: Optional[int] = typer.Option(None, "--clients", "-n", help="Number of clients (shards of users)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, participation, dropout)."),
+    target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="User-level DP: calibrate the noise so the whole run ends within this epsilon (turns DP on)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / number of users)."),
+    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="User-level DP: noise std / clipping norm (turns DP on; instead of --target-epsilon)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="User-level DP: clip each user's pseudo-gradient to this L2 norm (default 1.0)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Run-config KEY=VALUE, model options as model.KEY=VALUE (repeatable)."),
     app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with \\[tool.flwr.app])."),
@@ -163,12 +167,15 @@ def simulate_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Run a federated simulation in this process through the project's Flower ServerApp and
-    ClientApp (no Ray); report valid and test metrics at the best validation round."""
+    ClientApp (no Ray); report valid and test metrics at the best validation round (with
+    differential privacy, ``test.epsilon`` is the epsilon of the whole run)."""
     from fedrec.federated.runner import run_in_process
 
     try:
         spec = _simulate_spec(data, config, sets, algorithm=algorithm, task=task, model=model, shards=clients,
-                              rounds=rounds, seed=seed)
+                              rounds=rounds, seed=seed, **{"target-epsilon": target_epsilon, "delta": delta,
+                                                           "noise-multiplier": noise_multiplier,
+                                                           "max-grad-norm": max_grad_norm})
         result = run_in_process(spec, app_dir=app_dir, progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
         _fail(exc)

@@ -5,7 +5,8 @@ Usage::
     python simulations/run_table.py simulations/configs/kuaisar_ctr.toml [--seeds 0 1 2] [--only NAME ...]
 
 The TOML file names the data, task and train options, and one ``[[runs]]`` entry per row
-(``name``, ``model``, and model options). Writes ``simulations/results/<stem>.json`` (every
+(``name``, ``model``, model options, and an optional ``[runs.train]`` table that overrides
+``[train]`` for that row, e.g. a longer patience). Writes ``simulations/results/<stem>.json`` (every
 run's valid/test metrics and history) and ``<stem>.md`` (test metrics at the best
 validation epoch, mean ± standard deviation over seeds). Runs already in the JSON are
 skipped, so an interrupted table resumes; several processes (``--only``) may fill one table.
@@ -91,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     for entry in cfg["runs"]:
         entry = dict(entry)
         row, model = entry.pop("name"), entry.pop("model")
+        row_train = entry.pop("train", {})  # per-row overrides of [train], e.g. a longer patience
         if args.only and row not in args.only:
             continue
         for seed in args.seeds:
             key = f"{row}/seed{seed}"
             if key in results:
                 continue
-            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), "seed": seed, "progress": False}, where="train")
+            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False}, where="train")
             def log_epoch(rec, key=key):  # one line per epoch, so long runs can be followed
                 print(f"{key} epoch {rec['epoch']} loss {rec['loss']} valid {rec['valid']}", file=sys.stderr, flush=True)
 

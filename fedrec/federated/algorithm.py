@@ -49,6 +49,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, ranking_summary
 from fedrec.federated.layout import Layout
+from fedrec.federated.privacy import UserLevelDP, calibrate_noise
 from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks
 from fedrec.models.base import ModelData, ParamRole, RecModel
 from fedrec.models.layers import MaskDropout, SelfAttention
@@ -108,20 +109,29 @@ def participants(n_users: int, *, seed: int, round: int, fraction: float) -> np.
 
 @dataclass
 class LocalState:
-    """A client's private state: per-user private tensors stacked over its ``users``."""
+    """A client's private state: per-user private tensors stacked over its ``users``, and
+    (with differential privacy) the accountant's history ``(k, 3)``: rows ``noise
+    multiplier, sampling rate, steps`` as Opacus's accountants keep them."""
 
     users: np.ndarray
     tensors: Params
+    privacy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.float64))
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain dict (tensors and the user array)."""
-        return {"users": torch.from_numpy(self.users.copy()), **{f"p.{k}": v for k, v in self.tensors.items()}}
+        """Plain dict (tensors, the user array and the accountant history)."""
+        out = {"users": torch.from_numpy(self.users.copy()), **{f"p.{k}": v for k, v in self.tensors.items()}}
+        if self.privacy.numel():
+            out["dp.history"] = self.privacy.clone()
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "LocalState":
         """Inverse of :meth:`state_dict`."""
         users = np.asarray(state["users"].numpy() if torch.is_tensor(state["users"]) else state["users"], dtype=np.int64)
-        return cls(users, {k[2:]: torch.as_tensor(v) for k, v in state.items() if k.startswith("p.")})
+        out = cls(users, {k[2:]: torch.as_tensor(v) for k, v in state.items() if k.startswith("p.")})
+        if "dp.history" in state:
+            out.privacy = torch.as_tensor(state["dp.history"], dtype=torch.float64).reshape(-1, 3)
+        return out
 
 
 @dataclass
@@ -131,7 +141,9 @@ class Upload:
     ``sums``: per shared name, the ``weight``-weighted sum of its users' parameters; per
     group name, the sum over the users routed to that group. ``group_counts`` ``(layers,
     G)``: users per group. ``users``/``examples``: participating users and their target
-    positions; ``loss_sum``: sum over users of their first-step loss.
+    positions; ``loss_sum``: sum over users of their first-step loss (NaN under differential
+    privacy); ``privacy``: under differential privacy, the client's ``epsilon`` spent so far,
+    its ``noise-multiplier`` and ``delta`` (None without DP).
     """
 
     sums: Params
@@ -140,6 +152,7 @@ class Upload:
     users: int
     examples: int
     loss_sum: float
+    privacy: dict[str, float] | None = None
 
 
 # -- the algorithm -----------------------------------------------------------------------
@@ -185,6 +198,23 @@ class Algorithm:
         self._init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self._user_codes = (torch.from_numpy(np.ascontiguousarray(split.user_features))
                             if split.user_features is not None else None)
+        self.privacy = self._make_privacy()
+
+    def _make_privacy(self) -> UserLevelDP | None:
+        """User-level DP from the config (None when off); the noise is calibrated here, the
+        same on every client, when ``target_epsilon`` is given."""
+        cfg = self.config
+        if not cfg.dp:
+            return None
+        if not self.layout.global_names:
+            raise ConfigError(f"differential privacy: algorithm '{self.name}' uploads no parameters to protect")
+        delta = cfg.delta or 1.0 / self.split.n_users
+        sigma = cfg.noise_multiplier
+        if cfg.target_epsilon:
+            sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta, rounds=cfg.rounds,
+                                    accountant=cfg.accountant)
+        return UserLevelDP(max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, delta=delta, lr=cfg.lr,
+                           accountant=cfg.accountant, noise_seed=cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else None)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -326,21 +356,37 @@ class Algorithm:
                         state.tensors[n][pos] = params[n][:, 1]
                     for n in self.layout.private:
                         state.tensors[n][pos] = params[n]
+                    # (C, layers, G): whether each user chose group g at layer l (any of its top-k)
+                    member = (F.one_hot(choice, self.layout.n_groups).amax(dim=2).to(torch.float64)
+                              if self.layout.groups else None)
+                    if self.privacy is not None:
+                        uploaded = {n: params[n] for n in self.layout.global_names}
+                        self.privacy.clip_(uploaded, global_params, {
+                            n: (member[:, self.layout.groups[n][0], self.layout.groups[n][1]]
+                                if n in self.layout.groups else None) for n in uploaded})
                     n_pos = ex["target_mask"].sum(1).to(torch.float64)
                     w = torch.ones_like(n_pos) if cfg.weighting == "users" else n_pos
                     weight_total += float(w.sum())
                     n_examples += int(n_pos.sum())
                     for n in self.layout.shared:
                         sums[n] += torch.tensordot(w.to(params[n].dtype), params[n], dims=1)
-                    if self.layout.groups:
-                        # (C, layers, G): whether each user chose group g at layer l (any of its top-k)
-                        member = F.one_hot(choice, self.layout.n_groups).amax(dim=2).to(torch.float64)
+                    if member is not None:
                         counts += member.sum(0)
                         for n, (layer, g) in self.layout.groups.items():
                             sums[n] += torch.tensordot(member[:, layer, g].to(params[n].dtype), params[n], dims=1)
             torch.random.set_rng_state(rng_state)
-        upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum)
         metrics = {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}
+        if self.privacy is not None:
+            # every round is a release for every user of the shard (sampling rate 1)
+            shard_key = int(shard.users[0]) if len(shard.users) else 0
+            self.privacy.add_noise(sums, self.layout.global_names,
+                                   self.privacy.generator(seed=cfg.seed, round=round, shard_key=shard_key))
+            state.privacy = self.privacy.step(state.privacy)
+            loss_sum = float("nan")  # the training loss is data-dependent: not reported under DP
+            metrics = {"users": float(len(users)), "epsilon": self.privacy.epsilon(state.privacy),
+                       "noise-multiplier": self.privacy.noise_multiplier, "delta": self.privacy.delta}
+        upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum,
+                        {k: metrics[k] for k in ("epsilon", "noise-multiplier", "delta")} if self.privacy else None)
         return upload, state, metrics
 
     def _step(self, params: Params, grads: Params, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], t: int) -> Params:
@@ -445,6 +491,11 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
             new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(c).to(global_params[n].dtype)
     users = sum(u.users for u in uploads)
     metrics = {"users": float(users), "loss": sum(u.loss_sum for u in uploads) / users if users else float("nan")}
+    private = [u.privacy for u in uploads if u.privacy is not None]
+    if private:
+        metrics["epsilon"] = max(p["epsilon"] for p in private)  # the guarantee of the worst-off client
+        metrics["noise-multiplier"] = private[0]["noise-multiplier"]
+        metrics["delta"] = private[0]["delta"]
     return new, counts, metrics
 
 

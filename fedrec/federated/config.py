@@ -44,6 +44,15 @@ class FederatedConfig:
     ``auc_bins``
         Resolution of the score histograms behind the pooled AUC (see
         :mod:`fedrec.federated.evaluation`).
+    ``max_grad_norm`` / ``noise_multiplier`` / ``target_epsilon`` / ``delta`` / ``accountant`` / ``dp_noise_seed``
+        User-level differential privacy on the clients (:mod:`fedrec.federated.privacy`),
+        on when ``noise_multiplier`` or ``target_epsilon`` is > 0 (give one of them; with
+        ``target_epsilon`` the noise is calibrated so that all ``rounds`` stay within it):
+        each user's pseudo-gradient is clipped to ``max_grad_norm`` (default 1.0) and
+        Gaussian noise ``noise_multiplier * max_grad_norm`` is added to the client's sums. ``delta`` defaults to
+        1 / number of users; ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
+        ``dp_noise_seed`` >= 0 makes the noise reproducible (experiments only), -1 keeps it
+        secret.
     """
 
     rounds: int = 100
@@ -60,6 +69,17 @@ class FederatedConfig:
     eval_seed: int = 2024
     negatives: int = 1
     auc_bins: int = DEFAULT_BINS
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    accountant: str = "rdp"
+    dp_noise_seed: int = -1
+
+    @property
+    def dp(self) -> bool:
+        """Whether user-level differential privacy is on."""
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "local_steps", "chunk_size", "eval_every", "negatives", "auc_bins"):
@@ -75,5 +95,21 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"federated option 'fraction' must be in (0, 1] (got {self.fraction})")
+        for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"federated option '{name}' must be >= 0 (got {getattr(self, name)})")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"federated option 'max_grad_norm' must be > 0 (got {self.max_grad_norm})")
+        if not self.dp and self.delta:
+            raise ConfigError("federated option 'delta' is given but differential privacy is off "
+                              "(set noise_multiplier or target_epsilon)")
+        if self.noise_multiplier and self.target_epsilon:
+            raise ConfigError("give either federated option 'noise_multiplier' or 'target_epsilon', not both")
+        if self.delta >= 1:
+            raise ConfigError(f"federated option 'delta' must be < 1 (got {self.delta})")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"federated option 'accountant' must be rdp or prv (got {self.accountant!r})")
+        if self.dp and self.weighting != "users":
+            raise ConfigError("differential privacy needs weighting 'users' (a user's weight must not depend on its data)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"federated option 'protocol' must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")

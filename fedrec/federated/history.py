@@ -22,8 +22,8 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, list):
             out[k] = v
             continue
-        if isinstance(v, float) and math.isnan(v):
-            v = None
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            v = None  # JSON has no NaN/inf (an infinite epsilon: no noise)
         out[k] = round(v, 6) if isinstance(v, float) else v
     return out
 
@@ -67,7 +67,20 @@ class RunHistory:
     def result(self) -> dict[str, Any]:
         """The run's JSON-ready summary: ``valid``/``test`` at the best round, ``history``."""
         best = self.best or {}
-        return {
+        test = dict(best.get("test", {}))
+        privacy = None
+        if self.spec.federated.dp:
+            # everything the server saw, every round up to the last one trained, not just the best
+            trained = [r["train"] for r in self.rounds if "train" in r]
+            last = trained[-1] if trained else {}
+            eps = last.get("epsilon", 0.0)
+            eps = None if eps is None or math.isinf(eps) else eps  # None: no noise, no guarantee
+            test["epsilon"] = eps
+            privacy = {"epsilon": eps, "delta": last.get("delta"), "noise-multiplier": last.get("noise-multiplier"),
+                       "max-grad-norm": self.spec.federated.max_grad_norm,
+                       "target-epsilon": self.spec.federated.target_epsilon or None,
+                       "accountant": self.spec.federated.accountant}
+        out = {
             "algorithm": self.spec.algorithm,
             "model": self.spec.model or None,
             "data": self.spec.data,
@@ -77,8 +90,11 @@ class RunHistory:
             "rounds": len([r for r in self.rounds if "train" in r]),
             "best_round": best.get("round"),
             "valid": best.get("valid", {}),
-            "test": best.get("test", {}),
+            "test": test,
             "history": self.rounds,
             "seconds": round(time.perf_counter() - self.start, 2),
             "config": self.spec.to_flat(),
         }
+        if privacy is not None:
+            out["privacy"] = privacy
+        return out

@@ -8,7 +8,8 @@ server -> client (train)
     ``group-counts`` flattened ``(layers, G)`` floats).
 client -> server (train)
     ``arrays`` (the upload's sums), ``metrics`` (MetricRecord: ``num-examples``, ``weight``,
-    ``users``, ``examples``, ``loss-sum``, ``shard``, ``group-counts``).
+    ``users``, ``examples``, ``loss-sum``, ``shard``, ``group-counts``, and ``epsilon`` under
+    differential privacy).
 server -> client (evaluate)
     ``arrays``, ``config`` (``round``).
 client -> server (evaluate)
@@ -147,7 +148,8 @@ def client_train(msg: Message, context: Context) -> RecordDict:
     state = _local_state(alg, shard, context)
     upload, state, _ = alg.client_update(global_params, state, shard, round=int(config["round"]), group_counts=counts)
     context.state[_PRIVATE] = ArrayRecord(state.state_dict())
-    metrics = MetricRecord({"num-examples": int(upload.examples), "weight": float(upload.weight),
+    extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
+    metrics = MetricRecord({**extra, "num-examples": int(upload.examples), "weight": float(upload.weight),
                             "users": int(upload.users), "examples": int(upload.examples),
                             "loss-sum": float(upload.loss_sum), "shard": int(shard_of_node(context.node_config, spec)[0]),
                             "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
@@ -187,7 +189,8 @@ def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Uploa
         m = r.content["metrics"]
         counts = torch.tensor(list(m["group-counts"]), dtype=torch.float64).reshape(layout.layers, layout.n_groups)
         uploads.append(Upload(record_to_params(r.content["arrays"]), float(m["weight"]), counts, int(m["users"]),
-                              int(m["examples"]), float(m["loss-sum"])))
+                              int(m["examples"]), float(m["loss-sum"]),
+                              {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None))
     return uploads
 
 

@@ -1,0 +1,207 @@
+"""User-level differential privacy on the clients: clipping bounds every user's contribution,
+the noise has the configured standard deviation, epsilon matches Opacus's own analysis, and
+DP switched off changes nothing."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedrec.data import load_dataset
+from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
+from fedrec.federated import FederatedConfig, create_algorithm
+from fedrec.federated.algorithm import LocalState
+from fedrec.federated.privacy import UserLevelDP, calibrate_noise
+from fedrec.federated.runner import run_in_process
+from fedrec.federated.spec import parse_run_config
+
+SMALL = {"dim": 16, "max-len": 20, "dropout": 0.0}
+TINY = {"data": "synthetic:users=24,items=40,seed=2", "rounds": 2, "shards": 2, "model.dim": 16,
+        "model.max-len": 20}
+
+
+@pytest.fixture(scope="module")
+def split():
+    return split_dataset(load_dataset("synthetic:users=16,items=40,seed=1"))
+
+
+def _independent_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """Opacus's RDP analysis called directly (sampling rate 1)."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = rdp_analysis.compute_rdp(q=1.0, noise_multiplier=sigma, steps=steps, orders=orders)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _one_round(alg, users, *, no_noise=False, monkeypatch=None):
+    g = alg.initial_global()
+    if no_noise:
+        monkeypatch.setattr(alg.privacy, "add_noise", lambda *a, **k: None)
+    shard = alg.make_shard(users)
+    up, state, metrics = alg.client_update(g, alg.initial_local(users), shard, round=1)
+    return g, up, state, metrics
+
+
+def test_every_users_clipped_contribution_is_within_max_grad_norm(split, monkeypatch):
+    """One-user shards, noise removed: upload - global is exactly the user's clipped change;
+    its pseudo-gradient norm (over public params and the chosen groups) is <= C, and users
+    whose raw norm was larger are clipped to C (so the check can fail)."""
+    C, lr = 0.5, 0.1
+    cfg = FederatedConfig(noise_multiplier=1.0, max_grad_norm=C, lr=lr)
+    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
+    raw = []
+    original = alg.privacy.clip_
+
+    def spy(params, global_params, members):
+        norms = original(params, global_params, members)
+        raw.append(norms.clone())
+        return norms
+
+    monkeypatch.setattr(alg.privacy, "clip_", spy)
+    monkeypatch.setattr(alg.privacy, "add_noise", lambda *a, **k: None)
+    g = alg.initial_global()
+    norms = []
+    for u in range(1, split.n_users + 1):
+        users = np.array([u])
+        up, _, _ = alg.client_update(g, alg.initial_local(users), alg.make_shard(users), round=1)
+        sq = sum(float((up.sums[n] - g[n]).pow(2).sum()) for n in alg.layout.shared)
+        for n, (layer, grp) in alg.layout.groups.items():
+            if up.group_counts[layer, grp] > 0:
+                sq += float((up.sums[n] - g[n]).pow(2).sum())
+            else:
+                assert torch.count_nonzero(up.sums[n]) == 0  # unchosen groups: nothing uploaded
+        norms.append(math.sqrt(sq) / lr)
+    raw = torch.cat(raw).numpy()
+    norms = np.array(norms)
+    assert (norms <= C * (1 + 1e-5)).all()
+    assert (raw > C).any()  # clipping did bind for some users ...
+    assert np.allclose(norms[raw > C], C, rtol=1e-4)  # ... and they sit exactly at C
+    assert np.allclose(norms[raw <= C], raw[raw <= C], rtol=1e-4)
+
+
+def test_noise_has_the_configured_standard_deviation(split, monkeypatch):
+    """The upload with noise minus the same upload without: N(0, (lr * sigma * C)^2)."""
+    cfg = FederatedConfig(noise_multiplier=1.7, max_grad_norm=0.3, lr=0.05, dp_noise_seed=5)
+    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
+    users = np.arange(1, split.n_users + 1)
+    _, noisy, _, _ = _one_round(alg, users)
+    _, clean, _, _ = _one_round(alg, users, no_noise=True, monkeypatch=monkeypatch)
+    diff = torch.cat([(noisy.sums[n] - clean.sums[n]).flatten().double() for n in alg.layout.global_names]).numpy()
+    expected = 0.05 * 1.7 * 0.3
+    assert diff.size > 10_000
+    se = expected / math.sqrt(2 * diff.size)  # standard error of a sample std
+    assert abs(diff.std() - expected) < 4 * se
+    assert abs(diff.mean()) < 4 * expected / math.sqrt(diff.size)
+    # Gaussian shape: share within one standard deviation ~ 0.6827
+    assert abs(np.mean(np.abs(diff) < expected) - 0.6827) < 0.02  # 4.4 standard errors
+
+
+def test_noise_is_secret_unless_seeded():
+    kw = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3, "lr": 0.1}
+    draw = lambda dp: torch.randn(4, generator=dp.generator(seed=0, round=1, shard_key=1))  # noqa: E731
+    assert not torch.equal(draw(UserLevelDP(**kw)), draw(UserLevelDP(**kw)))
+    assert torch.equal(draw(UserLevelDP(**kw, noise_seed=3)), draw(UserLevelDP(**kw, noise_seed=3)))
+
+
+def test_epsilon_after_r_rounds_matches_opacus_and_persists_in_client_state(split):
+    sigma, rounds = 1.3, 4
+    cfg = FederatedConfig(noise_multiplier=sigma, max_grad_norm=1.0)
+    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
+    users = np.arange(1, split.n_users + 1)
+    shard = alg.make_shard(users)
+    g = alg.initial_global()
+    state = alg.initial_local(users)
+    eps = []
+    for r in range(1, rounds + 1):
+        up, state, metrics = alg.client_update(g, state, shard, round=r)
+        state = LocalState.from_state_dict(state.state_dict())  # as the Flower client persists it
+        g, _, agg = alg.aggregate(g, [up])
+        eps.append(agg["epsilon"])
+        assert agg["epsilon"] == metrics["epsilon"] and math.isnan(agg["loss"])
+    delta = 1.0 / split.n_users
+    for r, e in enumerate(eps, start=1):
+        assert e == pytest.approx(_independent_epsilon(sigma, r, delta), rel=0.01)
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    assert state.privacy.tolist() == [[sigma, 1.0, float(rounds)]]
+
+
+def test_target_epsilon_is_met_by_the_calibrated_noise():
+    sigma = calibrate_noise(target_epsilon=4.0, delta=1e-3, rounds=10)
+    eps = _independent_epsilon(sigma, 10, 1e-3)
+    assert 0.95 * 4.0 <= eps <= 4.0 * 1.001
+
+
+def test_simulate_reports_epsilon_and_stays_within_the_target():
+    result = run_in_process(parse_run_config({**TINY, "rounds": 3, "target-epsilon": 5.0, "delta": 1e-3}))
+    eps = result["test"]["epsilon"]
+    assert 0.95 * 5.0 <= eps <= 5.0 * 1.001
+    assert eps == result["privacy"]["epsilon"] == result["history"][-1]["train"]["epsilon"]
+    spent = [h["train"]["epsilon"] for h in result["history"]]
+    assert spent == sorted(spent) and len(set(spent)) == 3
+    assert result["privacy"]["noise-multiplier"] == pytest.approx(
+        calibrate_noise(target_epsilon=5.0, delta=1e-3, rounds=3), rel=1e-4)
+    assert all(h["train"]["loss"] is None for h in result["history"])  # no training loss under DP
+
+
+def test_dp_switched_off_gives_exactly_the_non_dp_result():
+    plain = run_in_process(parse_run_config(TINY))
+    off = run_in_process(parse_run_config({**TINY, "noise-multiplier": 0.0, "target-epsilon": 0.0,
+                                           "max-grad-norm": 3.0}))
+    assert off["history"] == plain["history"] and "privacy" not in off and "epsilon" not in off["test"]
+
+
+def test_dp_without_binding_clip_or_noise_is_the_non_dp_update(split):
+    """With a clipping norm no user reaches and negligible noise, the DP path is the plain one."""
+    base = {"lr": 0.1}
+    plain = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=FederatedConfig(**base))
+    dp = create_algorithm("mrff", split, task="ctr", model_options=SMALL,
+                          config=FederatedConfig(**base, noise_multiplier=1e-15, max_grad_norm=1e6, dp_noise_seed=0))
+    users = np.arange(1, split.n_users + 1)
+    _, a, sa, _ = _one_round(plain, users)
+    _, b, sb, _ = _one_round(dp, users)
+    for n in plain.layout.global_names:
+        assert torch.allclose(a.sums[n], b.sums[n], atol=1e-6)
+    for n in sa.tensors:
+        assert torch.equal(sa.tensors[n], sb.tensors[n])  # private params: trained without noise
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"delta": 1e-5}, "'delta' is given but differential privacy is off"),
+    ({"noise_multiplier": 1.0, "target_epsilon": 2.0}, "either federated option 'noise_multiplier' or 'target_epsilon'"),
+    ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, "'max_grad_norm' must be > 0"),
+    ({"noise_multiplier": 1.0, "weighting": "examples"}, "needs weighting 'users'"),
+    ({"noise_multiplier": -1.0}, "'noise_multiplier' must be >= 0"),
+    ({"target_epsilon": 1.0, "accountant": "gdp"}, "'accountant' must be rdp or prv"),
+])
+def test_bad_privacy_options_are_named(options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        FederatedConfig(**options)
+
+
+def test_local_only_has_nothing_to_protect(split):
+    with pytest.raises(ConfigError, match="uploads no parameters to protect"):
+        create_algorithm("local", split, task="ctr", model_options=SMALL, config=FederatedConfig(noise_multiplier=1.0))
+
+
+def test_cli_target_epsilon(tmp_path):
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--data", TINY["data"], "--rounds", "2",
+                           "-n", "2", "--set", "model.dim=16", "--target-epsilon", "6", "--delta", "1e-4",
+                           "--json", "--out", str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.95 * 6 <= result["test"]["epsilon"] <= 6.006 and result["privacy"]["delta"] == pytest.approx(1e-4)
+    bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--rounds", "1", "--delta", "1e-5"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "differential privacy is off" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
