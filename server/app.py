@@ -1,5 +1,6 @@
 """fedrec's ServerApp: asks one node for the initial parameters and layout, runs the
-role-aware strategy for ``rounds`` rounds, and writes the result JSON to ``out`` (when set).
+role-aware strategy for ``rounds`` rounds (continuing from a checkpoint with ``resume``), and
+writes the result JSON to ``out`` (when set).
 
 The server never loads data: shapes and parameter roles come from a client's ``query`` reply.
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.federated.checkpoint import load_server
 from fedrec.federated.history import RunHistory
-from fedrec.federated.node import layout_from_record
+from fedrec.federated.node import layout_from_record, params_to_record
 from fedrec.federated.spec import parse_run_config
 from server.strategy import RoleAwareStrategy
 
@@ -45,9 +47,16 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
     init = replies[0].content
     history = RunHistory(spec)
+    initial, done, counts = init["arrays"], 0, None
+    if spec.resume:  # continue from the last checkpoint (see fedrec.federated.checkpoint)
+        saved = load_server(spec.checkpoint_dir)
+        initial, done, counts = params_to_record(saved["global"]), int(saved["round"]), saved["group_counts"]
+        history.load_state_dict(saved["history"])
     strategy = RoleAwareStrategy(layout=layout_from_record(init["layout"]), history=history,
-                                 num_nodes=spec.shards or len(nodes))
-    strategy.start(grid=grid, initial_arrays=init["arrays"], num_rounds=spec.federated.rounds)
+                                 num_nodes=spec.shards or len(nodes), round_offset=done, group_counts=counts,
+                                 checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None)
+    if spec.federated.rounds > done and not history.stopped:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=spec.federated.rounds - done)
     result = history.result()
     result["nodes"] = spec.shards or len(nodes)
     if spec.out:

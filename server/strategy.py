@@ -8,6 +8,9 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
   members / members, unchanged when nobody chose it.
 * ``aggregate_evaluate``: pooled valid/test metrics from client summaries; the best round on
   validation and early stopping are tracked in :class:`fedrec.federated.history.RunHistory`.
+* With ``checkpoint=(folder, every)``, the server state is saved at the end of every
+  ``every``-th round (:mod:`fedrec.federated.checkpoint`); ``round_offset`` continues a
+  resumed run's numbering (Flower counts the rounds of each ``start`` from 1).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedrec.federated.algorithm import aggregate_uploads
+from fedrec.federated.checkpoint import save_server
 from fedrec.federated.history import RunHistory
 from fedrec.federated.layout import Layout
 from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
@@ -34,20 +38,36 @@ def _metric_record(values: dict) -> MetricRecord:
 class RoleAwareStrategy(FedAvg):
     """FedAvg whose aggregation reads parameter roles (see the module docstring)."""
 
-    def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int) -> None:
+    def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int, round_offset: int = 0,
+                 group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
                          min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
         self.layout = layout
         self.history = history
-        self.group_counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
+        self.group_counts = (group_counts.clone() if group_counts is not None
+                             else torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64))
+        self.round_offset = round_offset
+        self.checkpoint = checkpoint
         self._global: dict[str, torch.Tensor] | None = None
+        self._latest: dict[str, torch.Tensor] | None = None
+        self._saved_round = round_offset
+
+    def _end_of_round(self, round: int) -> None:
+        """Save the server state after ``round`` when it is a checkpoint round."""
+        if not self.checkpoint or self._latest is None or round <= self._saved_round:
+            return
+        folder, every = self.checkpoint
+        if every and round % every == 0:
+            save_server(folder, round=round, global_params=self._latest, group_counts=self.group_counts,
+                        history=self.history.state_dict())
+            self._saved_round = round
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Send the global parameters, the round and the group counts to every node."""
         if self.history.stopped:
             return []
         self._global = record_to_params(arrays)
-        config = ConfigRecord({**dict(config), "round": server_round,
+        config = ConfigRecord({**dict(config), "round": server_round + self.round_offset,
                                "group-counts": [float(x) for x in self.group_counts.reshape(-1).tolist()]})
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -59,19 +79,22 @@ class RoleAwareStrategy(FedAvg):
         uploads = replies_to_uploads(replies, self.layout)
         new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
         self.group_counts = counts
+        self._latest = new
         record = dict(metrics)
         if counts.numel():
             record["group-counts"] = counts.tolist()  # users per group, per layer
-        self.history.record_train(server_round, record)
+        self.history.record_train(server_round + self.round_offset, record)
         return params_to_record(new), _metric_record(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Evaluate on evaluation rounds only (every ``eval-every`` rounds and the last)."""
-        if self.history.stopped and not any(r["round"] == server_round and "train" in r for r in self.history.rounds):
+        rnd = server_round + self.round_offset
+        if self.history.stopped and not any(r["round"] == rnd and "train" in r for r in self.history.rounds):
             return []
-        if not self.history.should_evaluate(server_round):
+        if not self.history.should_evaluate(rnd):
+            self._end_of_round(rnd)
             return []
-        config = ConfigRecord({**dict(config), "round": server_round})
+        config = ConfigRecord({**dict(config), "round": rnd})
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -80,5 +103,6 @@ class RoleAwareStrategy(FedAvg):
         if not replies:
             return None
         pooled = combine_evaluation(replies)
-        self.history.record_eval(server_round, pooled["valid"], pooled["test"])
+        self.history.record_eval(server_round + self.round_offset, pooled["valid"], pooled["test"])
+        self._end_of_round(server_round + self.round_offset)
         return _metric_record({f"{s}.{k}": v for s in ("valid", "test") for k, v in pooled[s].items()})

@@ -32,6 +32,7 @@ CATALOGUES = (12_000, 70_000)
 def part(items: int, dp: bool, users: int, chunk: int, repeats: int) -> dict:
     """One measurement (run in its own process): mean seconds of a client round."""
     import resource
+    import tempfile
     import time
 
     import numpy as np
@@ -40,8 +41,6 @@ def part(items: int, dp: bool, users: int, chunk: int, repeats: int) -> dict:
     from fedrec.data import load_dataset
     from fedrec.data.split import split_dataset
     from fedrec.federated import FederatedConfig, create_algorithm
-
-    import tempfile
 
     torch.set_num_threads(1)
     # a catalogue that really has `items` items: ceil(items / 50) users with 50 distinct items

@@ -60,6 +60,19 @@ class RunHistory:
             if self.spec.federated.patience and self.stale >= self.spec.federated.patience:
                 self.stopped = True
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the history after a restart (JSON-able)."""
+        return {"rounds": self.rounds, "best-round": None if self.best is None else self.best["round"],
+                "best-score": self.best_score, "stale": self.stale, "stopped": self.stopped,
+                "elapsed": time.perf_counter() - self.start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.rounds = state["rounds"]
+        self.best = next((r for r in self.rounds if r["round"] == state["best-round"]), None)
+        self.best_score, self.stale, self.stopped = state["best-score"], state["stale"], state["stopped"]
+        self.start = time.perf_counter() - state["elapsed"]
+
     def should_evaluate(self, round: int) -> bool:
         """Whether ``round`` is an evaluation round."""
         return round % self.spec.federated.eval_every == 0 or round == self.spec.federated.rounds

@@ -36,6 +36,7 @@ from fedrec.data.partition import dominant_item_feature, partition_users
 from fedrec.data.split import split_dataset
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
+from fedrec.federated.checkpoint import load_client, save_client
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.layout import Layout
 from fedrec.federated.registry import create_algorithm
@@ -121,13 +122,19 @@ def _shard(alg: Algorithm, spec: RunSpec, context: Context) -> Shard:
         return _cache[key]
 
 
-def _local_state(alg: Algorithm, shard: Shard, context: Context) -> LocalState:
+def _local_state(alg: Algorithm, shard: Shard, context: Context, *, spec: RunSpec | None = None,
+                 round: int = 0) -> LocalState:
     if _PRIVATE in context.state:
         state = LocalState.from_state_dict(context.state[_PRIVATE].to_torch_state_dict())
-        if not np.array_equal(state.users, shard.users):
-            raise RuntimeError("this node's saved private state belongs to other users than its shard")
-        return state
-    return alg.initial_local(shard.users)
+    elif spec is not None and spec.resume and round > 1:
+        # a resumed run: the state this node saved at the end of the previous round
+        state = LocalState.from_state_dict(load_client(spec.checkpoint_dir, round=round - 1,
+                                                       shard=shard_of_node(context.node_config, spec)[0]))
+    else:
+        return alg.initial_local(shard.users)
+    if not np.array_equal(state.users, shard.users):
+        raise RuntimeError("this node's saved private state belongs to other users than its shard")
+    return state
 
 
 def client_init(msg: Message, context: Context) -> RecordDict:
@@ -145,9 +152,13 @@ def client_train(msg: Message, context: Context) -> RecordDict:
     global_params = record_to_params(msg.content["arrays"])
     counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
     counts = counts.reshape(alg.layout.layers, alg.layout.n_groups) if counts.numel() else None
-    state = _local_state(alg, shard, context)
-    upload, state, _ = alg.client_update(global_params, state, shard, round=int(config["round"]), group_counts=counts)
+    rnd = int(config["round"])
+    state = _local_state(alg, shard, context, spec=spec, round=rnd)
+    upload, state, _ = alg.client_update(global_params, state, shard, round=rnd, group_counts=counts)
     context.state[_PRIVATE] = ArrayRecord(state.state_dict())
+    if spec.checkpoint_every and rnd % spec.checkpoint_every == 0:
+        save_client(spec.checkpoint_dir, shard=shard_of_node(context.node_config, spec)[0], round=rnd,
+                    state=state.state_dict())
     extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
     metrics = MetricRecord({**extra, "num-examples": int(upload.examples), "weight": float(upload.weight),
                             "users": int(upload.users), "examples": int(upload.examples),

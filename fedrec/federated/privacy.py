@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from fedrec.errors import ConfigError
 
-__all__ = ["UserLevelDP", "calibrate_noise", "epsilon_of", "ACCOUNTANTS"]
+__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "epsilon_of"]
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -105,7 +105,8 @@ class UserLevelDP:
         """
         sq = None
         for n, p in params.items():
-            d = (p - global_params[n]).flatten(1).to(torch.float64).pow(2).sum(1)  # one name at a time
+            # one name at a time, in the parameters' dtype (no float64 copy of large tables)
+            d = torch.linalg.vector_norm((p - global_params[n]).flatten(1), dim=1).to(torch.float64).pow(2)
             m = members.get(n)
             d = d if m is None else d * m.to(torch.float64)
             sq = d if sq is None else sq + d

@@ -7,7 +7,8 @@ Keys
 ``data`` (``synthetic:``), ``task`` (``ctr``), ``algorithm`` (``mrff``), ``model`` (the
 algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
 ``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
-(write the result JSON there), every :class:`~fedrec.federated.config.FederatedConfig` key,
+(write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
+(:mod:`fedrec.federated.checkpoint`), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
@@ -45,6 +46,9 @@ class RunSpec:
     partition_alpha: float = 0.5
     partition_seed: int = 0
     out: str = ""
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+    resume: bool = False
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -55,12 +59,17 @@ class RunSpec:
             raise ConfigError(f"run config 'partition' must be one of {', '.join(_PARTITIONS)} (got {self.partition!r})")
         if self.shards < 0:
             raise ConfigError(f"run config 'shards' must be >= 0 (got {self.shards})")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"run config 'checkpoint-every' must be >= 0 (got {self.checkpoint_every})")
+        if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
+            raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
 
     def key(self) -> str:
         """A stable string identifying what a client builds from this spec (data, model,
         algorithm, partition) — for caches."""
         d = dataclasses.asdict(self)
-        d.pop("out")
+        for k in ("out", "checkpoint_dir", "checkpoint_every", "resume"):
+            d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)
 
     def to_flat(self) -> dict[str, Any]:

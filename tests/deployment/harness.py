@@ -35,11 +35,12 @@ def flower_env(home: Path) -> dict[str, str]:
 def make_tls_material(folder: Path, names: list[str]) -> dict[str, Path]:
     """A CA, a SuperLink certificate for localhost/127.0.0.1 signed by it, and one ECDSA
     (SECP384R1, OpenSSH format) key pair per SuperNode name."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import Deployment, make_tls_material  # tests/deployment/harness.py (rootdir-relative import)
 
 from fedrec.federated.runner import find_app_dir
 from fedrec.federated.spec import parse_run_config
-from harness import Deployment, make_tls_material  # tests/deployment/harness.py (rootdir-relative import)
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 

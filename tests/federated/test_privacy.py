@@ -106,7 +106,7 @@ def test_noise_has_the_configured_standard_deviation(split, monkeypatch):
 
 def test_noise_is_secret_unless_seeded():
     kw = {"max_grad_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3, "lr": 0.1}
-    draw = lambda dp: torch.randn(4, generator=dp.generator(seed=0, round=1, shard_key=1))  # noqa: E731
+    draw = lambda dp: torch.randn(4, generator=dp.generator(seed=0, round=1, shard_key=1))
     assert not torch.equal(draw(UserLevelDP(**kw)), draw(UserLevelDP(**kw)))
     assert torch.equal(draw(UserLevelDP(**kw, noise_seed=3)), draw(UserLevelDP(**kw, noise_seed=3)))
 
