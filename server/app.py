@@ -20,7 +20,8 @@ from fedrec.federated.checkpoint import load_server
 from fedrec.federated.history import RunHistory
 from fedrec.federated.node import layout_from_record, params_to_record
 from fedrec.federated.spec import parse_run_config
-from server.strategy import RoleAwareStrategy
+from fedrec.federated.privacy import calibrate_noise
+from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
 
 app = ServerApp()
 
@@ -52,9 +53,18 @@ def main(grid: Grid, context: Context) -> None:
         saved = load_server(spec.checkpoint_dir)
         initial, done, counts = params_to_record(saved["global"]), int(saved["round"]), saved["group_counts"]
         history.load_state_dict(saved["history"])
+    num_nodes = spec.shards or len(nodes)
+    central = None
+    if spec.central_dp:
+        sigma = spec.central_noise_multiplier or calibrate_noise(
+            target_epsilon=spec.central_target_epsilon, delta=spec.central_delta, rounds=spec.federated.rounds)
+        central = (sigma, spec.central_delta)
     strategy = RoleAwareStrategy(layout=layout_from_record(init["layout"]), history=history,
-                                 num_nodes=spec.shards or len(nodes), round_offset=done, group_counts=counts,
+                                 num_nodes=num_nodes, round_offset=done, group_counts=counts, central=central,
                                  checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None)
+    if central is not None:  # client-level DP with Flower's wrapper (fedrec.federated.privacy)
+        strategy = CentralDPFixedClipping(strategy, noise_multiplier=central[0], clipping_norm=spec.central_clipping_norm,
+                                          num_sampled_clients=num_nodes)
     if spec.federated.rounds > done and not history.stopped:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=spec.federated.rounds - done)
     result = history.result()

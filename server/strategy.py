@@ -8,6 +8,10 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
   members / members, unchanged when nobody chose it.
 * ``aggregate_evaluate``: pooled valid/test metrics from client summaries; the best round on
   validation and early stopping are tracked in :class:`fedrec.federated.history.RunHistory`.
+* With ``central=(noise_multiplier, delta)`` (central DP: the strategy is wrapped by
+  :class:`CentralDPFixedClipping`), clients send mean models, the wrapper clips each
+  client's update and adds the noise, and this strategy averages the clipped client models
+  with **equal weights** (groups included), as the wrapper's noise calibration assumes.
 * With ``checkpoint=(folder, every)``, the server state is saved at the end of every
   ``every``-th round (:mod:`fedrec.federated.checkpoint`); ``round_offset`` continues a
   resumed run's numbering (Flower counts the rounds of each ``start`` from 1).
@@ -20,15 +24,16 @@ from typing import Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
 from fedrec.federated.algorithm import aggregate_uploads
 from fedrec.federated.checkpoint import save_server
 from fedrec.federated.history import RunHistory
 from fedrec.federated.layout import Layout
+from fedrec.federated.privacy import central_epsilon
 from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
 
-__all__ = ["RoleAwareStrategy"]
+__all__ = ["RoleAwareStrategy", "CentralDPFixedClipping"]
 
 
 def _metric_record(values: dict) -> MetricRecord:
@@ -39,7 +44,8 @@ class RoleAwareStrategy(FedAvg):
     """FedAvg whose aggregation reads parameter roles (see the module docstring)."""
 
     def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int, round_offset: int = 0,
-                 group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None) -> None:
+                 group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None,
+                 central: tuple[float, float] | None = None) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
                          min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
         self.layout = layout
@@ -48,6 +54,7 @@ class RoleAwareStrategy(FedAvg):
                              else torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64))
         self.round_offset = round_offset
         self.checkpoint = checkpoint
+        self.central = central
         self._global: dict[str, torch.Tensor] | None = None
         self._latest: dict[str, torch.Tensor] | None = None
         self._saved_round = round_offset
@@ -78,6 +85,14 @@ class RoleAwareStrategy(FedAvg):
             return None, None
         uploads = replies_to_uploads(replies, self.layout)
         new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
+        if self.central is not None:
+            # the uploads are the clients' (clipped) mean models: equal-weight average
+            new = {n: (sum(u.sums[n].to(torch.float64) for u in uploads) / len(uploads)).to(self._global[n].dtype)
+                   for n in self._global}
+            sigma, delta = self.central
+            metrics["epsilon"] = central_epsilon(noise_multiplier=sigma, rounds=server_round + self.round_offset,
+                                                 delta=delta)
+            metrics["noise-multiplier"], metrics["delta"] = sigma, delta
         self.group_counts = counts
         self._latest = new
         record = dict(metrics)
@@ -106,3 +121,22 @@ class RoleAwareStrategy(FedAvg):
         self.history.record_eval(server_round + self.round_offset, pooled["valid"], pooled["test"])
         self._end_of_round(server_round + self.round_offset)
         return _metric_record({f"{s}.{k}": v for s in ("valid", "test") for k, v in pooled[s].items()})
+
+
+class CentralDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping central DP around a :class:`RoleAwareStrategy`:
+    each client's ``model - global`` is clipped to ``clipping_norm``, the inner strategy
+    averages, then Gaussian noise ``noise_multiplier * clipping_norm / clients`` is added.
+    The inner strategy is told the noised parameters (for its checkpoints)."""
+
+    def __init__(self, inner: RoleAwareStrategy, *, noise_multiplier: float, clipping_norm: float,
+                 num_sampled_clients: int) -> None:
+        super().__init__(inner, noise_multiplier=noise_multiplier, clipping_norm=clipping_norm,
+                         num_sampled_clients=num_sampled_clients)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip, average (inner strategy), add noise; keep the inner strategy's view current."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.strategy._latest = record_to_params(arrays)
+        return arrays, metrics

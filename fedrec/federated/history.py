@@ -82,7 +82,7 @@ class RunHistory:
         best = self.best or {}
         test = dict(best.get("test", {}))
         privacy = None
-        if self.spec.federated.dp:
+        if self.spec.federated.dp or self.spec.central_dp:
             # everything the server saw, every round up to the last one trained, not just the best
             trained = [r["train"] for r in self.rounds if "train" in r]
             last = trained[-1] if trained else {}
@@ -90,9 +90,13 @@ class RunHistory:
             eps = None if eps is None or math.isinf(eps) else eps  # None: no noise, no guarantee
             test["epsilon"] = eps
             privacy = {"epsilon": eps, "delta": last.get("delta"), "noise-multiplier": last.get("noise-multiplier"),
-                       "max-grad-norm": self.spec.federated.max_grad_norm,
-                       "target-epsilon": self.spec.federated.target_epsilon or None,
-                       "accountant": self.spec.federated.accountant}
+                       "accountant": self.spec.federated.accountant if self.spec.federated.dp else "rdp"}
+            if self.spec.central_dp:
+                privacy.update({"kind": "central (client level)", "clipping-norm": self.spec.central_clipping_norm,
+                                "target-epsilon": self.spec.central_target_epsilon or None})
+            else:
+                privacy.update({"kind": "local (user level)", "max-grad-norm": self.spec.federated.max_grad_norm,
+                                "target-epsilon": self.spec.federated.target_epsilon or None})
         out = {
             "algorithm": self.spec.algorithm,
             "model": self.spec.model or None,

@@ -9,7 +9,8 @@ server -> client (train)
 client -> server (train)
     ``arrays`` (the upload's sums), ``metrics`` (MetricRecord: ``num-examples``, ``weight``,
     ``users``, ``examples``, ``loss-sum``, ``shard``, ``group-counts``, and ``epsilon`` under
-    differential privacy).
+    differential privacy). With ``central-dp`` the arrays are the client's means instead
+    (:func:`fedrec.federated.privacy.client_means`) and ``num-examples`` is 1.
 server -> client (evaluate)
     ``arrays``, ``config`` (``round``).
 client -> server (evaluate)
@@ -39,6 +40,7 @@ from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upl
 from fedrec.federated.checkpoint import load_client, save_client
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.layout import Layout
+from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config, shard_of_node
 
@@ -160,11 +162,16 @@ def client_train(msg: Message, context: Context) -> RecordDict:
         save_client(spec.checkpoint_dir, shard=shard_of_node(context.node_config, spec)[0], round=rnd,
                     state=state.state_dict())
     extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
-    metrics = MetricRecord({**extra, "num-examples": int(upload.examples), "weight": float(upload.weight),
+    arrays = upload.sums
+    if spec.central_dp:
+        # Flower's central-DP wrapper clips each client's (model - global): send the means,
+        # with equal weights (num-examples 1) as its noise calibration assumes
+        arrays = client_means(alg.layout, global_params, upload)
+    metrics = MetricRecord({**extra, "num-examples": 1 if spec.central_dp else int(upload.examples), "weight": float(upload.weight),
                             "users": int(upload.users), "examples": int(upload.examples),
                             "loss-sum": float(upload.loss_sum), "shard": int(shard_of_node(context.node_config, spec)[0]),
                             "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
-    return RecordDict({"arrays": params_to_record(upload.sums), "metrics": metrics})
+    return RecordDict({"arrays": params_to_record(arrays), "metrics": metrics})
 
 
 def client_evaluate(msg: Message, context: Context) -> RecordDict:

@@ -26,6 +26,12 @@ The accountant's sampling rate is 1: user participation (``fraction``) is drawn 
 run seed, which the server knows, so it gives no amplification by sampling. The noise is
 drawn from a secret per-process seed unless ``dp_noise_seed`` is set (reproducible
 experiments only: a server that knows the seed can remove the noise).
+
+**Central DP** (client level, the alternative): clients upload their *mean* model
+(:func:`client_means`), Flower's ``DifferentialPrivacyServerSideFixedClipping`` clips each
+client's ``model - global`` to a norm and adds Gaussian noise to the average, which the
+role-aware strategy then takes with equal client weights; :func:`central_epsilon` accounts
+for it. The server is trusted to add the noise.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 
 from fedrec.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "epsilon_of"]
+__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "central_epsilon", "client_means", "epsilon_of"]
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -157,3 +163,30 @@ class UserLevelDP:
         if history.numel() and self.noise_multiplier == 0:
             return math.inf
         return epsilon_of(history, delta=self.delta, accountant=self.accountant)
+
+
+# -- central (client-level) DP -------------------------------------------------------------
+def client_means(layout, global_params: dict[str, torch.Tensor], upload) -> dict[str, torch.Tensor]:
+    """A client's upload as a *model* (for Flower's central-DP wrappers, which clip each
+    client's ``model - global``): public = its weighted mean, each group = the mean over its
+    members, or the global value when none of its users chose it (a zero update)."""
+    out = {}
+    for n in layout.global_names:
+        if n in layout.groups:
+            layer, g = layout.groups[n]
+            c = float(upload.group_counts[layer, g])
+            out[n] = (upload.sums[n].double() / c).to(global_params[n].dtype) if c > 0 else global_params[n].clone()
+        else:
+            out[n] = ((upload.sums[n].double() / upload.weight).to(global_params[n].dtype) if upload.weight > 0
+                      else global_params[n].clone())
+    return out
+
+
+def central_epsilon(*, noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` releases of the central Gaussian mechanism with every client
+    taking part (sampling rate 1), from Opacus's RDP analysis; inf without noise."""
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return epsilon_of(torch.tensor([[noise_multiplier, 1.0, float(rounds)]], dtype=torch.float64), delta=delta)

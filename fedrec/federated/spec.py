@@ -8,7 +8,9 @@ Keys
 algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
 ``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
 (write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
-(:mod:`fedrec.federated.checkpoint`), every :class:`~fedrec.federated.config.FederatedConfig` key,
+(:mod:`fedrec.federated.checkpoint`), ``central-dp`` with ``central-noise-multiplier`` or
+``central-target-epsilon``, ``central-clipping-norm`` and ``central-delta`` (client-level DP
+with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
@@ -49,6 +51,11 @@ class RunSpec:
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
     resume: bool = False
+    central_dp: bool = False
+    central_noise_multiplier: float = 0.0
+    central_target_epsilon: float = 0.0
+    central_clipping_norm: float = 1.0
+    central_delta: float = 1e-5
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +68,18 @@ class RunSpec:
             raise ConfigError(f"run config 'shards' must be >= 0 (got {self.shards})")
         if self.checkpoint_every < 0:
             raise ConfigError(f"run config 'checkpoint-every' must be >= 0 (got {self.checkpoint_every})")
+        if self.central_dp:
+            if bool(self.central_noise_multiplier > 0) == bool(self.central_target_epsilon > 0):
+                raise ConfigError("run config 'central-dp' needs exactly one of 'central-noise-multiplier' and "
+                                  "'central-target-epsilon' > 0")
+            if not self.central_clipping_norm > 0:
+                raise ConfigError(f"run config 'central-clipping-norm' must be > 0 (got {self.central_clipping_norm})")
+            if not 0 < self.central_delta < 1:
+                raise ConfigError(f"run config 'central-delta' must be in (0, 1) (got {self.central_delta})")
+            if self.federated.dp:
+                raise ConfigError("choose local DP (noise-multiplier / target-epsilon) or 'central-dp', not both")
+        elif self.central_noise_multiplier or self.central_target_epsilon:
+            raise ConfigError("run config 'central-noise-multiplier' / 'central-target-epsilon' need 'central-dp = true'")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
 

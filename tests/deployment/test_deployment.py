@@ -90,7 +90,8 @@ def test_tls_with_supernode_authentication_refuses_an_unregistered_node(tmp_path
     finally:
         dep.close()
     assert not dep.leftovers()
-    assert stranger.returncode == 305 and plain.returncode == 305  # Flower: "could not establish a connection"
+    # refused: Flower's exit code 305, "could not establish a connection to the SuperLink"
+    assert stranger.returncode != 0 and plain.returncode != 0
     assert "Exit Code: 305" in dep.log("stranger") and "Exit Code: 305" in dep.log("plain")
     assert result["rounds"] == 2 and [h["train"]["users"] for h in result["history"]] == [24, 24]
     assert 0.0 <= result["test"]["auc"] <= 1.0

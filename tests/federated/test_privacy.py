@@ -5,6 +5,7 @@ DP switched off changes nothing."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -205,3 +206,78 @@ def test_cli_target_epsilon(tmp_path):
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "differential privacy is off" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+# -- central DP (Flower's server-side fixed clipping) ---------------------------------------
+def _central_round_one(tmp_path, **extra):
+    """Initial and round-1 global parameters of a 2-client central-DP run (from the
+    server's checkpoint), and the result."""
+    flat = {**TINY, "rounds": 1, "central-dp": True, "checkpoint-dir": str(tmp_path), "checkpoint-every": 1, **extra}
+    spec = parse_run_config(flat)
+    result = run_in_process(spec)
+    alg = create_algorithm(spec.algorithm, split_dataset(load_dataset(spec.data)), task=spec.task,
+                           model_options=spec.model_options, config=spec.federated)
+    from fedrec.federated.checkpoint import load_server
+
+    return alg.initial_global(), load_server(tmp_path)["global"], result
+
+
+def _delta(a, b):
+    return torch.cat([(b[n].double() - a[n].double()).flatten() for n in a])
+
+
+def test_central_dp_clips_each_clients_update(tmp_path):
+    """Negligible noise: the new global moves by the average of the clipped client updates,
+    so by at most the clipping norm; a loose norm leaves a larger move (the clip binds)."""
+    init, tight, _ = _central_round_one(tmp_path / "a", **{"central-noise-multiplier": 1e-9,
+                                                           "central-clipping-norm": 0.01})
+    _, loose, _ = _central_round_one(tmp_path / "b", **{"central-noise-multiplier": 1e-9,
+                                                        "central-clipping-norm": 1e6})
+    assert float(_delta(init, tight).norm()) <= 0.01 * (1 + 1e-3)
+    assert float(_delta(init, loose).norm()) > 0.5
+
+
+def test_central_dp_noise_has_the_wrapper_standard_deviation(tmp_path):
+    """Clipping norm C, 2 clients, sigma 20: std of the global's change ~ sigma * C / 2 (the
+    clipped updates' share per coordinate is ~1e-5 of that)."""
+    sigma, C = 20.0, 1e-3
+    init, new, _ = _central_round_one(tmp_path, **{"central-noise-multiplier": sigma, "central-clipping-norm": C})
+    d = _delta(init, new).numpy()
+    expected = sigma * C / 2
+    assert abs(d.std() - expected) < 4 * expected / math.sqrt(2 * d.size)
+    assert abs(np.mean(np.abs(d) < expected) - 0.6827) < 0.02
+
+
+def test_central_dp_epsilon_matches_opacus_and_the_target():
+    result = run_in_process(parse_run_config({**TINY, "rounds": 3, "central-dp": True, "central-target-epsilon": 6.0,
+                                              "central-delta": 1e-4}))
+    sigma = result["privacy"]["noise-multiplier"]
+    spent = [h["train"]["epsilon"] for h in result["history"]]
+    assert spent == pytest.approx([_independent_epsilon(sigma, r, 1e-4) for r in (1, 2, 3)], rel=0.01)
+    assert 0.95 * 6.0 <= result["test"]["epsilon"] <= 6.006 and result["privacy"]["kind"].startswith("central")
+
+
+def test_client_means_are_the_clients_models(split):
+    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL)
+    from fedrec.federated.privacy import client_means
+
+    users = np.arange(1, split.n_users + 1)
+    g = alg.initial_global()
+    up, _, _ = alg.client_update(g, alg.initial_local(users), alg.make_shard(users), round=1)
+    means = client_means(alg.layout, g, up)
+    for n in alg.layout.shared:
+        assert torch.allclose(means[n], up.sums[n] / up.weight, atol=1e-6)
+    for n, (layer, grp) in alg.layout.groups.items():
+        c = float(up.group_counts[layer, grp])
+        assert torch.allclose(means[n], up.sums[n] / c if c else g[n], atol=1e-6)
+
+
+@pytest.mark.parametrize("flat,needle", [
+    ({"central-dp": True}, "exactly one of 'central-noise-multiplier' and 'central-target-epsilon'"),
+    ({"central-noise-multiplier": 1.0}, "need 'central-dp = true'"),
+    ({"central-dp": True, "central-noise-multiplier": 1.0, "noise-multiplier": 1.0}, "not both"),
+    ({"central-dp": True, "central-noise-multiplier": 1.0, "central-delta": 2.0}, "'central-delta' must be in (0, 1)"),
+])
+def test_bad_central_dp_options_are_named(flat, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        parse_run_config(flat)
