@@ -1,6 +1,7 @@
 """fedrec's ClientApp: each SuperNode holds a shard of users and answers three messages.
 
-``train``     one round of local training of its users (private state kept in ``context.state``)
+``train``     one round of local training of its users (private state kept in ``context.state``);
+              under secure aggregation Flower's ``secaggplus_mod`` masks the upload
 ``evaluate``  valid and test summaries of its users (no raw scores leave the node)
 ``query``     the initial global parameters and the parameter layout (asked once by the server)
 
@@ -17,7 +18,7 @@ from fedrec.federated import node
 app = ClientApp()
 
 
-@app.train()
+@app.train(mods=[node.optional_secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train this node's users for one round and reply with the upload."""
     return Message(node.client_train(msg, context), reply_to=msg)

@@ -13,14 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.federated.checkpoint import load_server
 from fedrec.federated.history import RunHistory
-from fedrec.federated.node import layout_from_record, params_to_record
+from fedrec.federated.node import layout_from_record, params_to_record, record_to_params
 from fedrec.federated.spec import parse_run_config
 from fedrec.federated.privacy import calibrate_noise
+from server.secagg import secure_round
 from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
 
 app = ServerApp()
@@ -35,6 +36,26 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
         if time.time() > deadline:
             raise RuntimeError(f"only {len(nodes)} of {n} nodes connected after {timeout:.0f} s")
         time.sleep(0.5)
+
+
+def _run_secure(grid: Grid, context: Context, spec, strategy: RoleAwareStrategy, initial, done: int) -> None:
+    """Rounds ``done + 1 ..`` with the uploads summed under SecAgg+ (``server/secagg.py``);
+    evaluation and checkpoints go through the role-aware strategy as usual."""
+    params = record_to_params(initial)
+    for rnd in range(done + 1, spec.federated.rounds + 1):
+        if strategy.history.stopped:
+            break
+        new, counts, metrics = secure_round(grid, context, layout=strategy.layout, global_params=params, round=rnd,
+                                            group_counts=strategy.group_counts, num_nodes=strategy.num_nodes,
+                                            clipping_range=spec.secagg_clipping_range)
+        record = dict(metrics)
+        if counts.numel():
+            record["group-counts"] = counts.tolist()
+        strategy.history.record_train(rnd, record)
+        strategy.group_counts, strategy._latest, params = counts, new, new
+        messages = list(strategy.configure_evaluate(rnd, params_to_record(new), ConfigRecord({}), grid))
+        if messages:
+            strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages))
 
 
 @app.main()
@@ -65,7 +86,9 @@ def main(grid: Grid, context: Context) -> None:
     if central is not None:  # client-level DP with Flower's wrapper (fedrec.federated.privacy)
         strategy = CentralDPFixedClipping(strategy, noise_multiplier=central[0], clipping_norm=spec.central_clipping_norm,
                                           num_sampled_clients=num_nodes)
-    if spec.federated.rounds > done and not history.stopped:
+    if spec.secure_aggregation:
+        _run_secure(grid, context, spec, strategy, initial, done)
+    elif spec.federated.rounds > done and not history.stopped:
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=spec.federated.rounds - done)
     result = history.result()
     result["nodes"] = spec.shards or len(nodes)

@@ -49,6 +49,7 @@ class RoleAwareStrategy(FedAvg):
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
                          min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
         self.layout = layout
+        self.num_nodes = num_nodes
         self.history = history
         self.group_counts = (group_counts.clone() if group_counts is not None
                              else torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64))

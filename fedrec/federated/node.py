@@ -25,6 +25,7 @@ Client private state lives in ``context.state["fedrec.private"]`` (ArrayRecord).
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Iterable
 
@@ -45,7 +46,8 @@ from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config, shard_of_node
 
 __all__ = ["client_train", "client_evaluate", "client_init", "node_spec", "params_to_record", "record_to_params",
-           "replies_to_uploads", "combine_evaluation", "layout_from_record", "shard_users"]
+           "replies_to_uploads", "combine_evaluation", "layout_from_record", "shard_users", "secagg_vector",
+           "secagg_result", "optional_secaggplus_mod"]
 
 _PRIVATE = "fedrec.private"
 _lock = threading.Lock()
@@ -145,33 +147,117 @@ def client_init(msg: Message, context: Context) -> RecordDict:
     return RecordDict({"arrays": params_to_record(alg.initial_global()), "layout": _layout_record(alg.layout)})
 
 
-def client_train(msg: Message, context: Context) -> RecordDict:
-    """One round of local training for this node's shard (see the module docstring)."""
-    spec = node_spec(context)
-    alg = _algorithm(spec)
-    shard = _shard(alg, spec, context)
-    config = msg.content["config"]
-    global_params = record_to_params(msg.content["arrays"])
-    counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
-    counts = counts.reshape(alg.layout.layers, alg.layout.n_groups) if counts.numel() else None
-    rnd = int(config["round"])
+def _train_round(alg: Algorithm, spec: RunSpec, shard: Shard, context: Context, global_params: Params, rnd: int,
+                 counts: torch.Tensor | None) -> Upload:
+    """One round of this node's users; persists (and checkpoints) the private state."""
+    if counts is not None and counts.numel():
+        counts = counts.reshape(alg.layout.layers, alg.layout.n_groups)
+    else:
+        counts = None
     state = _local_state(alg, shard, context, spec=spec, round=rnd)
     upload, state, _ = alg.client_update(global_params, state, shard, round=rnd, group_counts=counts)
     context.state[_PRIVATE] = ArrayRecord(state.state_dict())
     if spec.checkpoint_every and rnd % spec.checkpoint_every == 0:
         save_client(spec.checkpoint_dir, shard=shard_of_node(context.node_config, spec)[0], round=rnd,
                     state=state.state_dict())
+    return upload
+
+
+def client_train(msg: Message, context: Context) -> RecordDict:
+    """One round of local training for this node's shard (see the module docstring)."""
+    spec = node_spec(context)
+    alg = _algorithm(spec)
+    shard = _shard(alg, spec, context)
+    if SECAGG_FITINS in msg.content.array_records:  # the masked-vector stage of SecAgg+
+        return _client_train_secagg(alg, spec, shard, msg, context)
+    config = msg.content["config"]
+    global_params = record_to_params(msg.content["arrays"])
+    counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
+    upload = _train_round(alg, spec, shard, context, global_params, int(config["round"]), counts)
     extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
     arrays = upload.sums
     if spec.central_dp:
         # Flower's central-DP wrapper clips each client's (model - global): send the means,
         # with equal weights (num-examples 1) as its noise calibration assumes
         arrays = client_means(alg.layout, global_params, upload)
-    metrics = MetricRecord({**extra, "num-examples": 1 if spec.central_dp else int(upload.examples), "weight": float(upload.weight),
-                            "users": int(upload.users), "examples": int(upload.examples),
-                            "loss-sum": float(upload.loss_sum), "shard": int(shard_of_node(context.node_config, spec)[0]),
+    metrics = MetricRecord({**extra, "num-examples": 1 if spec.central_dp else int(upload.examples),
+                            "weight": float(upload.weight), "users": int(upload.users),
+                            "examples": int(upload.examples), "loss-sum": float(upload.loss_sum),
+                            "shard": int(shard_of_node(context.node_config, spec)[0]),
                             "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
     return RecordDict({"arrays": params_to_record(arrays), "metrics": metrics})
+
+
+# -- secure aggregation (SecAgg+, Flower's legacy workflow) -------------------------------
+SECAGG_FITINS = "fitins.parameters"
+
+
+def secagg_vector(layout: Layout, upload: Upload, scale: float) -> list[np.ndarray]:
+    """What a client masks under SecAgg+: per global name (layout order) its sum, then its
+    group counts, then its weight, all divided by ``scale`` (the expected users per client,
+    the same on every client). Every client enters with the same weight: SecAgg+ multiplies
+    a client's vector by ``num_examples / max_weight`` before quantising, so unequal weights
+    would cost precision. The workflow's average over clients then has every ratio the
+    server needs (public sum / weight, group sum / members) without any client's own sums
+    or counts; divided by ``scale`` the values stay O(parameter size), inside SecAgg+'s
+    clipping range."""
+    out = [(upload.sums[n].double() / scale).numpy() for n in layout.global_names]
+    out.append((upload.group_counts.reshape(-1).double() / scale).numpy())
+    out.append(np.array([upload.weight / scale]))
+    return out
+
+
+def secagg_result(layout: Layout, global_params: Params, vector: list[np.ndarray],
+                  total_weight: float) -> tuple[Params, torch.Tensor]:
+    """The new global parameters and total group counts from SecAgg+'s average of the
+    clients' :func:`secagg_vector`; ``total_weight`` is the sum of the clients' weights."""
+    names = layout.global_names
+    w = float(np.asarray(vector[len(names) + 1]).reshape(-1)[0])  # mean weight / scale
+    counts_rel = torch.from_numpy(np.asarray(vector[len(names)], dtype=np.float64)).reshape(layout.layers,
+                                                                                            layout.n_groups)
+    counts = (counts_rel / w * total_weight).round() if w > 0 else torch.zeros_like(counts_rel)
+    new = {}
+    for n, v in zip(names, vector[:len(names)], strict=True):
+        t = torch.from_numpy(np.asarray(v, dtype=np.float64))
+        if n in layout.groups:
+            c = float(counts_rel[layout.groups[n]])
+            new[n] = (t / c).to(global_params[n].dtype) if counts[layout.groups[n]] > 0 else global_params[n].clone()
+        else:
+            new[n] = (t / w).to(global_params[n].dtype) if w > 0 else global_params[n].clone()
+    return new, counts
+
+
+def _client_train_secagg(alg: Algorithm, spec: RunSpec, shard: Shard, msg: Message, context: Context) -> RecordDict:
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.compat.common.parameter import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.typing import Code, FitRes, Status
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    global_params = {n: torch.from_numpy(np.array(a)) for n, a in zip(alg.layout.global_names, arrays, strict=True)}
+    counts = torch.tensor(json.loads(str(fitins.config.get("group-counts", "[]"))), dtype=torch.float64)
+    upload = _train_round(alg, spec, shard, context, global_params, int(fitins.config["round"]), counts)
+    shards = shard_of_node(context.node_config, spec)[1]
+    vector = secagg_vector(alg.layout, upload, scale=max(1.0, alg.split.n_users / shards))
+    peak = max(float(np.abs(v).max()) for v in vector if v.size)
+    if peak > spec.secagg_clipping_range:
+        raise ConfigError(f"secure aggregation: an uploaded value reaches {peak:.3g}, beyond 'secagg-clipping-range' "
+                          f"{spec.secagg_clipping_range:g} (raise it; the quantisation step grows with it)")
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), num_examples=1,
+                 metrics={"users": int(upload.users), "weight": float(upload.weight),
+                          "shard": int(shard_of_node(context.node_config, spec)[0])})
+    return compat.fitres_to_recorddict(res, keep_input=True)
+
+
+def optional_secaggplus_mod(msg: Message, context: Context, call_next):
+    """Flower's ``secaggplus_mod`` for SecAgg+ train messages; other messages pass through
+    (so the ClientApp serves runs with and without secure aggregation)."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == "train" and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 def client_evaluate(msg: Message, context: Context) -> RecordDict:

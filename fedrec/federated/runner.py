@@ -10,6 +10,7 @@ is delivered by calling the ClientApp directly. Same code, same messages, same r
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
@@ -100,6 +101,9 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if node not in self.contexts:
                 raise RuntimeError(f"message to unknown node {node}")
+            # each node gets its own copy, as over a real transport (Flower's mods, e.g.
+            # secaggplus_mod, modify the content they receive)
+            msg.content = copy.deepcopy(msg.content)
             _set_identity(self._run_id, node)
             try:
                 reply = self.client_app(msg, self.contexts[node])

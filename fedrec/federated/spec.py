@@ -10,7 +10,9 @@ algorithm's default), ``shards`` (clients; in a Flower simulation the number of 
 (write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
 (:mod:`fedrec.federated.checkpoint`), ``central-dp`` with ``central-noise-multiplier`` or
 ``central-target-epsilon``, ``central-clipping-norm`` and ``central-delta`` (client-level DP
-with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`), every :class:`~fedrec.federated.config.FederatedConfig` key,
+with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`),
+``secure-aggregation`` with ``secagg-clipping-range`` (SecAgg+,
+``server/secagg.py``), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
@@ -56,6 +58,8 @@ class RunSpec:
     central_target_epsilon: float = 0.0
     central_clipping_norm: float = 1.0
     central_delta: float = 1e-5
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 8.0
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -80,6 +84,11 @@ class RunSpec:
                 raise ConfigError("choose local DP (noise-multiplier / target-epsilon) or 'central-dp', not both")
         elif self.central_noise_multiplier or self.central_target_epsilon:
             raise ConfigError("run config 'central-noise-multiplier' / 'central-target-epsilon' need 'central-dp = true'")
+        if self.secure_aggregation and self.central_dp:
+            raise ConfigError("'secure-aggregation' cannot be combined with 'central-dp' (the server must see "
+                              "each client's update to clip it); use local DP with secure aggregation")
+        if not self.secagg_clipping_range > 0:
+            raise ConfigError(f"run config 'secagg-clipping-range' must be > 0 (got {self.secagg_clipping_range})")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
 
