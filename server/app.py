@@ -13,14 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.federated.checkpoint import load_server
 from fedrec.federated.history import RunHistory
 from fedrec.federated.node import layout_from_record, params_to_record, record_to_params
-from fedrec.federated.spec import parse_run_config
 from fedrec.federated.privacy import calibrate_noise
+from fedrec.federated.spec import RunSpec, parse_run_config
 from server.secagg import secure_round
 from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
 
@@ -38,7 +38,8 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
         time.sleep(0.5)
 
 
-def _run_secure(grid: Grid, context: Context, spec, strategy: RoleAwareStrategy, initial, done: int) -> None:
+def _run_secure(grid: Grid, context: Context, spec: RunSpec, strategy: RoleAwareStrategy, initial: ArrayRecord,
+                done: int) -> None:
     """Rounds ``done + 1 ..`` with the uploads summed under SecAgg+ (``server/secagg.py``);
     evaluation and checkpoints go through the role-aware strategy as usual."""
     params = record_to_params(initial)
@@ -53,9 +54,10 @@ def _run_secure(grid: Grid, context: Context, spec, strategy: RoleAwareStrategy,
             record["group-counts"] = counts.tolist()
         strategy.history.record_train(rnd, record)
         strategy.group_counts, strategy._latest, params = counts, new, new
-        messages = list(strategy.configure_evaluate(rnd, params_to_record(new), ConfigRecord({}), grid))
+        flower_round = rnd - strategy.round_offset  # the strategy adds its offset back
+        messages = list(strategy.configure_evaluate(flower_round, params_to_record(new), ConfigRecord({}), grid))
         if messages:
-            strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages))
+            strategy.aggregate_evaluate(flower_round, grid.send_and_receive(messages))
 
 
 @app.main()

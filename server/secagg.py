@@ -48,6 +48,7 @@ class _CollectingStrategy(LegacyFedAvg):
         self.vector: list[np.ndarray] | None = None
         self.weights: list[float] = []
         self.users = 0
+        self.privacy: dict[str, float] = {}
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: D102 (legacy API)
         clients = client_manager.sample(num_clients=self.min_fit_clients, min_num_clients=self.min_fit_clients)
@@ -60,6 +61,11 @@ class _CollectingStrategy(LegacyFedAvg):
         self.vector = parameters_to_ndarrays(results[0][1].parameters)
         self.weights = [float(r.metrics.get("weight", 0.0)) for _, r in results]
         self.users = sum(int(r.metrics.get("users", 0)) for _, r in results)
+        private = [r.metrics for _, r in results if "epsilon" in r.metrics]  # local DP under SecAgg+
+        if private:
+            self.privacy = {"epsilon": max(float(m["epsilon"]) for m in private),
+                            "noise-multiplier": float(private[0]["noise-multiplier"]),
+                            "delta": float(private[0]["delta"])}
         return results[0][1].parameters, {}
 
 
@@ -85,4 +91,4 @@ def secure_round(grid: Grid, context: Context, *, layout: Layout, global_params:
         raise RuntimeError(f"secure aggregation halted in round {round}")
     total = float(sum(strategy.weights))
     new, counts = secagg_result(layout, global_params, strategy.vector, total)
-    return new, counts, {"users": float(strategy.users), "loss": float("nan")}
+    return new, counts, {"users": float(strategy.users), "loss": float("nan"), **strategy.privacy}

@@ -245,7 +245,8 @@ def _client_train_secagg(alg: Algorithm, spec: RunSpec, shard: Shard, msg: Messa
                           f"{spec.secagg_clipping_range:g} (raise it; the quantisation step grows with it)")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), num_examples=1,
                  metrics={"users": int(upload.users), "weight": float(upload.weight),
-                          "shard": int(shard_of_node(context.node_config, spec)[0])})
+                          "shard": int(shard_of_node(context.node_config, spec)[0]),
+                          **{k: float(v) for k, v in (upload.privacy or {}).items()}})
     return compat.fitres_to_recorddict(res, keep_input=True)
 
 

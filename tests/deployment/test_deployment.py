@@ -70,7 +70,9 @@ def test_superlink_and_two_supernodes_run_mrff(tmp_path, shared_data):
     assert result["test"]["n"] == 943 and 0.5 < result["test"]["auc"] < 1.0
 
 
-def test_tls_with_supernode_authentication_refuses_an_unregistered_node(tmp_path):
+def test_tls_with_supernode_authentication_and_secure_aggregation(tmp_path):
+    """TLS + SuperNode authentication: an unregistered key and a node without TLS are
+    refused; the two registered nodes train 2 rounds with SecAgg+."""
     tls = make_tls_material(tmp_path / "tls", ["sn0", "sn1", "stranger"])
     dep = Deployment(tmp_path, tls=tls)
     try:
@@ -83,7 +85,8 @@ def test_tls_with_supernode_authentication_refuses_an_unregistered_node(tmp_path
         for i, name in enumerate(("sn0", "sn1")):
             dep.start_supernode(f"node{i}", f'data="{SYNTHETIC}" shard={i} shards=2', key=tls[name])
         _wait_online(dep, 2)
-        result = _run(dep, tmp_path / "result.json")
+        # and the uploads summed under SecAgg+ between real processes
+        result = _run(dep, tmp_path / "result.json", **{"secure-aggregation": True})
         # the unregistered key and the node without TLS gave up, refused
         for proc in (stranger, plain):
             proc.wait(timeout=120)
@@ -94,4 +97,5 @@ def test_tls_with_supernode_authentication_refuses_an_unregistered_node(tmp_path
     assert stranger.returncode != 0 and plain.returncode != 0
     assert "Exit Code: 305" in dep.log("stranger") and "Exit Code: 305" in dep.log("plain")
     assert result["rounds"] == 2 and [h["train"]["users"] for h in result["history"]] == [24, 24]
+    assert result["config"]["secure-aggregation"] is True
     assert 0.0 <= result["test"]["auc"] <= 1.0

@@ -75,3 +75,12 @@ def test_secagg_vector_round_trip():
     assert torch.equal(counts, ref_counts)
     for name in ref:
         assert torch.allclose(new[name], ref[name], atol=1e-6), name
+
+
+def test_local_dp_under_secure_aggregation_reports_its_epsilon():
+    flat = {k: v for k, v in BASE.items() if k != "checkpoint-every"}
+    flat.update({"rounds": 2, "noise-multiplier": 1.0, "max-grad-norm": 0.1})
+    plain = run_in_process(parse_run_config(flat))
+    secure = run_in_process(parse_run_config({**flat, "secure-aggregation": True}))
+    assert [h["train"]["epsilon"] for h in secure["history"]] == [h["train"]["epsilon"] for h in plain["history"]]
+    assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
