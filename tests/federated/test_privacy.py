@@ -281,3 +281,12 @@ def test_client_means_are_the_clients_models(split):
 def test_bad_central_dp_options_are_named(flat, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         parse_run_config(flat)
+
+
+def test_prv_accountant_is_available_and_tighter_than_rdp():
+    from fedrec.federated.privacy import epsilon_of
+
+    history = torch.tensor([[1.1, 1.0, 5.0]], dtype=torch.float64)
+    rdp, prv = epsilon_of(history, delta=1e-5), epsilon_of(history, delta=1e-5, accountant="prv")
+    assert rdp == pytest.approx(_independent_epsilon(1.1, 5, 1e-5), rel=1e-6)
+    assert 0.8 * rdp < prv < rdp
