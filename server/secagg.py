@@ -50,11 +50,13 @@ class _CollectingStrategy(LegacyFedAvg):
         self.users = 0
         self.privacy: dict[str, float] = {}
 
-    def configure_fit(self, server_round, parameters, client_manager):  # noqa: D102 (legacy API)
+    def configure_fit(self, server_round, parameters, client_manager):
+        """Every available node trains, with this round's config."""
         clients = client_manager.sample(num_clients=self.min_fit_clients, min_num_clients=self.min_fit_clients)
         return [(c, FitIns(parameters, dict(self.config))) for c in clients]
 
-    def aggregate_fit(self, server_round, results, failures):  # noqa: D102 (legacy API)
+    def aggregate_fit(self, server_round, results, failures):
+        """Keep the SecAgg+ aggregate (the same vector in every result) and the weights."""
         if failures or not results:
             raise RuntimeError(f"secure aggregation: {len(failures)} client(s) failed in round {server_round}")
         # after unmasking, every result carries the same aggregated vector

@@ -30,8 +30,8 @@ from fedrec.federated.algorithm import aggregate_uploads
 from fedrec.federated.checkpoint import save_server
 from fedrec.federated.history import RunHistory
 from fedrec.federated.layout import Layout
-from fedrec.federated.privacy import central_epsilon
 from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
+from fedrec.federated.privacy import central_epsilon
 
 __all__ = ["RoleAwareStrategy", "CentralDPFixedClipping"]
 
