@@ -111,8 +111,10 @@ class UserLevelDP:
         """
         sq = None
         for n, p in params.items():
-            # one name at a time, in the parameters' dtype (no float64 copy of large tables)
-            d = torch.linalg.vector_norm((p - global_params[n]).flatten(1), dim=1).to(torch.float64).pow(2)
+            # turn the copy into its change in place (no temporary of a large table), norms in
+            # the parameters' dtype (no float64 copy)
+            p.sub_(global_params[n])
+            d = torch.linalg.vector_norm(p.flatten(1), dim=1).to(torch.float64).pow(2)
             m = members.get(n)
             d = d if m is None else d * m.to(torch.float64)
             sq = d if sq is None else sq + d
@@ -122,7 +124,7 @@ class UserLevelDP:
         factor = (self.max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
         for n, p in params.items():
             f = factor.to(p.dtype).view(-1, *([1] * (p.dim() - 1)))
-            p.sub_(global_params[n]).mul_(f).add_(global_params[n])
+            p.mul_(f).add_(global_params[n])
         return norms
 
     # -- noise ---------------------------------------------------------------------------
