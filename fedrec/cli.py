@@ -86,6 +86,7 @@ def train_command(
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Training-state file: written after every epoch, and resumed from when it exists (same model, data, options and config), so an interrupted run ends as an uninterrupted one."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Train a model centrally and report validation and test metrics at the best validation epoch."""
@@ -107,6 +108,8 @@ def train_command(
                 train_options[key] = value
         if checkpoint is not None:
             train_options["checkpoint"] = str(checkpoint)
+        if resume is not None:
+            train_options["resume"] = str(resume)
         train_options.setdefault("progress", not as_json and sys.stderr.isatty())
         train_cfg = build_config(TrainConfig, train_options, where="train")
         if task not in ("ctr", "next_item"):

@@ -53,6 +53,11 @@ class TrainConfig:
     seed: int = 0
     eval_seed: int = 2024
     checkpoint: str = ""
+    #: file of the whole training state (model, optimisers, RNG and sampler states, history,
+    #: best epoch), written atomically after every epoch; when it exists, training resumes
+    #: from it and ends exactly as an uninterrupted run would. It must come from the same
+    #: model, task, options and config; a finished run's file returns its result again.
+    resume: str = ""
     progress: bool = True
     #: extra ranking protocols (comma-separated, e.g. ``"full"``) also evaluated on the test
     #: set at the best validation epoch; reported under ``test_by_protocol``.
@@ -146,6 +151,37 @@ def _save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
+_RESUME_IGNORED = ("progress", "resume", "checkpoint")
+
+
+def _resume_identity(model_name: str, task: str, data_name: str, model_options: dict[str, Any] | None,
+                     cfg: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the state file."""
+    return {"model": model_name, "task": task, "data": data_name,
+            "model_options": {str(k): v for k, v in (model_options or {}).items()},
+            "train": {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORED}}
+
+
+def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved training state at ``path`` (None when there is none yet); a state from a
+    different run is an error naming the first field that differs."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unreadable file gets the same message
+        raise ConfigError(f"{path}: not a readable training state ({type(exc).__name__})") from exc
+    saved = state.get("identity", {}) if isinstance(state, dict) else {}
+    for key in ("model", "task", "data", "model_options"):
+        if saved.get(key) != identity[key]:
+            raise ConfigError(f"{path}: written by another run ({key} {saved.get(key)!r}, this run {identity[key]!r})")
+    for key, value in identity["train"].items():
+        if saved.get("train", {}).get(key) != value:
+            raise ConfigError(f"{path}: written by another run (train option '{key}' = {saved.get('train', {}).get(key)!r}, "
+                              f"this run {value!r})")
+    return state
+
+
 def train(
     model_name: str,
     split: SplitData,
@@ -165,6 +201,7 @@ def train(
     """
     cfg = config or TrainConfig()
     start = time.perf_counter()
+    earlier_seconds = 0.0  # spent before a resume
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     data = ModelData.from_split(split)
@@ -188,8 +225,34 @@ def train(
         opts = _optimizers(model, cfg)
         sampler = UniformNegativeSampler(split, seed=cfg.seed) if task == "next_item" else None
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
-        bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress)
-        for epoch in range(1, cfg.epochs + 1):
+        first, finished, earlier_seconds = 1, False, 0.0
+        identity = _resume_identity(model_name, task, data_name, model_options, cfg)
+        saved = _load_resume(Path(cfg.resume), identity) if cfg.resume else None
+        if saved is not None:
+            model.load_state_dict(saved["model_state"])
+            for opt, opt_state in zip(opts, saved["optimizers"], strict=True):
+                opt.load_state_dict(opt_state)
+            if sampler is not None:
+                sampler.rng.bit_generator.state = saved["sampler"]
+            torch.set_rng_state(saved["torch_rng"])
+            np.random.set_state(saved["numpy_rng"])
+            history = saved["history"]
+            best_state, best_epoch, best_valid = saved["best_state"], saved["best_epoch"], saved["best_valid"]
+            best_score, stale, finished = saved["best_score"], saved["stale"], saved["finished"]
+            first, earlier_seconds = saved["epoch"] + 1, saved["seconds"]
+
+        def save_state(epoch: int, done: bool) -> None:
+            if cfg.resume:
+                _save_atomic({"identity": identity, "epoch": epoch, "finished": done, "model_state": model.state_dict(),
+                              "optimizers": [o.state_dict() for o in opts],
+                              "sampler": sampler.rng.bit_generator.state if sampler is not None else None,
+                              "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                              "history": history, "best_state": best_state, "best_epoch": best_epoch,
+                              "best_valid": best_valid, "best_score": best_score, "stale": stale,
+                              "seconds": earlier_seconds + time.perf_counter() - start}, Path(cfg.resume))
+
+        bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress, initial=first - 1)
+        for epoch in range(first, 0 if finished else cfg.epochs + 1):
             model.train()
             losses = []
             for batch in iterate_batches(train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
@@ -217,8 +280,10 @@ def train(
                                   "model_options": model_options or {}, "train": asdict(cfg)}, Path(cfg.checkpoint))
             else:
                 stale += 1
-                if stale > cfg.patience:
-                    break
+            if stale > cfg.patience or epoch == cfg.epochs:
+                save_state(epoch, True)
+                break
+            save_state(epoch, False)
         bar.close()
         model.load_state_dict(best_state)
     test_scores = evaluate(model, test, **eval_args)
@@ -239,7 +304,7 @@ def train(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "history": history,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(earlier_seconds + time.perf_counter() - start, 2),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "seed": cfg.seed,
         "model_options": dict(model_options or {}),
@@ -248,7 +313,7 @@ def train(
     }
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", disable=not enabled, leave=False)

@@ -8,7 +8,12 @@ subprocess:
 * ``seconds``: mean wall time of one ``client_update`` (the clients' local step on the same
   users and sequences) over ``--repeats`` rounds after one warm-up round, without DP and
   with DP (per-user clipping of every uploaded tensor + Gaussian noise + the accountant);
-* ``peak_mb``: the subprocess's peak resident memory.
+* ``peak_mb``: the subprocess's peak resident memory, and ``training_mb``: how far training
+  raised it above the peak of the setup (data, model, global tables) — the part that
+  grows with per-user copies;
+* ``full_copies``: the same DP round with the engine's compact item tables switched off
+  (every user trains a full copy of the item table, as before compaction): seconds and
+  peak memory, to show what compaction saves.
 
 Prints a table; with ``--json`` one object: ``dp_over_nondp`` (DP time / non-DP time at the
 larger catalogue), ``dp_over_nondp_by_items``, ``seconds`` and ``peak_mb`` per catalogue and
@@ -29,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CATALOGUES = (12_000, 70_000)
 
 
-def part(items: int, dp: bool, users: int, chunk: int, repeats: int) -> dict:
+def part(items: int, dp: bool, users: int, chunk: int, repeats: int, compact: bool = True) -> dict:
     """One measurement (run in its own process): mean seconds of a client round."""
     import resource
     import tempfile
@@ -55,10 +60,12 @@ def part(items: int, dp: bool, users: int, chunk: int, repeats: int) -> dict:
     extra = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "dp_noise_seed": 0} if dp else {}
     alg = create_algorithm("mrff", split, task="next_item", config=FederatedConfig(chunk_size=chunk, **extra),
                            model_options={"item-repr": "id", "dim": 64, "max-len": 50})
+    alg.compact = compact
     ids = np.arange(1, users + 1)
     shard = alg.make_shard(ids)
     g = alg.initial_global()
     state = alg.initial_local(ids)
+    setup_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # data, model, tables
     alg.client_update(g, state, shard, round=1)  # warm-up
     times = []
     for r in range(2, 2 + repeats):
@@ -66,8 +73,9 @@ def part(items: int, dp: bool, users: int, chunk: int, repeats: int) -> dict:
         alg.client_update(g, state, shard, round=r)
         times.append(time.perf_counter() - t0)
     table = sum(v.numel() for n, v in g.items() if "id_embedding" in n)
-    return {"seconds": float(np.mean(times)), "table_params": int(table),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": float(np.mean(times)), "table_params": int(table), "peak_mb": peak,
+            "setup_mb": setup_mb}
 
 
 def _in_subprocess(*args) -> dict:
@@ -91,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    jobs = [(items, dp) for items in CATALOGUES for dp in (False, True)]
+    jobs = [(items, dp, True) for items in CATALOGUES for dp in (False, True)]
+    jobs += [(items, True, False) for items in CATALOGUES]
     bar = tqdm(jobs, desc="bench_privacy", disable=args.json or tqdm is None) if tqdm else jobs
     res = {}
-    for items, dp in bar:
-        res[(items, dp)] = _in_subprocess(items, dp, args.users, args.chunk, args.repeats)
+    for items, dp, compact in bar:
+        key = (items, dp) if compact else (items, "full")
+        res[key] = _in_subprocess(items, dp, args.users, args.chunk, args.repeats, compact)
     ratio = {str(i): round(res[(i, True)]["seconds"] / res[(i, False)]["seconds"], 3) for i in CATALOGUES}
     out = {
         "dp_over_nondp": ratio[str(max(CATALOGUES))],
@@ -104,15 +114,25 @@ def main(argv: list[str] | None = None) -> int:
                     for i in CATALOGUES},
         "peak_mb": {str(i): {"nondp": round(res[(i, False)]["peak_mb"]), "dp": round(res[(i, True)]["peak_mb"])}
                     for i in CATALOGUES},
+        "training_mb": {str(i): {"nondp": round(res[(i, False)]["peak_mb"] - res[(i, False)]["setup_mb"]),
+                                 "dp": round(res[(i, True)]["peak_mb"] - res[(i, True)]["setup_mb"])}
+                        for i in CATALOGUES},
+        "full_copies": {str(i): {"dp_seconds": round(res[(i, "full")]["seconds"], 3),
+                                 "dp_peak_mb": round(res[(i, "full")]["peak_mb"]),
+                                 "dp_training_mb": round(res[(i, "full")]["peak_mb"] - res[(i, "full")]["setup_mb"])}
+                        for i in CATALOGUES},
         "users": args.users, "chunk": args.chunk, "repeats": args.repeats,
     }
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{'items':>8} {'non-DP s':>9} {'DP s':>8} {'DP/non-DP':>10} {'peak MB non-DP':>15} {'peak MB DP':>11}")
+    print(f"{'items':>8} {'non-DP s':>9} {'DP s':>8} {'DP/non-DP':>10} {'peak MB non-DP / DP':>20}"
+          f" {'training MB non-DP / DP':>24} {'full copies: DP s, peak / training MB':>38}")
     for i in CATALOGUES:
-        s, m = out["seconds"][str(i)], out["peak_mb"][str(i)]
-        print(f"{i:>8} {s['nondp']:>9.3f} {s['dp']:>8.3f} {ratio[str(i)]:>10.3f} {m['nondp']:>15} {m['dp']:>11}")
+        s, m, f = out["seconds"][str(i)], out["peak_mb"][str(i)], out["full_copies"][str(i)]
+        t = out["training_mb"][str(i)]
+        print(f"{i:>8} {s['nondp']:>9.3f} {s['dp']:>8.3f} {ratio[str(i)]:>10.3f} {m['nondp']:>9} / {m['dp']:<8}"
+              f" {t['nondp']:>11} / {t['dp']:<10} {f['dp_seconds']:>14.3f} s, {f['dp_peak_mb']} / {f['dp_training_mb']}")
     return 0
 
 

@@ -10,6 +10,9 @@ The TOML file names the data, task and train options, and one ``[[runs]]`` entry
 run's valid/test metrics and history) and ``<stem>.md`` (test metrics at the best
 validation epoch, mean ± standard deviation over seeds). Runs already in the JSON are
 skipped, so an interrupted table resumes; several processes (``--only``) may fill one table.
+With ``--state-dir DIR`` every run also keeps its training state there after each epoch
+(``fedrec train --resume``), so a run interrupted mid-way resumes at its last epoch and ends
+as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", help="run only these row names")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--state-dir", type=Path, help="keep each run's training state here, to resume mid-run")
     args = parser.parse_args(argv)
     cfg = load_toml(args.config)
     data = cfg["data"].replace("{data_root}", args.data_root)
@@ -99,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{row}/seed{seed}"
             if key in results:
                 continue
-            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False}, where="train")
+            resume = ""
+            if args.state_dir is not None:
+                args.state_dir.mkdir(parents=True, exist_ok=True)
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{args.config.stem}-{row}-seed{seed}")
+                resume = str(args.state_dir / f"{safe}.pt")
+            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False,
+                                                   "resume": resume}, where="train")
             def log_epoch(rec, key=key):  # one line per epoch, so long runs can be followed
                 print(f"{key} epoch {rec['epoch']} loss {rec['loss']} valid {rec['valid']}", file=sys.stderr, flush=True)
 

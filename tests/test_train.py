@@ -49,6 +49,58 @@ def test_early_stopping_stops_after_patience(split):
     assert result["epochs_run"] <= result["best_epoch"] + 1  # patience 0: stop at the first non-improvement
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(epoch):
+    def hook(record):
+        if record["epoch"] == epoch:
+            raise _Stop
+
+    return hook
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(split, tmp_path):
+    """Next item with sampled negatives and dropout (so the sampler's and torch's RNG
+    states matter): stopped after epoch 2, resumed from the state file, the run ends with
+    the same history, best epoch, test metrics and weights as one uninterrupted run."""
+    opts = {**SMALL, "dropout": 0.3}
+    cfg = {"epochs": 5, "batch_size": 16, "patience": 10, "progress": False, "protocol": "sampled-99", "negatives": 2}
+    whole = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg))
+    state = tmp_path / "run.pt"
+    with pytest.raises(_Stop):
+        train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+              on_epoch=_stop_after(2))
+    # the hook runs before the epoch's state is written: the file holds epoch 1
+    assert torch.load(state, weights_only=False)["epoch"] == 1
+    seen = []
+    resumed = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+                    on_epoch=lambda r: seen.append(r["epoch"]))
+    assert seen == [2, 3, 4, 5]  # epoch 1 was not trained again
+    assert resumed["history"] == whole["history"]
+    assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+    assert all(torch.equal(resumed["model_state"][k], whole["model_state"][k]) for k in whole["model_state"])
+    # a finished state gives its result again without training
+    again = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+                  on_epoch=_stop_after(1))
+    assert again["test"] == whole["test"] and again["epochs_run"] == 5
+
+
+def test_resume_refuses_a_state_of_another_run(split, tmp_path):
+    state = tmp_path / "run.pt"
+    cfg = {"epochs": 3, "batch_size": 16, "progress": False, "resume": str(state)}
+    with pytest.raises(_Stop):
+        train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg), on_epoch=_stop_after(2))
+    with pytest.raises(ConfigError, match=r"run\.pt: written by another run \(train option 'lr'"):
+        train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg, lr=0.01))
+    with pytest.raises(ConfigError, match="written by another run \\(model"):
+        train("mrff", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
+    state.write_text("not a torch file")
+    with pytest.raises(ConfigError, match="not a readable training state"):
+        train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
+
+
 def test_next_item_protocols(split):
     for protocol in ("full", "sampled-99"):
         cfg = TrainConfig(epochs=1, batch_size=16, progress=False, protocol=protocol)
@@ -78,11 +130,19 @@ def test_user_click_rate_baseline_on_kuaisar(shared_data):
 
 def test_cli_train_json_and_errors(tmp_path):
     out = tmp_path / "r.json"
-    run = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--model", "sasrec", "--data", SPEC,
-                          "--task", "ctr", "--epochs", "1", "--set", "dim=16", "--set", "max-len=10",
-                          "--json", "--out", str(out)], capture_output=True, text=True)
+    state = tmp_path / "state.pt"
+    cmd = [sys.executable, "-m", "fedrec.cli", "train", "--model", "sasrec", "--data", SPEC, "--task", "ctr",
+           "--epochs", "1", "--set", "dim=16", "--set", "max-len=10", "--json", "--out", str(out), "--resume", str(state)]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
+    assert torch.load(state, weights_only=False)["finished"]
+    # the finished state gives the same result; a different config is refused by name
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert json.loads(again.stdout)["test"] == result["test"]
+    other = subprocess.run([*cmd[:-2], "--seed", "3", "--resume", str(state)], capture_output=True, text=True,
+                           check=False)
+    assert other.returncode == 2 and "written by another run (train option 'seed'" in other.stderr
     assert {"model", "data", "task", "protocol", "valid", "test", "seconds"} <= set(result)
     assert set(result["test"]) >= {"auc", "logloss"}
     assert json.loads(out.read_text())["test"] == result["test"]

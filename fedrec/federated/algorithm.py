@@ -27,6 +27,16 @@ users), and the optimiser is applied elementwise to the stacked tensors. Per-use
 tables are sliced to the shard's rows; inside the vmap each user sees a two-row table
 ``[padding, its own row]``. :mod:`fedrec.federated.reference` is the one-user-at-a-time loop
 this is tested against.
+
+**Compact item tables.** A user's training example reads only a few rows of the item tables
+(its history, targets and negatives; through them, a few codes of each attribute-field
+table). When the model says so (:meth:`~fedrec.models.base.RecModel.item_tables`) and those
+tables are public, each user's copy holds only those rows: item indices are renumbered per
+user, the model looks its local indices up through ``batch["item_maps"]``, and the upload
+adds each user's change row by row (``index_add``) to ``weight * global``. Rows a user does
+not read get no gradient, so plain SGD and Adam leave them exactly unchanged: the result is
+the one of full copies (tested), but memory and time no longer grow with ``chunk_size x
+catalogue``. A next-item loss with full cross-entropy reads every row; it trains full copies.
 """
 
 from __future__ import annotations
@@ -199,6 +209,18 @@ class Algorithm:
         self._user_codes = (torch.from_numpy(np.ascontiguousarray(split.user_features))
                             if split.user_features is not None else None)
         self.privacy = self._make_privacy()
+        #: per-user compact item tables (see the module docstring); tests switch it off to
+        #: compare with the full per-user copies
+        self.compact = True
+        self._item_tables = self._compact_tables()
+
+    def _compact_tables(self) -> dict[str, tuple[str, torch.Tensor | None]]:
+        """The model's item-indexed tables that can be trained as compact per-user copies:
+        all of them must be public (uploaded as sums); otherwise none is compacted."""
+        tables = self.template.item_tables() or {}
+        if not tables or not all(n in self.layout.shared for n in tables):
+            return {}
+        return dict(tables)
 
     def _make_privacy(self) -> UserLevelDP | None:
         """User-level DP from the config (None when off); the noise is calibrated here, the
@@ -265,14 +287,18 @@ class Algorithm:
             raise ConfigError(f"the client state has no private parameters for users {missing[:5].tolist()}")
         return torch.from_numpy(pos)
 
-    def _user_params(self, global_params: Params, state: LocalState, pos: torch.Tensor, *, copy_global: bool) -> tuple[Params, Params]:
+    def _user_params(self, global_params: Params, state: LocalState, pos: torch.Tensor, *, copy_global: bool,
+                     rows: dict[str, torch.Tensor] | None = None) -> tuple[Params, Params]:
         """(per-user params stacked over ``pos``, shared params). With ``copy_global`` the
-        global parameters are copied per user (training); otherwise passed once."""
+        global parameters are copied per user (training); otherwise passed once. ``rows``:
+        name -> ``(C, K)`` rows of the compact copy of an item table (training only)."""
         C = len(pos)
         per_user: Params = {}
         shared: Params = {}
         for n in self.layout.global_names:
-            if copy_global:
+            if rows and n in rows:
+                per_user[n] = global_params[n][rows[n]]  # (C, K, D): a copy of the touched rows
+            elif copy_global:
                 per_user[n] = global_params[n].unsqueeze(0).repeat(C, *([1] * global_params[n].dim()))
             else:
                 shared[n] = global_params[n]
@@ -293,12 +319,59 @@ class Algorithm:
             out["user_codes"] = self._user_codes[torch.from_numpy(users)]
         return out
 
+    def _compact_batch(self, ex: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Compact item tables for a chunk of users (one example each).
+
+        Each user's item indices (history, targets, negatives) are renumbered to local ones
+        (``0`` stays the padding item); for every item table, the user's copy holds only the
+        rows its local items read. Returns the batch with local indices and
+        ``item_maps`` (key -> ``(C, K_items)`` local item -> local row), and name -> ``(C,
+        K)`` the global rows of each compact copy. Users with fewer rows are padded with a
+        repeat of a row they have; the repeat is never read, so its gradient, its update and
+        its change are exactly zero.
+        """
+        fields = [k for k in ("items", "target_items", "negatives") if k in ex]
+        C = ex["items"].shape[0]
+        flat = torch.cat([ex[k].reshape(C, -1) for k in fields], dim=1)
+        zero = flat.new_zeros(1)
+        uniq, inverse = [], []
+        for u in range(C):
+            un, iv = torch.unique(torch.cat([zero, flat[u]]), return_inverse=True)
+            uniq.append(un)
+            inverse.append(iv[1:])
+        local_items = _pad_rows(uniq)  # (C, K_items), sorted, column 0 = item 0
+        out: dict[str, Any] = dict(ex)
+        local = torch.stack(inverse)
+        start = 0
+        for k in fields:
+            size = ex[k][0].numel()
+            out[k] = local[:, start:start + size].reshape(ex[k].shape)
+            start += size
+        maps: dict[str, torch.Tensor] = {}
+        key_rows: dict[str, torch.Tensor] = {}
+        for key, row_of_item in {key: r for key, r in self._item_tables.values()}.items():
+            if row_of_item is None:
+                key_rows[key] = local_items
+                maps[key] = torch.arange(local_items.shape[1]).expand(C, -1)
+                continue
+            rows_of_local = row_of_item[local_items]  # (C, K_items)
+            per_user, inv = [], []
+            for u in range(C):
+                un, iv = torch.unique(rows_of_local[u], return_inverse=True)
+                per_user.append(un)
+                inv.append(iv)
+            key_rows[key] = _pad_rows(per_user)
+            maps[key] = torch.stack(inv)
+        out["item_maps"] = maps
+        return out, {n: key_rows[key] for n, (key, _) in self._item_tables.items()}
+
     # -- training ------------------------------------------------------------------------
     def _loss_fn(self):
         template = self.template
 
         def user_loss(params: Params, shared: Params, example: dict[str, torch.Tensor], share: torch.Tensor):
-            batch = {k: v.unsqueeze(0) for k, v in example.items()}
+            # item_maps (compact tables) index local items directly: no batch dimension
+            batch = {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in example.items()}
             if share.numel():  # no groups federated (e.g. local-only): the model's own share
                 batch["group_share"] = share
             # the loss must be computed inside the reparametrised call: a full cross-entropy
@@ -340,8 +413,14 @@ class Algorithm:
                 sl = slice(start, start + cfg.chunk_size)
                 cu = users[sl]
                 pos = self._positions(state, cu)
-                params, _ = self._user_params(global_params, state, pos, copy_global=True)
                 ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+                rows: dict[str, torch.Tensor] = {}
+                if self.compact and self._item_tables:
+                    ex, rows = self._compact_batch(ex)
+                params, _ = self._user_params(global_params, state, pos, copy_global=True, rows=rows)
+                # what each user's copy started from: the global value, or its rows of it
+                start_values = {n: (params[n].clone() if n in rows else global_params[n])
+                                for n in self.layout.global_names}
                 moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
                 choice = None
                 for step in range(1, cfg.local_steps + 1):
@@ -361,7 +440,7 @@ class Algorithm:
                               if self.layout.groups else None)
                     if self.privacy is not None:
                         uploaded = {n: params[n] for n in self.layout.global_names}
-                        self.privacy.clip_(uploaded, global_params, {
+                        self.privacy.clip_(uploaded, start_values, {
                             n: (member[:, self.layout.groups[n][0], self.layout.groups[n][1]]
                                 if n in self.layout.groups else None) for n in uploaded})
                     n_pos = ex["target_mask"].sum(1).to(torch.float64)
@@ -369,7 +448,14 @@ class Algorithm:
                     weight_total += float(w.sum())
                     n_examples += int(n_pos.sum())
                     for n in self.layout.shared:
-                        sums[n] += torch.tensordot(w.to(params[n].dtype), params[n], dims=1)
+                        wn = w.to(params[n].dtype)
+                        if n in rows:
+                            # sum of the users' copies = W * global + their changes, row by row
+                            sums[n] += wn.sum() * global_params[n]
+                            change = (params[n] - start_values[n]) * wn.view(-1, 1, 1)
+                            sums[n].index_add_(0, rows[n].reshape(-1), change.flatten(0, 1))
+                        else:
+                            sums[n] += torch.tensordot(wn, params[n], dims=1)
                     if member is not None:
                         counts += member.sum(0)
                         for n, (layer, g) in self.layout.groups.items():
@@ -497,6 +583,12 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
         metrics["noise-multiplier"] = private[0]["noise-multiplier"]
         metrics["delta"] = private[0]["delta"]
     return new, counts, metrics
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 1-d index tensors of different lengths, padding each with its first entry."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
 
 
 def _swap_dropout(module: nn.Module) -> None:

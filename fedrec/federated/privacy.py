@@ -10,7 +10,10 @@ leaves the client is the sum of those copies. With DP on, the client:
    sgd`` this is exactly the user's gradient, so the mechanism is DP-SGD with per-user
    clipping; with more steps or Adam it is DP-FedAvg's per-user update clipping. Norms are
    computed on the stacked per-user tensors the engine already holds (no extra per-user
-   gradient of any table is materialised; a user's unchosen groups have zero change).
+   gradient of any table is materialised; a user's unchosen groups have zero change). Item
+   tables are per-user *compact* copies of the rows the user read (the engine's default),
+   so memory does not grow with the catalogue; the norm is the same, since unread rows do
+   not change.
 2. adds Gaussian noise ``N(0, (noise_multiplier * max_grad_norm)^2)`` (times ``lr``) to
    every coordinate of every uploaded sum — public sums and all group sums, chosen or not.
 3. records one step of the sampled Gaussian mechanism in an Opacus accountant whose state
@@ -104,9 +107,12 @@ class UserLevelDP:
         """Clip each user's change in place.
 
         ``params``: name -> ``(C, ...)`` per-user trained copies of the uploaded tensors;
-        ``members``: name -> ``(C,)`` 0/1 whether the user uploads that tensor (a group it
-        chose), or None (public: every user). Afterwards ``params[n][u] = global[n] +
-        clipped change`` for members (non-members' rows are scaled too, but they are not
+        ``global_params``: name -> what the copies started from (the global tensor, or for a
+        compact item table the ``(C, K, D)`` global rows each user's copy holds: rows a
+        user never read have no change, so the norm over its rows is the norm over the
+        table); ``members``: name -> ``(C,)`` 0/1 whether the user uploads that tensor (a
+        group it chose), or None (public: every user). Afterwards ``params[n][u] = global[n]
+        + clipped change`` for members (non-members' rows are scaled too, but they are not
         uploaded). Returns the ``(C,)`` pseudo-gradient norms before clipping.
         """
         sq = None
@@ -146,8 +152,8 @@ class UserLevelDP:
         if self.noise_multiplier == 0:
             return
         for n in names:
-            noise = torch.randn(sums[n].shape, generator=generator, dtype=torch.float64) * self.noise_std
-            sums[n] += noise.to(sums[n].dtype)
+            # drawn in the sums' own dtype, added in place: no float64 temporary of a large table
+            sums[n].add_(torch.randn(sums[n].shape, generator=generator, dtype=sums[n].dtype), alpha=self.noise_std)
 
     # -- accounting ----------------------------------------------------------------------
     def step(self, history: torch.Tensor) -> torch.Tensor:

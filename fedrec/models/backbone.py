@@ -120,16 +120,35 @@ class ItemEncoder(nn.Module):
             width += cfg.field_dim * len(self.fields)
         self.project = nn.Linear(width, cfg.dim) if width != cfg.dim else None
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """``(...,)`` item indices -> ``(..., dim)``."""
+    def forward(self, items: torch.Tensor, maps: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``(...,)`` item indices -> ``(..., dim)``.
+
+        With ``maps`` (the federated engine's compact tables, see :meth:`tables`), ``items``
+        are *local* item indices and ``maps[key][i]`` is the row of local item ``i`` in the
+        compact table ``key`` that replaces the full one."""
         parts = []
         if self.id_embedding is not None:
-            parts.append(self.id_embedding(items))
+            parts.append(self.id_embedding(items if maps is None else maps["id"][items]))
         if len(self.fields):
-            codes = self._features.to(items.device)[items]  # (..., F)
-            parts.extend(emb(codes[..., j].contiguous()) for j, emb in enumerate(self.fields))
+            if maps is None:
+                codes = self._features.to(items.device)[items]  # (..., F)
+                parts.extend(emb(codes[..., j].contiguous()) for j, emb in enumerate(self.fields))
+            else:
+                parts.extend(emb(maps[f"field{j}"][items]) for j, emb in enumerate(self.fields))
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         return self.project(x) if self.project is not None else x
+
+    def tables(self, prefix: str = "") -> dict[str, tuple[str, torch.Tensor | None]]:
+        """The embedding tables read through item indices: parameter name (with
+        ``prefix``) -> ``(key, row_of_item)``, where ``row_of_item`` ``(n_items + 1,)`` gives
+        each item's row (None: the item index itself) and ``key`` names the map
+        :meth:`forward` takes for it."""
+        out: dict[str, tuple[str, torch.Tensor | None]] = {}
+        if self.id_embedding is not None:
+            out[f"{prefix}id_embedding.weight"] = ("id", None)
+        for j in range(len(self.fields)):
+            out[f"{prefix}fields.{j}.weight"] = (f"field{j}", self._features[:, j].long())
+        return out
 
 
 class UserEncoder(nn.Module):
@@ -222,7 +241,8 @@ class SequenceModel(RecModel):
             raise ConfigError(f"sequence length {T} exceeds the model's max_len {self.cfg.max_len}")
         padding = items == 0
         keep = (~padding).unsqueeze(-1).float()
-        h = self.items(items) * math.sqrt(self.cfg.dim)
+        maps = batch.get("item_maps")
+        h = self.items(items, maps) * math.sqrt(self.cfg.dim)
         if self.label_embedding is not None:
             tokens = torch.where(padding, torch.zeros_like(items), batch["labels"].long() + 1)
             h = h + self.label_embedding(tokens)
@@ -246,6 +266,8 @@ class SequenceModel(RecModel):
         click probabilities at the last position; ``candidates`` the scores of
         ``batch["candidates"]``; ``all`` the scores of every item.
         """
+        if "item_maps" in batch and mode in ("candidates", "all"):
+            raise ValueError("compact item tables (batch['item_maps']) serve training only, not scoring")
         if mode == "loss":
             out = self.forward(batch)
             return self.loss(batch, out), out
@@ -259,14 +281,15 @@ class SequenceModel(RecModel):
             raise ValueError(f"unknown forward mode {mode!r}")
         out = self.encode(batch)
         h = out["h"]
-        target = self.items(batch["target_items"])  # (B, T, dim)
+        maps = batch.get("item_maps")
+        target = self.items(batch["target_items"], maps)  # (B, T, dim)
         if self.cfg.task == "ctr":
             u = out["user_repr"].unsqueeze(1).expand(-1, h.shape[1], -1)
             out["logits"] = self.ctr_head(torch.cat([h, target, u], dim=-1)).squeeze(-1)
         else:
             out["logits"] = (h * target).sum(-1)
             if "negatives" in batch and self.cfg.next_loss == "bce":
-                neg = self.items(batch["negatives"])  # (B, T, n, dim)
+                neg = self.items(batch["negatives"], maps)  # (B, T, n, dim)
                 out["neg_logits"] = (h.unsqueeze(2) * neg).sum(-1)
         return out
 
@@ -293,6 +316,8 @@ class SequenceModel(RecModel):
             neg_logits = out["neg_logits"]
             per_neg = F.binary_cross_entropy_with_logits(neg_logits, torch.zeros_like(neg_logits), reduction="none")
             per_pos = per_pos + per_neg.mean(-1)
+        elif "item_maps" in batch:
+            raise ValueError("full cross-entropy reads every item: it cannot run on compact item tables")
         elif not self.vmap_safe:
             # full cross-entropy on the real positions only (boolean indexing is cheaper on
             # short sequences but has a data-dependent shape, so not under vmap)
@@ -317,6 +342,15 @@ class SequenceModel(RecModel):
             name: PRIVATE_PER_USER if name.startswith("users.id_embedding.") else PUBLIC
             for name, _ in self.named_parameters()
         }
+
+    def item_tables(self) -> dict[str, tuple[str, torch.Tensor | None]] | None:
+        """The tables read through item indices (see :meth:`ItemEncoder.tables`), so that
+        the federated engine can give each user a compact copy of only the rows its
+        sequence, targets and negatives touch; None when the training loss reads every row
+        (next item with full cross-entropy)."""
+        if self.cfg.task == "next_item" and self.cfg.next_loss == "ce":
+            return None
+        return self.items.tables("items.")
 
     def auxiliary_loss(self, out: dict[str, Any]) -> torch.Tensor:
         """Extra loss terms (none for the plain backbone)."""

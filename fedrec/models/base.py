@@ -107,6 +107,13 @@ class RecModel(nn.Module):
     def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def item_tables(self) -> dict[str, tuple[str, torch.Tensor | None]] | None:
+        """Parameters that are tables read only through item indices during training: name
+        -> ``(key, row_of_item)`` (see :meth:`fedrec.models.backbone.ItemEncoder.tables`).
+        The federated engine then trains per-user compact copies of them; the model's
+        ``forward`` must accept ``batch["item_maps"]``. Default None: no compact tables."""
+        return None
+
     def parameter_roles(self) -> dict[str, ParamRole]:
         """Role of every named parameter (default: all public)."""
         return {name: PUBLIC for name, _ in self.named_parameters()}
