@@ -56,7 +56,8 @@ class TrainConfig:
     #: file of the whole training state (model, optimisers, RNG and sampler states, history,
     #: best epoch), written atomically after every epoch; when it exists, training resumes
     #: from it and ends exactly as an uninterrupted run would. It must come from the same
-    #: model, task, options and config; a finished run's file returns its result again.
+    #: model, task, options, config and data; a finished run's file returns its result again.
+    #: Models that do not train (popularity, user click rate) ignore it.
     resume: str = ""
     progress: bool = True
     #: extra ranking protocols (comma-separated, e.g. ``"full"``) also evaluated on the test
@@ -154,10 +155,22 @@ def _save_atomic(obj: Any, path: Path) -> None:
 _RESUME_IGNORED = ("progress", "resume", "checkpoint")
 
 
+_STATE_KEYS = ("epoch", "finished", "model_state", "optimizers", "sampler", "torch_rng", "numpy_rng", "history",
+               "best_state", "best_epoch", "best_valid", "best_score", "stale", "seconds")
+
+
+def _split_fingerprint(split: SplitData) -> dict[str, Any]:
+    """Sizes that tell one split from another (the data's name alone may not: a library
+    caller may pass none, and a results table names its data with a ``{data_root}``)."""
+    return {"n_users": int(split.n_users), "n_items": int(split.n_items),
+            "rows_per_part": [int(c) for c in np.bincount(split.part, minlength=3)[:3]],
+            "item_sum": int(split.item.sum())}
+
+
 def _resume_identity(model_name: str, task: str, data_name: str, model_options: dict[str, Any] | None,
-                     cfg: TrainConfig) -> dict[str, Any]:
+                     cfg: TrainConfig, split: SplitData) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the state file."""
-    return {"model": model_name, "task": task, "data": data_name,
+    return {"model": model_name, "task": task, "data": data_name, "split": _split_fingerprint(split),
             "model_options": {str(k): v for k, v in (model_options or {}).items()},
             "train": {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORED}}
 
@@ -171,8 +184,15 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unreadable file gets the same message
         raise ConfigError(f"{path}: not a readable training state ({type(exc).__name__})") from exc
-    saved = state.get("identity", {}) if isinstance(state, dict) else {}
-    for key in ("model", "task", "data", "model_options"):
+    saved = state.get("identity") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path}: not a training state written by --resume (a --checkpoint file?)")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"{path}: incomplete training state (no {', '.join(missing)})")
+    # states written before the split fingerprint existed carry none: their data name is checked
+    keys = ("model", "task", "data", "split", "model_options") if "split" in saved else ("model", "task", "data", "model_options")
+    for key in keys:
         if saved.get(key) != identity[key]:
             raise ConfigError(f"{path}: written by another run ({key} {saved.get(key)!r}, this run {identity[key]!r})")
     for key, value in identity["train"].items():
@@ -226,7 +246,7 @@ def train(
         sampler = UniformNegativeSampler(split, seed=cfg.seed) if task == "next_item" else None
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
-        identity = _resume_identity(model_name, task, data_name, model_options, cfg)
+        identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)
         saved = _load_resume(Path(cfg.resume), identity) if cfg.resume else None
         if saved is not None:
             model.load_state_dict(saved["model_state"])

@@ -61,30 +61,37 @@ def _stop_after(epoch):
     return hook
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(split, tmp_path):
+@pytest.mark.parametrize("extra,stop", [({"epochs": 5, "patience": 10}, 2),
+                                        # early stopping fires at epoch 9 (best 7, patience 1): the
+                                        # resumed run must carry the stale counter over to stop there
+                                        ({"epochs": 12, "patience": 1, "lr": 0.01}, 9)])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(split, tmp_path, extra, stop):
     """Next item with sampled negatives and dropout (so the sampler's and torch's RNG
-    states matter): stopped after epoch 2, resumed from the state file, the run ends with
-    the same history, best epoch, test metrics and weights as one uninterrupted run."""
+    states matter): interrupted during epoch ``stop`` (the hook runs before that epoch's
+    state is written), resumed from the state file, the run ends with the same history, best
+    epoch, test metrics and weights as one uninterrupted run."""
     opts = {**SMALL, "dropout": 0.3}
-    cfg = {"epochs": 5, "batch_size": 16, "patience": 10, "progress": False, "protocol": "sampled-99", "negatives": 2}
+    cfg = {"batch_size": 16, "progress": False, "protocol": "sampled-99", "negatives": 2, **extra}
     whole = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg))
+    assert stop <= whole["epochs_run"]
+    if extra["patience"] == 1:
+        assert whole["epochs_run"] < extra["epochs"]  # early stopping did fire
     state = tmp_path / "run.pt"
     with pytest.raises(_Stop):
         train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
-              on_epoch=_stop_after(2))
-    # the hook runs before the epoch's state is written: the file holds epoch 1
-    assert torch.load(state, weights_only=False)["epoch"] == 1
+              on_epoch=_stop_after(stop))
+    assert torch.load(state, weights_only=False)["epoch"] == stop - 1
     seen = []
     resumed = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
                     on_epoch=lambda r: seen.append(r["epoch"]))
-    assert seen == [2, 3, 4, 5]  # epoch 1 was not trained again
+    assert seen == list(range(stop, whole["epochs_run"] + 1))  # earlier epochs were not trained again
     assert resumed["history"] == whole["history"]
     assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
     assert all(torch.equal(resumed["model_state"][k], whole["model_state"][k]) for k in whole["model_state"])
     # a finished state gives its result again without training
     again = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
                   on_epoch=_stop_after(1))
-    assert again["test"] == whole["test"] and again["epochs_run"] == 5
+    assert again["test"] == whole["test"] and again["epochs_run"] == whole["epochs_run"]
 
 
 def test_resume_refuses_a_state_of_another_run(split, tmp_path):
@@ -96,6 +103,16 @@ def test_resume_refuses_a_state_of_another_run(split, tmp_path):
         train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg, lr=0.01))
     with pytest.raises(ConfigError, match="written by another run \\(model"):
         train("mrff", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
+    other_data = split_dataset(load_dataset(SPEC.replace("seed=2", "seed=3")))
+    with pytest.raises(ConfigError, match="written by another run \\(split"):
+        train("sasrec", other_data, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
+    saved = torch.load(state, weights_only=False)
+    torch.save({k: v for k, v in saved.items() if k != "optimizers"}, state)
+    with pytest.raises(ConfigError, match="incomplete training state \\(no optimizers\\)"):
+        train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
+    torch.save({"epoch": 1, "state": {}}, state)  # what --checkpoint writes, roughly
+    with pytest.raises(ConfigError, match="not a training state written by --resume"):
+        train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
     state.write_text("not a torch file")
     with pytest.raises(ConfigError, match="not a readable training state"):
         train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))

@@ -303,8 +303,8 @@ class Algorithm:
             else:
                 shared[n] = global_params[n]
         for n in self.layout.per_user:
-            rows = state.tensors[n][pos]  # (C, D)
-            per_user[n] = torch.stack([torch.zeros_like(rows), rows], dim=1)  # (C, 2, D): [padding, own row]
+            own = state.tensors[n][pos]  # (C, D)
+            per_user[n] = torch.stack([torch.zeros_like(own), own], dim=1)  # (C, 2, D): [padding, own row]
         for n in self.layout.private:
             per_user[n] = state.tensors[n][pos].clone()
         return per_user, shared

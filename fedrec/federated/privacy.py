@@ -153,6 +153,8 @@ class UserLevelDP:
             return
         for n in names:
             # drawn in the sums' own dtype, added in place: no float64 temporary of a large table
+            # (a change of 2026-11: with a fixed dp_noise_seed, float32 runs get other draws
+            # than before, when the noise was drawn in float64 and rounded)
             sums[n].add_(torch.randn(sums[n].shape, generator=generator, dtype=sums[n].dtype), alpha=self.noise_std)
 
     # -- accounting ----------------------------------------------------------------------

@@ -244,17 +244,22 @@ def test_compact_tables_read_exactly_the_rows_the_full_tables_would():
     assert rows["items.id_embedding.weight"].shape[1] < seq.n_items / 2  # compact, not the catalogue
 
 
-@pytest.mark.parametrize("task,algorithm", [("next_item", "fedavg"), ("ctr", "mrff")])
-def test_compact_item_tables_equal_full_per_user_copies(task, algorithm, float64):
+@pytest.mark.parametrize("task,algorithm,model,extra", [
+    ("next_item", "fedavg", None, {}),
+    ("ctr", "mrff", None, {}),
+    ("next_item", "fedavg", "bert4rec", {"weighting": "examples"}),  # bidirectional; weights = target positions
+    ("ctr", "mrff", None, {"weighting": "examples", "local_steps": 1}),
+])
+def test_compact_item_tables_equal_full_per_user_copies(task, algorithm, model, extra, float64):
     """The engine with compact tables vs the same engine with full per-user copies: same
     global parameters (1e-10) and counts; for CTR also the one-user-at-a-time loop (1e-5;
     next-item negatives are drawn per shard, so the loop draws others)."""
     seq = split_dataset(load_dataset("synthetic:users=16,items=300,seed=4"))
-    cfg = FederatedConfig(optimizer="adam", local_steps=2, lr=0.01, chunk_size=5, negatives=2)
+    cfg = FederatedConfig(**{"optimizer": "adam", "local_steps": 2, "lr": 0.01, "chunk_size": 5, "negatives": 2, **extra})
     users = np.arange(1, seq.n_users + 1)
     out = []
     for compact in (True, False):
-        alg = create_algorithm(algorithm, seq, task=task, model_options={"dropout": 0.0, **SMALL}, config=cfg)
+        alg = create_algorithm(algorithm, seq, task=task, model=model, model_options={"dropout": 0.0, **SMALL}, config=cfg)
         alg.compact = compact
         out.append(_run(alg, [users], 2))
     assert torch.equal(out[0][1], out[1][1])
