@@ -328,7 +328,8 @@ def train(
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "seed": cfg.seed,
         "model_options": dict(model_options or {}),
-        "train": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        # where the state file lived is not a training option (and would put a path in results)
+        "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         "model_state": best_state,
     }
 

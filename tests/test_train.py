@@ -154,6 +154,7 @@ def test_cli_train_json_and_errors(tmp_path):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert torch.load(state, weights_only=False)["finished"]
+    assert "resume" not in result["train"]  # no state path in results
     # the finished state gives the same result; a different config is refused by name
     again = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert json.loads(again.stdout)["test"] == result["test"]
