@@ -333,15 +333,10 @@ class Algorithm:
         fields = [k for k in ("items", "target_items", "negatives") if k in ex]
         C = ex["items"].shape[0]
         flat = torch.cat([ex[k].reshape(C, -1) for k in fields], dim=1)
-        zero = flat.new_zeros(1)
-        uniq, inverse = [], []
-        for u in range(C):
-            un, iv = torch.unique(torch.cat([zero, flat[u]]), return_inverse=True)
-            uniq.append(un)
-            inverse.append(iv[1:])
-        local_items = _pad_rows(uniq)  # (C, K_items), sorted, column 0 = item 0
+        # item 0 (padding) first in every row, so local index 0 is the padding item
+        local_items, inverse = _row_unique(torch.cat([flat.new_zeros(C, 1), flat], dim=1))  # (C, K_items)
+        local = inverse[:, 1:]
         out: dict[str, Any] = dict(ex)
-        local = torch.stack(inverse)
         start = 0
         for k in fields:
             size = ex[k][0].numel()
@@ -354,14 +349,7 @@ class Algorithm:
                 key_rows[key] = local_items
                 maps[key] = torch.arange(local_items.shape[1]).expand(C, -1)
                 continue
-            rows_of_local = row_of_item[local_items]  # (C, K_items)
-            per_user, inv = [], []
-            for u in range(C):
-                un, iv = torch.unique(rows_of_local[u], return_inverse=True)
-                per_user.append(un)
-                inv.append(iv)
-            key_rows[key] = _pad_rows(per_user)
-            maps[key] = torch.stack(inv)
+            key_rows[key], maps[key] = _row_unique(row_of_item[local_items])  # (C, K), (C, K_items)
         out["item_maps"] = maps
         return out, {n: key_rows[key] for n, (key, _) in self._item_tables.items()}
 
@@ -585,10 +573,18 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
     return new, counts, metrics
 
 
-def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack 1-d index tensors of different lengths, padding each with its first entry."""
-    width = max(len(r) for r in rows)
-    return torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in rows])
+def _row_unique(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise ``torch.unique(return_inverse=True)`` of a ``(C, L)`` index tensor, batched:
+    ``(uniq, inverse)`` with ``uniq`` ``(C, K)`` each row's sorted distinct values, padded
+    with the row's smallest value, and ``uniq.gather(1, inverse) == x``."""
+    vals, order = x.sort(dim=1)
+    first = torch.ones_like(vals, dtype=torch.bool)
+    first[:, 1:] = vals[:, 1:] != vals[:, :-1]
+    rank = first.long().cumsum(1) - 1  # local index of each sorted entry
+    inverse = torch.empty_like(rank).scatter_(1, order, rank)
+    uniq = vals[:, :1].repeat(1, int(rank[:, -1].max()) + 1)
+    uniq.scatter_(1, rank, vals)  # equal values share a rank: every write to a slot is the same
+    return uniq, inverse
 
 
 def _swap_dropout(module: nn.Module) -> None:

@@ -289,3 +289,16 @@ def test_compact_item_tables_under_dp_clip_the_same_norms(split):
     assert torch.allclose(norms[0], norms[1], rtol=1e-5)
     assert (norms[0] > 0.5).any()
     assert _max_diff(uploads[0].sums, uploads[1].sums) <= 1e-5
+
+
+def test_row_unique_is_torch_unique_per_row():
+    from fedrec.federated.algorithm import _row_unique
+
+    x = torch.randint(0, 30, (7, 40), generator=torch.Generator().manual_seed(0))
+    x[3] = 5  # a row with a single value
+    uniq, inverse = _row_unique(x)
+    assert torch.equal(uniq.gather(1, inverse), x)
+    for u in range(len(x)):
+        want = torch.unique(x[u])
+        assert torch.equal(uniq[u, :len(want)], want)
+        assert (uniq[u, len(want):] == want[0]).all()  # padding repeats the smallest value
