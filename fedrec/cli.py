@@ -87,6 +87,7 @@ def train_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Training-state file: written after every epoch, and resumed from when it exists (same model, data, options and config), so an interrupted run ends as an uninterrupted one."),
+    negatives_file: Optional[Path] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids, e.g. S3-Rec's LastFM_sample.txt) for the sampled protocol, instead of uniform draws."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Train a model centrally and report validation and test metrics at the best validation epoch."""
@@ -110,6 +111,8 @@ def train_command(
             train_options["checkpoint"] = str(checkpoint)
         if resume is not None:
             train_options["resume"] = str(resume)
+        if negatives_file is not None:
+            train_options["negatives_file"] = str(negatives_file)
         train_options.setdefault("progress", not as_json and sys.stderr.isatty())
         train_cfg = build_config(TrainConfig, train_options, where="train")
         if task not in ("ctr", "next_item"):
@@ -128,6 +131,48 @@ def train_command(
         typer.echo(json.dumps(result))
         return
     _print_result(result)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    saved: Path = typer.Argument(..., metavar="FILE", help="A --checkpoint file or a --resume training state of `fedrec train`."),
+    data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] of the run (the same split)."),
+    protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
+    negatives_file: Optional[Path] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
+) -> None:
+    """Score a saved model again (its best weights) on valid and test, on any protocol, without training."""
+    from fedrec.config import build_config, load_toml
+    from fedrec.data import load_dataset
+    from fedrec.data.split import SplitConfig, split_dataset
+    from fedrec.train import evaluate_saved
+
+    try:
+        file_cfg = load_toml(config) if config else {}
+        split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
+        result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
+                                negatives_file=str(negatives_file) if negatives_file else "")
+    except FedrecError as exc:
+        _fail(exc)
+    result["data"] = data
+    if out is not None:
+        _write_json_atomic(result, out)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for name, stages in result["by_protocol"].items():
+        table = Table(title=f"{result['model']} ({result['task']}, {name}), best epoch {result['best_epoch']}")
+        table.add_column("metric")
+        for stage in stages:
+            table.add_column(stage, justify="right")
+        for key in next(iter(stages.values())):
+            table.add_row(key, *("-" if m.get(key) is None else f"{m[key]:.4f}" for m in stages.values()))
+        Console().print(table)
 
 
 def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]], **given):

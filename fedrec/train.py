@@ -7,8 +7,13 @@ Protocols (name them next to every number):
   pooled held-out impressions; model selection on validation AUC.
 * ``next_item`` with ``protocol="full"`` — the held-out item ranked against every item, the
   user's history items excluded; ``"sampled-99"`` / ``"sampled-999"`` — against 99 / 999
-  uniform items the user never interacted with (fixed by ``eval_seed``). HR@K, NDCG@K
-  (K = 5, 10, 20), MRR; model selection on validation NDCG@10.
+  uniform items the user never interacted with (fixed by ``eval_seed``), or against the
+  fixed negatives of a ``negatives_file`` (a paper's published candidates, see
+  :class:`~fedrec.data.samplers.FixedNegatives`). HR@K, NDCG@K (K = 5, 10, 20), MRR; model
+  selection on validation NDCG@10.
+
+:func:`evaluate_saved` scores a saved model (a ``checkpoint`` or ``resume`` file) again, on
+any protocol, without training.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import copy
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,14 +31,14 @@ import torch
 from torch import nn
 
 from fedrec.data.batching import ExampleSet, build_examples, iterate_batches
-from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
 from fedrec.metrics import ctr_metrics, full_ranking_ranks, ranking_metrics, sampled_ranking_ranks
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "selection_metric", "PROTOCOLS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_saved", "selection_metric", "PROTOCOLS"]
 
 PROTOCOLS = ("full", "sampled-99", "sampled-999")
 
@@ -63,6 +68,11 @@ class TrainConfig:
     #: extra ranking protocols (comma-separated, e.g. ``"full"``) also evaluated on the test
     #: set at the best validation epoch; reported under ``test_by_protocol``.
     also_test: str = ""
+    #: file of fixed sampled-ranking negatives per user (``user neg_1 ... neg_N``, raw ids,
+    #: e.g. S3-Rec's ``LastFM_sample.txt``): sampled protocols with ``N`` negatives (valid
+    #: and test) rank against these instead of uniform draws; another sampled protocol
+    #: alongside it is an error.
+    negatives_file: str = ""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
@@ -96,8 +106,13 @@ def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
 
 @torch.no_grad()
 def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str = "full",
-             batch_size: int = 512, eval_seed: int = 2024) -> dict[str, float | None]:
-    """Metrics of ``model`` on ``examples`` (a valid or test :class:`ExampleSet`)."""
+             batch_size: int = 512, eval_seed: int = 2024,
+             negatives: FixedNegatives | None = None) -> dict[str, float | None]:
+    """Metrics of ``model`` on ``examples`` (a valid or test :class:`ExampleSet`).
+
+    Sampled protocols draw uniform negatives from ``eval_seed``, or take them from
+    ``negatives`` (fixed per user) when given.
+    """
     model.eval()
     if len(examples) == 0:
         raise ConfigError(f"no {examples.stage} examples to evaluate")
@@ -121,11 +136,29 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
                                             exclude=(sub_ptr, indices[indptr[start] : indptr[stop]])))
     else:
         n = int(protocol.split("-")[1])
-        sampler = UniformNegativeSampler(examples.split, seed=eval_seed)
+        sampler = negatives if negatives is not None else UniformNegativeSampler(examples.split, seed=eval_seed)
         for batch in iterate_batches(examples, batch_size=batch_size, num_negatives=n, sampler=sampler):
             scores = model.score_candidates(batch, batch["candidates"]).double().numpy()
             ranks.append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
     return _clean(ranking_metrics(np.concatenate(ranks)))
+
+
+def _fixed_negatives(path: str, split: SplitData, task: str, protocols: list[str]) -> FixedNegatives | None:
+    """The fixed negatives of ``path`` (None without one), checked against the protocols
+    they will serve, before any training."""
+    if not path:
+        return None
+    if task != "next_item":
+        raise ConfigError(f"train option 'negatives_file' is for next_item ranking (task is {task})")
+    fixed = FixedNegatives(path, split)
+    sampled = [p for p in protocols if p.startswith("sampled-")]
+    if not sampled:
+        raise ConfigError("train option 'negatives_file' needs a sampled protocol (protocol or also_test)")
+    for name in sampled:
+        if int(name.split("-")[1]) != fixed.n:
+            raise ConfigError(f"{fixed.path}: holds {fixed.n} negatives per user, protocol {name} needs "
+                              f"{name.split('-')[1]}")
+    return fixed
 
 
 def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -195,10 +228,12 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     for key in keys:
         if saved.get(key) != identity[key]:
             raise ConfigError(f"{path}: written by another run ({key} {saved.get(key)!r}, this run {identity[key]!r})")
+    # train options added after a state was written take their default there
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     for key, value in identity["train"].items():
-        if saved.get("train", {}).get(key) != value:
-            raise ConfigError(f"{path}: written by another run (train option '{key}' = {saved.get('train', {}).get(key)!r}, "
-                              f"this run {value!r})")
+        before = saved.get("train", {}).get(key, defaults.get(key))
+        if before != value:
+            raise ConfigError(f"{path}: written by another run (train option '{key}' = {before!r}, this run {value!r})")
     return state
 
 
@@ -231,7 +266,8 @@ def train(
     test = build_examples(split, task=task, stage="test", max_len=max_len)
     metric = selection_metric(task)
     protocol = "pooled" if task == "ctr" else cfg.protocol
-    eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed)
+    eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed,
+                     negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()]))
     history: list[dict[str, Any]] = []
 
     if not getattr(model, "trainable", True):
@@ -332,6 +368,68 @@ def train(
         "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         "model_state": best_state,
     }
+
+
+def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] | None = None,
+                   negatives_file: str = "", stages: tuple[str, ...] = ("valid", "test"),
+                   batch_size: int = 512) -> dict[str, Any]:
+    """Score the model saved at ``path`` again on ``split``, without training.
+
+    ``path`` is a ``checkpoint`` file (the best weights) or a ``resume`` training state (its
+    best weights are used). ``protocols`` default to the run's own (``protocol`` plus
+    ``also_test``); sampled ones use the run's ``eval_seed``, or ``negatives_file``'s fixed
+    negatives. Returns ``model``, ``task``, ``best_epoch``, ``finished`` (whether a training
+    state's run had ended; None for a checkpoint) and ``by_protocol``:
+    ``{protocol: {stage: metrics}}`` (CTR: one entry, ``pooled``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unreadable file gets the same message
+        raise ConfigError(f"{path}: not a readable checkpoint or training state ({type(exc).__name__})") from exc
+    if isinstance(saved, dict) and isinstance(saved.get("identity"), dict):  # a resume state
+        ident = saved["identity"]
+        model_name, task, options, train_opts = ident["model"], ident["task"], ident["model_options"], ident["train"]
+        state, best_epoch, finished = saved.get("best_state"), saved.get("best_epoch"), saved.get("finished")
+        if "split" in ident and ident["split"] != _split_fingerprint(split):
+            raise ConfigError(f"{path}: trained on another split ({ident['split']}, this data {_split_fingerprint(split)})")
+        if state is None:
+            raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
+    elif isinstance(saved, dict) and {"model", "task", "state"} <= set(saved):  # a checkpoint
+        model_name, task, options, train_opts = saved["model"], saved["task"], saved.get("model_options", {}), saved.get("train", {})
+        state, best_epoch, finished = saved["state"], saved.get("epoch"), None
+    else:
+        raise ConfigError(f"{path}: neither a --checkpoint file nor a --resume training state")
+    for stage in stages:
+        if stage not in ("valid", "test"):
+            raise ConfigError(f"stage must be valid or test (got {stage!r})")
+    defaults = TrainConfig()
+    run_protocol = train_opts.get("protocol", defaults.protocol)
+    if protocols is None:
+        extra = [p.strip() for p in train_opts.get("also_test", "").split(",") if p.strip()]
+        protocols = list(dict.fromkeys([run_protocol, *extra]))
+    if task == "ctr":
+        protocols = ["pooled"]
+    for name in protocols:
+        if task != "ctr" and name not in PROTOCOLS:
+            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {name!r})")
+    fixed = _fixed_negatives(negatives_file, split, task, protocols) if negatives_file else None
+    model = create_model(model_name, ModelData.from_split(split), options, task=task)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
+    max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
+    examples = {stage: build_examples(split, task=task, stage=stage, max_len=max_len) for stage in stages}
+    eval_seed = train_opts.get("eval_seed", defaults.eval_seed)
+    by_protocol = {name: {stage: evaluate(model, ex, task=task, protocol="full" if name == "pooled" else name,
+                                          batch_size=batch_size, eval_seed=eval_seed, negatives=fixed)
+                          for stage, ex in examples.items()} for name in protocols}
+    return {"model": model_name, "task": task, "best_epoch": best_epoch, "finished": finished, "eval_seed": eval_seed,
+            "negatives_file": negatives_file, "by_protocol": by_protocol}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -5,8 +5,10 @@ Usage::
     python simulations/bench_training.py [--data-root ../shared/data] [--steps 30] [--json]
 
 Both models use the same batches (batch 64, max_len 65, the MRFF reference widths) in the
-same process; each is timed over ``--steps`` optimiser steps after 3 warm-up steps. With
-``--json`` prints one object: model name -> sequences per second (plus ``mrff_over_sasrec``).
+same process; each is timed over ``--steps`` optimiser steps after 3 warm-up steps. MRFF is
+timed twice: every group FFN on every user (``mrff``, the default) and each group FFN only on
+its users (``mrff_dispatch``, option ``dispatch``). With ``--json`` prints one object: model
+name -> sequences per second (plus ``mrff_over_sasrec`` and ``dispatch_over_dense``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"item-repr": "attributes", "max-len": 65}
 
 
-def throughput(name: str, data: ModelData, batches: list, steps: int) -> float:
+def throughput(name: str, data: ModelData, batches: list, steps: int, **extra) -> float:
     """Sequences per second over ``steps`` training steps (after 3 warm-up steps)."""
     torch.manual_seed(0)
-    model = create_model(name, data, OPTIONS, task="ctr")
+    model = create_model(name, data, {**OPTIONS, **extra}, task="ctr")
     model.train()
     opts = _optimizers(model, TrainConfig())
 
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     examples = build_examples(split, task="ctr", stage="train", max_len=65)
     batches = list(iterate_batches(examples, batch_size=64, shuffle=True, seed=0))
     result = {name: round(throughput(name, data, batches, args.steps), 1) for name in ("sasrec", "mrff")}
+    result["mrff_dispatch"] = round(throughput("mrff", data, batches, args.steps, dispatch=True), 1)
     result["mrff_over_sasrec"] = round(result["mrff"] / result["sasrec"], 3)
+    result["dispatch_over_dense"] = round(result["mrff_dispatch"] / result["mrff"], 3)
     print(json.dumps(result) if args.json else "\n".join(f"{k:18s} {v}" for k, v in result.items()))
     return result
 

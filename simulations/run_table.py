@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", help="run only these row names")
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--state-dir", type=Path, help="keep each run's training state here, to resume mid-run")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "simulations" / "results",
+                        help="where <stem>.json and <stem>.md go (default simulations/results)")
     args = parser.parse_args(argv)
     cfg = load_toml(args.config)
     data = cfg["data"].replace("{data_root}", args.data_root)
     task = cfg["task"]
     split = split_dataset(load_dataset(data), build_config(SplitConfig, cfg.get("split", {}), where="split"))
-    out_json = ROOT / "simulations" / "results" / f"{args.config.stem}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_json = args.out_dir / f"{args.config.stem}.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     for entry in cfg["runs"]:
         entry = dict(entry)
@@ -108,14 +111,19 @@ def main(argv: list[str] | None = None) -> int:
                 args.state_dir.mkdir(parents=True, exist_ok=True)
                 safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{args.config.stem}-{row}-seed{seed}")
                 resume = str(args.state_dir / f"{safe}.pt")
-            train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False,
-                                                   "resume": resume}, where="train")
+            train_opts = {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False, "resume": resume}
+            negatives = {k: train_opts[k] for k in ("negatives-file", "negatives_file") if k in train_opts}
+            for k, v in negatives.items():  # a data file: named with {data_root}, like `data`
+                train_opts[k] = str(v).replace("{data_root}", args.data_root)
+            train_cfg = build_config(TrainConfig, train_opts, where="train")
             def log_epoch(rec, key=key):  # one line per epoch, so long runs can be followed
                 print(f"{key} epoch {rec['epoch']} loss {rec['loss']} valid {rec['valid']}", file=sys.stderr, flush=True)
 
             r = train(model, split, task=task, model_options=entry, config=train_cfg, data_name=cfg["data"],
                       on_epoch=log_epoch)
             r.pop("model_state")
+            if negatives:  # results name the file as the config does, not by this machine's path
+                r["train"]["negatives_file"] = next(iter(negatives.values()))
             r["row"] = row
             results = _merge(out_json, key, r)
             print(f"{key:28s} valid {r['valid']} test {r['test']} best epoch {r['best_epoch']} ({r['seconds']} s)",

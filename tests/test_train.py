@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,3 +171,162 @@ def test_cli_train_json_and_errors(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--data", SPEC, *args],
                              capture_output=True, text=True)
         assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- fixed sampled-ranking negatives and re-evaluation of saved models ----------------------
+
+WIDE = "synthetic:users=40,items=200,groups=2,min_len=8,max_len=12,seed=4"
+
+
+def _write_negatives(split, path, n=99, seed=0):
+    """A negatives file in raw ids: ``n`` distinct unseen items per user, drawn here."""
+    rng = np.random.default_rng(seed)
+    seen = split.seen_pairs()
+    lines = []
+    for u in range(1, split.n_users + 1):
+        mine = seen[(seen // (split.n_items + 1)) == u] % (split.n_items + 1)
+        pool = np.setdiff1d(np.arange(1, split.n_items + 1), mine)
+        neg = rng.choice(pool, n, replace=False)
+        lines.append(" ".join(str(int(split.user_raw[x])) if i == 0 else str(int(split.item_raw[x]))
+                              for i, x in enumerate([u, *neg])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_fixed_negatives_are_the_candidates_ranked(tmp_path):
+    """Test metrics with a negatives file equal HR@10 / NDCG@10 computed here by hand from the
+    model's scores of [target, the file's negatives]."""
+    from fedrec.data.samplers import FixedNegatives
+    from fedrec.metrics import ranking_metrics, sampled_ranking_ranks
+
+    sp = split_dataset(load_dataset(WIDE))
+    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    cfg = TrainConfig(epochs=2, batch_size=16, progress=False, protocol="sampled-99", negatives_file=str(negs),
+                      checkpoint=str(tmp_path / "best.pt"))
+    result = train("sasrec", sp, task="next_item", model_options=SMALL, config=cfg)
+    model = create_model("sasrec", ModelData.from_split(sp), SMALL, task="next_item")
+    model.load_state_dict(result["model_state"])
+    model.eval()
+    test = build_examples(sp, task="next_item", stage="test", max_len=10)
+    fixed = FixedNegatives(negs, sp)
+    batch = next(iter(__import__("fedrec.data.batching", fromlist=["x"]).iterate_batches(test, batch_size=10_000)))
+    cand = torch.cat([batch["target_items"][:, -1:], torch.from_numpy(fixed.sample(test.users, 99))], dim=1)
+    with torch.no_grad():
+        scores = model.score_candidates(batch, cand).double().numpy()
+    by_hand = ranking_metrics(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
+    assert result["test"]["hr@10"] == pytest.approx(by_hand["hr@10"], abs=1e-6)
+    assert result["test"]["ndcg@10"] == pytest.approx(by_hand["ndcg@10"], abs=1e-6)
+    # the uniform draws of the same run are other candidates
+    uniform = train("sasrec", sp, task="next_item", model_options=SMALL,
+                    config=TrainConfig(epochs=2, batch_size=16, progress=False, protocol="sampled-99"))
+    assert uniform["history"][0]["loss"] == result["history"][0]["loss"]  # same training
+    assert uniform["test"] != result["test"]
+
+
+def test_negatives_file_option_errors(split, tmp_path):
+    sp = split_dataset(load_dataset(WIDE))
+    negs = _write_negatives(sp, tmp_path / "neg.txt", n=99)
+    base = {"epochs": 1, "batch_size": 16, "progress": False, "negatives_file": str(negs)}
+    with pytest.raises(ConfigError, match="holds 99 negatives per user, protocol sampled-999 needs 999"):
+        train("sasrec", sp, task="next_item", model_options=SMALL,
+              config=TrainConfig(**base, protocol="sampled-99", also_test="sampled-999"))
+    with pytest.raises(ConfigError, match="needs a sampled protocol"):
+        train("sasrec", sp, task="next_item", model_options=SMALL, config=TrainConfig(**base, protocol="full"))
+    with pytest.raises(ConfigError, match="for next_item ranking"):
+        train("sasrec", sp, task="ctr", model_options=SMALL, config=TrainConfig(**base))
+
+
+def test_evaluate_saved_checkpoint_and_state_repeat_the_run(tmp_path):
+    from fedrec.train import evaluate_saved
+
+    sp = split_dataset(load_dataset(WIDE))
+    ckpt, state = tmp_path / "best.pt", tmp_path / "state.pt"
+    cfg = TrainConfig(epochs=3, batch_size=16, progress=False, protocol="sampled-99", also_test="full",
+                      checkpoint=str(ckpt), resume=str(state))
+    result = train("sasrec", sp, task="next_item", model_options=SMALL, config=cfg)
+    for path, finished in ((ckpt, None), (state, True)):
+        again = evaluate_saved(path, sp)
+        assert again["best_epoch"] == result["best_epoch"] and again["finished"] is finished
+        assert again["by_protocol"]["sampled-99"] == {"valid": result["valid"], "test": result["test"]}
+        assert again["by_protocol"]["full"]["test"] == result["test_by_protocol"]["full"]
+    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    fixed = evaluate_saved(ckpt, sp, protocols=["sampled-99"], negatives_file=str(negs), stages=("test",))
+    assert set(fixed["by_protocol"]) == {"sampled-99"} and set(fixed["by_protocol"]["sampled-99"]) == {"test"}
+    with pytest.raises(ConfigError, match="trained on another split"):
+        evaluate_saved(state, split_dataset(load_dataset(WIDE.replace("seed=4", "seed=5"))))
+    with pytest.raises(ConfigError, match="protocol must be one of"):
+        evaluate_saved(ckpt, sp, protocols=["sampled-5"])
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="neither a --checkpoint file nor a --resume training state"):
+        evaluate_saved(tmp_path / "other.pt", sp)
+    with pytest.raises(ConfigError, match="file not found"):
+        evaluate_saved(tmp_path / "absent.pt", sp)
+
+
+def test_evaluate_saved_refuses_weights_of_other_data(tmp_path):
+    """A checkpoint (no split fingerprint) on data with another item count: one-line error."""
+    from fedrec.train import evaluate_saved
+
+    sp = split_dataset(load_dataset(WIDE))
+    ckpt = tmp_path / "best.pt"
+    train("sasrec", sp, task="next_item", model_options=SMALL,
+          config=TrainConfig(epochs=1, batch_size=16, progress=False, checkpoint=str(ckpt)))
+    other = split_dataset(load_dataset(WIDE.replace("items=200", "items=150")))
+    with pytest.raises(ConfigError, match="do not fit this data"):
+        evaluate_saved(ckpt, other)
+
+
+def test_cli_evaluate(tmp_path):
+    ckpt = tmp_path / "best.pt"
+    base = [sys.executable, "-m", "fedrec.cli"]
+    run = subprocess.run([*base, "train", "--model", "sasrec", "--data", WIDE, "--task", "next_item", "--epochs", "1",
+                          "--set", "dim=16", "--set", "max-len=10", "--protocol", "sampled-99", "--json",
+                          "--checkpoint", str(ckpt)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    trained = json.loads(run.stdout)
+    out = tmp_path / "eval.json"
+    ev = subprocess.run([*base, "evaluate", str(ckpt), "--data", WIDE, "--json", "--out", str(out)],
+                        capture_output=True, text=True, check=False)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["by_protocol"]["sampled-99"]["test"] == trained["test"]
+    assert json.loads(out.read_text()) == json.loads(ev.stdout)
+    table = subprocess.run([*base, "evaluate", str(ckpt), "--data", WIDE, "--protocol", "full"],
+                           capture_output=True, text=True, check=False)
+    assert table.returncode == 0 and "hr@10" in table.stdout and "full" in table.stdout
+    bad = subprocess.run([*base, "evaluate", str(tmp_path / "absent.pt"), "--data", WIDE],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "absent.pt: file not found" in bad.stderr and "Traceback" not in bad.stderr
+    neg = tmp_path / "neg.txt"
+    neg.write_text("1 2 3\n")
+    bad = subprocess.run([*base, "evaluate", str(ckpt), "--data", WIDE, "--negatives-file", str(neg)],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "neg.txt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.realdata
+def test_lastfm_published_negatives(shared_data):
+    """S3-Rec's own LastFM negatives (LastFM_sample.txt): popularity HR@10 / NDCG@10 on them
+    equal a computation here from the raw file (training counts, ties counted half)."""
+    path = shared_data / "s3rec" / "LastFM.txt"
+    seqs = {int(line.split()[0]): [int(x) for x in line.split()[1:]] for line in path.read_text().splitlines() if line.strip()}
+    negs = {int(line.split()[0]): [int(x) for x in line.split()[1:]]
+            for line in (shared_data / "s3rec" / "LastFM_sample.txt").read_text().splitlines() if line.strip()}
+    counts: dict[int, int] = {}
+    for items in seqs.values():
+        for item in items[:-2]:  # leave-one-out: the last two are valid and test
+            counts[item] = counts.get(item, 0) + 1
+    hits, ndcg = [], []
+    for user, items in seqs.items():
+        target = counts.get(items[-1], 0)
+        others = [counts.get(i, 0) for i in negs[user]]
+        rank = sum(c > target for c in others) + 0.5 * sum(c == target for c in others)
+        hits.append(rank < 10)
+        ndcg.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
+    sp = split_dataset(load_dataset(f"seq:{path}"))
+    result = train("popularity", sp, task="next_item",
+                   config=TrainConfig(protocol="sampled-99", negatives_file=str(shared_data / "s3rec" / "LastFM_sample.txt"),
+                                      progress=False))
+    assert result["test"]["hr@10"] == pytest.approx(np.mean(hits), abs=1e-6)
+    assert result["test"]["ndcg@10"] == pytest.approx(np.mean(ndcg), abs=1e-6)
+    uniform = train("popularity", sp, task="next_item", config=TrainConfig(protocol="sampled-99", progress=False))
+    assert uniform["test"] != result["test"]

@@ -41,7 +41,7 @@ import numbers
 import numpy as np
 import torch
 
-from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
@@ -88,15 +88,16 @@ class ExampleSet:
         keep = np.isin(self.users, np.asarray(users))
         return replace(self, seq=self.seq[keep], input_rows=self.input_rows[keep], target_rows=self.target_rows[keep])
 
-    def candidates(self, n: int, *, seed: int) -> np.ndarray:
+    def candidates(self, n: int, *, seed: int, fixed: FixedNegatives | None = None) -> np.ndarray:
         """``(N, 1 + n)`` sampled-ranking candidates: column 0 the held-out item, then ``n``
-        uniform items the user never interacted with, within the item's domain.
+        uniform items the user never interacted with, within the item's domain (or each
+        user's ``fixed`` negatives, when given).
 
         Drawn from ``seed`` alone, so every model and batch size is scored on the same
         negatives (the same seed gives the same candidates for the same examples).
         """
         sp = self.split
-        sampler = UniformNegativeSampler(sp, seed=seed)
+        sampler = fixed if fixed is not None else UniformNegativeSampler(sp, seed=seed)
         targets = _take(sp.item, self.target_rows[:, -1])
         negatives = sampler.sample(self.users, n, domains=self.domains if sp.domains else None)
         return np.concatenate([targets[:, None], negatives], axis=1)
@@ -256,7 +257,7 @@ def iterate_batches(
     shuffle: bool = False,
     seed: int = 0,
     num_negatives: int = 0,
-    sampler: UniformNegativeSampler | None = None,
+    sampler: UniformNegativeSampler | FixedNegatives | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches of ``examples`` as dicts of tensors (see the module docstring).
 
@@ -265,7 +266,9 @@ def iterate_batches(
     ``items`` and ``labels`` (B, T); ``user_features`` (B, F_u) and ``item_features`` are
     looked up by the model from the split (not copied per batch). With ``num_negatives``
     (``next_item`` training: ``(B, T, n)``; evaluation: ``candidates`` ``(B, 1 + n)``;
-    ``cdr``: ``negatives`` ``(B, n)``) a ``sampler`` is required.
+    ``cdr``: ``negatives`` ``(B, n)``) a ``sampler`` is required; evaluation candidates
+    come from a :class:`FixedNegatives` sampler as it is, or are drawn from a uniform
+    sampler's seed.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
@@ -313,6 +316,7 @@ def iterate_batches(
                     batch["negatives"] = torch.from_numpy(neg)
                 else:
                     if candidates is None:
-                        candidates = examples.candidates(num_negatives, seed=sampler.seed)
+                        fixed = sampler if isinstance(sampler, FixedNegatives) else None
+                        candidates = examples.candidates(num_negatives, seed=getattr(sampler, "seed", 0), fixed=fixed)
                     batch["candidates"] = torch.from_numpy(candidates[idx])
         yield batch

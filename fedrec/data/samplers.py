@@ -4,16 +4,23 @@
 with (in any split, by default), restricted to the item's domain on multi-domain data. It is
 vectorised: draws for a whole batch at once, with rejection of seen items re-drawn in bulk
 (membership tested with a sorted key array, no per-user Python sets).
+
+:class:`FixedNegatives` reads a published list of sampled-ranking negatives per user (the
+``user neg_1 ... neg_N`` format of S3-Rec's ``*_sample.txt``), so a sampled metric can be
+computed on exactly the candidates a paper used. It has the same ``sample`` interface.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from fedrec.data.io import iter_lines, resolve_file
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError, DataError
 
-__all__ = ["UniformNegativeSampler"]
+__all__ = ["UniformNegativeSampler", "FixedNegatives"]
 
 _MAX_ROUNDS = 20
 
@@ -99,3 +106,67 @@ class UniformNegativeSampler:
         """Restore :meth:`state_dict`."""
         self.seed = state["seed"]
         self.rng.bit_generator.state = state["rng"]
+
+
+class FixedNegatives:
+    """Fixed sampled-ranking negatives per user, read from a file.
+
+    The file has one line per user: ``user_id neg_1 ... neg_N`` (whitespace-separated raw
+    ids, as in S3-Rec's ``LastFM_sample.txt``); every line must list the same number ``N``
+    of distinct items, each a known item the user never interacted with (in any split).
+    Users without a line may exist; asking for their negatives is an error.
+
+    :meth:`sample` returns each user's ``N`` negatives in file order, so valid and test are
+    ranked against the same candidates, as in S3-Rec's evaluation.
+    """
+
+    def __init__(self, path: str | Path, split: SplitData) -> None:
+        self.path = resolve_file(path)
+        self.split = split
+        users = {str(raw): i for i, raw in enumerate(split.user_raw) if i > 0}
+        items = {str(raw): i for i, raw in enumerate(split.item_raw) if i > 0}
+        seen = split.seen_pairs((TRAIN, VALID, TEST))
+        stride = split.n_items + 1
+        table: np.ndarray | None = None
+        for number, line in iter_lines(self.path):
+            fields = line.split()
+            if fields[0] not in users:
+                raise DataError("unknown user id", file=self.path, row=number, column="user", value=fields[0])
+            user = users[fields[0]]
+            if len(fields) < 2:
+                raise DataError("no negatives on this line", file=self.path, row=number)
+            if table is None:
+                table = np.zeros((split.n_users + 1, len(fields) - 1), dtype=np.int64)
+            elif len(fields) - 1 != table.shape[1]:
+                raise DataError(f"{len(fields) - 1} negatives, the first line has {table.shape[1]}",
+                                file=self.path, row=number)
+            if table[user].any():
+                raise DataError("second line for this user", file=self.path, row=number, column="user", value=fields[0])
+            for field in fields[1:]:
+                if field not in items:
+                    raise DataError("unknown item id", file=self.path, row=number, column="negative", value=field)
+            row = np.array([items[f] for f in fields[1:]], dtype=np.int64)
+            if np.unique(row).size != row.size:
+                raise DataError("repeated negative item", file=self.path, row=number)
+            keys = user * stride + row
+            pos = np.minimum(np.searchsorted(seen, keys), max(len(seen) - 1, 0))
+            hit = (seen[pos] == keys) if len(seen) else np.zeros(len(keys), dtype=bool)
+            if hit.any():
+                raise DataError("negative item is one the user interacted with", file=self.path, row=number,
+                                column="negative", value=fields[1 + int(np.flatnonzero(hit)[0])])
+            table[user] = row
+        if table is None:
+            raise DataError("no negatives in this file", file=self.path)
+        self.table = table
+        self.n = table.shape[1]
+        self.has_line = table[:, 0] > 0
+
+    def sample(self, users: np.ndarray, n: int, domains: np.ndarray | None = None) -> np.ndarray:
+        """``(len(users), n)``: each user's fixed negatives (``n`` must be the file's ``N``)."""
+        users = np.asarray(users, dtype=np.int64)
+        if n != self.n:
+            raise ConfigError(f"{self.path}: holds {self.n} negatives per user, the protocol needs {n}")
+        missing = users[~self.has_line[users]]
+        if missing.size:
+            raise DataError(f"no negatives for user {int(self.split.user_raw[missing[0]])}", file=self.path)
+        return self.table[users].copy()

@@ -32,6 +32,12 @@ Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
     ``f_g`` the share of users routed to ``g`` (counted, no gradient) and ``P_g`` the mean
     gate probability. Centrally ``f`` comes from the batch; federated, from the previous
     round's counts (``context["group_share"]``).
+``dispatch`` (false)
+    Run each group FFN only on the users routed to it instead of on every user (the same
+    function, G / top_k times less group-FFN work; about 1.6x faster training on Beauty).
+    Only where the batch is not under ``torch.func.vmap``: the federated engine keeps the
+    dense form. Off by default because dropout then draws other random numbers, so
+    recorded results would not repeat bit for bit.
 ``user_ffn`` (true), ``user_hidden`` (0 = ``dim``)
     The private user FFN and its hidden width. Its parameters are stored in sparse
     embedding tables (one row per user), so an optimiser step touches only the batch's
@@ -70,6 +76,7 @@ class MRFFConfig(BackboneConfig):
     alpha: float = 0.1
     user_ffn: bool = True
     user_hidden: int = 0
+    dispatch: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,8 +144,15 @@ class GroupGatedFFN(nn.Module):
         # branch, so the layer also runs under torch.func.vmap; an unchosen group gets an
         # exactly zero gradient)
         out = torch.zeros_like(z)
-        for g, ffn in enumerate(self.group_ffns):
-            out = out + weights[:, g].view(-1, 1, 1) * ffn(z)
+        if self.cfg.dispatch and not context.get("vmap_safe", False):
+            for g, ffn in enumerate(self.group_ffns):  # only the users routed to g
+                rows = chosen[:, g].nonzero(as_tuple=True)[0]
+                # also when none is: an empty batch gives g an exactly zero gradient, as the
+                # dense form does (None would make Adam skip g's momentum step)
+                out = out.index_add(0, rows, weights[rows, g].view(-1, 1, 1) * ffn(z[rows]))
+        else:
+            for g, ffn in enumerate(self.group_ffns):
+                out = out + weights[:, g].view(-1, 1, 1) * ffn(z)
         if self.user_ffn is not None:
             out = out + self.user_ffn(z, context["user"])
         if self.cfg.residual:

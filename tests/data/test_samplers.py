@@ -123,3 +123,55 @@ def test_multi_domain_draws_stay_in_the_given_domain():
     assert set(raw[doms == 1].ravel().tolist()) == {104, 105, 106, 107, 108, 109}
     with pytest.raises(ConfigError, match="domain"):
         sampler.sample(np.array([u1]), 2)
+
+
+# ---- FixedNegatives: a paper's published negatives, read from a file ----------------------
+
+from fedrec.data.samplers import FixedNegatives  # noqa: E402
+
+
+def _fixed_split():
+    """Items 1..12 (raw ids); user 1 saw 1..5, user 2 saw 6..10, user 3 saw 11, 12, 1, 2, 6."""
+    rows = [(1, i, i) for i in (1, 2, 3, 4, 5)] + [(2, i, i) for i in (6, 7, 8, 9, 10)]
+    rows += [(3, i, t) for t, i in enumerate((11, 12, 1, 2, 6))]
+    return _split(rows)
+
+
+def test_fixed_negatives_map_raw_ids_and_keep_file_order(tmp_path):
+    sp = _fixed_split()
+    path = tmp_path / "neg.txt"
+    path.write_text("2 1 12 3\n1 11 9 6\n")
+    fixed = FixedNegatives(path, sp)
+    got = fixed.sample(np.array([_user(sp, 1), _user(sp, 2), _user(sp, 1)]), 3)
+    raw = sp.item_raw[got]
+    assert raw.tolist() == [[11, 9, 6], [1, 12, 3], [11, 9, 6]]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("1 11 9\n2 1 12 3\n", "line 2.*3 negatives, the first line has 2"),
+    ("1 11 9 6\n7 1 12 3\n", "line 2.*unknown user id.*7"),
+    ("1 11 9 99\n", "line 1.*unknown item id.*99"),
+    ("1 11 9 5\n", "line 1.*interacted with.*5"),
+    ("1 11 11 9\n", "line 1.*repeated negative"),
+    ("1 11 9 6\n1 11 9 6\n", "line 2.*second line for this user"),
+    ("1\n", "line 1.*no negatives"),
+    ("\n\n", "no negatives in this file"),
+])
+def test_fixed_negatives_bad_files_name_the_line(tmp_path, text, needle):
+    path = tmp_path / "neg.txt"
+    path.write_text(text)
+    with pytest.raises(DataError, match=needle):
+        FixedNegatives(path, _fixed_split())
+
+
+def test_fixed_negatives_wrong_count_or_missing_user(tmp_path):
+    sp = _fixed_split()
+    path = tmp_path / "neg.txt"
+    path.write_text("1 11 9 6\n")
+    fixed = FixedNegatives(path, sp)
+    with pytest.raises(ConfigError, match="holds 3 negatives per user, the protocol needs 99"):
+        fixed.sample(np.array([_user(sp, 1)]), 99)
+    with pytest.raises(DataError, match="no negatives for user 2"):
+        fixed.sample(np.array([_user(sp, 1), _user(sp, 2)]), 3)
+    with pytest.raises(DataError, match="file not found"):
+        FixedNegatives(tmp_path / "absent.txt", sp)

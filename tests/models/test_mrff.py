@@ -141,3 +141,42 @@ def test_bidirectional_trains_only_on_the_last_position():
     changed["target_labels"] = batch["target_labels"].clone()
     changed["target_labels"][:, :-1] = 0.0  # earlier targets are visible to the encoder: ignored
     assert float(model.loss(changed, out).detach()) == pytest.approx(float(base.detach()))
+
+
+@pytest.mark.parametrize("gate,top_k", [("hard", 1), ("scaled", 1), ("scaled", 2), ("hard", 3)])
+def test_dispatch_computes_the_same_function_and_gradients(gate, top_k):
+    """``dispatch`` runs each group FFN only on its users: the same outputs, losses and
+    gradients as running every group on every user (dropout off, so no random draws)."""
+    batch = _batch()
+    results = []
+    for dispatch in (False, True):
+        model = _model(gate=gate, top_k=top_k, dispatch=dispatch)
+        out = model(batch)
+        loss = model.loss(batch, out)
+        loss.backward()
+        grads = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((model.predict_ctr(batch), loss.detach(), grads,
+                        [r["choice"] for r in out["context"]["routing"]]))
+    (p0, l0, g0, c0), (p1, l1, g1, c1) = results
+    assert all(torch.equal(a, b) for a, b in zip(c0, c1))
+    # some group gets no users here: its gradient is zero, not None, either way
+    if top_k < 3:
+        assert any(not g0[n].any() for n in g0 if "group_ffns" in n)
+    assert torch.allclose(p0, p1, atol=1e-6) and torch.allclose(l0, l1, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6), name
+
+
+def test_dispatch_falls_back_to_dense_under_vmap():
+    """The federated engine marks its working copy vmap-safe; dispatch then stays dense, so
+    the per-user vmap (no data-dependent shapes) still runs."""
+    from torch.func import vmap
+
+    model = _model(dispatch=True)
+    model.vmap_safe = True
+    batch = _batch()
+    # (the dispatching form's nonzero() has a data-dependent shape: vmap would refuse it)
+    per_user = vmap(lambda b: model.predict_ctr({k: v.unsqueeze(0) for k, v in b.items()}))(batch)
+    model.vmap_safe = False
+    assert torch.allclose(per_user.squeeze(1), model.predict_ctr(batch), atol=1e-6)

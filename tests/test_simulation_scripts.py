@@ -1,0 +1,96 @@
+"""The table scripts under simulations/: run_table.py with resumable states, and
+reevaluate.py scoring those states again on fixed negatives."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "simulations"))
+
+import reevaluate  # noqa: E402
+import run_table  # noqa: E402
+
+from fedrec.data import load_dataset  # noqa: E402
+from fedrec.data.split import split_dataset  # noqa: E402
+
+SPEC = "synthetic:users=40,items=200,groups=2,min_len=8,max_len=12,seed=4"
+
+CONFIG = f'''
+title = "tiny"
+data = "{SPEC}"
+task = "next_item"
+metrics = ["hr@10", "full/hr@10"]
+
+[train]
+epochs = 2
+batch-size = 16
+protocol = "sampled-99"
+also-test = "full"
+negatives-file = "{{data_root}}/neg.txt"
+
+[[runs]]
+name = "popularity"
+model = "popularity"
+
+[[runs]]
+name = "SASRec"
+model = "sasrec"
+dim = 16
+max-len = 10
+'''
+
+
+def _negatives(path: Path) -> None:
+    sp = split_dataset(load_dataset(SPEC))
+    rng = np.random.default_rng(1)
+    seen = sp.seen_pairs()
+    lines = []
+    for u in range(1, sp.n_users + 1):
+        mine = seen[(seen // (sp.n_items + 1)) == u] % (sp.n_items + 1)
+        neg = rng.choice(np.setdiff1d(np.arange(1, sp.n_items + 1), mine), 99, replace=False)
+        lines.append(" ".join([str(sp.user_raw[u]), *(str(sp.item_raw[i]) for i in neg)]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_run_table_then_reevaluate(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    _negatives(tmp_path / "neg.txt")
+    out, states = tmp_path / "out", tmp_path / "states"
+    common = ["--seeds", "0", "1", "--data-root", str(tmp_path), "--out-dir", str(out)]
+    assert run_table.main([str(config), *common, "--state-dir", str(states)]) == 0
+    table = json.loads((out / "tiny.json").read_text())
+    assert set(table) == {"popularity/seed0", "popularity/seed1", "SASRec/seed0", "SASRec/seed1"}
+    # the results name the negatives file as the config does, not by this machine's path
+    assert table["SASRec/seed0"]["train"]["negatives_file"] == "{data_root}/neg.txt"
+    assert "| SASRec |" in (out / "tiny.md").read_text()
+    # re-scoring the states on the same fixed negatives repeats the table's test numbers
+    assert reevaluate.main([str(config), *common, "--state-dir", str(states),
+                            "--negatives-file", "{data_root}/neg.txt"]) == 0
+    again = json.loads((out / "tiny_sampled-99-neg.json").read_text())
+    assert again["missing"] == []
+    for key in ("SASRec/seed0", "SASRec/seed1", "popularity/seed0"):
+        assert again["runs"][key]["test"] == table[key]["test"]
+    # on uniform negatives they differ, and a state that is not there is listed as missing
+    (states / "tiny-SASRec-seed1.pt").unlink()
+    assert reevaluate.main([str(config), *common, "--state-dir", str(states)]) == 0
+    uniform = json.loads((out / "tiny_sampled-99.json").read_text())
+    assert uniform["missing"] == ["SASRec/seed1"]
+    assert uniform["runs"]["SASRec/seed0"]["test"] != table["SASRec/seed0"]["test"]
+
+
+def test_reevaluate_bad_negatives_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(CONFIG)
+    (tmp_path / "neg.txt").write_text("1 2\n")
+    code = reevaluate.main([str(config), "--state-dir", str(tmp_path), "--seeds", "0", "--data-root", str(tmp_path),
+                            "--out-dir", str(tmp_path / "out"), "--negatives-file", "{data_root}/neg.txt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "neg.txt, line 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
