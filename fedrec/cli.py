@@ -138,7 +138,7 @@ def evaluate_command(
     saved: Path = typer.Argument(..., metavar="FILE", help="A --checkpoint file or a --resume training state of `fedrec train`."),
     data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] of the run (the same split)."),
     protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
-    negatives_file: Optional[Path] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws."),
+    negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
@@ -153,7 +153,7 @@ def evaluate_command(
         file_cfg = load_toml(config) if config else {}
         split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
-                                negatives_file=str(negatives_file) if negatives_file else "")
+                                negatives_file=negatives_file)
     except FedrecError as exc:
         _fail(exc)
     result["data"] = data

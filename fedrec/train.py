@@ -143,22 +143,40 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
     return _clean(ranking_metrics(np.concatenate(ranks)))
 
 
-def _fixed_negatives(path: str, split: SplitData, task: str, protocols: list[str]) -> FixedNegatives | None:
+def _fixed_negatives(path: str, split: SplitData, task: str, protocols: list[str],
+                     examples: list[ExampleSet]) -> FixedNegatives | None:
     """The fixed negatives of ``path`` (None without one), checked against the protocols
-    they will serve, before any training."""
+    they will serve and the users of ``examples``, before any training."""
     if not path:
         return None
     if task != "next_item":
-        raise ConfigError(f"train option 'negatives_file' is for next_item ranking (task is {task})")
+        raise ConfigError(f"negatives file {path}: only for next_item ranking (task is {task})")
     fixed = FixedNegatives(path, split)
     sampled = [p for p in protocols if p.startswith("sampled-")]
     if not sampled:
-        raise ConfigError("train option 'negatives_file' needs a sampled protocol (protocol or also_test)")
+        raise ConfigError(f"negatives file {path}: needs a sampled protocol (sampled-99 or sampled-999), "
+                          f"not {', '.join(protocols)}")
     for name in sampled:
         if int(name.split("-")[1]) != fixed.n:
             raise ConfigError(f"{fixed.path}: holds {fixed.n} negatives per user, protocol {name} needs "
                               f"{name.split('-')[1]}")
+    for ex in examples:
+        fixed.require(ex.users)
     return fixed
+
+
+def _file_digest(path: str) -> str:
+    """``sha256:<hex>`` of a file's bytes (how a resume state names a data file, so the same
+    file under another path spelling is still the same run)."""
+    import hashlib
+
+    from fedrec.data.io import resolve_file
+
+    digest = hashlib.sha256()
+    with open(resolve_file(path), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -203,9 +221,11 @@ def _split_fingerprint(split: SplitData) -> dict[str, Any]:
 def _resume_identity(model_name: str, task: str, data_name: str, model_options: dict[str, Any] | None,
                      cfg: TrainConfig, split: SplitData) -> dict[str, Any]:
     """What a resumed run must share with the run that wrote the state file."""
+    train_opts = {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORED}
+    if train_opts.get("negatives_file"):  # the file's content, not how its path is spelled
+        train_opts["negatives_file"] = _file_digest(train_opts["negatives_file"])
     return {"model": model_name, "task": task, "data": data_name, "split": _split_fingerprint(split),
-            "model_options": {str(k): v for k, v in (model_options or {}).items()},
-            "train": {k: v for k, v in asdict(cfg).items() if k not in _RESUME_IGNORED}}
+            "model_options": {str(k): v for k, v in (model_options or {}).items()}, "train": train_opts}
 
 
 def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -267,7 +287,8 @@ def train(
     metric = selection_metric(task)
     protocol = "pooled" if task == "ctr" else cfg.protocol
     eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed,
-                     negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()]))
+                     negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()],
+                                                [valid, test]))
     history: list[dict[str, Any]] = []
 
     if not getattr(model, "trainable", True):
@@ -333,7 +354,8 @@ def train(
                 best_state = copy.deepcopy(model.state_dict())
                 if cfg.checkpoint:
                     _save_atomic({"model": model_name, "task": task, "epoch": epoch, "state": best_state,
-                                  "model_options": model_options or {}, "train": asdict(cfg)}, Path(cfg.checkpoint))
+                                  "model_options": model_options or {}, "train": asdict(cfg),
+                                  "split": _split_fingerprint(split)}, Path(cfg.checkpoint))
             else:
                 stale += 1
             if stale > cfg.patience or epoch == cfg.epochs:
@@ -371,16 +393,20 @@ def train(
 
 
 def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] | None = None,
-                   negatives_file: str = "", stages: tuple[str, ...] = ("valid", "test"),
-                   batch_size: int = 512) -> dict[str, Any]:
+                   negatives_file: str | None = None, stages: tuple[str, ...] = ("valid", "test"),
+                   skip_unfinished: bool = False) -> dict[str, Any]:
     """Score the model saved at ``path`` again on ``split``, without training.
 
     ``path`` is a ``checkpoint`` file (the best weights) or a ``resume`` training state (its
-    best weights are used). ``protocols`` default to the run's own (``protocol`` plus
-    ``also_test``); sampled ones use the run's ``eval_seed``, or ``negatives_file``'s fixed
-    negatives. Returns ``model``, ``task``, ``best_epoch``, ``finished`` (whether a training
+    best weights are used). ``protocols`` (next item only) default to the run's own
+    (``protocol`` plus ``also_test``). Sampled protocols use the run's ``eval_seed`` and
+    ``eval_batch_size``; ``negatives_file`` gives fixed negatives instead, ``""`` asks for
+    uniform draws, and ``None`` (default) means the run's own choice: a checkpoint names its
+    file, a training state only its digest, so for a state trained with one the file must be
+    passed. Returns ``model``, ``task``, ``best_epoch``, ``finished`` (whether a training
     state's run had ended; None for a checkpoint) and ``by_protocol``:
-    ``{protocol: {stage: metrics}}`` (CTR: one entry, ``pooled``).
+    ``{protocol: {stage: metrics}}`` (CTR: one entry, ``pooled``). With ``skip_unfinished``,
+    a state whose run has not ended returns without ``by_protocol`` (nothing is scored).
     """
     path = Path(path)
     if not path.is_file():
@@ -393,29 +419,38 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
         ident = saved["identity"]
         model_name, task, options, train_opts = ident["model"], ident["task"], ident["model_options"], ident["train"]
         state, best_epoch, finished = saved.get("best_state"), saved.get("best_epoch"), saved.get("finished")
-        if "split" in ident and ident["split"] != _split_fingerprint(split):
-            raise ConfigError(f"{path}: trained on another split ({ident['split']}, this data {_split_fingerprint(split)})")
-        if state is None:
-            raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
+        fingerprint = ident.get("split")
     elif isinstance(saved, dict) and {"model", "task", "state"} <= set(saved):  # a checkpoint
         model_name, task, options, train_opts = saved["model"], saved["task"], saved.get("model_options", {}), saved.get("train", {})
-        state, best_epoch, finished = saved["state"], saved.get("epoch"), None
+        state, best_epoch, finished, fingerprint = saved["state"], saved.get("epoch"), None, saved.get("split")
     else:
         raise ConfigError(f"{path}: neither a --checkpoint file nor a --resume training state")
+    result = {"model": model_name, "task": task, "best_epoch": best_epoch, "finished": finished}
+    if skip_unfinished and finished is False:
+        return result
+    if fingerprint is not None and fingerprint != _split_fingerprint(split):
+        raise ConfigError(f"{path}: trained on another split ({fingerprint}, this data {_split_fingerprint(split)})")
+    if state is None:
+        raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
     for stage in stages:
         if stage not in ("valid", "test"):
             raise ConfigError(f"stage must be valid or test (got {stage!r})")
     defaults = TrainConfig()
-    run_protocol = train_opts.get("protocol", defaults.protocol)
-    if protocols is None:
-        extra = [p.strip() for p in train_opts.get("also_test", "").split(",") if p.strip()]
-        protocols = list(dict.fromkeys([run_protocol, *extra]))
     if task == "ctr":
+        if protocols:
+            raise ConfigError(f"{path}: a CTR model is scored on pooled impressions; ranking protocols do not apply")
         protocols = ["pooled"]
+    elif protocols is None:
+        extra = [p.strip() for p in train_opts.get("also_test", "").split(",") if p.strip()]
+        protocols = list(dict.fromkeys([train_opts.get("protocol", defaults.protocol), *extra]))
     for name in protocols:
         if task != "ctr" and name not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {name!r})")
-    fixed = _fixed_negatives(negatives_file, split, task, protocols) if negatives_file else None
+    if negatives_file is None:  # the run's own
+        negatives_file = train_opts.get("negatives_file", "") or ""
+        if negatives_file.startswith("sha256:") or (negatives_file and not Path(negatives_file).exists()):
+            raise ConfigError(f"{path}: the run ranked against a negatives file ({negatives_file}); "
+                              "pass it with --negatives-file, or --negatives-file '' for uniform draws")
     model = create_model(model_name, ModelData.from_split(split), options, task=task)
     try:
         model.load_state_dict(state)
@@ -424,12 +459,15 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
         raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
     max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
     examples = {stage: build_examples(split, task=task, stage=stage, max_len=max_len) for stage in stages}
+    fixed = _fixed_negatives(negatives_file, split, task, protocols, list(examples.values())) if negatives_file else None
     eval_seed = train_opts.get("eval_seed", defaults.eval_seed)
-    by_protocol = {name: {stage: evaluate(model, ex, task=task, protocol="full" if name == "pooled" else name,
-                                          batch_size=batch_size, eval_seed=eval_seed, negatives=fixed)
-                          for stage, ex in examples.items()} for name in protocols}
-    return {"model": model_name, "task": task, "best_epoch": best_epoch, "finished": finished, "eval_seed": eval_seed,
-            "negatives_file": negatives_file, "by_protocol": by_protocol}
+    batch_size = train_opts.get("eval_batch_size", defaults.eval_batch_size)
+    result["by_protocol"] = {
+        name: {stage: evaluate(model, ex, task=task, protocol="full" if name == "pooled" else name,
+                               batch_size=batch_size, eval_seed=eval_seed,
+                               negatives=fixed if name.startswith("sampled-") else None)
+               for stage, ex in examples.items()} for name in protocols}
+    return {**result, "eval_seed": eval_seed, "negatives_file": negatives_file}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -10,7 +10,7 @@ For every row and seed of the table whose state file ``run_table.py --state-dir`
 against a paper's own fixed negatives instead of our uniform draws. Writes
 ``simulations/results/<stem>_<tag>.json`` (per run) and ``.md`` (test mean ± std over
 seeds), ``<tag>`` naming the protocol and the negatives file. Runs without a state file are
-listed as missing, not guessed; so are runs still training.
+listed as missing, not guessed; runs still training are listed as unfinished.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
 from fedrec.errors import FedrecError
-from fedrec.train import evaluate_saved
+from fedrec.train import TrainConfig, evaluate_saved, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
@@ -56,24 +56,25 @@ def main(argv: list[str] | None = None) -> int:
                               build_config(SplitConfig, cfg.get("split", {}), where="split"))
         negatives = args.negatives_file.replace("{data_root}", args.data_root)
         tag = args.protocol + ("-" + Path(negatives).stem if negatives else "")
-        results, missing = {}, []
+        results, missing, unfinished = {}, [], []
         for entry in cfg["runs"]:
             row = entry["name"]
             for seed in args.seeds:
                 path = args.state_dir / _state_name(args.config.stem, row, seed)
                 if entry["model"] in ("popularity", "user_ctr"):  # no state: nothing trained, score it afresh
-                    from fedrec.train import TrainConfig, train
-
-                    r = train(entry["model"], split, task=cfg["task"], config=TrainConfig(
-                        protocol=args.protocol, negatives_file=negatives, progress=False, seed=seed))
+                    opts = {**cfg.get("train", {}), **entry.get("train", {}), "protocol": args.protocol,
+                            "negatives-file": negatives, "also-test": "", "progress": False, "seed": seed}
+                    opts.pop("negatives_file", None)
+                    r = train(entry["model"], split, task=cfg["task"], config=build_config(TrainConfig, opts, where="train"))
                     scores = {"valid": r["valid"], "test": r["test"]}
                     best = 0
                 elif path.is_file():
-                    r = evaluate_saved(path, split, protocols=[args.protocol], negatives_file=negatives)
-                    scores, best = r["by_protocol"][args.protocol], r["best_epoch"]
+                    r = evaluate_saved(path, split, protocols=[args.protocol], negatives_file=negatives,
+                                       skip_unfinished=True)
                     if not r["finished"]:  # still training: its best epoch is not final
-                        missing.append(f"{row}/seed{seed} (not finished)")
+                        unfinished.append(f"{row}/seed{seed}")
                         continue
+                    scores, best = r["by_protocol"][args.protocol], r["best_epoch"]
                 else:
                     missing.append(f"{row}/seed{seed}")
                     continue
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.config.stem}_{tag}.json"
     doc = {"config": str(args.config.resolve().relative_to(ROOT)) if args.config.resolve().is_relative_to(ROOT) else args.config.name,
-           "protocol": args.protocol, "negatives_file": args.negatives_file, "missing": missing, "runs": results}
+           "protocol": args.protocol, "negatives_file": args.negatives_file, "missing": missing,
+           "unfinished": unfinished, "runs": results}
     _write(out, json.dumps(doc, indent=1))
     lines = [f"### {cfg.get('title', args.config.stem)}: re-scored on {args.protocol}"
              + (f" with `{args.negatives_file}`" if args.negatives_file else ""), "",
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {row} | {' | '.join(cells)} | {len(runs)} | {', '.join(str(r['best_epoch']) for r in runs)} |")
     if missing:
         lines += ["", f"No state file for: {', '.join(missing)}."]
+    if unfinished:
+        lines += ["", f"Still training (not scored): {', '.join(unfinished)}."]
     _write(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

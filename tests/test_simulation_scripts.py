@@ -81,8 +81,17 @@ def test_run_table_then_reevaluate(tmp_path, capsys):
     (states / "tiny-SASRec-seed1.pt").unlink()
     assert reevaluate.main([str(config), *common, "--state-dir", str(states)]) == 0
     uniform = json.loads((out / "tiny_sampled-99.json").read_text())
-    assert uniform["missing"] == ["SASRec/seed1"]
+    assert uniform["missing"] == ["SASRec/seed1"] and uniform["unfinished"] == []
     assert uniform["runs"]["SASRec/seed0"]["test"] != table["SASRec/seed0"]["test"]
+    # a run still training is not scored (its best epoch is not final)
+    import torch
+
+    saved = torch.load(states / "tiny-SASRec-seed0.pt", weights_only=False)
+    torch.save({**saved, "finished": False}, states / "tiny-SASRec-seed0.pt")
+    assert reevaluate.main([str(config), *common, "--state-dir", str(states)]) == 0
+    partial = json.loads((out / "tiny_sampled-99.json").read_text())
+    assert partial["unfinished"] == ["SASRec/seed0"] and "SASRec/seed0" not in partial["runs"]
+    assert "Still training (not scored): SASRec/seed0" in (out / "tiny_sampled-99.md").read_text()
 
 
 def test_reevaluate_bad_negatives_file_is_one_line(tmp_path, capsys):

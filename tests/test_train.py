@@ -14,7 +14,7 @@ import torch
 from fedrec.data import load_dataset
 from fedrec.data.batching import build_examples
 from fedrec.data.split import split_dataset
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, DataError
 from fedrec.models.base import ModelData
 from fedrec.models.registry import create_model
 from fedrec.train import TrainConfig, evaluate, train
@@ -232,8 +232,38 @@ def test_negatives_file_option_errors(split, tmp_path):
               config=TrainConfig(**base, protocol="sampled-99", also_test="sampled-999"))
     with pytest.raises(ConfigError, match="needs a sampled protocol"):
         train("sasrec", sp, task="next_item", model_options=SMALL, config=TrainConfig(**base, protocol="full"))
-    with pytest.raises(ConfigError, match="for next_item ranking"):
+    with pytest.raises(ConfigError, match="only for next_item ranking"):
         train("sasrec", sp, task="ctr", model_options=SMALL, config=TrainConfig(**base))
+    # a user without a line is found before the first epoch, not at its evaluation
+    lines = negs.read_text().splitlines()
+    negs.write_text("\n".join(lines[:-1]) + "\n")
+    epochs = []
+    with pytest.raises(DataError, match=r"neg\.txt.*no negatives for user .*\(1 users without a line\)"):
+        train("sasrec", sp, task="next_item", model_options=SMALL, config=TrainConfig(**base, protocol="sampled-99"),
+              on_epoch=epochs.append)
+    assert epochs == []
+
+
+def test_resume_with_a_negatives_file_knows_it_by_content(tmp_path):
+    """The state names the negatives file by its digest: another spelling of the same path
+    resumes, a file with other negatives is another run."""
+    sp = split_dataset(load_dataset(WIDE))
+    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    state = tmp_path / "run.pt"
+    cfg = {"epochs": 3, "batch_size": 16, "progress": False, "protocol": "sampled-99", "resume": str(state)}
+    with pytest.raises(_Stop):
+        train("sasrec", sp, task="next_item", model_options=SMALL,
+              config=TrainConfig(**cfg, negatives_file=str(negs)), on_epoch=_stop_after(2))
+    other_spelling = str(tmp_path / "." / "sub" / ".." / "neg.txt")
+    (tmp_path / "sub").mkdir()
+    seen = []
+    train("sasrec", sp, task="next_item", model_options=SMALL,
+          config=TrainConfig(**cfg, negatives_file=other_spelling), on_epoch=lambda r: seen.append(r["epoch"]))
+    assert seen == [2, 3]
+    _write_negatives(sp, tmp_path / "other.txt", seed=9)
+    with pytest.raises(ConfigError, match="train option 'negatives_file' = 'sha256:"):
+        train("sasrec", sp, task="next_item", model_options=SMALL,
+              config=TrainConfig(**cfg, negatives_file=str(tmp_path / "other.txt")))
 
 
 def test_evaluate_saved_checkpoint_and_state_repeat_the_run(tmp_path):
@@ -252,6 +282,11 @@ def test_evaluate_saved_checkpoint_and_state_repeat_the_run(tmp_path):
     negs = _write_negatives(sp, tmp_path / "neg.txt")
     fixed = evaluate_saved(ckpt, sp, protocols=["sampled-99"], negatives_file=str(negs), stages=("test",))
     assert set(fixed["by_protocol"]) == {"sampled-99"} and set(fixed["by_protocol"]["sampled-99"]) == {"test"}
+    with pytest.raises(ConfigError, match="ranking protocols do not apply"):
+        ctr_ckpt = tmp_path / "ctr.pt"
+        train("sasrec", sp, task="ctr", model_options=SMALL,
+              config=TrainConfig(epochs=1, batch_size=16, progress=False, checkpoint=str(ctr_ckpt)))
+        evaluate_saved(ctr_ckpt, sp, protocols=["full"])
     with pytest.raises(ConfigError, match="trained on another split"):
         evaluate_saved(state, split_dataset(load_dataset(WIDE.replace("seed=4", "seed=5"))))
     with pytest.raises(ConfigError, match="protocol must be one of"):
@@ -263,8 +298,29 @@ def test_evaluate_saved_checkpoint_and_state_repeat_the_run(tmp_path):
         evaluate_saved(tmp_path / "absent.pt", sp)
 
 
+def test_evaluate_saved_uses_the_runs_own_negatives(tmp_path):
+    """A run trained with a negatives file: its checkpoint is re-scored on that file by
+    default; its state (which keeps only the file's digest) asks for the file; '' asks for
+    uniform draws."""
+    from fedrec.train import evaluate_saved
+
+    sp = split_dataset(load_dataset(WIDE))
+    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    ckpt, state = tmp_path / "best.pt", tmp_path / "state.pt"
+    result = train("sasrec", sp, task="next_item", model_options=SMALL,
+                   config=TrainConfig(epochs=2, batch_size=16, progress=False, protocol="sampled-99",
+                                      negatives_file=str(negs), checkpoint=str(ckpt), resume=str(state)))
+    assert evaluate_saved(ckpt, sp)["by_protocol"]["sampled-99"]["test"] == result["test"]
+    with pytest.raises(ConfigError, match="ranked against a negatives file \\(sha256:.*pass it with --negatives-file"):
+        evaluate_saved(state, sp)
+    assert evaluate_saved(state, sp, negatives_file=str(negs))["by_protocol"]["sampled-99"]["test"] == result["test"]
+    uniform = evaluate_saved(state, sp, negatives_file="")["by_protocol"]["sampled-99"]["test"]
+    assert uniform != result["test"]
+
+
 def test_evaluate_saved_refuses_weights_of_other_data(tmp_path):
-    """A checkpoint (no split fingerprint) on data with another item count: one-line error."""
+    """A checkpoint on another split is refused by its split fingerprint; one written before
+    checkpoints had one fails to load with a one-line error."""
     from fedrec.train import evaluate_saved
 
     sp = split_dataset(load_dataset(WIDE))
@@ -272,6 +328,10 @@ def test_evaluate_saved_refuses_weights_of_other_data(tmp_path):
     train("sasrec", sp, task="next_item", model_options=SMALL,
           config=TrainConfig(epochs=1, batch_size=16, progress=False, checkpoint=str(ckpt)))
     other = split_dataset(load_dataset(WIDE.replace("items=200", "items=150")))
+    with pytest.raises(ConfigError, match="trained on another split"):
+        evaluate_saved(ckpt, other)
+    saved = torch.load(ckpt, weights_only=False)
+    torch.save({k: v for k, v in saved.items() if k != "split"}, ckpt)
     with pytest.raises(ConfigError, match="do not fit this data"):
         evaluate_saved(ckpt, other)
 
@@ -300,7 +360,7 @@ def test_cli_evaluate(tmp_path):
     neg.write_text("1 2 3\n")
     bad = subprocess.run([*base, "evaluate", str(ckpt), "--data", WIDE, "--negatives-file", str(neg)],
                          capture_output=True, text=True, check=False)
-    assert bad.returncode == 2 and "neg.txt" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "neg.txt, line 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.realdata

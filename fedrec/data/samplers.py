@@ -161,12 +161,18 @@ class FixedNegatives:
         self.n = table.shape[1]
         self.has_line = table[:, 0] > 0
 
+    def require(self, users: np.ndarray) -> None:
+        """Raise unless every one of ``users`` (indices) has a line in the file."""
+        users = np.asarray(users, dtype=np.int64)
+        missing = users[~self.has_line[users]]
+        if missing.size:
+            raise DataError(f"no negatives for user {int(self.split.user_raw[missing[0]])} "
+                            f"({np.unique(missing).size} users without a line)", file=self.path)
+
     def sample(self, users: np.ndarray, n: int, domains: np.ndarray | None = None) -> np.ndarray:
         """``(len(users), n)``: each user's fixed negatives (``n`` must be the file's ``N``)."""
         users = np.asarray(users, dtype=np.int64)
         if n != self.n:
             raise ConfigError(f"{self.path}: holds {self.n} negatives per user, the protocol needs {n}")
-        missing = users[~self.has_line[users]]
-        if missing.size:
-            raise DataError(f"no negatives for user {int(self.split.user_raw[missing[0]])}", file=self.path)
+        self.require(users)
         return self.table[users].copy()

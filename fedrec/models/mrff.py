@@ -34,7 +34,8 @@ Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
     round's counts (``context["group_share"]``).
 ``dispatch`` (false)
     Run each group FFN only on the users routed to it instead of on every user (the same
-    function, G / top_k times less group-FFN work; about 1.6x faster training on Beauty).
+    function, G / top_k times less group-FFN work; about 1.4x faster training, see
+    ``simulations/bench_training.py``).
     Only where the batch is not under ``torch.func.vmap``: the federated engine keeps the
     dense form. Off by default because dropout then draws other random numbers, so
     recorded results would not repeat bit for bit.
