@@ -62,7 +62,9 @@ class TrainConfig:
     #: best epoch), written atomically after every epoch; when it exists, training resumes
     #: from it and ends exactly as an uninterrupted run would. It must come from the same
     #: model, task, options, config and data; a finished run's file returns its result again.
-    #: Models that do not train (popularity, user click rate) ignore it.
+    #: ``epochs`` and ``patience`` may be raised: a finished run then continues, as if it had
+    #: had the larger budget from the start (lowering them below where the run already is
+    #: is an error). Models that do not train (popularity, user click rate) ignore it.
     resume: str = ""
     progress: bool = True
     #: extra ranking protocols (comma-separated, e.g. ``"full"``) also evaluated on the test
@@ -204,6 +206,10 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 _RESUME_IGNORED = ("progress", "resume", "checkpoint")
+#: options that only decide where training stops: a state may be resumed with other values
+#: (a longer budget continues a finished run), as long as the run has not gone past the
+#: point where the new values would have stopped it
+_RESUME_EXTENDABLE = ("epochs", "patience")
 
 
 _STATE_KEYS = ("epoch", "finished", "model_state", "optimizers", "sampler", "torch_rng", "numpy_rng", "history",
@@ -251,10 +257,27 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     # train options added after a state was written take their default there
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for key, value in identity["train"].items():
+        if key in _RESUME_EXTENDABLE:
+            continue
         before = saved.get("train", {}).get(key, defaults.get(key))
         if before != value:
             raise ConfigError(f"{path}: written by another run (train option '{key}' = {before!r}, this run {value!r})")
     return state
+
+
+def _stop_epoch(scores: list[float | None], patience: int, epochs: int) -> int | None:
+    """The epoch at which training with these validation scores (one per epoch) stops under
+    ``patience`` and ``epochs``; None if it would go on past them."""
+    best, stale = -np.inf, 0
+    for epoch, value in enumerate(scores, start=1):
+        score = value if value is not None else -np.inf
+        if score > best:
+            best, stale = score, 0
+        else:
+            stale += 1
+        if stale > patience or epoch == epochs:
+            return epoch
+    return None
 
 
 def train(
@@ -315,8 +338,14 @@ def train(
             np.random.set_state(saved["numpy_rng"])
             history = saved["history"]
             best_state, best_epoch, best_valid = saved["best_state"], saved["best_epoch"], saved["best_valid"]
-            best_score, stale, finished = saved["best_score"], saved["stale"], saved["finished"]
+            best_score, stale = saved["best_score"], saved["stale"]
             first, earlier_seconds = saved["epoch"] + 1, saved["seconds"]
+            # epochs / patience may differ from the saved run's: where would these stop?
+            stop = _stop_epoch([h["valid"].get(metric) for h in history], cfg.patience, cfg.epochs)
+            if stop is not None and stop < saved["epoch"]:
+                raise ConfigError(f"{cfg.resume}: the saved run reached epoch {saved['epoch']}, but with epochs "
+                                  f"{cfg.epochs} and patience {cfg.patience} it would have stopped at epoch {stop}")
+            finished = stop == saved["epoch"]
 
         def save_state(epoch: int, done: bool) -> None:
             if cfg.resume:

@@ -95,6 +95,29 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(split, tmp_path, ex
     assert again["test"] == whole["test"] and again["epochs_run"] == whole["epochs_run"]
 
 
+@pytest.mark.parametrize("short,long", [({"epochs": 3, "patience": 10}, {"epochs": 6, "patience": 10}),
+                                        ({"epochs": 12, "patience": 0, "lr": 0.01}, {"epochs": 12, "patience": 3, "lr": 0.01})])
+def test_a_finished_run_continues_with_a_larger_budget(split, tmp_path, short, long):
+    """A state that finished at its epoch cap or on patience, resumed with more epochs or
+    patience, ends as a run that had the larger budget from the start."""
+    opts = {**SMALL, "dropout": 0.3}
+    cfg = {"batch_size": 16, "progress": False, "protocol": "sampled-99", "negatives": 2}
+    whole = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, **long))
+    state = tmp_path / "run.pt"
+    first = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, **short, resume=str(state)))
+    assert first["epochs_run"] < whole["epochs_run"]  # the short budget did stop it earlier
+    seen = []
+    longer = train("sasrec", split, task="next_item", model_options=opts,
+                   config=TrainConfig(**cfg, **long, resume=str(state)), on_epoch=lambda r: seen.append(r["epoch"]))
+    assert seen == list(range(first["epochs_run"] + 1, whole["epochs_run"] + 1))
+    assert longer["history"] == whole["history"] and longer["test"] == whole["test"]
+    assert longer["best_epoch"] == whole["best_epoch"]
+    # going back below where the run now is would rewrite history: refused
+    with pytest.raises(ConfigError, match=f"reached epoch {whole['epochs_run']}, but with epochs 2 and patience"):
+        train("sasrec", split, task="next_item", model_options=opts,
+              config=TrainConfig(**cfg, **{**long, "epochs": 2}, resume=str(state)))
+
+
 def test_resume_refuses_a_state_of_another_run(split, tmp_path):
     state = tmp_path / "run.pt"
     cfg = {"epochs": 3, "batch_size": 16, "progress": False, "resume": str(state)}
