@@ -30,12 +30,7 @@ from fedrec.train import TrainConfig, evaluate_saved, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
-from run_table import _write  # noqa: E402
-
-
-def _state_name(stem: str, row: str, seed: int) -> str:
-    """The file name run_table.py gives a run's state."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{stem}-{row}-seed{seed}") + ".pt"
+from run_table import _write, state_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         for entry in cfg["runs"]:
             row = entry["name"]
             for seed in args.seeds:
-                path = args.state_dir / _state_name(args.config.stem, row, seed)
+                path = args.state_dir / state_name(args.config.stem, row, seed)
                 if entry["model"] in ("popularity", "user_ctr"):  # no state: nothing trained, score it afresh
                     opts = {**cfg.get("train", {}), **entry.get("train", {}), "protocol": args.protocol,
                             "negatives-file": negatives, "also-test": "", "progress": False, "seed": seed}

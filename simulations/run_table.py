@@ -41,6 +41,11 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def state_name(stem: str, row: str, seed: int) -> str:
+    """The file name of one run's training state under ``--state-dir``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{stem}-{row}-seed{seed}") + ".pt"
+
+
 def _merge(path: Path, key: str, run: dict) -> dict:
     """Add one run to the results file under a lock (several processes may fill one table)."""
     import fcntl
@@ -109,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             resume = ""
             if args.state_dir is not None:
                 args.state_dir.mkdir(parents=True, exist_ok=True)
-                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{args.config.stem}-{row}-seed{seed}")
-                resume = str(args.state_dir / f"{safe}.pt")
+                resume = str(args.state_dir / state_name(args.config.stem, row, seed))
             train_opts = {**cfg.get("train", {}), **row_train, "seed": seed, "progress": False, "resume": resume}
             negatives = {k: train_opts[k] for k in ("negatives-file", "negatives_file") if k in train_opts}
             for k, v in negatives.items():  # a data file: named with {data_root}, like `data`

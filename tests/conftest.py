@@ -19,3 +19,19 @@ def shared_data() -> Path:
             pytest.fail(f"CI run without the real data folder {SHARED_DATA}")
         pytest.skip(f"real data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+def write_negatives(split, path: Path, n: int = 99, seed: int = 0) -> Path:
+    """Write a negatives file (``user neg_1 ... neg_n``, raw ids) for every user of ``split``:
+    ``n`` distinct items the user never interacted with, drawn with ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    seen = split.seen_pairs()
+    lines = []
+    for u in range(1, split.n_users + 1):
+        mine = seen[(seen // (split.n_items + 1)) == u] % (split.n_items + 1)
+        neg = rng.choice(np.setdiff1d(np.arange(1, split.n_items + 1), mine), n, replace=False)
+        lines.append(" ".join([str(split.user_raw[u]), *(str(split.item_raw[i]) for i in neg)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
 
 import reevaluate  # noqa: E402
+from conftest import write_negatives  # noqa: E402
 import run_table  # noqa: E402
 
 from fedrec.data import load_dataset  # noqa: E402
@@ -46,22 +46,10 @@ max-len = 10
 '''
 
 
-def _negatives(path: Path) -> None:
-    sp = split_dataset(load_dataset(SPEC))
-    rng = np.random.default_rng(1)
-    seen = sp.seen_pairs()
-    lines = []
-    for u in range(1, sp.n_users + 1):
-        mine = seen[(seen // (sp.n_items + 1)) == u] % (sp.n_items + 1)
-        neg = rng.choice(np.setdiff1d(np.arange(1, sp.n_items + 1), mine), 99, replace=False)
-        lines.append(" ".join([str(sp.user_raw[u]), *(str(sp.item_raw[i]) for i in neg)]))
-    path.write_text("\n".join(lines) + "\n")
-
-
 def test_run_table_then_reevaluate(tmp_path, capsys):
     config = tmp_path / "tiny.toml"
     config.write_text(CONFIG)
-    _negatives(tmp_path / "neg.txt")
+    write_negatives(split_dataset(load_dataset(SPEC)), tmp_path / "neg.txt", seed=1)
     out, states = tmp_path / "out", tmp_path / "states"
     common = ["--seeds", "0", "1", "--data-root", str(tmp_path), "--out-dir", str(out)]
     assert run_table.main([str(config), *common, "--state-dir", str(states)]) == 0

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_negatives
 from fedrec.data import load_dataset
 from fedrec.data.batching import build_examples
 from fedrec.data.split import split_dataset
@@ -201,21 +202,6 @@ def test_cli_train_json_and_errors(tmp_path):
 WIDE = "synthetic:users=40,items=200,groups=2,min_len=8,max_len=12,seed=4"
 
 
-def _write_negatives(split, path, n=99, seed=0):
-    """A negatives file in raw ids: ``n`` distinct unseen items per user, drawn here."""
-    rng = np.random.default_rng(seed)
-    seen = split.seen_pairs()
-    lines = []
-    for u in range(1, split.n_users + 1):
-        mine = seen[(seen // (split.n_items + 1)) == u] % (split.n_items + 1)
-        pool = np.setdiff1d(np.arange(1, split.n_items + 1), mine)
-        neg = rng.choice(pool, n, replace=False)
-        lines.append(" ".join(str(int(split.user_raw[x])) if i == 0 else str(int(split.item_raw[x]))
-                              for i, x in enumerate([u, *neg])))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_fixed_negatives_are_the_candidates_ranked(tmp_path):
     """Test metrics with a negatives file equal HR@10 / NDCG@10 computed here by hand from the
     model's scores of [target, the file's negatives]."""
@@ -223,7 +209,7 @@ def test_fixed_negatives_are_the_candidates_ranked(tmp_path):
     from fedrec.metrics import ranking_metrics, sampled_ranking_ranks
 
     sp = split_dataset(load_dataset(WIDE))
-    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    negs = write_negatives(sp, tmp_path / "neg.txt")
     cfg = TrainConfig(epochs=2, batch_size=16, progress=False, protocol="sampled-99", negatives_file=str(negs),
                       checkpoint=str(tmp_path / "best.pt"))
     result = train("sasrec", sp, task="next_item", model_options=SMALL, config=cfg)
@@ -248,7 +234,7 @@ def test_fixed_negatives_are_the_candidates_ranked(tmp_path):
 
 def test_negatives_file_option_errors(split, tmp_path):
     sp = split_dataset(load_dataset(WIDE))
-    negs = _write_negatives(sp, tmp_path / "neg.txt", n=99)
+    negs = write_negatives(sp, tmp_path / "neg.txt", n=99)
     base = {"epochs": 1, "batch_size": 16, "progress": False, "negatives_file": str(negs)}
     with pytest.raises(ConfigError, match="holds 99 negatives per user, protocol sampled-999 needs 999"):
         train("sasrec", sp, task="next_item", model_options=SMALL,
@@ -271,7 +257,7 @@ def test_resume_with_a_negatives_file_knows_it_by_content(tmp_path):
     """The state names the negatives file by its digest: another spelling of the same path
     resumes, a file with other negatives is another run."""
     sp = split_dataset(load_dataset(WIDE))
-    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    negs = write_negatives(sp, tmp_path / "neg.txt")
     state = tmp_path / "run.pt"
     cfg = {"epochs": 3, "batch_size": 16, "progress": False, "protocol": "sampled-99", "resume": str(state)}
     with pytest.raises(_Stop):
@@ -283,7 +269,7 @@ def test_resume_with_a_negatives_file_knows_it_by_content(tmp_path):
     train("sasrec", sp, task="next_item", model_options=SMALL,
           config=TrainConfig(**cfg, negatives_file=other_spelling), on_epoch=lambda r: seen.append(r["epoch"]))
     assert seen == [2, 3]
-    _write_negatives(sp, tmp_path / "other.txt", seed=9)
+    write_negatives(sp, tmp_path / "other.txt", seed=9)
     with pytest.raises(ConfigError, match="train option 'negatives_file' = 'sha256:"):
         train("sasrec", sp, task="next_item", model_options=SMALL,
               config=TrainConfig(**cfg, negatives_file=str(tmp_path / "other.txt")))
@@ -302,7 +288,7 @@ def test_evaluate_saved_checkpoint_and_state_repeat_the_run(tmp_path):
         assert again["best_epoch"] == result["best_epoch"] and again["finished"] is finished
         assert again["by_protocol"]["sampled-99"] == {"valid": result["valid"], "test": result["test"]}
         assert again["by_protocol"]["full"]["test"] == result["test_by_protocol"]["full"]
-    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    negs = write_negatives(sp, tmp_path / "neg.txt")
     fixed = evaluate_saved(ckpt, sp, protocols=["sampled-99"], negatives_file=str(negs), stages=("test",))
     assert set(fixed["by_protocol"]) == {"sampled-99"} and set(fixed["by_protocol"]["sampled-99"]) == {"test"}
     with pytest.raises(ConfigError, match="ranking protocols do not apply"):
@@ -328,7 +314,7 @@ def test_evaluate_saved_uses_the_runs_own_negatives(tmp_path):
     from fedrec.train import evaluate_saved
 
     sp = split_dataset(load_dataset(WIDE))
-    negs = _write_negatives(sp, tmp_path / "neg.txt")
+    negs = write_negatives(sp, tmp_path / "neg.txt")
     ckpt, state = tmp_path / "best.pt", tmp_path / "state.pt"
     result = train("sasrec", sp, task="next_item", model_options=SMALL,
                    config=TrainConfig(epochs=2, batch_size=16, progress=False, protocol="sampled-99",
