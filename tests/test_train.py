@@ -13,7 +13,7 @@ import torch
 
 from conftest import write_negatives
 from fedrec.data import load_dataset
-from fedrec.data.batching import build_examples
+from fedrec.data.batching import build_examples, iterate_batches
 from fedrec.data.split import split_dataset
 from fedrec.errors import ConfigError, DataError
 from fedrec.models.base import ModelData
@@ -218,7 +218,7 @@ def test_fixed_negatives_are_the_candidates_ranked(tmp_path):
     model.eval()
     test = build_examples(sp, task="next_item", stage="test", max_len=10)
     fixed = FixedNegatives(negs, sp)
-    batch = next(iter(__import__("fedrec.data.batching", fromlist=["x"]).iterate_batches(test, batch_size=10_000)))
+    batch = next(iter(iterate_batches(test, batch_size=10_000)))
     cand = torch.cat([batch["target_items"][:, -1:], torch.from_numpy(fixed.sample(test.users, 99))], dim=1)
     with torch.no_grad():
         scores = model.score_candidates(batch, cand).double().numpy()
