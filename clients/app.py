@@ -3,7 +3,9 @@
 ``train``     one round of local training of its users (private state kept in ``context.state``);
               under secure aggregation Flower's ``secaggplus_mod`` masks the upload
 ``evaluate``  valid and test summaries of its users (no raw scores leave the node)
-``query``     the initial global parameters and the parameter layout (asked once by the server)
+``query``     ``init``: the initial global parameters, the parameter layout and what the node
+              holds (asked once); ``info``: what the node holds; ``save-model``: save its
+              private state of the best round (``model-dir``)
 
 All work happens in :mod:`fedrec.federated.node`; this module only registers the handlers.
 """
@@ -32,5 +34,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Reply with the initial global parameters and the layout."""
-    return Message(node.client_init(msg, context), reply_to=msg)
+    """Reply to the server's query (initial parameters and layout, node info, save the model)."""
+    return Message(node.client_query(msg, context), reply_to=msg)

@@ -74,6 +74,40 @@ def data_describe(
     _print_stats(stats)
 
 
+@data_app.command("partition")
+def data_partition(
+    spec: str = typer.Argument(..., metavar="SPEC", help="The whole dataset, FORMAT:PATH[?key=value&...]."),
+    clients: int = typer.Option(..., "--clients", "-n", help="Number of clients (shards of users)."),
+    partition: str = typer.Option("iid", "--partition", help="iid, or dirichlet (non-IID by true group or dominant category)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration (dirichlet only; small = more skewed)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the partition."),
+    out: Path = typer.Option(..., "--out", help="The federation folder to write (must not exist, or be empty)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as one JSON object."),
+) -> None:
+    """Write a federation folder: the shared item catalogue, one file per client holding only
+    its users' interactions (raw ids, `parquet:`), and a manifest. Run it with `fedrec
+    simulate --federation DIR`, or give each SuperNode its own file."""
+    from fedrec.data.federation import write_federation
+
+    try:
+        if partition not in ("iid", "dirichlet"):
+            raise FedrecError(f"--partition must be iid or dirichlet (got {partition!r})")
+        if partition != "dirichlet" and alpha != 0.5:
+            raise FedrecError("--alpha applies only to --partition dirichlet")
+        manifest = write_federation(spec, out, clients=clients, partition=partition, alpha=alpha, seed=seed,
+                                    progress=not as_json and sys.stderr.isatty())
+    except FedrecError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(manifest))
+        return
+    typer.echo(f"{out}: {len(manifest['clients'])} clients, {manifest['population']:,} users, "
+               f"{manifest['items']:,} items in the catalogue (partition {partition}, seed {seed})")
+    for c in manifest["clients"]:
+        typer.echo(f"  client {c['client']}: {c['users']:,} users, {c['rows']:,} rows  ({c['data']})")
+    typer.echo(f"run it: fedrec simulate --federation {out}")
+
+
 @app.command("train")
 def train_command(
     model: str = typer.Option(..., "--model", "-m", help="Model name (see `fedrec models`)."),
@@ -135,21 +169,51 @@ def train_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    saved: Path = typer.Argument(..., metavar="FILE", help="A --checkpoint file or a --resume training state of `fedrec train`."),
-    data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] of the run (the same split)."),
+    saved: Path = typer.Argument(..., metavar="FILE|DIR", help="A --checkpoint file or a --resume training state of `fedrec train`, or the model-dir of a federated run."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] of the run (the same split; centralised models)."),
+    clients: Optional[list[Path]] = typer.Option(None, "--client", help="Federated model: a client's model file client-K.pt (repeatable; default: every client-*.pt in DIR)."),
+    node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config, e.g. data=... when the file moved (repeatable)."),
     protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
     negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
-    """Score a saved model again (its best weights) on valid and test, on any protocol, without training."""
-    from fedrec.config import build_config, load_toml
+    """Score a saved model again (its best weights) on valid and test, on any protocol, without
+    training. A federated model folder is scored the way its run scored it: each client's
+    users with global + that client's private parameters, pooled over the clients given."""
+    from fedrec.config import build_config, load_toml, parse_assignments
     from fedrec.data import load_dataset
     from fedrec.data.split import SplitConfig, split_dataset
     from fedrec.train import evaluate_saved
 
+    if saved.is_dir():
+        from fedrec.federated.model import evaluate_federated
+
+        try:
+            if data or protocols or negatives_file is not None or config:
+                raise FedrecError("a federated model folder is scored on its run's own data and protocol: "
+                                  "--data/--protocol/--negatives-file/--config do not apply (use --node-config)")
+            result = evaluate_federated(saved, clients=list(clients) if clients else None,
+                                        node_config=parse_assignments(node_config) if node_config else None)
+        except FedrecError as exc:
+            _fail(exc)
+        if out is not None:
+            _write_json_atomic(result, out)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        typer.echo(f"{result['algorithm']} model of round {result['round']}, clients {result['clients']} "
+                   f"({result['task']}, {result['protocol']})")
+        for stage in ("valid", "test"):
+            values = ", ".join(f"{k} {v:.4f}" for k, v in result[stage].items() if isinstance(v, float))
+            typer.echo(f"  {stage}: {values}")
+        return
     try:
+        if clients or node_config:
+            raise FedrecError("--client/--node-config apply to a federated model folder only")
+        if not data:
+            raise FedrecError("--data is needed to score a centralised model (the data it was trained on)")
         file_cfg = load_toml(config) if config else {}
         split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
@@ -175,9 +239,12 @@ def evaluate_command(
         Console().print(table)
 
 
-def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]], **given):
+def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]], federation: Optional[Path] = None,
+                   **given):
     """Flat run-config keys from defaults, a TOML file, --set and explicit options (in that
-    order of precedence, last wins) -> RunSpec."""
+    order of precedence, last wins) -> RunSpec. With ``federation`` (a folder of ``fedrec
+    data partition``), the defaults are the ones its manifest remembers, and the clients
+    and population are the folder's."""
     from fedrec.config import load_toml, parse_assignments
     from fedrec.federated.defaults import defaults_for
     from fedrec.federated.spec import parse_run_config
@@ -185,13 +252,30 @@ def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]],
     flat: dict = {}
     file_cfg = load_toml(config) if config else {}
     model_table = file_cfg.pop("model", {}) if isinstance(file_cfg.get("model"), dict) else {}
-    data = data or file_cfg.get("data") or DEFAULT_SIMULATION_DATA
-    flat.update(defaults_for(data))
+    federation = federation or (Path(file_cfg["federation"]) if file_cfg.get("federation") else None)
+    manifest = None
+    if federation is not None:
+        from fedrec.data.federation import load_manifest
+
+        if data:
+            raise FedrecError("give either --data or --federation, not both")
+        manifest = load_manifest(federation)
+        data = manifest["source"]
+        flat.update(manifest.get("defaults", {}))
+    else:
+        data = data or file_cfg.get("data") or DEFAULT_SIMULATION_DATA
+        flat.update(defaults_for(data))
     flat.update(file_cfg)
     flat.update({f"model.{k}": v for k, v in model_table.items()})
     flat.update(parse_assignments(sets))
     flat.update({k: v for k, v in given.items() if v is not None})
     flat["data"] = data
+    if manifest is not None:
+        clients = len(manifest["clients"])
+        if given.get("shards") not in (None, clients):
+            raise FedrecError(f"--clients {given['shards']}: the federation folder {federation} has {clients} clients")
+        flat.update({"federation": str(Path(federation).resolve()), "shards": clients})
+        flat.setdefault("population", int(manifest["population"]))
     return parse_run_config(flat)
 
 
@@ -199,13 +283,14 @@ def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]],
 def simulate_command(
     algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg or local."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:users=600)."),
+    federation: Optional[Path] = typer.Option(None, "--federation", help="A federation folder (`fedrec data partition`): each client reads only its own file; instead of --data."),
     task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the algorithm's own)."),
     clients: Optional[int] = typer.Option(None, "--clients", "-n", help="Number of clients (shards of users)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, participation, dropout)."),
     target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="User-level DP: calibrate the noise so the whole run ends within this epsilon (turns DP on)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / number of users)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / population, the number of users of the federation)."),
     noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="User-level DP: noise std / clipping norm (turns DP on; instead of --target-epsilon)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="User-level DP: clip each user's pseudo-gradient to this L2 norm (default 1.0)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
@@ -220,7 +305,7 @@ def simulate_command(
     from fedrec.federated.runner import run_in_process
 
     try:
-        spec = _simulate_spec(data, config, sets, algorithm=algorithm, task=task, model=model, shards=clients,
+        spec = _simulate_spec(data, config, sets, federation, algorithm=algorithm, task=task, model=model, shards=clients,
                               rounds=rounds, seed=seed, **{"target-epsilon": target_epsilon, "delta": delta,
                                                            "noise-multiplier": noise_multiplier,
                                                            "max-grad-norm": max_grad_norm})
@@ -247,6 +332,7 @@ def compare_command(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these row names (repeatable)."),
     out: Path = typer.Option(Path("results"), "--out", help="Folder for <name>.json/.md/.csv/_curves.png."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Replaces {data_root} in the config's data spec."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with \\[tool.flwr.app], else the installed one)."),
 ) -> None:
     """Run federated and centralised configurations on the same split; write a table
     (terminal, Markdown, CSV) and learning curves (PNG). Finished runs are kept (resumable)."""
@@ -259,7 +345,7 @@ def compare_command(
             typer.echo(f"{key}: test {json.dumps(result['test'])} ({result['seconds']} s)", err=True)
 
         run_comparison(cfg, seeds=list(seeds or [0, 1, 2]), out_dir=out, only=list(only or []) or None,
-                       on_result=report)
+                       on_result=report, app_dir=app_dir)
     except FedrecError as exc:
         _fail(exc)
     typer.echo((out / f"{cfg['stem']}.md").read_text())
@@ -345,6 +431,18 @@ def models_command() -> None:
         spec = MODELS.create(name)
         doc = (sys.modules[spec.model.__module__].__doc__ or "").strip().splitlines()
         typer.echo(f"{name:12s} tasks: {', '.join(spec.model.tasks):16s} {doc[0] if doc else ''}")
+
+
+@app.command("app")
+def app_command() -> None:
+    """Print the Flower app directory installed with fedrec, for `flwr run "$(fedrec app)" ...`
+    from any directory."""
+    from fedrec.federated.runner import installed_app_dir
+
+    try:
+        typer.echo(str(installed_app_dir()))
+    except FedrecError as exc:
+        _fail(exc)
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:

@@ -85,7 +85,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict) -> dict[str, Any]:
+def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict,
+             app_dir: str | Path | None = None) -> dict[str, Any]:
     run = dict(run)
     name, kind = run.pop("name"), run.pop("kind")
     model_options = dict(run.pop("options", {}))
@@ -95,7 +96,7 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
 
         flat = {**cfg.get("federated", {}), **run, "data": cfg["data"], "task": cfg["task"], "seed": seed}
         flat.update({f"model.{k}": v for k, v in model_options.items()})
-        result = run_in_process(parse_run_config(flat))
+        result = run_in_process(parse_run_config(flat), app_dir=app_dir)
         curve = [(h["round"], h["valid"][_metric(cfg)]) for h in result["history"] if "valid" in h]
         result["curve"] = {"x": "round", "points": curve}
     else:
@@ -148,8 +149,11 @@ def _metric(cfg: dict[str, Any]) -> str:
 
 
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path, only: list[str] | None = None,
-                   on_result: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
-    """Run every (row, seed) not yet in ``out_dir/<stem>.json``; write table, CSV and plot."""
+                   on_result: Callable[[str, dict], None] | None = None,
+                   app_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run every (row, seed) not yet in ``out_dir/<stem>.json``; write table, CSV and plot.
+    Federated rows run the Flower app in ``app_dir`` (default: as
+    :func:`fedrec.federated.runner.find_app_dir` finds it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{cfg['stem']}.json"
@@ -167,7 +171,7 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path
             key = f"{run['name']}/seed{seed}"
             if key in results and results[key].get("fingerprint", fingerprint) == fingerprint:
                 continue  # done with this very configuration (results without a fingerprint are kept)
-            results[key] = _scrub(_run_one(cfg, run, seed, split_cache), cfg)
+            results[key] = _scrub(_run_one(cfg, run, seed, split_cache, app_dir), cfg)
             results[key]["fingerprint"] = fingerprint
             _atomic_write(path, json.dumps(results, indent=1))
             write_outputs(cfg, results, out_dir)

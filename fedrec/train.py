@@ -38,7 +38,8 @@ from fedrec.metrics import ctr_metrics, full_ranking_ranks, ranking_metrics, sam
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "evaluate_saved", "selection_metric", "PROTOCOLS"]
+__all__ = ["TrainConfig", "train", "evaluate", "evaluate_saved", "load_saved", "model_max_len", "selection_metric",
+           "PROTOCOLS"]
 
 PROTOCOLS = ("full", "sampled-99", "sampled-999")
 
@@ -421,6 +422,76 @@ def train(
     }
 
 
+def model_max_len(model: nn.Module) -> int:
+    """The history length a model reads (its ``cfg.max_len``; 1 for the counting baselines)."""
+    return getattr(getattr(model, "cfg", None), "max_len", 1)
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """What a ``checkpoint`` file or a ``resume`` training state at ``path`` holds, in one
+    form: ``model``, ``task``, ``model_options``, ``train`` (options), ``state`` (the best
+    weights; None when a state's run finished no epoch yet), ``best_epoch``, ``finished``
+    (None for a checkpoint), ``split`` (the split fingerprint, None in old files) and
+    ``kind`` (``checkpoint`` or ``state``). Anything else is a one-line error."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unreadable file gets the same message
+        raise ConfigError(f"{path}: not a readable checkpoint or training state ({type(exc).__name__})") from exc
+    if isinstance(saved, dict) and isinstance(saved.get("identity"), dict):  # a resume state
+        ident = saved["identity"]
+        return {"kind": "state", "model": ident["model"], "task": ident["task"],
+                "model_options": ident["model_options"], "train": ident["train"], "state": saved.get("best_state"),
+                "best_epoch": saved.get("best_epoch"), "finished": saved.get("finished"), "split": ident.get("split")}
+    if isinstance(saved, dict) and {"model", "task", "state"} <= set(saved):  # a checkpoint
+        return {"kind": "checkpoint", "model": saved["model"], "task": saved["task"],
+                "model_options": saved.get("model_options", {}), "train": saved.get("train", {}),
+                "state": saved["state"], "best_epoch": saved.get("epoch"), "finished": None,
+                "split": saved.get("split")}
+    raise ConfigError(f"{path}: neither a --checkpoint file nor a --resume training state")
+
+
+def _check_saved_split(path: Path, saved: dict[str, Any], split: SplitData) -> None:
+    """Refuse a saved model of another split (by its fingerprint) or one with no weights yet."""
+    fingerprint = saved["split"]
+    if fingerprint is not None and fingerprint != _split_fingerprint(split):
+        raise ConfigError(f"{path}: trained on another split ({fingerprint}, this data {_split_fingerprint(split)})")
+    if saved["state"] is None:
+        raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
+
+
+def _restore_model(path: Path, saved: dict[str, Any], split: SplitData) -> RecModel:
+    """The model of ``saved`` (see :func:`_read_saved`) built for ``split``, with its weights."""
+    model = create_model(saved["model"], ModelData.from_split(split), saved["model_options"], task=saved["task"])
+    try:
+        model.load_state_dict(saved["state"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
+    return model
+
+
+def load_saved(path: str | Path, split: SplitData) -> tuple[RecModel, dict[str, Any]]:
+    """The model saved at ``path`` (a ``checkpoint`` file, or a ``resume`` training state's
+    best weights) rebuilt for ``split``, in eval mode, and facts about it.
+
+    The same reading and checks as :func:`evaluate_saved`: a file that is neither, a model
+    of another split, weights that do not fit the data, or a state whose run finished no
+    epoch yet is a one-line :class:`~fedrec.errors.ConfigError`. The facts: ``model``
+    (name), ``task``, ``kind`` (``checkpoint`` or ``state``), ``best_epoch``, ``finished``
+    (whether a state's run had ended; None for a checkpoint), ``max_len`` (the history
+    length the model reads), ``model_options`` and ``train`` (the run's options).
+    """
+    path = Path(path)
+    saved = _read_saved(path)
+    _check_saved_split(path, saved, split)
+    model = _restore_model(path, saved, split)
+    model.eval()
+    info = {key: saved[key] for key in ("model", "task", "kind", "best_epoch", "finished", "model_options", "train")}
+    return model, {**info, "max_len": model_max_len(model)}
+
+
 def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] | None = None,
                    negatives_file: str | None = None, stages: tuple[str, ...] = ("valid", "test"),
                    skip_unfinished: bool = False) -> dict[str, Any]:
@@ -438,29 +509,12 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
     a state whose run has not ended returns without ``by_protocol`` (nothing is scored).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # any unreadable file gets the same message
-        raise ConfigError(f"{path}: not a readable checkpoint or training state ({type(exc).__name__})") from exc
-    if isinstance(saved, dict) and isinstance(saved.get("identity"), dict):  # a resume state
-        ident = saved["identity"]
-        model_name, task, options, train_opts = ident["model"], ident["task"], ident["model_options"], ident["train"]
-        state, best_epoch, finished = saved.get("best_state"), saved.get("best_epoch"), saved.get("finished")
-        fingerprint = ident.get("split")
-    elif isinstance(saved, dict) and {"model", "task", "state"} <= set(saved):  # a checkpoint
-        model_name, task, options, train_opts = saved["model"], saved["task"], saved.get("model_options", {}), saved.get("train", {})
-        state, best_epoch, finished, fingerprint = saved["state"], saved.get("epoch"), None, saved.get("split")
-    else:
-        raise ConfigError(f"{path}: neither a --checkpoint file nor a --resume training state")
-    result = {"model": model_name, "task": task, "best_epoch": best_epoch, "finished": finished}
-    if skip_unfinished and finished is False:
+    saved = _read_saved(path)
+    model_name, task, train_opts = saved["model"], saved["task"], saved["train"]
+    result = {"model": model_name, "task": task, "best_epoch": saved["best_epoch"], "finished": saved["finished"]}
+    if skip_unfinished and saved["finished"] is False:
         return result
-    if fingerprint is not None and fingerprint != _split_fingerprint(split):
-        raise ConfigError(f"{path}: trained on another split ({fingerprint}, this data {_split_fingerprint(split)})")
-    if state is None:
-        raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
+    _check_saved_split(path, saved, split)
     for stage in stages:
         if stage not in ("valid", "test"):
             raise ConfigError(f"stage must be valid or test (got {stage!r})")
@@ -480,13 +534,8 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
         if negatives_file.startswith("sha256:") or (negatives_file and not Path(negatives_file).exists()):
             raise ConfigError(f"{path}: the run ranked against a negatives file ({negatives_file}); "
                               "pass it with --negatives-file, or --negatives-file '' for uniform draws")
-    model = create_model(model_name, ModelData.from_split(split), options, task=task)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
-    max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
+    model = _restore_model(path, saved, split)
+    max_len = model_max_len(model)
     examples = {stage: build_examples(split, task=task, stage=stage, max_len=max_len) for stage in stages}
     fixed = _fixed_negatives(negatives_file, split, task, protocols, list(examples.values())) if negatives_file else None
     eval_seed = train_opts.get("eval_seed", defaults.eval_seed)

@@ -2,7 +2,11 @@
 role-aware strategy for ``rounds`` rounds (continuing from a checkpoint with ``resume``), and
 writes the result JSON to ``out`` (when set).
 
-The server never loads data: shapes and parameter roles come from a client's ``query`` reply.
+The server never loads data: shapes and parameter roles come from a client's ``query`` reply
+(every node builds the same initial parameters from the shared catalogue; the server checks
+that all nodes report the same catalogue). With ``model-dir`` it saves the global
+parameters of the best validation round and asks every node to save its private state of
+that round.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.federated.checkpoint import load_server
+from fedrec.errors import ConfigError
+from fedrec.federated.checkpoint import load_server, save_global_model
 from fedrec.federated.history import RunHistory
-from fedrec.federated.node import layout_from_record, params_to_record, record_to_params
+from fedrec.federated.node import layout_from_record, params_to_record, query_nodes, record_to_params
 from fedrec.federated.privacy import calibrate_noise
 from fedrec.federated.spec import RunSpec, parse_run_config
 from server.secagg import secure_round
@@ -48,7 +53,8 @@ def _run_secure(grid: Grid, context: Context, spec: RunSpec, strategy: RoleAware
             break
         new, counts, metrics = secure_round(grid, context, layout=strategy.layout, global_params=params, round=rnd,
                                             group_counts=strategy.group_counts, num_nodes=strategy.num_nodes,
-                                            clipping_range=spec.secagg_clipping_range)
+                                            clipping_range=spec.secagg_clipping_range,
+                                            best_round=strategy.best_round)
         record = dict(metrics)
         if counts.numel():
             record["group-counts"] = counts.tolist()
@@ -60,16 +66,43 @@ def _run_secure(grid: Grid, context: Context, spec: RunSpec, strategy: RoleAware
             strategy.aggregate_evaluate(flower_round, grid.send_and_receive(messages))
 
 
+def _nodes_data(infos: dict[int, dict]) -> tuple[str, list[dict]]:
+    """What the nodes trained on, for the result: a short ``data`` and one entry per node."""
+    nodes = [{"node": int(n), **info} for n, info in sorted(infos.items(), key=lambda kv: (kv[1].get("client", -1), kv[0]))]
+    modes = {i.get("mode") for i in infos.values()}
+    if modes == {"one-dataset"} and len({i.get("data") for i in infos.values()}) == 1:
+        return next(iter(infos.values()))["data"], nodes
+    feds = {i.get("federation") for i in infos.values()}
+    if modes == {"federation"} and len(feds) == 1:
+        return f"federation:{feds.pop()}", nodes
+    return "node-local: " + ", ".join(str(n.get("data")) for n in nodes), nodes
+
+
+def _check_nodes(infos: dict[int, dict]) -> None:
+    """Every node must share one catalogue (else their item rows would not line up)."""
+    prints = {i.get("catalogue-fingerprint") for i in infos.values()}
+    if len(prints) > 1:
+        detail = ", ".join(f"node {n} (client {i.get('client')}): {i.get('catalogue-fingerprint')}"
+                           for n, i in infos.items())
+        raise RuntimeError(f"the nodes do not share one item catalogue: {detail}")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run a federated training described by the run config (see ``fedrec.federated.spec``)."""
     spec = parse_run_config(context.run_config)
+    if spec.central_dp and spec.min_nodes and spec.min_nodes < (spec.shards or 0):
+        raise ConfigError("central DP calibrates its noise for all 'shards' nodes: 'min-nodes' must not be below it")
     nodes = _wait_for_nodes(grid, spec.shards)
-    replies = list(grid.send_and_receive([Message(RecordDict({}), dst_node_id=nodes[0], message_type="query")]))
+    replies = list(grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({"kind": "init"})}),
+                                                  dst_node_id=nodes[0], message_type="query")]))
     if not replies or replies[0].has_error():
         reason = replies[0].error.reason if replies else "no reply"
         raise RuntimeError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
     init = replies[0].content
+    infos = {nodes[0]: dict(init["info"])} if "info" in init.config_records else {}
+    infos.update(query_nodes(grid, nodes[1:], kind="info"))
+    _check_nodes(infos)
     history = RunHistory(spec)
     initial, done, counts = init["arrays"], 0, None
     if spec.resume:  # continue from the last checkpoint (see fedrec.federated.checkpoint)
@@ -82,18 +115,27 @@ def main(grid: Grid, context: Context) -> None:
         sigma = spec.central_noise_multiplier or calibrate_noise(
             target_epsilon=spec.central_target_epsilon, delta=spec.central_delta, rounds=spec.federated.rounds)
         central = (sigma, spec.central_delta)
-    strategy = RoleAwareStrategy(layout=layout_from_record(init["layout"]), history=history,
+    layout = layout_from_record(init["layout"])
+    strategy = RoleAwareStrategy(layout=layout, history=history,
                                  num_nodes=num_nodes, round_offset=done, group_counts=counts, central=central,
-                                 checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None)
+                                 checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None,
+                                 min_nodes=spec.min_nodes,
+                                 node_clients={n: int(i.get("client", -1)) for n, i in infos.items()})
+    inner = strategy
     if central is not None:  # client-level DP with Flower's wrapper (fedrec.federated.privacy)
         strategy = CentralDPFixedClipping(strategy, noise_multiplier=central[0], clipping_norm=spec.central_clipping_norm,
                                           num_sampled_clients=num_nodes)
     if spec.secure_aggregation:
-        _run_secure(grid, context, spec, strategy, initial, done)
+        _run_secure(grid, context, spec, inner, initial, done)
     elif spec.federated.rounds > done and not history.stopped:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=spec.federated.rounds - done)
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=spec.federated.rounds - done,
+                       timeout=spec.round_timeout or 3600.0)
     result = history.result()
     result["nodes"] = spec.shards or len(nodes)
+    result["data"], result["node_data"] = _nodes_data(infos)
+    if spec.model_dir:
+        _save_model(grid, spec, inner, layout)
+        result["model_dir"] = spec.model_dir
     if spec.out:
         out = Path(spec.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,3 +143,15 @@ def main(grid: Grid, context: Context) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(result, handle, indent=1)
         os.replace(tmp, out)
+
+
+def _save_model(grid: Grid, spec: RunSpec, strategy: RoleAwareStrategy, layout) -> None:
+    """The run's model: ``global.pt`` here, and each node's private state of the best round
+    on its own machine (nodes that already saved it during the run do nothing)."""
+    if strategy.best_params is None:
+        raise RuntimeError("model-dir: no evaluated round to save (the run ended before its first evaluation)")
+    save_global_model(spec.model_dir, round=strategy.best_round, global_params=strategy.best_params,
+                      group_counts=strategy.best_counts, run_config=spec.to_flat(),
+                      layout={"shared": list(layout.shared), "groups": {k: list(v) for k, v in layout.groups.items()}},
+                      metrics={"valid": strategy.history.best.get("valid", {}), "test": strategy.history.best.get("test", {})})
+    query_nodes(grid, sorted(grid.get_node_ids()), kind="save-model", **{"best-round": strategy.best_round})

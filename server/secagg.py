@@ -9,7 +9,9 @@ and the total group counts. The server never sees a single client's parameters o
 counts, only its weight (number of participating users), which it uses to report totals.
 Values pass through SecAgg+'s quantisation (``secagg-clipping-range`` R, 2^22 levels: a
 step of 2R / 2^22 per value and client), so the aggregate equals the plain one up to that
-quantisation error (tested). All clients must answer (no dropout tolerance is configured).
+quantisation error (tested). Every node must answer every stage (the workflow is configured
+with all nodes sharing keys with all, ``reconstruction_threshold`` 1.0): a node that drops
+halts the round, and the run stops with an error naming it; resume it from its checkpoint.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ class _CollectingStrategy(LegacyFedAvg):
 
 
 def secure_round(grid: Grid, context: Context, *, layout: Layout, global_params: dict[str, torch.Tensor],
-                 round: int, group_counts: torch.Tensor, num_nodes: int, clipping_range: float) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+                 round: int, group_counts: torch.Tensor, num_nodes: int, clipping_range: float,
+                 best_round: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
     """One training round whose uploads are summed under SecAgg+. Returns the new global
     parameters, the total group counts and round metrics."""
-    config = {"round": int(round), "group-counts": json.dumps([float(x) for x in group_counts.reshape(-1).tolist()])}
+    config = {"round": int(round), "group-counts": json.dumps([float(x) for x in group_counts.reshape(-1).tolist()]),
+              "nodes": int(num_nodes), "best-round": int(best_round)}
     strategy = _CollectingStrategy(num_nodes, config)
     manager = SimpleClientManager()
     for node_id in grid.get_node_ids():
@@ -90,7 +94,8 @@ def secure_round(grid: Grid, context: Context, *, layout: Layout, global_params:
                                   clipping_range=clipping_range)
     workflow(grid, legacy)
     if strategy.vector is None:
-        raise RuntimeError(f"secure aggregation halted in round {round}")
+        raise RuntimeError(f"secure aggregation halted in round {round}: every node must answer every stage of "
+                           "SecAgg+ (no dropout tolerance); resume the run from its checkpoint")
     total = float(sum(strategy.weights))
     new, counts = secagg_result(layout, global_params, strategy.vector, total)
     return new, counts, {"users": float(strategy.users), "loss": float("nan"), **strategy.privacy}

@@ -12,6 +12,14 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
   :class:`CentralDPFixedClipping`), clients send mean models, the wrapper clips each
   client's update and adds the noise, and this strategy averages the clipped client models
   with **equal weights** (groups included), as the wrapper's noise calibration assumes.
+* Nodes may fail: a round goes on with the nodes that replied, as long as at least
+  ``min_nodes`` did (else the run stops with an error); the history records per round which
+  clients replied (``train.clients``) and which nodes failed (``train.failed``, with the
+  reason), for training and evaluation. A node that comes back (a new node id) is asked for
+  its info and takes part again.
+* ``best_params``: the global parameters of the best validation round so far (the model a
+  run saves with ``model-dir``); ``configure_train`` tells the clients that round
+  (``best-round``) so they save their private state of it.
 * With ``checkpoint=(folder, every)``, the server state is saved at the end of every
   ``every``-th round (:mod:`fedrec.federated.checkpoint`); ``round_offset`` continues a
   resumed run's numbering (Flower counts the rounds of each ``start`` from 1).
@@ -26,6 +34,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+from fedrec.errors import FedrecError
 from fedrec.federated.algorithm import aggregate_uploads
 from fedrec.federated.checkpoint import save_server
 from fedrec.federated.history import RunHistory
@@ -45,9 +54,17 @@ class RoleAwareStrategy(FedAvg):
 
     def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int, round_offset: int = 0,
                  group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None,
-                 central: tuple[float, float] | None = None) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
-                         min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes)
+                 central: tuple[float, float] | None = None, min_nodes: int = 0,
+                 node_clients: dict[int, int] | None = None) -> None:
+        self.min_nodes = min_nodes or num_nodes
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=self.min_nodes,
+                         min_evaluate_nodes=self.min_nodes, min_available_nodes=self.min_nodes)
+        #: node id -> client id (from the nodes' info replies)
+        self.node_clients: dict[int, int] = dict(node_clients or {})
+        self._sent: dict[str, list[int]] = {}
+        self.best_params: dict[str, torch.Tensor] | None = None
+        self.best_counts: torch.Tensor | None = None
+        self.best_round = int(history.best["round"]) if history.best else 0
         self.layout = layout
         self.num_nodes = num_nodes
         self.history = history
@@ -70,20 +87,55 @@ class RoleAwareStrategy(FedAvg):
                         history=self.history.state_dict())
             self._saved_round = round
 
+    def _learn_nodes(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes never seen before (a restarted node has a new id) for their info."""
+        new = [n for n in node_ids if n not in self.node_clients]
+        if not new:
+            return
+        from fedrec.federated.node import query_nodes
+
+        for node, info in query_nodes(grid, new, kind="info").items():
+            self.node_clients[node] = int(info.get("client", -1))
+
+    def _check(self, replies: list[Message], stage: str, rnd: int) -> tuple[list[Message], dict]:
+        """The good replies, and who replied and who failed (for the history); an error when
+        fewer than ``min_nodes`` replied."""
+        good = [r for r in replies if not r.has_error()]
+        sent = self._sent.pop(stage, [m.metadata.src_node_id for m in replies])
+        replied = {r.metadata.src_node_id for r in good}
+        reasons = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        failed = [{"node": int(n), "client": self.node_clients.get(n, -1),
+                   "reason": reasons.get(n, "no reply before the round's timeout")}
+                  for n in sent if n not in replied]
+        record = {"clients": sorted(self.node_clients.get(r.metadata.src_node_id, -1) for r in good)}
+        if failed:
+            record["failed"] = failed
+        if len(good) < self.min_nodes:
+            why = failed[0]["reason"] if failed else "no node replied"
+            raise FedrecError(f"round {rnd} ({stage}): {len(good)} node(s) replied, fewer than min-nodes "
+                              f"{self.min_nodes} ({why})")
+        return good, record
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Send the global parameters, the round and the group counts to every node."""
+        """Send the global parameters, the round, the group counts and the best round so far
+        to every available node."""
         if self.history.stopped:
             return []
         self._global = record_to_params(arrays)
         config = ConfigRecord({**dict(config), "round": server_round + self.round_offset,
-                               "group-counts": [float(x) for x in self.group_counts.reshape(-1).tolist()]})
-        return super().configure_train(server_round, arrays, config, grid)
+                               "group-counts": [float(x) for x in self.group_counts.reshape(-1).tolist()],
+                               "best-round": self.best_round})
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._learn_nodes(grid, [m.metadata.dst_node_id for m in messages])
+        self._sent["train"] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Role-aware aggregation of the uploads."""
+        """Role-aware aggregation of the uploads of the nodes that replied."""
         replies = list(replies)
-        if not replies or self._global is None:
+        if self._global is None:
             return None, None
+        replies, nodes = self._check(replies, "train", server_round + self.round_offset)
         uploads = replies_to_uploads(replies, self.layout)
         new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
         if self.central is not None:
@@ -99,6 +151,7 @@ class RoleAwareStrategy(FedAvg):
         record = dict(metrics)
         if counts.numel():
             record["group-counts"] = counts.tolist()  # users per group, per layer
+        record.update(nodes)
         self.history.record_train(server_round + self.round_offset, record)
         return params_to_record(new), _metric_record(metrics)
 
@@ -111,16 +164,25 @@ class RoleAwareStrategy(FedAvg):
             self._end_of_round(rnd)
             return []
         config = ConfigRecord({**dict(config), "round": rnd})
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._learn_nodes(grid, [m.metadata.dst_node_id for m in messages])
+        self._sent["evaluate"] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pooled valid/test metrics; updates the best round."""
+        """Pooled valid/test metrics of the nodes that replied; updates the best round."""
         replies = list(replies)
         if not replies:
             return None
+        rnd = server_round + self.round_offset
+        replies, nodes = self._check(replies, "evaluate", rnd)
         pooled = combine_evaluation(replies)
-        self.history.record_eval(server_round + self.round_offset, pooled["valid"], pooled["test"])
-        self._end_of_round(server_round + self.round_offset)
+        self.history.record_eval(rnd, pooled["valid"], pooled["test"], nodes=nodes)
+        if self.history.best is not None and self.history.best["round"] == rnd and self._latest is not None:
+            self.best_params = {k: v.clone() for k, v in self._latest.items()}
+            self.best_counts = self.group_counts.clone()
+            self.best_round = rnd
+        self._end_of_round(rnd)
         return _metric_record({f"{s}.{k}": v for s in ("valid", "test") for k, v in pooled[s].items()})
 
 

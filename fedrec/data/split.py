@@ -15,6 +15,11 @@ Methods
 
 Ids are remapped to contiguous indices: users 1..U and items 1..I in increasing raw-id
 order, **0 reserved for padding** everywhere (features, groups and the domain of item 0).
+
+With a :class:`~fedrec.data.catalogue.Catalogue` (a federated node's split), item indices,
+item features and domains come from the catalogue instead of the data: rows whose item the
+catalogue lacks are dropped before splitting and counted in ``out_of_catalogue``; the user
+feature fields are the catalogue's (their codes are checked against its cardinalities).
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class SplitData:
         True latent group of each user index (0 for padding) on synthetic data, else None.
     method:
         The split method actually used.
+    user_cardinalities, out_of_catalogue:
+        Set when the split was built on a catalogue (see the module docstring).
     """
 
     n_users: int
@@ -105,6 +112,11 @@ class SplitData:
     item_feature_names: list[str]
     user_group: np.ndarray | None
     method: str
+    #: per user field, the number of codes that sizes the model's tables (from a catalogue;
+    #: None: max code + 1 of this split's users)
+    user_cardinalities: tuple[int, ...] | None = None
+    #: rows dropped because the catalogue lacks their item (0 without a catalogue)
+    out_of_catalogue: int = 0
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -157,11 +169,20 @@ class SplitData:
         return self.cached(("seen_pairs", tuple(sorted(parts))), compute)
 
 
-def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitData:
-    """Remap ids and split ``dataset`` as ``config`` says (see the module docstring)."""
+def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalogue=None) -> SplitData:
+    """Remap ids and split ``dataset`` as ``config`` says (see the module docstring);
+    with ``catalogue``, items are indexed by it."""
     config = config or SplitConfig()
     inter = dataset.interactions
     frame = inter.frame
+    out_of_catalogue = 0
+    if catalogue is not None:
+        known = catalogue.index(frame["item"].to_numpy()) > 0
+        out_of_catalogue = int((~known).sum())
+        if out_of_catalogue:
+            frame = frame.loc[known].reset_index(drop=True)
+            if len(frame) == 0:
+                raise DataError("no interaction has an item of the catalogue", file=dataset.name)
     method = config.method
     if method == "auto":
         method = "files" if inter.has_split else "leave-last-two-out"
@@ -169,6 +190,12 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitD
         raise ConfigError(f"split method 'files' needs data that carries its own split ({dataset.name} has none)")
 
     domains = inter.domains
+    if catalogue is not None and catalogue.domains:
+        unknown = sorted(set(domains) - set(catalogue.domains))
+        if unknown:
+            raise DataError(f"domain {unknown[0]!r} is not in the catalogue (it has {', '.join(catalogue.domains)})",
+                            file=dataset.name)
+        domains = list(catalogue.domains)
     dom = (
         pd.Index(domains).get_indexer(frame["domain"]).astype(np.int64)
         if domains
@@ -211,9 +238,13 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitD
         raise DataError("no interactions left after splitting", file=dataset.name)
 
     user_raw = np.unique(user_raw_rows)
-    item_raw = np.unique(item_raw_rows)
     user_idx = np.searchsorted(user_raw, user_raw_rows) + 1
-    item_idx = np.searchsorted(item_raw, item_raw_rows) + 1
+    if catalogue is not None:
+        item_raw = catalogue.item_raw
+        item_idx = catalogue.index(item_raw_rows)
+    else:
+        item_raw = np.unique(item_raw_rows)
+        item_idx = np.searchsorted(item_raw, item_raw_rows) + 1
 
     new_seq = np.ones(len(user_idx), dtype=bool)
     new_seq[1:] = (user_idx[1:] != user_idx[:-1]) | (dom[1:] != dom[:-1])
@@ -221,10 +252,19 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitD
     indptr = np.append(starts, len(user_idx)).astype(np.int64)
 
     item_domain = np.full(len(item_raw) + 1, -1, dtype=np.int64)
-    item_domain[item_idx] = dom
-
-    user_features, user_names = _align_features(dataset.user_features, user_raw, "user", dataset.name)
-    item_features, item_names = _align_features(dataset.item_features, item_raw, "item", dataset.name)
+    user_cards = None
+    if catalogue is None:
+        item_domain[item_idx] = dom
+        user_features, user_names = _align_features(dataset.user_features, user_raw, "user", dataset.name)
+        item_features, item_names = _align_features(dataset.item_features, item_raw, "item", dataset.name)
+    else:
+        if catalogue.item_domain is not None:
+            item_domain[1:] = catalogue.item_domain
+        item_names = list(catalogue.item_feature_names)
+        item_features = None
+        if catalogue.item_features is not None:
+            item_features = np.vstack([np.zeros((1, len(item_names)), dtype=np.int64), catalogue.item_features])
+        user_features, user_names, user_cards = _catalogue_user_features(dataset, user_raw, catalogue)
     user_group = None
     if dataset.user_groups is not None:
         user_group = np.zeros(len(user_raw) + 1, dtype=np.int64)
@@ -251,7 +291,35 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None) -> SplitD
         item_feature_names=item_names,
         user_group=user_group,
         method=method,
+        user_cardinalities=user_cards,
+        out_of_catalogue=out_of_catalogue,
     )
+
+
+def _catalogue_user_features(dataset: Dataset, user_raw: np.ndarray, catalogue):
+    """The user feature fields the catalogue declares, aligned with ``user_raw``, with codes
+    checked against the catalogue's cardinalities (fields the catalogue does not declare are
+    not read: the catalogue is the model's schema)."""
+    names = list(catalogue.user_feature_names)
+    if not names:
+        return None, [], None
+    table = dataset.user_features
+    if table is None:
+        raise DataError(f"the catalogue declares user features ({', '.join(names)}) but this data has none "
+                        "(a node's user features come with its data, e.g. parquet:...?user_features=FILE)",
+                        file=dataset.name)
+    missing = [n for n in names if n not in [str(c) for c in table.columns]]
+    if missing:
+        raise DataError("user feature field of the catalogue missing from the data", file=dataset.name,
+                        column=missing[0])
+    table = table.rename(columns=str)[names]
+    codes, _ = _align_features(table, user_raw, "user", dataset.name)
+    for j, (name, card) in enumerate(zip(names, catalogue.user_cardinalities)):
+        over = codes[:, j] >= card
+        if over.any():
+            raise DataError(f"user feature code beyond the catalogue's {card} codes", file=dataset.name, column=name,
+                            value=int(codes[over, j][0]))
+    return codes, names, tuple(catalogue.user_cardinalities)
 
 
 def _align_features(table: pd.DataFrame | None, raw: np.ndarray, kind: str, name: str):

@@ -80,9 +80,14 @@ class Shard:
     train: ExampleSet
     valid: ExampleSet
     test: ExampleSet
-    #: sampled-ranking candidates per stage, drawn on the whole split (so identical to the
-    #: centralised evaluation's), rows aligned with the stage's examples
+    #: sampled-ranking candidates per stage, drawn on the algorithm's whole split (a node's
+    #: own split in a federation; on one split of all users, identical to the centralised
+    #: evaluation's), rows aligned with the stage's examples
     candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    #: what the shard's random draws (dropout, negatives, DP noise) are keyed on besides the
+    #: seed and round: the raw id of its first user, a fact of the shard alone (so a node
+    #: holding only these users draws the same as a simulation of them)
+    key: int = 0
 
 
 def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, protocol: str = "full",
@@ -103,18 +108,32 @@ def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, 
             all_cands = split.cached(("candidates", task, stage, max_len, n, eval_seed),
                                      lambda full=full, n=n: full.candidates(n, seed=eval_seed))
             candidates[stage] = all_cands[keep]
-    return Shard(users, stages["train"], stages["valid"], stages["test"], candidates)
+    key = int(split.user_raw[users[0]]) % 2**62 if users.size else 0
+    return Shard(users, stages["train"], stages["valid"], stages["test"], candidates, key)
 
 
-def participants(n_users: int, *, seed: int, round: int, fraction: float) -> np.ndarray:
-    """Boolean mask ``(n_users + 1,)`` of the users taking part in ``round`` — a function of
-    (seed, round) only, so every client draws the same set in any runtime."""
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 (a well-mixed hash, vectorised)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def participants(raw_users: np.ndarray, *, seed: int, round: int, fraction: float) -> np.ndarray:
+    """Boolean mask of the users (given by **raw** id) taking part in ``round``: a hash of
+    (seed, round, raw id), so a user's draw is the same whichever node holds it, in any
+    runtime, and no node needs to know the other nodes' users."""
+    raw_users = np.asarray(raw_users, dtype=np.int64)
     if fraction >= 1.0:
-        mask = np.ones(n_users + 1, dtype=bool)
-    else:
-        mask = np.random.default_rng([seed, round, 7]).random(n_users + 1) < fraction
-    mask[0] = False
-    return mask
+        return np.ones(raw_users.shape, dtype=bool)
+    with np.errstate(over="ignore"):
+        h = _mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(round) + np.uint64(7) * _M64)
+        h = _mix64(raw_users.astype(np.uint64) ^ h)
+    return (h >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
 
 
 @dataclass
@@ -126,12 +145,16 @@ class LocalState:
     users: np.ndarray
     tensors: Params
     privacy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.float64))
+    #: the users' raw ids (set by a node, so a saved state can be checked against its data)
+    raw_users: np.ndarray | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict (tensors, the user array and the accountant history)."""
         out = {"users": torch.from_numpy(self.users.copy()), **{f"p.{k}": v for k, v in self.tensors.items()}}
         if self.privacy.numel():
             out["dp.history"] = self.privacy.clone()
+        if self.raw_users is not None:
+            out["raw_users"] = torch.from_numpy(np.asarray(self.raw_users, dtype=np.int64).copy())
         return out
 
     @classmethod
@@ -141,6 +164,9 @@ class LocalState:
         out = cls(users, {k[2:]: torch.as_tensor(v) for k, v in state.items() if k.startswith("p.")})
         if "dp.history" in state:
             out.privacy = torch.as_tensor(state["dp.history"], dtype=torch.float64).reshape(-1, 3)
+        if "raw_users" in state:
+            raw = state["raw_users"]
+            out.raw_users = np.asarray(raw.numpy() if torch.is_tensor(raw) else raw, dtype=np.int64)
         return out
 
 
@@ -190,11 +216,13 @@ class Algorithm:
         self.config = config or FederatedConfig()
         self.model_name = model or self.default_model
         self.model_options = self.check_options(dict(model_options or {}))
+        data = ModelData.from_split(split)
         torch.manual_seed(self.config.seed)
-        self.model: RecModel = create_model(self.model_name, ModelData.from_split(split), self.model_options, task=task)
+        self.model: RecModel = create_model(self.model_name, data, self.model_options, task=task)
         if not getattr(self.model, "trainable", True):
             raise ConfigError(f"model '{self.model_name}' has no trainable parameters to federate")
         self.layout = Layout.from_roles(self.model, self.roles(self.model))
+        self._canonical_init(data)
         self.max_len = self.model.cfg.max_len
         # the working copy for torch.func: dense embedding gradients, vmap-safe loss
         self.template = copy.deepcopy(self.model)
@@ -205,7 +233,8 @@ class Algorithm:
             if isinstance(m, SelfAttention):
                 m.explicit = True
         self.template.vmap_safe = True
-        self._init = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._init = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in self.layout.per_user}
+        self._init.update({n: self.model.get_parameter(n).detach()[1].clone() for n in self.layout.per_user})
         self._user_codes = (torch.from_numpy(np.ascontiguousarray(split.user_features))
                             if split.user_features is not None else None)
         self.privacy = self._make_privacy()
@@ -213,6 +242,27 @@ class Algorithm:
         #: compare with the full per-user copies
         self.compact = True
         self._item_tables = self._compact_tables()
+
+    def _canonical_init(self, data: ModelData) -> None:
+        """Make the initial parameters independent of how many users this split holds.
+
+        The model is built once more, with the same seed, for a single user, and its
+        parameters replace the model's: the shared ones (so every node, whatever its users,
+        starts from the same global parameters, and the server can take them from any node)
+        and the private ones, every user's per-user rows included (every user starts from the
+        same private values, as when each client copies the initial model).
+        """
+        import dataclasses
+
+        torch.manual_seed(self.config.seed)
+        one = create_model(self.model_name, dataclasses.replace(data, n_users=1), self.model_options, task=self.task)
+        ref = dict(one.named_parameters())
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if n in self.layout.per_user:
+                    p.copy_(ref[n][1].expand_as(p))
+                else:
+                    p.copy_(ref[n])
 
     def _compact_tables(self) -> dict[str, tuple[str, torch.Tensor | None]]:
         """The model's item-indexed tables that can be trained as compact per-user copies:
@@ -230,7 +280,11 @@ class Algorithm:
             return None
         if not self.layout.global_names:
             raise ConfigError(f"differential privacy: algorithm '{self.name}' uploads no parameters to protect")
-        delta = cfg.delta or 1.0 / self.split.n_users
+        if not cfg.delta and not cfg.population:
+            raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
+                              "the whole federation, which a node cannot count): set 'population' or 'delta' "
+                              "(fedrec simulate and a federation folder's manifest set the population)")
+        delta = cfg.delta or 1.0 / cfg.population
         sigma = cfg.noise_multiplier
         if cfg.target_epsilon:
             sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta, rounds=cfg.rounds,
@@ -260,8 +314,7 @@ class Algorithm:
         """Private state of a client holding ``users``: every user starts from the
         initial model's private values (its own rows of per-user tables)."""
         users = np.unique(np.asarray(users, dtype=np.int64))
-        idx = torch.from_numpy(users)
-        tensors = {n: self._init[n][idx].clone() for n in self.layout.per_user}
+        tensors = {n: self._init[n].unsqueeze(0).repeat(len(users), 1) for n in self.layout.per_user}
         for n in self.layout.private:
             tensors[n] = self._init[n].unsqueeze(0).repeat(len(users), *([1] * self._init[n].dim()))
         return LocalState(users, tensors)
@@ -377,8 +430,8 @@ class Algorithm:
         """Train the shard's participating users for one round (see the module docstring)."""
         cfg = self.config
         share = self.group_share(group_counts if group_counts is not None else self.initial_group_counts())
-        mask = participants(self.split.n_users, seed=cfg.seed, round=round, fraction=cfg.fraction)
-        examples = shard.train.subset(shard.users[mask[shard.users]])
+        mask = participants(self.split.user_raw[shard.users], seed=cfg.seed, round=round, fraction=cfg.fraction)
+        examples = shard.train.subset(shard.users[mask])
         users = examples.users
         if len(np.unique(users)) != len(users):
             raise ConfigError("federated training expects one training example per user")
@@ -395,7 +448,7 @@ class Algorithm:
             rng_state = torch.random.get_rng_state()
             # dropout draws depend on (seed, round, shard) only, not on what ran before in
             # this process (so a Ray actor serving several nodes gives the same result)
-            torch.manual_seed(int(np.random.default_rng([cfg.seed, round, int(shard.users[0])]).integers(2**62)))
+            torch.manual_seed(int(np.random.default_rng([cfg.seed, round, shard.key]).integers(2**62)))
             self.template.train()
             for start in range(0, len(users), cfg.chunk_size):
                 sl = slice(start, start + cfg.chunk_size)
@@ -452,9 +505,8 @@ class Algorithm:
         metrics = {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}
         if self.privacy is not None:
             # every round is a release for every user of the shard (sampling rate 1)
-            shard_key = int(shard.users[0]) if len(shard.users) else 0
             self.privacy.add_noise(sums, self.layout.global_names,
-                                   self.privacy.generator(seed=cfg.seed, round=round, shard_key=shard_key))
+                                   self.privacy.generator(seed=cfg.seed, round=round, shard_key=shard.key))
             state.privacy = self.privacy.step(state.privacy)
             loss_sum = float("nan")  # the training loss is data-dependent: not reported under DP
             metrics = {"users": float(len(users)), "epsilon": self.privacy.epsilon(state.privacy),
@@ -541,8 +593,7 @@ class Algorithm:
 
 def _negative_seed(seed: int, round: int, shard: Shard) -> int:
     """Seed of a shard's training negatives in ``round`` (differs between shards)."""
-    first = int(shard.users[0]) if len(shard.users) else 0
-    return int(np.random.default_rng([seed, round, 11, first]).integers(2**31))
+    return int(np.random.default_rng([seed, round, 11, shard.key]).integers(2**31))
 
 
 def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:

@@ -50,9 +50,14 @@ class FederatedConfig:
         ``target_epsilon`` the noise is calibrated so that all ``rounds`` stay within it):
         each user's pseudo-gradient is clipped to ``max_grad_norm`` (default 1.0) and
         Gaussian noise ``noise_multiplier * max_grad_norm`` is added to the client's sums. ``delta`` defaults to
-        1 / number of users; ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
+        1 / ``population``; ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
         ``dp_noise_seed`` >= 0 makes the noise reproducible (experiments only), -1 keeps it
         secret.
+    ``population``
+        The number of users in the whole federation (0: unknown). No node can count it from
+        its own data: ``fedrec simulate`` sets it, a federation folder's manifest carries it,
+        and a deployment passes it in the run config. It sets the DP ``delta`` default (1 /
+        population) and the scale of secure aggregation's vectors.
     """
 
     rounds: int = 100
@@ -75,6 +80,7 @@ class FederatedConfig:
     delta: float = 0.0
     accountant: str = "rdp"
     dp_noise_seed: int = -1
+    population: int = 0
 
     @property
     def dp(self) -> bool:
@@ -85,6 +91,8 @@ class FederatedConfig:
         for name in ("rounds", "local_steps", "chunk_size", "eval_every", "negatives", "auc_bins"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"federated option '{name}' must be >= 1 (got {getattr(self, name)})")
+        if self.population < 0:
+            raise ConfigError(f"federated option 'population' must be >= 0 (got {self.population})")
         if self.patience < 0:
             raise ConfigError(f"federated option 'patience' must be >= 0 (got {self.patience})")
         if self.optimizer not in ("adam", "sgd"):

@@ -45,13 +45,17 @@ class RunHistory:
         """Training metrics of ``round`` (loss, users)."""
         self.rounds.append({"round": round, "train": _clean(metrics)})
 
-    def record_eval(self, round: int, valid: dict[str, Any], test: dict[str, Any]) -> None:
-        """Evaluation of ``round``; updates the best round and the patience counter."""
+    def record_eval(self, round: int, valid: dict[str, Any], test: dict[str, Any],
+                    nodes: dict[str, Any] | None = None) -> None:
+        """Evaluation of ``round`` (``nodes``: which clients replied and which nodes
+        failed); updates the best round and the patience counter."""
         entry = next((r for r in self.rounds if r["round"] == round), None)
         if entry is None:
             entry = {"round": round}
             self.rounds.append(entry)
         entry["valid"], entry["test"] = _clean(valid), _clean(test)
+        if nodes:
+            entry["evaluate"] = nodes
         score = valid.get(self.metric)
         if score is not None and score > self.best_score:
             self.best, self.best_score, self.stale = entry, float(score), 0

@@ -25,31 +25,32 @@ Client private state lives in ``context.state["fedrec.private"]`` (ArrayRecord).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.data import load_dataset
-from fedrec.data.partition import dominant_item_feature, partition_users
-from fedrec.data.split import split_dataset
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
-from fedrec.federated.checkpoint import load_client, save_client
+from fedrec.federated.checkpoint import latest_client, save_client, save_client_model
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.layout import Layout
+from fedrec.federated.nodedata import NodeData, node_data
 from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
-from fedrec.federated.spec import RunSpec, parse_run_config, shard_of_node
+from fedrec.federated.spec import RunSpec, parse_run_config
 
-__all__ = ["client_train", "client_evaluate", "client_init", "node_spec", "params_to_record", "record_to_params",
-           "replies_to_uploads", "combine_evaluation", "layout_from_record", "shard_users", "secagg_vector",
-           "secagg_result", "optional_secaggplus_mod"]
+__all__ = ["client_train", "client_evaluate", "client_query", "client_init", "node_spec", "node_of", "build_node",
+           "params_to_record", "record_to_params", "replies_to_uploads", "combine_evaluation", "layout_from_record",
+           "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod"]
 
 _PRIVATE = "fedrec.private"
+_META = "fedrec.meta"
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
 
@@ -81,109 +82,179 @@ def layout_from_record(record: ConfigRecord) -> Layout:
 
 
 # -- client side -------------------------------------------------------------------------
+@dataclass
+class _Node:
+    """What a node builds once per run: its data, its algorithm and its shard."""
+
+    data: NodeData
+    alg: Algorithm
+    shard: Shard
+
+    @property
+    def client(self) -> int:
+        return -1 if self.data.client is None else int(self.data.client)
+
+
 def node_spec(context: Context) -> RunSpec:
-    """The run spec of this node: run config, with ``data`` overridden by the node config."""
-    config = dict(context.run_config)
-    if "data" in context.node_config:
-        config["data"] = context.node_config["data"]
-    return parse_run_config(config)
+    """The run spec of this node (its data comes from the node config: :func:`node_of`)."""
+    return parse_run_config(dict(context.run_config))
 
 
-def _algorithm(spec: RunSpec) -> Algorithm:
-    key = "alg:" + spec.key()
+def node_of(context: Context, spec: RunSpec | None = None) -> _Node:
+    """This node's data, algorithm and shard (built once per run and node config, see
+    :mod:`fedrec.federated.nodedata`): the algorithm is built on the node's own split, with
+    the run's ``population`` completed from what the node knows."""
+    spec = spec or node_spec(context)
+    key = "node:" + spec.key() + json.dumps(dict(context.node_config), sort_keys=True, default=str)
     with _lock:
         if key not in _cache:
-            _cache.clear()  # one run at a time per process: drop the previous run's data and shards
-            split = split_dataset(load_dataset(spec.data))
-            _cache[key] = create_algorithm(spec.algorithm, split, task=spec.task, model=spec.model or None,
-                                           model_options=spec.model_options, config=spec.federated)
+            if not any(k.startswith("node:" + spec.key()) for k in _cache):
+                _cache.clear()  # one run at a time per process: drop the previous run's nodes
+            _cache[key] = build_node(spec, context.node_config)
         return _cache[key]
 
 
-def shard_users(alg: Algorithm, spec: RunSpec, shard: int, shards: int) -> np.ndarray:
-    """The users (global indices) of shard ``shard`` of ``shards``."""
-    users = np.arange(1, alg.split.n_users + 1)
-    labels = None
-    if spec.partition == "dirichlet":
-        # non-IID by the users' true group (synthetic data) or their dominant item category
-        if alg.split.user_group is not None:
-            labels = alg.split.user_group[users]
-        elif alg.split.item_feature_names:
-            labels = dominant_item_feature(alg.split, alg.split.item_feature_names[0])[users]
-        else:
-            raise ConfigError("partition 'dirichlet' needs user groups or item features to draw labels from")
-    parts = partition_users(users, scheme=spec.partition, num_clients=shards, seed=spec.partition_seed,
-                            alpha=spec.partition_alpha, labels=labels)
-    return np.asarray(parts[shard], dtype=np.int64)
+def build_node(spec: RunSpec, node_config: dict[str, Any]) -> _Node:
+    """A node's data, algorithm (on its own split) and shard (all of its users)."""
+    nd = node_data(spec, node_config)
+    config = dataclasses.replace(spec.federated, population=spec.federated.population or nd.population)
+    alg = create_algorithm(spec.algorithm, nd.split, task=spec.task, model=spec.model or None,
+                           model_options=spec.model_options, config=config)
+    return _Node(nd, alg, alg.make_shard(np.arange(1, nd.split.n_users + 1)))
 
 
-def _shard(alg: Algorithm, spec: RunSpec, context: Context) -> Shard:
-    shard, shards = shard_of_node(context.node_config, spec)
-    key = f"shard:{spec.key()}:{shard}:{shards}"
-    with _lock:
-        if key not in _cache:
-            _cache[key] = alg.make_shard(shard_users(alg, spec, shard, shards))
-        return _cache[key]
+def _meta(context: Context) -> dict[str, int]:
+    """Rounds of the node's private state and of its saved model (persisted in context.state)."""
+    if _META in context.state:
+        return {k: int(v) for k, v in context.state[_META].items()}
+    return {"state-round": 0, "saved-round": 0}
 
 
-def _local_state(alg: Algorithm, shard: Shard, context: Context, *, spec: RunSpec | None = None,
-                 round: int = 0) -> LocalState:
+def _set_meta(context: Context, **values: int) -> None:
+    context.state[_META] = ConfigRecord({**_meta(context), **{k.replace("_", "-"): int(v) for k, v in values.items()}})
+
+
+def _local_state(node: _Node, context: Context, *, spec: RunSpec | None = None, round: int = 0) -> LocalState:
+    """The node's private state: in memory (``context.state``); else, for a resumed run or a
+    node restarted mid-run, its latest checkpoint; else the initial state."""
+    alg, shard = node.alg, node.shard
     if _PRIVATE in context.state:
         state = LocalState.from_state_dict(context.state[_PRIVATE].to_torch_state_dict())
-    elif spec is not None and spec.resume and round > 1:
-        # a resumed run: the state this node saved at the end of the previous round
-        state = LocalState.from_state_dict(load_client(spec.checkpoint_dir, round=round - 1,
-                                                       shard=shard_of_node(context.node_config, spec)[0]))
+    elif spec is not None and spec.checkpoint_dir and round > 1 and (spec.resume or spec.checkpoint_every):
+        found = latest_client(spec.checkpoint_dir, shard=_client_id(node, "checkpoint-dir"), before=round)
+        if found is None:
+            if spec.resume:
+                raise ConfigError(f"resume: no checkpoint of client {node.client} before round {round} in "
+                                  f"{spec.checkpoint_dir}")
+            return alg.initial_local(shard.users)
+        saved_round, saved = found
+        state = LocalState.from_state_dict(saved)
+        _set_meta(context, state_round=saved_round)
     else:
         return alg.initial_local(shard.users)
-    if not np.array_equal(state.users, shard.users):
-        raise RuntimeError("this node's saved private state belongs to other users than its shard")
+    _check_users(node, state)
     return state
 
 
+def _check_users(node: _Node, state: LocalState) -> None:
+    if not np.array_equal(state.users, node.shard.users):
+        raise ConfigError("this node's saved private state belongs to other users than its data holds")
+    raw = state.raw_users
+    if raw is not None and not np.array_equal(raw, node.data.split.user_raw[state.users]):
+        raise ConfigError("this node's saved private state belongs to other users than its data holds")
+
+
+def _client_id(node: _Node, what: str) -> int:
+    if node.data.client is None:
+        raise ConfigError(f"'{what}' needs a client id for this node's files: add shard=K to its --node-config")
+    return int(node.data.client)
+
+
+def _save_model(node: _Node, spec: RunSpec, context: Context, best_round: int) -> None:
+    """Save the node's private state as the model of ``best_round`` when the state is that
+    round's (the best validation round) and not yet saved."""
+    if not spec.model_dir or best_round <= 0:
+        return
+    meta = _meta(context)
+    if meta["state-round"] != best_round or meta["saved-round"] == best_round or _PRIVATE not in context.state:
+        return
+    state = LocalState.from_state_dict(context.state[_PRIVATE].to_torch_state_dict())
+    save_client_model(spec.model_dir, client=_client_id(node, "model-dir"), round=best_round,
+                      state=state.state_dict(), node_config=dict(context.node_config), run_config=spec.to_flat(),
+                      info=node.data.info)
+    _set_meta(context, saved_round=best_round)
+
+
+def client_info(node: _Node) -> ConfigRecord:
+    """What a node tells the server about its data (for the run's record)."""
+    info = {k: v for k, v in node.data.info.items() if isinstance(v, (int, float, str, bool))}
+    return ConfigRecord(info)
+
+
+def client_query(msg: Message, context: Context) -> RecordDict:
+    """Reply to the server's queries (``config`` record ``kind``): ``init`` (default) — the
+    initial global parameters, the layout and the node's info; ``info`` — the info only;
+    ``save-model`` — save the model of ``best-round`` (see :func:`_save_model`)."""
+    spec = node_spec(context)
+    node = node_of(context, spec)
+    config = msg.content.config_records.get("config", ConfigRecord({}))
+    kind = str(config.get("kind", "init"))
+    if kind == "save-model":
+        _save_model(node, spec, context, int(config.get("best-round", 0)))
+        return RecordDict({"info": client_info(node)})
+    if kind == "info":
+        return RecordDict({"info": client_info(node)})
+    if kind != "init":
+        raise ConfigError(f"unknown query kind {kind!r}")
+    return RecordDict({"arrays": params_to_record(node.alg.initial_global()), "layout": _layout_record(node.alg.layout),
+                       "info": client_info(node)})
+
+
 def client_init(msg: Message, context: Context) -> RecordDict:
-    """Reply to the server's ``init`` query: initial global parameters and the layout."""
-    alg = _algorithm(node_spec(context))
-    return RecordDict({"arrays": params_to_record(alg.initial_global()), "layout": _layout_record(alg.layout)})
+    """Reply to the server's ``init`` query (kept for callers of the earlier name)."""
+    return client_query(msg, context)
 
 
-def _train_round(alg: Algorithm, spec: RunSpec, shard: Shard, context: Context, global_params: Params, rnd: int,
-                 counts: torch.Tensor | None) -> Upload:
+def _train_round(node: _Node, spec: RunSpec, context: Context, global_params: Params, rnd: int,
+                 counts: torch.Tensor | None, best_round: int = 0) -> Upload:
     """One round of this node's users; persists (and checkpoints) the private state."""
+    alg = node.alg
+    _save_model(node, spec, context, best_round)  # the state is still the previous round's
     if counts is not None and counts.numel():
         counts = counts.reshape(alg.layout.layers, alg.layout.n_groups)
     else:
         counts = None
-    state = _local_state(alg, shard, context, spec=spec, round=rnd)
-    upload, state, _ = alg.client_update(global_params, state, shard, round=rnd, group_counts=counts)
+    state = _local_state(node, context, spec=spec, round=rnd)
+    upload, state, _ = alg.client_update(global_params, state, node.shard, round=rnd, group_counts=counts)
+    state.raw_users = node.data.split.user_raw[state.users]
     context.state[_PRIVATE] = ArrayRecord(state.state_dict())
+    _set_meta(context, state_round=rnd)
     if spec.checkpoint_every and rnd % spec.checkpoint_every == 0:
-        save_client(spec.checkpoint_dir, shard=shard_of_node(context.node_config, spec)[0], round=rnd,
-                    state=state.state_dict())
+        save_client(spec.checkpoint_dir, shard=_client_id(node, "checkpoint-dir"), round=rnd, state=state.state_dict())
     return upload
 
 
 def client_train(msg: Message, context: Context) -> RecordDict:
     """One round of local training for this node's shard (see the module docstring)."""
     spec = node_spec(context)
-    alg = _algorithm(spec)
-    shard = _shard(alg, spec, context)
+    node = node_of(context, spec)
     if SECAGG_FITINS in msg.content.array_records:  # the masked-vector stage of SecAgg+
-        return _client_train_secagg(alg, spec, shard, msg, context)
+        return _client_train_secagg(node, spec, msg, context)
     config = msg.content["config"]
     global_params = record_to_params(msg.content["arrays"])
     counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
-    upload = _train_round(alg, spec, shard, context, global_params, int(config["round"]), counts)
+    upload = _train_round(node, spec, context, global_params, int(config["round"]), counts,
+                          int(config.get("best-round", 0)))
     extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
     arrays = upload.sums
     if spec.central_dp:
         # Flower's central-DP wrapper clips each client's (model - global): send the means,
         # with equal weights (num-examples 1) as its noise calibration assumes
-        arrays = client_means(alg.layout, global_params, upload)
+        arrays = client_means(node.alg.layout, global_params, upload)
     metrics = MetricRecord({**extra, "num-examples": 1 if spec.central_dp else int(upload.examples),
                             "weight": float(upload.weight), "users": int(upload.users),
                             "examples": int(upload.examples), "loss-sum": float(upload.loss_sum),
-                            "shard": int(shard_of_node(context.node_config, spec)[0]),
+                            "shard": node.client,
                             "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
     return RecordDict({"arrays": params_to_record(arrays), "metrics": metrics})
 
@@ -207,6 +278,15 @@ def secagg_vector(layout: Layout, upload: Upload, scale: float) -> list[np.ndarr
     return out
 
 
+def secagg_scale(population: int, nodes: int) -> float:
+    """The scale every client divides its SecAgg+ vector by: the expected users per node,
+    from the run's ``population`` (the same on every node; no node can count it itself)."""
+    if not population:
+        raise ConfigError("secure aggregation scales the uploads by the users per node: set the run config's "
+                          "'population' (the number of users in the whole federation)")
+    return max(1.0, population / max(1, nodes))
+
+
 def secagg_result(layout: Layout, global_params: Params, vector: list[np.ndarray],
                   total_weight: float) -> tuple[Params, torch.Tensor]:
     """The new global parameters and total group counts from SecAgg+'s average of the
@@ -227,25 +307,26 @@ def secagg_result(layout: Layout, global_params: Params, vector: list[np.ndarray
     return new, counts
 
 
-def _client_train_secagg(alg: Algorithm, spec: RunSpec, shard: Shard, msg: Message, context: Context) -> RecordDict:
+def _client_train_secagg(node: _Node, spec: RunSpec, msg: Message, context: Context) -> RecordDict:
     from flwr.compat.common import recorddict_compat as compat
     from flwr.compat.common.parameter import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common.typing import Code, FitRes, Status
 
+    alg = node.alg
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_params = {n: torch.from_numpy(np.array(a)) for n, a in zip(alg.layout.global_names, arrays, strict=True)}
     counts = torch.tensor(json.loads(str(fitins.config.get("group-counts", "[]"))), dtype=torch.float64)
-    upload = _train_round(alg, spec, shard, context, global_params, int(fitins.config["round"]), counts)
-    shards = shard_of_node(context.node_config, spec)[1]
-    vector = secagg_vector(alg.layout, upload, scale=max(1.0, alg.split.n_users / shards))
+    upload = _train_round(node, spec, context, global_params, int(fitins.config["round"]), counts,
+                          int(fitins.config.get("best-round", 0)))
+    vector = secagg_vector(alg.layout, upload, scale=secagg_scale(alg.config.population, int(fitins.config["nodes"])))
     peak = max(float(np.abs(v).max()) for v in vector if v.size)
     if peak > spec.secagg_clipping_range:
         raise ConfigError(f"secure aggregation: an uploaded value reaches {peak:.3g}, beyond 'secagg-clipping-range' "
                           f"{spec.secagg_clipping_range:g} (raise it; the quantisation step grows with it)")
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), num_examples=1,
                  metrics={"users": int(upload.users), "weight": float(upload.weight),
-                          "shard": int(shard_of_node(context.node_config, spec)[0]),
+                          "shard": node.client,
                           **{k: float(v) for k, v in (upload.privacy or {}).items()}})
     return compat.fitres_to_recorddict(res, keep_input=True)
 
@@ -264,18 +345,24 @@ def optional_secaggplus_mod(msg: Message, context: Context, call_next):
 def client_evaluate(msg: Message, context: Context) -> RecordDict:
     """Valid and test summaries of this node's users, each with its own model."""
     spec = node_spec(context)
-    alg = _algorithm(spec)
-    shard = _shard(alg, spec, context)
+    node = node_of(context, spec)
     global_params = record_to_params(msg.content["arrays"])
-    state = _local_state(alg, shard, context)
-    out: dict[str, Any] = {"shard": int(shard_of_node(context.node_config, spec)[0])}
+    state = _local_state(node, context)
+    return RecordDict({"metrics": MetricRecord(evaluation_summary(node.alg, node.shard, global_params, state,
+                                                                  client=node.client))})
+
+
+def evaluation_summary(alg: Algorithm, shard: Shard, global_params: Params, state: LocalState, *,
+                       client: int) -> dict[str, Any]:
+    """A client's evaluate reply (valid and test summaries, ``num-examples``, ``shard``)."""
+    out: dict[str, Any] = {"shard": int(client)}
     n = 0
     for stage in ("valid", "test"):
         summary = alg.client_evaluate(global_params, state, shard, stage=stage)
         n += int(summary["n"])
         out.update({f"{stage}.{k}": v for k, v in summary.items()})
     out["num-examples"] = n
-    return RecordDict({"metrics": MetricRecord(out)})
+    return out
 
 
 # -- server side -------------------------------------------------------------------------
@@ -284,7 +371,23 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     errors = [r.error for r in replies if r.has_error()]
     if errors:
         raise FedrecError(f"{len(errors)} client(s) failed: {errors[0].reason}")
-    return sorted(replies, key=lambda r: int(r.content["metrics"]["shard"]))
+    # a fixed order (client id, then node id), so the sums run in the same order every time
+    return sorted(replies, key=lambda r: (int(r.content["metrics"]["shard"]), int(r.metadata.src_node_id)))
+
+
+def query_nodes(grid, node_ids: Iterable[int], *, kind: str, timeout: float | None = None,
+                **config: Any) -> dict[int, dict[str, Any]]:
+    """Send a ``query`` of ``kind`` (``info``, ``save-model``) to ``node_ids``; the info
+    each node replied with, by node id (nodes that fail are left out)."""
+    messages = [Message(RecordDict({"config": ConfigRecord({"kind": kind, **config})}), dst_node_id=int(n),
+                        message_type="query") for n in node_ids]
+    if not messages:
+        return {}
+    out = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if not reply.has_error() and "info" in reply.content.config_records:
+            out[int(reply.metadata.src_node_id)] = dict(reply.content["info"])
+    return out
 
 
 def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Upload]:

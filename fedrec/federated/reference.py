@@ -29,8 +29,8 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     """Same contract as :meth:`Algorithm.client_update`, computed one user at a time."""
     cfg, layout = alg.config, alg.layout
     share = alg.group_share(group_counts if group_counts is not None else alg.initial_group_counts())
-    mask = participants(alg.split.n_users, seed=cfg.seed, round=round, fraction=cfg.fraction)
-    examples = shard.train.subset(shard.users[mask[shard.users]])
+    mask = participants(alg.split.user_raw[shard.users], seed=cfg.seed, round=round, fraction=cfg.fraction)
+    examples = shard.train.subset(shard.users[mask])
     sums = {n: torch.zeros_like(global_params[n]) for n in layout.global_names}
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0

@@ -1,10 +1,12 @@
 """Run the project's Flower ServerApp and ClientApp in this process, without Ray or a SuperLink.
 
 The apps are found the way ``flwr run`` finds them — from ``[tool.flwr.app.components]`` of
-the app directory's ``pyproject.toml`` — and driven through an in-process ``Grid``: each
-simulated SuperNode is a :class:`flwr.app.Context` (its ``node_config`` carries
-``partition-id`` / ``num-partitions``, its ``state`` persists across rounds), and a message
-is delivered by calling the ClientApp directly. Same code, same messages, same result as
+the app directory's ``pyproject.toml`` (:func:`find_app_dir`: the nearest one from the
+working directory up, else the app installed with fedrec, so no checkout is needed) — and
+driven through an in-process ``Grid``: each simulated SuperNode is a
+:class:`flwr.app.Context` (its ``node_config`` carries ``partition-id`` / ``num-partitions``,
+its ``state`` persists across rounds), and a message is delivered by calling the ClientApp
+directly. Same code, same messages, same result as
 ``flwr run .`` on the simulation engine; seconds instead of minutes for small runs.
 """
 
@@ -26,39 +28,113 @@ from fedrec.config import load_toml
 from fedrec.errors import ConfigError
 from fedrec.federated.spec import RunSpec
 
-__all__ = ["InProcessGrid", "load_components", "run_in_process", "find_app_dir"]
+__all__ = ["InProcessGrid", "load_components", "run_in_process", "find_app_dir", "installed_app_dir"]
 
 _SERVER_NODE = 0
 
 
+def _declares_components(directory: Path) -> bool:
+    p = directory / "pyproject.toml"
+    return p.is_file() and "components" in load_toml(p).get("tool", {}).get("flwr", {}).get("app", {})
+
+
+def installed_app_dir() -> Path:
+    """The Flower app installed with the ``fedrec`` package: ``fedrec/flower-app`` in a wheel
+    install (clients/, server/ and pyproject.toml bundled by the build), or the source tree
+    ``fedrec`` was imported from in an editable install (``pip install -e .``)."""
+    import fedrec
+
+    package = Path(fedrec.__file__).resolve().parent
+    candidates = (package / "flower-app", package.parent)
+    for d in candidates:
+        if _declares_components(d):
+            return d
+    raise ConfigError(f"no Flower app installed with fedrec (looked in {', '.join(str(d) for d in candidates)}); "
+                      "reinstall fedrec, or pass --app DIR")
+
+
 def find_app_dir(start: str | Path = ".") -> Path:
-    """The nearest directory (``start`` or a parent) whose pyproject.toml declares Flower
-    components."""
+    """The Flower app to run: the nearest directory (``start`` or a parent) whose
+    pyproject.toml declares Flower components, else the app installed with fedrec
+    (:func:`installed_app_dir`). An explicit ``--app DIR`` goes before both."""
     here = Path(start).resolve()
     for d in [here, *here.parents]:
-        p = d / "pyproject.toml"
-        if p.exists() and "components" in load_toml(p).get("tool", {}).get("flwr", {}).get("app", {}):
+        if _declares_components(d):
             return d
-    raise ConfigError(f"no pyproject.toml with [tool.flwr.app.components] in {here} or its parents "
-                      "(run from the fedrec project, or pass --app DIR)")
+    try:
+        return installed_app_dir()
+    except ConfigError as exc:
+        raise ConfigError(f"no pyproject.toml with [tool.flwr.app.components] in {here} or its parents, "
+                          f"and {exc}") from None
+
+
+def _inside(path: str | None, directory: Path) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(directory)
+
+
+def _module_paths(module: Any) -> list[str]:
+    paths = list(getattr(module, "__path__", None) or [])
+    return paths or [p for p in [getattr(module, "__file__", None)] if p]
+
+
+def _import_from(top: str, app_dir: Path, where: Path) -> None:
+    """Make ``sys.modules[top]`` the top-level module ``top`` of ``app_dir``, whatever else
+    is importable under that name (an earlier sys.path entry, a meta-path finder); refuse
+    when a *different* ``top`` is already imported (its submodules would silently be used)."""
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
+
+    spec = PathFinder.find_spec(top, [str(app_dir)])
+    if spec is None:
+        raise ConfigError(f"{where}: no module {top!r} in {app_dir}")
+    loaded = sys.modules.get(top)
+    if loaded is not None:
+        paths = _module_paths(loaded)
+        if not any(_inside(p, app_dir) for p in paths):
+            raise ConfigError(f"{where}: a different module {top!r} is already imported in this process "
+                              f"(from {', '.join(paths) or 'an unknown location'}), so the app in {app_dir} "
+                              f"cannot be loaded; run it in a fresh process, or rename the other {top!r}")
+        return
+    module = module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
 
 
 def load_components(app_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """``(server_app, client_app, default_run_config)`` from ``app_dir/pyproject.toml``."""
+    """``(server_app, client_app, default_run_config)`` from ``app_dir/pyproject.toml``.
+
+    The component modules (``server.app``, ``clients.app``) are imported from ``app_dir``
+    itself: a same-named package elsewhere on sys.path cannot shadow them, and one already
+    imported from elsewhere is a :class:`ConfigError` naming both places."""
     app_dir = Path(app_dir).resolve()
-    cfg = load_toml(app_dir / "pyproject.toml").get("tool", {}).get("flwr", {}).get("app", {})
+    where = app_dir / "pyproject.toml"
+    if not where.is_file():
+        raise ConfigError(f"{app_dir}: not a Flower app directory (no pyproject.toml)")
+    cfg = load_toml(where).get("tool", {}).get("flwr", {}).get("app", {})
     comps = cfg.get("components", {})
     if "serverapp" not in comps or "clientapp" not in comps:
-        raise ConfigError(f"{app_dir / 'pyproject.toml'}: [tool.flwr.app.components] needs serverapp and clientapp")
+        raise ConfigError(f"{where}: [tool.flwr.app.components] needs serverapp and clientapp")
     if str(app_dir) not in sys.path:
         sys.path.insert(0, str(app_dir))
 
     def load(ref: str):
         module, _, attr = ref.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{app_dir / 'pyproject.toml'}: cannot load component {ref!r} ({exc})") from None
+            _import_from(module.split(".")[0], app_dir, where)
+            loaded = importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"{where}: cannot load component {ref!r} ({exc})") from None
+        if not _inside(getattr(loaded, "__file__", None), app_dir):
+            raise ConfigError(f"{where}: component module {module!r} was imported from "
+                              f"{getattr(loaded, '__file__', None)}, not from {app_dir}")
+        try:
+            return getattr(loaded, attr)
+        except AttributeError as exc:
+            raise ConfigError(f"{where}: cannot load component {ref!r} ({exc})") from None
 
     return load(comps["serverapp"]), load(comps["clientapp"]), dict(cfg.get("config", {}))
 

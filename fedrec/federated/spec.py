@@ -4,7 +4,8 @@ TOML file, or ``--set key=value`` — turned into typed objects in exactly one p
 
 Keys
 ----
-``data`` (``synthetic:``), ``task`` (``ctr``), ``algorithm`` (``mrff``), ``model`` (the
+``data`` (``synthetic:``), ``federation`` (a folder of ``fedrec data partition``: each node
+reads only its own client file; instead of ``data``), ``task`` (``ctr``), ``algorithm`` (``mrff``), ``model`` (the
 algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
 ``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
 (write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
@@ -12,13 +13,19 @@ algorithm's default), ``shards`` (clients; in a Flower simulation the number of 
 ``central-target-epsilon``, ``central-clipping-norm`` and ``central-delta`` (client-level DP
 with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`),
 ``secure-aggregation`` with ``secagg-clipping-range`` (SecAgg+,
-``server/secagg.py``), every :class:`~fedrec.federated.config.FederatedConfig` key,
+``server/secagg.py``), ``model-dir`` (save the model of the best validation round: the
+global parameters on the server's machine, each client's private state on its own),
+``min-nodes`` (a round goes on when at least this many nodes reply; 0: all ``shards``) and
+``round-timeout`` (seconds a round waits for replies; 0: Flower's default), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
-A SuperNode's ``--node-config`` may set ``data`` (overrides the run config: the data path is
-the node's), ``shard`` and ``shards`` (which users it holds); in a simulation Flower sets
-``partition-id`` / ``num-partitions``, used when ``shard`` / ``shards`` are absent.
+A SuperNode's ``--node-config`` names its own data: ``data`` + ``catalogue`` (its own file and
+the shared catalogue), or ``federation`` + ``shard`` (its client of a federation folder), or
+``data`` + ``shard``/``shards`` (its part of a whole dataset); ``shard`` is also its client id
+(checkpoint and model file names). In a simulation Flower sets ``partition-id`` /
+``num-partitions``, used when ``shard`` / ``shards`` are absent. See
+:mod:`fedrec.federated.nodedata`.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from fedrec.config import build_config
 from fedrec.errors import ConfigError
 from fedrec.federated.config import FederatedConfig
 
-__all__ = ["RunSpec", "parse_run_config", "shard_of_node"]
+__all__ = ["RunSpec", "parse_run_config"]
 
 _PARTITIONS = ("iid", "dirichlet")
 
@@ -42,6 +49,7 @@ class RunSpec:
     """One federated run (see the module docstring)."""
 
     data: str = "synthetic:"
+    federation: str = ""
     task: str = "ctr"
     algorithm: str = "mrff"
     model: str = ""
@@ -60,6 +68,9 @@ class RunSpec:
     central_delta: float = 1e-5
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
+    model_dir: str = ""
+    min_nodes: int = 0
+    round_timeout: float = 0.0
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +81,12 @@ class RunSpec:
             raise ConfigError(f"run config 'partition' must be one of {', '.join(_PARTITIONS)} (got {self.partition!r})")
         if self.shards < 0:
             raise ConfigError(f"run config 'shards' must be >= 0 (got {self.shards})")
+        if self.min_nodes < 0:
+            raise ConfigError(f"run config 'min-nodes' must be >= 0 (got {self.min_nodes})")
+        if self.shards and self.min_nodes > self.shards:
+            raise ConfigError(f"run config 'min-nodes' ({self.min_nodes}) cannot exceed 'shards' ({self.shards})")
+        if not self.round_timeout >= 0:
+            raise ConfigError(f"run config 'round-timeout' must be >= 0 seconds (got {self.round_timeout})")
         if self.checkpoint_every < 0:
             raise ConfigError(f"run config 'checkpoint-every' must be >= 0 (got {self.checkpoint_every})")
         if self.central_dp:
@@ -96,7 +113,7 @@ class RunSpec:
         """A stable string identifying what a client builds from this spec (data, model,
         algorithm, partition) — for caches."""
         d = dataclasses.asdict(self)
-        for k in ("out", "checkpoint_dir", "checkpoint_every", "resume"):
+        for k in ("out", "checkpoint_dir", "checkpoint_every", "resume", "model_dir", "min_nodes", "round_timeout"):
             d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)
 
@@ -161,16 +178,3 @@ def _parse_pairs(text: str) -> dict[str, str]:
             raise ConfigError(f"run config 'model-options': expected KEY=VALUE items, got {item!r}")
         out[key.strip()] = value.strip()
     return out
-
-
-def shard_of_node(node_config: Mapping[str, Any], spec: RunSpec) -> tuple[int, int]:
-    """``(shard, shards)`` of a node: ``shard``/``shards`` from its node config, else
-    Flower's ``partition-id``/``num-partitions``, else the run config's ``shards``."""
-    shard = node_config.get("shard", node_config.get("partition-id"))
-    shards = node_config.get("shards", node_config.get("num-partitions", spec.shards or None))
-    if shard is None or shards is None:
-        raise ConfigError("node config needs 'shard' and 'shards' (e.g. --node-config \"shard=0 shards=2\")")
-    shard, shards = int(shard), int(shards)
-    if not 0 <= shard < shards:
-        raise ConfigError(f"node config: shard {shard} is not in 0..{shards - 1}")
-    return shard, shards

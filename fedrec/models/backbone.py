@@ -361,6 +361,40 @@ class SequenceModel(RecModel):
         """Click probability at the last position (the held-out impression)."""
         return torch.sigmoid(self.forward(batch)["logits"][:, -1])
 
+    def predict_ctr_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor, *,
+                               chunk_elements: int = 1 << 24) -> torch.Tensor:
+        """``(B, C)`` click probabilities of candidate items as the impression that follows
+        the last position (CTR task): for each candidate, what :meth:`predict_ctr` gives with
+        that item as the held-out target, computed the same way (the CTR head on ``[h_t ;
+        item ; e_u]``).
+
+        ``candidates`` is ``(C,)`` (the same items for every row, e.g. the whole catalogue)
+        or ``(B, C)``. The history is encoded once; the head runs on chunks of candidates
+        whose input holds at most ``chunk_elements`` values, which bounds memory for large
+        catalogues.
+        """
+        if self.cfg.task != "ctr":
+            raise ConfigError(f"click probabilities need a model built for the ctr task (this one: {self.cfg.task})")
+        if "item_maps" in batch:
+            raise ValueError("compact item tables (batch['item_maps']) serve training only, not scoring")
+        out = self.encode(batch)
+        h = out["h"][:, -1]  # (B, dim)
+        user = out["user_repr"]  # (B, w)
+        B, C = h.shape[0], candidates.shape[-1]
+        shared = candidates.dim() == 1
+        width = 2 * self.cfg.dim + user.shape[1]
+        step = max(1, chunk_elements // max(1, B * width))
+        parts = []
+        for start in range(0, C, step):
+            cand = candidates[..., start : start + step]  # (c,) or (B, c)
+            c = cand.shape[-1]
+            target = self.items(cand)  # (c, dim) or (B, c, dim)
+            if shared:
+                target = target.unsqueeze(0).expand(B, -1, -1)
+            x = torch.cat([h.unsqueeze(1).expand(-1, c, -1), target, user.unsqueeze(1).expand(-1, c, -1)], dim=-1)
+            parts.append(torch.sigmoid(self.ctr_head(x).squeeze(-1)))  # (B, c)
+        return torch.cat(parts, dim=1) if parts else h.new_zeros(B, 0)
+
     def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` scores of candidate items at the last position."""
         h = self.encode(batch)["h"][:, -1]

@@ -80,6 +80,8 @@ class ModelData:
 
         uf, uc = table(split.user_features)
         itf, ic = table(split.item_features)
+        if split.user_cardinalities is not None:  # a node's split: the catalogue's schema
+            uc = tuple(split.user_cardinalities)
         return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic)
 
 
@@ -105,6 +107,13 @@ class RecModel(nn.Module):
         raise NotImplementedError
 
     def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict_ctr_candidates(self, batch: dict[str, torch.Tensor],
+                               candidates: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``(B, C)`` click probabilities of ``candidates`` (``(C,)`` shared by every row, or
+        ``(B, C)``) as the impression that follows the batch's last position: for each
+        candidate what :meth:`predict_ctr` gives with it as the held-out target (CTR task)."""
         raise NotImplementedError
 
     def item_tables(self) -> dict[str, tuple[str, torch.Tensor | None]] | None:

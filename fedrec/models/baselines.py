@@ -68,3 +68,10 @@ class CountingBaseline(RecModel):
     def predict_ctr(self, batch):
         """Smoothed click rate of the held-out impression's key."""
         return torch.sigmoid(self.forward(batch)["logits"][:, -1])
+
+    def predict_ctr_candidates(self, batch, candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` smoothed click rates of ``candidates`` (``(C,)`` or ``(B, C)``) as the
+        next impression: :meth:`predict_ctr` with each candidate as the held-out target."""
+        users = batch["user"]
+        targets = candidates.expand(users.shape[0], -1) if candidates.dim() == 1 else candidates
+        return torch.sigmoid(self.forward({"user": users, "target_items": targets})["logits"])

@@ -110,15 +110,24 @@ def test_partial_participation_trains_only_the_drawn_users(split):
     cfg = FederatedConfig(fraction=0.4, seed=5)
     alg = create_algorithm("mrff", split, task="ctr", config=cfg)
     users = np.arange(1, split.n_users + 1)
-    drawn = participants(split.n_users, seed=5, round=1, fraction=0.4)
-    assert np.array_equal(drawn, participants(split.n_users, seed=5, round=1, fraction=0.4))
-    assert 0 < drawn.sum() < split.n_users and not drawn[0]
+    raw = split.user_raw[users]
+    drawn = participants(raw, seed=5, round=1, fraction=0.4)
+    assert np.array_equal(drawn, participants(raw, seed=5, round=1, fraction=0.4))
+    assert 0 < drawn.sum() < split.n_users
+    # a user's draw depends on its raw id alone: the same whichever users come with it
+    assert np.array_equal(participants(raw[::-1], seed=5, round=1, fraction=0.4), drawn[::-1])
+    assert not np.array_equal(participants(raw, seed=5, round=2, fraction=0.4), drawn)
     state = alg.initial_local(users)
     before = state.tensors["ffns.0.user_ffn.inner.weight"].clone()
     up, state, _ = alg.client_update(alg.initial_global(), state, alg.make_shard(users), round=1)
     changed = (state.tensors["ffns.0.user_ffn.inner.weight"] != before).any(1).numpy()
-    assert np.array_equal(changed, drawn[1:])
+    assert np.array_equal(changed, drawn)
     assert up.users == drawn.sum()
+
+
+def test_participation_rate_is_the_fraction():
+    drawn = participants(np.arange(100_000), seed=0, round=3, fraction=0.3)
+    assert abs(drawn.mean() - 0.3) < 0.01
 
 
 def test_aggregation_by_role_hand_computed():
@@ -274,7 +283,8 @@ def test_compact_item_tables_equal_full_per_user_copies(task, algorithm, model, 
 def test_compact_item_tables_under_dp_clip_the_same_norms(split):
     """User-level DP on compact copies: the same per-user norms and the same noisy upload
     (seeded noise) as with full copies."""
-    cfg = FederatedConfig(noise_multiplier=1.0, max_grad_norm=0.5, lr=0.1, dp_noise_seed=3, chunk_size=6)
+    cfg = FederatedConfig(noise_multiplier=1.0, max_grad_norm=0.5, lr=0.1, dp_noise_seed=3, chunk_size=6,
+                              population=split.n_users)
     users = np.arange(1, split.n_users + 1)
     norms, uploads = [], []
     for compact in (True, False):

@@ -56,7 +56,7 @@ def test_every_users_clipped_contribution_is_within_max_grad_norm(split, monkeyp
     its pseudo-gradient norm (over public params and the chosen groups) is <= C, and users
     whose raw norm was larger are clipped to C (so the check can fail)."""
     C, lr = 0.5, 0.1
-    cfg = FederatedConfig(noise_multiplier=1.0, max_grad_norm=C, lr=lr)
+    cfg = FederatedConfig(noise_multiplier=1.0, max_grad_norm=C, lr=lr, population=split.n_users)
     alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
     raw = []
     original = alg.privacy.clip_
@@ -90,7 +90,7 @@ def test_every_users_clipped_contribution_is_within_max_grad_norm(split, monkeyp
 
 def test_noise_has_the_configured_standard_deviation(split, monkeypatch):
     """The upload with noise minus the same upload without: N(0, (lr * sigma * C)^2)."""
-    cfg = FederatedConfig(noise_multiplier=1.7, max_grad_norm=0.3, lr=0.05, dp_noise_seed=5)
+    cfg = FederatedConfig(noise_multiplier=1.7, max_grad_norm=0.3, lr=0.05, dp_noise_seed=5, population=split.n_users)
     alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
     users = np.arange(1, split.n_users + 1)
     _, noisy, _, _ = _one_round(alg, users)
@@ -114,7 +114,7 @@ def test_noise_is_secret_unless_seeded():
 
 def test_epsilon_after_r_rounds_matches_opacus_and_persists_in_client_state(split):
     sigma, rounds = 1.3, 4
-    cfg = FederatedConfig(noise_multiplier=sigma, max_grad_norm=1.0)
+    cfg = FederatedConfig(noise_multiplier=sigma, max_grad_norm=1.0, population=split.n_users)
     alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=cfg)
     users = np.arange(1, split.n_users + 1)
     shard = alg.make_shard(users)
@@ -159,12 +159,21 @@ def test_dp_switched_off_gives_exactly_the_non_dp_result():
     assert off["history"] == plain["history"] and "privacy" not in off and "epsilon" not in off["test"]
 
 
+def test_dp_delta_default_needs_the_population(split):
+    """A node cannot count the federation's users: without 'population' or 'delta', DP stops."""
+    with pytest.raises(ConfigError, match="'delta' defaults to 1 / 'population'"):
+        create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=FederatedConfig(noise_multiplier=1.0))
+    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL,
+                           config=FederatedConfig(noise_multiplier=1.0, population=1000))
+    assert alg.privacy.delta == pytest.approx(1e-3)
+
+
 def test_dp_without_binding_clip_or_noise_is_the_non_dp_update(split):
     """With a clipping norm no user reaches and negligible noise, the DP path is the plain one."""
     base = {"lr": 0.1}
     plain = create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=FederatedConfig(**base))
     dp = create_algorithm("mrff", split, task="ctr", model_options=SMALL,
-                          config=FederatedConfig(**base, noise_multiplier=1e-15, max_grad_norm=1e6, dp_noise_seed=0))
+                          config=FederatedConfig(**base, noise_multiplier=1e-15, max_grad_norm=1e6, dp_noise_seed=0, delta=1e-3))
     users = np.arange(1, split.n_users + 1)
     _, a, sa, _ = _one_round(plain, users)
     _, b, sb, _ = _one_round(dp, users)

@@ -11,7 +11,8 @@ import pytest
 
 from fedrec.errors import ConfigError
 from fedrec.federated.runner import find_app_dir, run_in_process
-from fedrec.federated.spec import parse_run_config, shard_of_node
+from fedrec.federated.nodedata import node_data
+from fedrec.federated.spec import parse_run_config
 
 TINY = {"data": "synthetic:users=24,items=40,seed=2", "rounds": 2, "shards": 2, "model.dim": 16,
         "model.max-len": 20}
@@ -56,9 +57,9 @@ def test_run_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="'rounds' must be >= 1"):
         parse_run_config({"rounds": 0})
     with pytest.raises(ConfigError, match="shard 2 is not in 0..1"):
-        shard_of_node({"shard": 2, "shards": 2}, parse_run_config({}))
+        node_data(parse_run_config({}), {"shard": 2, "shards": 2})
     with pytest.raises(ConfigError, match="needs 'shard' and 'shards'"):
-        shard_of_node({}, parse_run_config({}))
+        node_data(parse_run_config({}), {})
 
 
 def test_spec_round_trips_through_flat_keys():
@@ -86,13 +87,14 @@ def test_cli_simulate_json_and_errors(tmp_path):
 
 
 def test_dirichlet_partition_gives_every_user_one_shard():
-    from fedrec.federated.node import _algorithm, shard_users
-
     spec = parse_run_config({**TINY, "partition": "dirichlet", "partition-alpha": 0.3, "shards": 3})
-    alg = _algorithm(spec)
-    parts = [shard_users(alg, spec, i, 3) for i in range(3)]
-    together = np.sort(np.concatenate(parts))
-    assert np.array_equal(together, np.arange(1, 25))
+    nodes = [node_data(spec, {"shard": i, "shards": 3}) for i in range(3)]
+    raw = [n.split.user_raw[1:] for n in nodes]
+    together = np.sort(np.concatenate(raw))
+    assert len(together) == 24 and len(np.unique(together)) == 24
+    # users are local to each node; items come from the one shared catalogue
+    assert all(n.split.n_users == len(r) for n, r in zip(nodes, raw))
+    assert len({n.catalogue.fingerprint() for n in nodes}) == 1
     result = run_in_process(spec)
     assert result["valid"]["n"] == 24
 

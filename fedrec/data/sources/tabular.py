@@ -10,6 +10,14 @@ CSV options: ``sep`` (default ``,``; ``tab`` for a tab), ``header`` (default tru
 Ids must be integers unless ``ids=factorize``, which codes string ids (e.g. Amazon
 reviewer ids and ASINs) as integers in order of first appearance. ``label_from_rating=X``
 derives the label as ``rating >= X`` when the file has ratings but no label.
+
+Without a mapping, a file whose columns carry the canonical names (``user``, ``item`` and
+any of ``time``, ``label``, ``rating``, ``domain``, ``split``: the client files of
+``fedrec data partition``) is read as it is, e.g. ``parquet:client-0.parquet``.
+
+``user_features=FILE`` (``.parquet`` or ``.csv``; a relative path is taken from the data
+file's folder) adds a user feature table: a ``user`` column of raw ids and one column of
+integer codes per field (``0`` = missing; codes are used as they are).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ _FIELDS = ("user", "item", "time", "label", "rating", "domain", "split")
 
 def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     mapping = {f: options.str(f) for f in _FIELDS}
+    user_features = options.str("user_features")
     ids = options.choice("ids", ("int", "factorize"), "int")
     threshold = options.float("label_from_rating")
     if parquet:
@@ -37,9 +46,11 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
         sep = {"tab": "\t", "\\t": "\t", "space": " "}.get(sep, sep)
         header = options.bool("header", True)
     options.finish()
-    for field in ("user", "item"):
-        if mapping[field] is None:
-            raise SpecError(f"{spec.text}: the column mapping needs '{field}=COLUMN' (e.g. ?user=uid&item=iid)")
+    canonical = all(v is None for v in mapping.values())
+    if not canonical:
+        for field in ("user", "item"):
+            if mapping[field] is None:
+                raise SpecError(f"{spec.text}: the column mapping needs '{field}=COLUMN' (e.g. ?user=uid&item=iid)")
     if threshold is not None and mapping["label"] is not None:
         raise SpecError(f"{spec.text}: give either 'label' or 'label_from_rating', not both")
     if threshold is not None and mapping["rating"] is None:
@@ -48,6 +59,11 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     frame, lines = read_table(path, sep=sep, header=header, parquet=parquet, dtype=None if parquet else str)
     if not header:
         frame.columns = [str(i) for i in range(frame.shape[1])]
+    if canonical:
+        if not {"user", "item"} <= set(map(str, frame.columns)):
+            raise SpecError(f"{spec.text}: the column mapping needs 'user=COLUMN' and 'item=COLUMN' (e.g. "
+                            f"?user=uid&item=iid), unless the file has columns named user and item")
+        mapping = {f: (f if f in frame.columns else None) for f in _FIELDS}
     used = {f: c for f, c in mapping.items() if c is not None}
     for field, column in used.items():
         if column not in frame.columns:
@@ -90,7 +106,39 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
         if field in used:
             table[field] = frame[used[field]].astype(str).str.strip().to_numpy()
     fmt = "parquet" if parquet else "csv"
-    return Dataset(spec.text, Interactions.from_frame(table, source=str(path)), meta={"format": fmt, "columns": used})
+    users = _user_features(user_features, path) if user_features else None
+    return Dataset(spec.text, Interactions.from_frame(table, source=str(path)), user_features=users,
+                   meta={"format": fmt, "columns": used})
+
+
+def _user_features(name: str, data_path) -> pd.DataFrame:
+    """A user feature table (``user`` + integer code columns), indexed by raw user id."""
+    from pathlib import Path
+
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(data_path).parent / path
+    path = resolve_file(path)
+    parquet = path.suffix == ".parquet"
+    frame, lines = read_table(path, sep=",", header=True, parquet=parquet, dtype=None if parquet else str)
+    if "user" not in frame.columns:
+        raise DataError(f"no 'user' column (the file has: {', '.join(map(str, frame.columns))})", file=path,
+                        column="user")
+    missing_cells(frame, "user", lines, path)
+    out = pd.DataFrame(index=pd.Index(int_column(frame, "user", lines, path), name="user"))
+    if out.index.has_duplicates:
+        dup = out.index[out.index.duplicated()][0]
+        raise DataError("user appears more than once", file=path, column="user", value=int(dup))
+    for col in frame.columns:
+        if col == "user":
+            continue
+        codes = int_column(frame[[col]].fillna(0), col, lines, path)  # an empty cell: code 0 (missing)
+        if (codes < 0).any():
+            i = int(np.flatnonzero(codes < 0)[0])
+            raise DataError("feature codes must be >= 0", file=path, row=int(lines[i]), column=str(col),
+                            value=int(codes[i]))
+        out[str(col)] = codes
+    return out
 
 
 @SOURCES.register("csv")
