@@ -352,6 +352,82 @@ def compare_command(
     typer.echo(f"wrote {out / (cfg['stem'] + '.json')}, .md, .csv and {cfg['stem']}_curves.png")
 
 
+@app.command("recommend")
+def recommend_command(
+    saved: Path = typer.Argument(..., metavar="FILE|DIR", help="A `fedrec train` --checkpoint file or --resume state, or the model-dir of a federated run."),
+    out: Path = typer.Option(..., "--out", help="Where to write the table user, rank, item, score (raw ids): .csv, .parquet or .jsonl."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec of a centralised model's run (the same split)."),
+    k: int = typer.Option(10, "--k", help="Items per user."),
+    exclude_seen: bool = typer.Option(True, "--exclude-seen/--include-seen", help="Leave out the items each user interacted with (train, valid and test)."),
+    users: Optional[Path] = typer.Option(None, "--users", help="Only these users: a file of raw user ids, one a line (default: all users)."),
+    clients: Optional[list[Path]] = typer.Option(None, "--client", help="Federated model: a client's model file client-K.pt (repeatable; default: every client-*.pt in DIR)."),
+    node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config (repeatable)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Users scored together."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table a centralised run used."),
+) -> None:
+    """Top-k items per user from a saved model (centralised, or a federated client's view:
+    global + its private parameters, for its own users), written as CSV, Parquet or JSON lines."""
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from fedrec.recommend import raw_user_ids, recommend, users_from_file, write_recommendations
+
+    progress = sys.stderr.isatty()
+    start = time.perf_counter()
+    try:
+        if out.suffix.lower() not in (".csv", ".parquet", ".jsonl"):
+            raise FedrecError(f"{out}: unknown output format {out.suffix!r} (accepted suffixes: .csv, .parquet, .jsonl)")
+        frames = []
+        if saved.is_dir():
+            from fedrec.config import parse_assignments
+            from fedrec.federated.model import load_federated_model
+
+            if data or config:
+                raise FedrecError("a federated model reads each client's own data: --data/--config do not apply "
+                                  "(use --node-config)")
+            _, models = load_federated_model(saved, clients=list(clients) if clients else None,
+                                             node_config=parse_assignments(node_config) if node_config else None)
+            served = []
+            for m in models:
+                chosen = users_from_file(users, m.split, unknown="skip") if users else None
+                if chosen is not None:
+                    served.append(m.split.user_raw[chosen])
+                    if len(chosen) == 0:
+                        continue
+                frames.append(recommend(m.split, m.scorer(), users=chosen, k=k, exclude_seen=exclude_seen,
+                                        batch_size=batch_size, progress=progress))
+            if users:
+                raw, lines = raw_user_ids(users)
+                missing = ~np.isin(raw, np.concatenate(served) if served else np.zeros(0, np.int64))
+                if missing.any():
+                    i = int(np.flatnonzero(missing)[0])
+                    raise FedrecError(f"{users}, line {lines[i]}: user {raw[i]} is in none of the clients' data")
+        else:
+            from fedrec.config import build_config, load_toml
+            from fedrec.data import load_dataset
+            from fedrec.data.split import SplitConfig, split_dataset
+            from fedrec.recommend import centralised_scorer, load_centralised
+
+            if clients or node_config:
+                raise FedrecError("--client/--node-config apply to a federated model folder only")
+            if not data:
+                raise FedrecError("--data is needed for a centralised model (the data it was trained on)")
+            file_cfg = load_toml(config) if config else {}
+            split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
+            model, task, max_len, _ = load_centralised(saved, split)
+            chosen = users_from_file(users, split) if users else None
+            frames.append(recommend(split, centralised_scorer(model, split, task, max_len), users=chosen, k=k,
+                                    exclude_seen=exclude_seen, batch_size=batch_size, progress=progress))
+        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "rank", "item", "score"])
+        write_recommendations(frame, out)
+    except FedrecError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}: {frame['user'].nunique():,} users x up to {k} items ({len(frame):,} rows) "
+               f"in {time.perf_counter() - start:.1f} s")
+
+
 inspect_app = typer.Typer(help="Look inside trained models.", no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect")
 

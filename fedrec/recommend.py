@@ -49,6 +49,7 @@ __all__ = [
     "ScoreFn",
     "recommend",
     "users_from_file",
+    "raw_user_ids",
     "serving_history",
     "serving_batch",
     "centralised_scorer",
@@ -199,17 +200,12 @@ def recommend(
     return pd.concat(frames, ignore_index=True)
 
 
-def users_from_file(path: str | Path, split: SplitData) -> np.ndarray:
-    """User indices of the raw user ids in ``path``, one id a line, in file order.
-
-    Blank lines are skipped, a first line ``user`` is a header, a repeated id is kept once
-    (its first line). A line that is not an integer, or an id the data does not have, is a
-    one-line :class:`~fedrec.errors.DataError` naming the file, line and value; a file with
-    no id at all is one too. ``.gz`` files are read transparently.
-    """
+def raw_user_ids(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(raw ids, line numbers)`` of a file of raw user ids, one a line (see
+    :func:`users_from_file` for the format); a non-integer line is a one-line error."""
     file = resolve_file(path)
-    raw_ids = split.user_raw[1:]  # sorted ascending (ids are remapped in raw-id order)
-    found: list[int] = []
+    ids: list[int] = []
+    lines: list[int] = []
     first = True
     for number, line in iter_lines(file):
         if first and line.lower() == "user":
@@ -218,14 +214,31 @@ def users_from_file(path: str | Path, split: SplitData) -> np.ndarray:
         first = False
         if not _INTEGER.fullmatch(line):
             raise DataError("not an integer user id", file=file, row=number, value=line)
-        raw = int(line)
-        pos = int(np.searchsorted(raw_ids, raw))
-        if pos >= len(raw_ids) or raw_ids[pos] != raw:
-            raise DataError("unknown user id (not in the data)", file=file, row=number, value=line)
-        found.append(pos + 1)
-    if not found:
+        ids.append(int(line))
+        lines.append(number)
+    if not ids:
         raise DataError("no user ids in this file", file=file)
-    found_arr = np.asarray(found, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+
+
+def users_from_file(path: str | Path, split: SplitData, *, unknown: str = "error") -> np.ndarray:
+    """User indices of the raw user ids in ``path``, one id a line, in file order.
+
+    Blank lines are skipped, a first line ``user`` is a header, a repeated id is kept once
+    (its first line). A line that is not an integer, or (``unknown="error"``) an id the data
+    does not have, is a one-line :class:`~fedrec.errors.DataError` naming the file, line and
+    value; ``unknown="skip"`` leaves such ids out (a federated client serves only its own
+    users). A file with no id at all is an error too. ``.gz`` files are read transparently.
+    """
+    file = resolve_file(path)
+    raw, lines = raw_user_ids(file)
+    raw_ids = split.user_raw[1:]  # sorted ascending (ids are remapped in raw-id order)
+    pos = np.minimum(np.searchsorted(raw_ids, raw), len(raw_ids) - 1)
+    known = raw_ids[pos] == raw
+    if unknown == "error" and not known.all():
+        i = int(np.flatnonzero(~known)[0])
+        raise DataError("unknown user id (not in the data)", file=file, row=int(lines[i]), value=str(raw[i]))
+    found_arr = (pos + 1)[known].astype(np.int64)
     _, first_line = np.unique(found_arr, return_index=True)
     return found_arr[np.sort(first_line)]
 

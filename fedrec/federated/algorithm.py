@@ -574,6 +574,35 @@ class Algorithm:
         targets = batch["target_items"][:, -1].numpy()
         return {"ranks": full_ranking_ranks(scores.reshape(len(users), -1), targets, exclude=(indptr, indices))}
 
+    @torch.no_grad()
+    def score_items(self, global_params: Params, state: LocalState, users: np.ndarray) -> torch.Tensor:
+        """``(len(users), n_items + 1)`` scores of every item (column 0 = padding) as what
+        follows each user's whole history (:func:`fedrec.recommend.serving_batch`), each user
+        with its own model (global + its private parameters): next item, the model's item
+        scores; CTR, the click probability of each item as the next impression."""
+        from fedrec.recommend import serving_batch
+
+        users = np.asarray(users, dtype=np.int64)
+        template = self.template
+        template.eval()
+        mode = "ctr-all" if self.task == "ctr" else "all"
+        if len(users) == 0:
+            return torch.zeros(0, self.split.n_items + 1)
+        batch = serving_batch(self.split, users, self.max_len, task=self.task)
+
+        def fn(params, shared, example):
+            b = {k: v.unsqueeze(0) for k, v in example.items()}
+            return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
+
+        vfn = vmap(fn, in_dims=(0, None, 0))
+        out = []
+        for start in range(0, len(users), self.config.chunk_size):
+            sl = slice(start, start + self.config.chunk_size)
+            cu = users[sl]
+            params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
+            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+        return torch.cat(out)
+
     def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str) -> dict[str, Any]:
         """The shard's summary for ``stage`` (``valid`` or ``test``): see
         :mod:`fedrec.federated.evaluation`."""

@@ -215,6 +215,14 @@ def run_in_process(spec: RunSpec, *, app_dir: str | Path | None = None, progress
     server's result dict (see :class:`fedrec.federated.history.RunHistory`)."""
     server_app, client_app, _ = load_components(app_dir or find_app_dir())
     shards = spec.shards or 1
+    if spec.federation:
+        from fedrec.data.federation import load_manifest
+
+        clients = len(load_manifest(spec.federation)["clients"])
+        if spec.shards and spec.shards != clients:
+            raise ConfigError(f"run config 'shards' is {spec.shards}, but the federation folder {spec.federation} "
+                              f"has {clients} clients")
+        shards = clients
     with tempfile.TemporaryDirectory(prefix="fedrec-run-") as tmp:
         out = Path(tmp) / "result.json"
         flat = {**spec.to_flat(), "shards": shards, "out": str(out)}

@@ -264,9 +264,10 @@ class SequenceModel(RecModel):
         Other ``mode`` values serve ``torch.func.functional_call``, which reparametrises
         only what runs inside ``forward``: ``loss`` returns ``(loss, outputs)``; ``ctr`` the
         click probabilities at the last position; ``candidates`` the scores of
-        ``batch["candidates"]``; ``all`` the scores of every item.
+        ``batch["candidates"]``; ``all`` the scores of every item; ``ctr-all`` the click
+        probability of every item as the next impression (:meth:`predict_ctr_candidates`).
         """
-        if "item_maps" in batch and mode in ("candidates", "all"):
+        if "item_maps" in batch and mode in ("candidates", "all", "ctr-all"):
             raise ValueError("compact item tables (batch['item_maps']) serve training only, not scoring")
         if mode == "loss":
             out = self.forward(batch)
@@ -277,6 +278,8 @@ class SequenceModel(RecModel):
             return self.score_candidates(batch, batch["candidates"])
         if mode == "all":
             return self.score_all(batch)
+        if mode == "ctr-all":
+            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1))
         if mode != "train":
             raise ValueError(f"unknown forward mode {mode!r}")
         out = self.encode(batch)
