@@ -428,6 +428,30 @@ def recommend_command(
                f"in {time.perf_counter() - start:.1f} s")
 
 
+@app.command("launch")
+def launch_command(
+    superlink: Optional[str] = typer.Argument(None, help="A SuperLink connection of $FLWR_HOME/config.toml (default: its default)."),
+    run_config: str = typer.Option("", "--run-config", help="Run config overrides, as for `flwr run --run-config` (e.g. 'rounds=10 shards=2')."),
+    federation_config: str = typer.Option("", "--federation-config", help="As for `flwr run --federation-config` (simulation runs)."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest, else the installed app)."),
+    timeout: float = typer.Option(0.0, "--timeout", help="Stop following after this many seconds (0: until the run ends)."),
+) -> None:
+    """Start a run of the fedrec app on a SuperLink, stream its log, and exit 0 only when it
+    ends finished:completed (``flwr run --stream`` exits 0 even when the run failed)."""
+    from fedrec.federated.runner import find_app_dir
+    from fedrec.launch import launch
+
+    try:
+        run_id, status = launch(app_dir or find_app_dir(), superlink, run_config=run_config,
+                                federation_config=federation_config, timeout=timeout)
+    except FedrecError as exc:
+        _fail(exc)
+    typer.echo(f"run {run_id}: {status}")
+    if status != "finished:completed":
+        typer.echo(f"fedrec: error: run {run_id} ended {status} (flwr log {run_id} --show)", err=True)
+        raise typer.Exit(1)
+
+
 inspect_app = typer.Typer(help="Look inside trained models.", no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect")
 

@@ -107,9 +107,19 @@ class RoleAwareStrategy(FedAvg):
         failed = [{"node": int(n), "client": self.node_clients.get(n, -1),
                    "reason": reasons.get(n, "no reply before the round's timeout")}
                   for n in sent if n not in replied]
-        record = {"clients": sorted(self.node_clients.get(r.metadata.src_node_id, -1) for r in good)}
+        record: dict = {"clients": sorted(self.node_clients.get(r.metadata.src_node_id, -1) for r in good)}
+        restored = [{"client": self.node_clients.get(r.metadata.src_node_id, -1),
+                     "round": int(r.content["metrics"]["restored-from"])}
+                    for r in good if "metrics" in r.content.metric_records
+                    and "restored-from" in r.content["metrics"]]
+        if restored:
+            record["restored"] = restored  # nodes that came back and took their state from a checkpoint
         if failed:
             record["failed"] = failed
+        known = {c for c in self.node_clients.values() if c >= 0}
+        absent = sorted(known - set(record["clients"]) - {f["client"] for f in failed})
+        if absent:
+            record["absent"] = absent  # known clients not connected this round (not asked)
         if len(good) < self.min_nodes:
             why = failed[0]["reason"] if failed else "no node replied"
             raise FedrecError(f"round {rnd} ({stage}): {len(good)} node(s) replied, fewer than min-nodes "

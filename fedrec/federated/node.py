@@ -149,7 +149,7 @@ def _local_state(node: _Node, context: Context, *, spec: RunSpec | None = None, 
             return alg.initial_local(shard.users)
         saved_round, saved = found
         state = LocalState.from_state_dict(saved)
-        _set_meta(context, state_round=saved_round)
+        _set_meta(context, state_round=saved_round, restored_from=saved_round)
     else:
         return alg.initial_local(shard.users)
     _check_users(node, state)
@@ -251,6 +251,10 @@ def client_train(msg: Message, context: Context) -> RecordDict:
         # Flower's central-DP wrapper clips each client's (model - global): send the means,
         # with equal weights (num-examples 1) as its noise calibration assumes
         arrays = client_means(node.alg.layout, global_params, upload)
+    meta = _meta(context)
+    if meta.get("restored-from"):  # this node restarted and took its private state from a checkpoint
+        extra["restored-from"] = meta["restored-from"]
+        _set_meta(context, restored_from=0)
     metrics = MetricRecord({**extra, "num-examples": 1 if spec.central_dp else int(upload.examples),
                             "weight": float(upload.weight), "users": int(upload.users),
                             "examples": int(upload.examples), "loss-sum": float(upload.loss_sum),
@@ -347,7 +351,9 @@ def client_evaluate(msg: Message, context: Context) -> RecordDict:
     spec = node_spec(context)
     node = node_of(context, spec)
     global_params = record_to_params(msg.content["arrays"])
-    state = _local_state(node, context)
+    config = msg.content.config_records.get("config", ConfigRecord({}))
+    # a node restarted since it last trained restores its latest checkpoint of this round or before
+    state = _local_state(node, context, spec=spec, round=int(config.get("round", 0)) + 1)
     return RecordDict({"metrics": MetricRecord(evaluation_summary(node.alg, node.shard, global_params, state,
                                                                   client=node.client))})
 

@@ -91,8 +91,8 @@ class Deployment:
         (self.cli_home / "config.toml").write_text('[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                                    + "\n".join(conn) + "\n")
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
-        home = self.root / name
+    def _start(self, name: str, args: list[str], home: Path | None = None) -> subprocess.Popen:
+        home = home or self.root / name
         home.mkdir(parents=True, exist_ok=True)
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(args, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
@@ -145,6 +145,16 @@ class Deployment:
         """A ``flwr`` CLI command against this SuperLink."""
         return subprocess.run([str(BIN / "flwr"), *args], env=flower_env(self.cli_home), capture_output=True,
                               text=True, timeout=timeout, check=False)
+
+    def flwr_background(self, *args: str) -> subprocess.Popen:
+        """A ``flwr`` CLI command started in the background (its own process group, killed
+        with the rest by :meth:`close`)."""
+        return self._start("flwr-cli", [str(BIN / "flwr"), *args], home=self.cli_home)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """Kill one process (and its process group) now, as a crash would."""
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
     def run_status(self, run_id: int | None = None, wait: float = 60) -> str:
         """The status of the latest run (or ``run_id``) once finished (``flwr ls``)."""

@@ -1,18 +1,23 @@
-"""The app on Flower's Deployment Runtime: a real SuperLink and SuperNodes on loopback, the
-data path coming from each node's ``--node-config``; then the same over TLS with SuperNode
-authentication, where an unregistered node is refused. Every process started here is killed
-by PID (its own process group)."""
+"""The app on Flower's Deployment Runtime: a real SuperLink and SuperNodes on loopback, each
+node reading only its own users' file (``--node-config``) with the shared catalogue; the same
+over TLS with SuperNode authentication, where an unregistered node is refused; and a node
+killed mid-run that rejoins. Every process started here is killed by PID (its own process
+group)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from harness import Deployment, make_tls_material  # tests/deployment/harness.py (rootdir-relative import)
+from harness import Deployment, flower_env, make_tls_material  # tests/deployment/harness.py (rootdir-relative import)
 
-from fedrec.federated.runner import find_app_dir
+from fedrec.data.federation import load_manifest, write_federation
+from fedrec.federated.model import evaluate_federated
+from fedrec.federated.runner import find_app_dir, run_in_process
 from fedrec.federated.spec import parse_run_config
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
@@ -53,27 +58,48 @@ def _wait_online(dep: Deployment, n: int, timeout: float = 120) -> None:
 
 
 @pytest.mark.realdata
-def test_superlink_and_two_supernodes_run_mrff(tmp_path, shared_data):
+def test_superlink_and_two_supernodes_with_node_local_files(tmp_path, shared_data):
+    """Each SuperNode is given only its own users' file and the shared catalogue; the run
+    equals the in-process run of the same folder, names what the nodes trained on, and
+    leaves a model that `fedrec evaluate` scores to the run's own numbers."""
+    fed = tmp_path / "fed"
+    write_federation(f"movielens:{shared_data / 'ml-100k' / 'u.data'}", fed, clients=2)
+    manifest = load_manifest(fed)
     dep = Deployment(tmp_path)
-    data = f"movielens:{shared_data / 'ml-100k' / 'u.data'}"
+    model_dir = tmp_path / "model"
+    extra = {"model-dir": str(model_dir), "model.max-len": 50, "eval-every": 1}
     try:
         dep.start_superlink()
-        for i in range(2):
-            dep.start_supernode(f"node{i}", f'data="{data}" shard={i} shards=2')
-        result = _run(dep, tmp_path / "result.json")
+        for i, entry in enumerate(manifest["clients"]):
+            own = entry["data"].replace("parquet:", f"parquet:{fed}/", 1)
+            dep.start_supernode(f"node{i}", f'data="{own}" catalogue="{fed / "catalogue.parquet"}" shard={i}')
+        result = _run(dep, tmp_path / "result.json", **extra)
+        # `flwr run --stream` exits 0 on a failed run; `fedrec launch` does not
+        failed = subprocess.run([str(Path(sys.executable).with_name("fedrec")), "launch", "loopback",
+                                 "--run-config", "rounds=0", "--timeout", "300"], env=flower_env(dep.cli_home),
+                                capture_output=True, text=True, check=False, timeout=400)
+        assert failed.returncode == 1 and "finished:failed" in failed.stderr, failed.stdout + failed.stderr
     finally:
         dep.close()
     assert not dep.leftovers()  # nothing left running
-    assert result["rounds"] == 2 and result["nodes"] == 2 and result["data"] == "synthetic:"  # run config's default
-    assert [h["round"] for h in result["history"]] == [1, 2]
-    assert all(h["train"]["users"] == 943 for h in result["history"])  # ML-100K's users, from the nodes' data
-    assert result["test"]["n"] == 943 and 0.5 < result["test"]["auc"] < 1.0
+    assert result["rounds"] == 2 and result["nodes"] == 2
+    assert result["data"].startswith("node-local: parquet:") and "client-0.parquet" in result["data"]
+    assert [n["users"] for n in result["node_data"]] == [c["users"] for c in manifest["clients"]]
+    assert all(h["train"]["users"] == 943 and h["train"]["clients"] == [0, 1] for h in result["history"])
+    local = run_in_process(parse_run_config({"rounds": 2, "model.dim": 16, **extra, "model-dir": "",
+                                             "federation": str(fed)}))
+    for a, b in zip(result["history"], local["history"], strict=True):
+        assert a["valid"] == b["valid"] and a["test"] == b["test"]
+    again = evaluate_federated(model_dir)
+    assert again["test"] == result["test"] and again["round"] == result["best_round"]
 
 
 def test_tls_with_supernode_authentication_and_secure_aggregation(tmp_path):
     """TLS + SuperNode authentication: an unregistered key and a node without TLS are
     refused; the two registered nodes train 2 rounds with SecAgg+."""
     tls = make_tls_material(tmp_path / "tls", ["sn0", "sn1", "stranger"])
+    fed = tmp_path / "fed"
+    write_federation(SYNTHETIC, fed, clients=2)
     dep = Deployment(tmp_path, tls=tls)
     try:
         dep.start_superlink()
@@ -82,8 +108,8 @@ def test_tls_with_supernode_authentication_and_secure_aggregation(tmp_path):
             assert reg.returncode == 0, reg.stdout + reg.stderr
         stranger = dep.start_supernode("stranger", f'data="{SYNTHETIC}" shard=0 shards=2', key=tls["stranger"], retries=2)
         plain = dep.start_supernode("plain", f'data="{SYNTHETIC}" shard=1 shards=2', insecure=True, retries=2)
-        for i, name in enumerate(("sn0", "sn1")):
-            dep.start_supernode(f"node{i}", f'data="{SYNTHETIC}" shard={i} shards=2', key=tls[name])
+        for i, name in enumerate(("sn0", "sn1")):  # each reads only its client file of the folder
+            dep.start_supernode(f"node{i}", f'federation="{fed}" shard={i}', key=tls[name])
         _wait_online(dep, 2)
         # and the uploads summed under SecAgg+ between real processes
         result = _run(dep, tmp_path / "result.json", **{"secure-aggregation": True})
@@ -97,5 +123,68 @@ def test_tls_with_supernode_authentication_and_secure_aggregation(tmp_path):
     assert stranger.returncode != 0 and plain.returncode != 0
     assert "Exit Code: 305" in dep.log("stranger") and "Exit Code: 305" in dep.log("plain")
     assert result["rounds"] == 2 and [h["train"]["users"] for h in result["history"]] == [24, 24]
-    assert result["config"]["secure-aggregation"] is True
+    assert result["config"]["secure-aggregation"] is True and result["data"] == f"federation:{fed}"
     assert 0.0 <= result["test"]["auc"] <= 1.0
+
+
+def test_a_killed_supernode_costs_its_rounds_not_the_run(tmp_path):
+    """3 SuperNodes; node 1 is killed (by PID) during its first round and restarted later:
+    the rounds without it finish with the others (min-nodes 2) and name it as failed, the run
+    ends finished:completed, and the restarted node restores its private state from its
+    checkpoint and takes part again."""
+    fed = tmp_path / "fed"
+    write_federation(SYNTHETIC, fed, clients=3)
+    ck = tmp_path / "ck"
+    dep = Deployment(tmp_path)
+    rounds = 5
+    try:
+        dep.start_superlink()
+        nodes = [dep.start_supernode(f"node{i}", f'federation="{fed}" shard={i}') for i in range(3)]
+        _wait_online(dep, 3)
+        out = tmp_path / "result.json"
+        config = _run_config(out, shards=3, rounds=rounds, **{"min-nodes": 2, "round-timeout": 240.0,
+                                                               "checkpoint-dir": str(ck), "checkpoint-every": 1,
+                                                               "eval-every": rounds})
+        run = dep.flwr_background("run", str(find_app_dir()), "loopback", "--run-config", config, "--stream")
+        _wait_for(lambda: (ck / "client-1-round1.pt").exists(), 300, "node 1's first round")
+        dep.kill(nodes[1])
+        _wait_for(lambda: (ck / "server.pt").exists() and _server_round(ck) >= 2, 400, "a round without node 1")
+        dep.start_supernode("node1-again", f'federation="{fed}" shard=1')
+        run.wait(timeout=900)
+        status = dep.run_status()
+    finally:
+        dep.close()
+    assert not dep.leftovers()
+    assert status == "finished:completed", (status, dep.log("superlink")[-2000:])
+    result = json.loads(out.read_text())
+    history = {h["round"]: h["train"] for h in result["history"]}
+    lost = [r for r, h in history.items() if 1 not in h["clients"]]
+    assert lost and all(history[r]["clients"] == [0, 2] for r in lost)
+    # asked and never answered (failed), or not connected any more (absent)
+    assert all(any(f["client"] == 1 for f in history[r].get("failed", [])) or history[r].get("absent") == [1]
+               for r in lost)
+    assert any(f["client"] == 1 for r in lost for f in history[r].get("failed", []))
+    back = [r for r in history if r > max(lost) and 1 in history[r]["clients"]]
+    assert back, history  # the restarted node took part again
+    assert history[rounds]["clients"] == [0, 1, 2] and result["test"]["n"] == 24
+    # it came back with the private state of its last checkpoint (round 1), not a fresh one
+    restored = [x for h in history.values() for x in h.get("restored", [])]
+    assert restored and restored[0]["client"] == 1 and restored[0]["round"] >= 1
+
+
+def _server_round(ck: Path) -> int:
+    import torch
+
+    try:
+        return int(torch.load(ck / "server.pt", weights_only=False)["round"])
+    except Exception:  # being written
+        return 0
+
+
+def _wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
