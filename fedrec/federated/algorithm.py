@@ -585,22 +585,41 @@ class Algorithm:
         users = np.asarray(users, dtype=np.int64)
         template = self.template
         template.eval()
-        mode = "ctr-all" if self.task == "ctr" else "all"
+        n_items = self.split.n_items
         if len(users) == 0:
-            return torch.zeros(0, self.split.n_items + 1)
+            return torch.zeros(0, n_items + 1)
         batch = serving_batch(self.split, users, self.max_len, task=self.task)
+        # CTR: the head scores (users x items) pairs; when the head and the item tables are
+        # global, each user is encoded once (with its own model) and the shared head runs on
+        # item chunks outside the vmap, so memory is bounded by `budget` values
+        budget = 1 << 24
+        head_global = self.task == "ctr" and all(
+            n in self.layout.global_names for n, _ in template.named_parameters()
+            if n.startswith(("ctr_head.", "items.")))
+        mode = "encode-last" if head_global else ("ctr-all" if self.task == "ctr" else "all")
+        chunk = self.config.chunk_size
+        if self.task == "ctr" and not head_global:  # every user's own head over every item
+            chunk = max(1, min(chunk, budget // ((n_items + 1) * 4 * template.cfg.dim)))
 
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
-            return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
+            out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
+            return (out[0][0], out[1][0]) if mode == "encode-last" else out[0]
 
         vfn = vmap(fn, in_dims=(0, None, 0))
         out = []
-        for start in range(0, len(users), self.config.chunk_size):
-            sl = slice(start, start + self.config.chunk_size)
+        items = torch.arange(n_items + 1)
+        for start in range(0, len(users), chunk):
+            sl = slice(start, start + chunk)
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+            res = vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu))
+            if mode != "encode-last":
+                out.append(res)
+                continue
+            h, user = res  # (C, dim), (C, w)
+            head = {"h": h, "user_repr": user, "candidates": items}
+            out.append(functional_call(template, global_params, (head,), {"mode": "ctr-head"}))
         return torch.cat(out)
 
     def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str) -> dict[str, Any]:

@@ -265,7 +265,8 @@ class SequenceModel(RecModel):
         only what runs inside ``forward``: ``loss`` returns ``(loss, outputs)``; ``ctr`` the
         click probabilities at the last position; ``candidates`` the scores of
         ``batch["candidates"]``; ``all`` the scores of every item; ``ctr-all`` the click
-        probability of every item as the next impression (:meth:`predict_ctr_candidates`).
+        probability of every item as the next impression (:meth:`predict_ctr_candidates`);
+        ``encode-last`` / ``ctr-head`` the two halves of it.
         """
         if "item_maps" in batch and mode in ("candidates", "all", "ctr-all"):
             raise ValueError("compact item tables (batch['item_maps']) serve training only, not scoring")
@@ -280,6 +281,11 @@ class SequenceModel(RecModel):
             return self.score_all(batch)
         if mode == "ctr-all":
             return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1))
+        if mode == "encode-last":  # (h at the last position, user representation)
+            out = self.encode(batch)
+            return out["h"][:, -1], out["user_repr"]
+        if mode == "ctr-head":  # batch: h, user_repr, candidates (see ctr_from_encoding)
+            return self.ctr_from_encoding(batch["h"], batch["user_repr"], batch["candidates"])
         if mode != "train":
             raise ValueError(f"unknown forward mode {mode!r}")
         out = self.encode(batch)
@@ -381,8 +387,12 @@ class SequenceModel(RecModel):
         if "item_maps" in batch:
             raise ValueError("compact item tables (batch['item_maps']) serve training only, not scoring")
         out = self.encode(batch)
-        h = out["h"][:, -1]  # (B, dim)
-        user = out["user_repr"]  # (B, w)
+        return self.ctr_from_encoding(out["h"][:, -1], out["user_repr"], candidates, chunk_elements=chunk_elements)
+
+    def ctr_from_encoding(self, h: torch.Tensor, user: torch.Tensor, candidates: torch.Tensor, *,
+                          chunk_elements: int = 1 << 24) -> torch.Tensor:
+        """The CTR head of :meth:`predict_ctr_candidates` on an encoding already computed:
+        ``h`` ``(B, dim)`` (the last position), ``user`` ``(B, w)`` -> ``(B, C)``."""
         B, C = h.shape[0], candidates.shape[-1]
         shared = candidates.dim() == 1
         width = 2 * self.cfg.dim + user.shape[1]

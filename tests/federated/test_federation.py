@@ -171,7 +171,8 @@ def test_a_saved_federated_model_repeats_the_runs_numbers(tmp_path):
     assert json.loads(cli.stdout)["test"] == run["test"]
 
 
-@pytest.mark.parametrize("extra", [{}, {"task": "next_item", "model.dropout": 0.0}], ids=["ctr", "next-item"])
+@pytest.mark.parametrize("extra", [{}, {"task": "next_item", "model.dropout": 0.0}, {"algorithm": "local"}],
+                         ids=["ctr", "next-item", "ctr-private-head"])
 def test_recommend_from_a_federated_model(tmp_path, extra):
     model_dir = tmp_path / "model"
     run_in_process(parse_run_config({**TINY, **extra, "data": SPEC, "shards": 2, "model-dir": str(model_dir)}))
