@@ -56,15 +56,28 @@ def data_describe(
         ...,
         metavar="SPEC",
         help="Data source FORMAT:PATH[?key=value&...], e.g. kuaisar:DIR, movielens:u.data, "
-        "seq:Beauty.txt, pairs:Video.txt, cdr:DIR, csv:FILE?user=..&item=.., synthetic:users=2000.",
+        "seq:Beauty.txt, pairs:Video.txt, cdr:DIR, csv:FILE?user=..&item=.., synthetic:users=2000; "
+        "or a federation folder (each client's file).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Print users, items, interactions, density, label rate, sequence lengths and domains."""
+    """Print users, items, interactions, density, label rate, sequence lengths and domains
+    (for a federation folder of `fedrec data partition`: of each client's file)."""
     from fedrec.data import load_dataset
     from fedrec.data.describe import describe
+    from fedrec.data.federation import client_entry, is_federation, load_manifest
 
     try:
+        if ":" not in spec and is_federation(spec):
+            manifest = load_manifest(spec)
+            clients = [describe(load_dataset(client_entry(spec, int(c["client"]))[0])) for c in manifest["clients"]]
+            if as_json:
+                typer.echo(json.dumps({"federation": spec, "population": manifest["population"],
+                                       "items": manifest["items"], "clients": clients}))
+                return
+            for stats in clients:
+                _print_stats(stats)
+            return
         stats = describe(load_dataset(spec))
     except FedrecError as exc:
         _fail(exc)

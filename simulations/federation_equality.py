@@ -8,7 +8,8 @@ directory), runs ``fedrec simulate --federation DIR`` and ``fedrec simulate --da
 --clients K --set partition-seed=S`` with the same bare defaults, and writes
 ``simulations/results/federation_equality_<name>.json``: both runs' histories, test metrics,
 the largest absolute difference over every per-round and test metric, and the wall time of
-each run (same process, one after the other).
+each run (same process, one after the other). ``--table`` renders every recorded comparison
+as ``simulations/results/federation_equality.md`` (the README's table).
 """
 
 from __future__ import annotations
@@ -37,8 +38,33 @@ def _numbers(result: dict) -> dict[str, float]:
     return out
 
 
+def render_table(folder: Path = RESULTS) -> str:
+    """The Markdown table of every ``federation_equality_*.json`` in ``folder``."""
+    lines = ["| data | clients | rounds | metrics compared | max abs difference | test AUC ± bound (pooled) "
+             "| test LogLoss | seconds (folder) | seconds (one dataset) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for path in sorted(folder.glob("federation_equality_*.json")):
+        r = json.loads(path.read_text())
+        t = r["federation"]["test"]
+        auc = f"{t['auc']:.4f} ± {t['auc-error-bound']:.2g}" if "auc" in t else "-"
+        loss = f"{t['logloss']:.4f}" if "logloss" in t else "-"
+        data = r["spec"].replace("../shared/data/", "")
+        lines.append(f"| `{data}` | {r['clients']} | {r['rounds']} | {r['metrics_compared']} | "
+                     f"{r['max_abs_difference']:g} | {auc} | {loss} | {r['seconds']['federation']} | "
+                     f"{r['seconds']['one_dataset']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    """Run both and write the comparison (see the module docstring)."""
+    """Run both and write the comparison (see the module docstring); ``--table`` renders
+    the recorded comparisons as ``simulations/results/federation_equality.md``."""
+    import sys
+
+    if sys.argv[1:] == ["--table"]:
+        table = render_table()
+        (RESULTS / "federation_equality.md").write_text(table)
+        print(table, end="")
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="the whole dataset, FORMAT:PATH")
     parser.add_argument("--clients", type=int, default=2)
@@ -82,6 +108,7 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("spec", "clients", "rounds", "max_abs_difference", "worst_metric",
                                               "metrics_compared", "seconds")}))
+    (args.out_dir / "federation_equality.md").write_text(render_table(args.out_dir))
     print(f"test (federation): {fed['test']}\ntest (one dataset): {one['test']}\nwrote {path}")
 
 

@@ -91,3 +91,19 @@ def test_reevaluate_bad_negatives_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "neg.txt, line 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_federation_equality_script_finds_no_difference(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / "simulations" / "federation_equality.py"),
+                           "synthetic:users=30,items=40,seed=5", "--clients", "2", "--rounds", "2",
+                           "--name", "tiny", "--out-dir", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "federation_equality_tiny.json").read_text())
+    assert report["max_abs_difference"] <= 1e-6 and report["metrics_compared"] > 10
+    assert "`synthetic:users=30,items=40,seed=5`" in (tmp_path / "federation_equality.md").read_text()

@@ -188,8 +188,3 @@ def client_entry(folder: str | Path, client: int) -> tuple[str, Path, dict[str, 
         raise ConfigError(f"{folder}: no client {client} in the manifest (clients 0..{len(entries) - 1})")
     fmt, _, rest = entries[client]["data"].partition(":")
     return f"{fmt}:{folder / rest}", folder / manifest["catalogue"], manifest
-
-
-def manifest_frame(manifest: dict[str, Any]) -> pd.DataFrame:
-    """The manifest's clients as a table (client, users, rows, file)."""
-    return pd.DataFrame(manifest["clients"])[["client", "users", "rows", "file"]]

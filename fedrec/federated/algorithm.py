@@ -112,7 +112,7 @@ def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, 
     return Shard(users, stages["train"], stages["valid"], stages["test"], candidates, key)
 
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_M64 = 0xFFFFFFFFFFFFFFFF
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -130,9 +130,9 @@ def participants(raw_users: np.ndarray, *, seed: int, round: int, fraction: floa
     raw_users = np.asarray(raw_users, dtype=np.int64)
     if fraction >= 1.0:
         return np.ones(raw_users.shape, dtype=bool)
-    with np.errstate(over="ignore"):
-        h = _mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(round) + np.uint64(7) * _M64)
-        h = _mix64(raw_users.astype(np.uint64) ^ h)
+    # one 64-bit key per (seed, round), mixed with each raw id (two's complement for negatives)
+    key = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + round * 0xBF58476D1CE4E5B9 + 7) & _M64], dtype=np.uint64))
+    h = _mix64(raw_users.view(np.uint64) ^ key)
     return (h >> np.uint64(11)).astype(np.float64) / float(2**53) < fraction
 
 

@@ -45,7 +45,7 @@ from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config
 
-__all__ = ["client_train", "client_evaluate", "client_query", "client_init", "node_spec", "node_of", "build_node",
+__all__ = ["client_train", "client_evaluate", "client_query", "node_spec", "node_of", "build_node",
            "params_to_record", "record_to_params", "replies_to_uploads", "combine_evaluation", "layout_from_record",
            "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod"]
 
@@ -208,11 +208,6 @@ def client_query(msg: Message, context: Context) -> RecordDict:
         raise ConfigError(f"unknown query kind {kind!r}")
     return RecordDict({"arrays": params_to_record(node.alg.initial_global()), "layout": _layout_record(node.alg.layout),
                        "info": client_info(node)})
-
-
-def client_init(msg: Message, context: Context) -> RecordDict:
-    """Reply to the server's ``init`` query (kept for callers of the earlier name)."""
-    return client_query(msg, context)
 
 
 def _train_round(node: _Node, spec: RunSpec, context: Context, global_params: Params, rnd: int,

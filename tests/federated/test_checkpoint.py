@@ -49,7 +49,10 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     res = json.loads(resumed.stdout.strip().splitlines()[-1])
     plain = run_in_process(parse_run_config(FLAT))
     assert [h["round"] for h in res["history"]] == list(range(1, 9))
-    assert res["history"] == plain["history"]  # every round's train and eval metrics, epsilon included
+    # the resumed nodes say they took their private state from the checkpoint ...
+    restored = [x for h in res["history"] for x in h["train"].pop("restored", [])]
+    assert restored and {x["client"] for x in restored} == {0, 1}
+    assert res["history"] == plain["history"]  # ... and every round's train and eval metrics, epsilon included
     assert res["test"] == plain["test"] and res["best_round"] == plain["best_round"]
     assert res["privacy"] == plain["privacy"]
     # the final global parameters too

@@ -84,6 +84,11 @@ def test_cli_partition_and_describe_a_client_file(tmp_path):
                                 f"parquet:{out / 'client-1.parquet'}", "--json"], capture_output=True, text=True,
                                check=True)
     assert json.loads(described.stdout)["users"] == manifest["clients"][1]["users"]
+    folder = subprocess.run([sys.executable, "-m", "fedrec.cli", "data", "describe", str(out), "--json"],
+                            capture_output=True, text=True, check=True)
+    per_client = json.loads(folder.stdout)["clients"]
+    assert [c["users"] for c in per_client] == [c["users"] for c in manifest["clients"]]
+    assert per_client[0]["user_features"]  # read with the client's own user-feature file
     bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "data", "partition", SPEC, "--clients", "2",
                           "--out", str(out)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "not an empty folder" in bad.stderr and "Traceback" not in bad.stderr
