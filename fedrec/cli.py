@@ -195,9 +195,7 @@ def evaluate_command(
     """Score a saved model again (its best weights) on valid and test, on any protocol, without
     training. A federated model folder is scored the way its run scored it: each client's
     users with global + that client's private parameters, pooled over the clients given."""
-    from fedrec.config import build_config, load_toml, parse_assignments
-    from fedrec.data import load_dataset
-    from fedrec.data.split import SplitConfig, split_dataset
+    from fedrec.config import parse_assignments
     from fedrec.train import evaluate_saved
 
     if saved.is_dir():
@@ -223,12 +221,7 @@ def evaluate_command(
             typer.echo(f"  {stage}: {values}")
         return
     try:
-        if clients or node_config:
-            raise FedrecError("--client/--node-config apply to a federated model folder only")
-        if not data:
-            raise FedrecError("--data is needed to score a centralised model (the data it was trained on)")
-        file_cfg = load_toml(config) if config else {}
-        split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
+        split = _centralised_split(data, config, federated_options=bool(clients or node_config))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
                                 negatives_file=negatives_file)
     except FedrecError as exc:
@@ -418,17 +411,9 @@ def recommend_command(
                     i = int(np.flatnonzero(missing)[0])
                     raise FedrecError(f"{users}, line {lines[i]}: user {raw[i]} is in none of the clients' data")
         else:
-            from fedrec.config import build_config, load_toml
-            from fedrec.data import load_dataset
-            from fedrec.data.split import SplitConfig, split_dataset
             from fedrec.recommend import centralised_scorer, load_centralised
 
-            if clients or node_config:
-                raise FedrecError("--client/--node-config apply to a federated model folder only")
-            if not data:
-                raise FedrecError("--data is needed for a centralised model (the data it was trained on)")
-            file_cfg = load_toml(config) if config else {}
-            split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
+            split = _centralised_split(data, config, federated_options=bool(clients or node_config))
             model, task, max_len, _ = load_centralised(saved, split)
             chosen = users_from_file(users, split) if users else None
             frames.append(recommend(split, centralised_scorer(model, split, task, max_len), users=chosen, k=k,
@@ -556,6 +541,21 @@ def app_command() -> None:
         typer.echo(str(installed_app_dir()))
     except FedrecError as exc:
         _fail(exc)
+
+
+def _centralised_split(data: Optional[str], config: Optional[Path], *, federated_options: bool):
+    """The split a centralised model was trained on (``--data`` and the ``[split]`` table of
+    ``--config``), for ``evaluate`` and ``recommend``."""
+    from fedrec.config import build_config, load_toml
+    from fedrec.data import load_dataset
+    from fedrec.data.split import SplitConfig, split_dataset
+
+    if federated_options:
+        raise FedrecError("--client/--node-config apply to a federated model folder only")
+    if not data:
+        raise FedrecError("--data is needed for a centralised model (the data it was trained on)")
+    file_cfg = load_toml(config) if config else {}
+    return split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:

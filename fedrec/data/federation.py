@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from fedrec.data.catalogue import CATALOGUE_FILE, Catalogue
 from fedrec.data.interactions import Dataset, Interactions
