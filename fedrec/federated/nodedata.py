@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from fedrec.data.catalogue import Catalogue
 from fedrec.data.split import SplitData, split_dataset
@@ -131,10 +130,3 @@ def node_data(spec, node_config: Mapping[str, Any]) -> NodeData:
     own = cut_dataset(dataset, split.user_raw[parts[shard]], name=f"{data}#shard-{shard}")
     return _local(own, catalogue, client=shard, population=population or int(split.n_users),
                   info={"data": data, "shard": shard, "shards": shards, "mode": "one-dataset"})
-
-
-def users_digest(split: SplitData) -> str:
-    """A digest of a split's raw user ids (checks that a saved private state is this node's)."""
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(split.user_raw[1:]).tobytes()).hexdigest()[:16]
