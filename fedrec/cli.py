@@ -209,16 +209,8 @@ def evaluate_command(
                                         node_config=parse_assignments(node_config) if node_config else None)
         except FedrecError as exc:
             _fail(exc)
-        if out is not None:
-            _write_json_atomic(result, out)
-        if as_json:
-            typer.echo(json.dumps(result))
-            return
-        typer.echo(f"{result['algorithm']} model of round {result['round']}, clients {result['clients']} "
-                   f"({result['task']}, {result['protocol']})")
-        for stage in ("valid", "test"):
-            values = ", ".join(f"{k} {v:.4f}" for k, v in result[stage].items() if isinstance(v, float))
-            typer.echo(f"  {stage}: {values}")
+        _report_federated(result, out, as_json, [f"{result['algorithm']} model of round {result['round']}, clients "
+                                                 f"{result['clients']} ({result['task']}, {result['protocol']})"])
         return
     try:
         split = _centralised_split(data, config, federated_options=bool(clients or node_config))
@@ -318,14 +310,22 @@ def simulate_command(
         result = run_in_process(spec, app_dir=app_dir, progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
         _fail(exc)
+    _report_federated(result, out, as_json, [
+        f"{result['algorithm']} on {result['data']} ({result['task']}), {result['rounds']} rounds, "
+        f"{result['nodes']} client(s), {result['seconds']} s",
+        f"best round {result['best_round']} (selected on {result['selection']})"])
+
+
+def _report_federated(result: dict, out: Optional[Path], as_json: bool, header: list[str]) -> None:
+    """Write ``result`` to ``out`` (when given) and print it: one JSON object, or the header
+    lines and the valid/test metrics."""
     if out is not None:
         _write_json_atomic(result, out)
     if as_json:
         typer.echo(json.dumps(result))
         return
-    typer.echo(f"{result['algorithm']} on {result['data']} ({result['task']}), {result['rounds']} rounds, "
-               f"{result['nodes']} client(s), {result['seconds']} s")
-    typer.echo(f"best round {result['best_round']} (selected on {result['selection']})")
+    for line in header:
+        typer.echo(line)
     for stage in ("valid", "test"):
         values = ", ".join(f"{k} {v:.4f}" for k, v in result[stage].items() if isinstance(v, float))
         typer.echo(f"  {stage}: {values}")

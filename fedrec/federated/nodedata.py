@@ -102,7 +102,7 @@ def node_data(spec, node_config: Mapping[str, Any]) -> NodeData:
     from fedrec.data.federation import client_entry, cut_dataset
 
     client = node_client_id(node_config)
-    population = int(spec.federated.population or node_config.get("population", 0) or 0)
+    population = int(spec.federated.population)
     if "catalogue" in node_config:
         if "data" not in node_config:
             raise ConfigError("node config has 'catalogue' but no 'data' (the node's own file)")
