@@ -182,16 +182,72 @@ def _file_digest(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+class _SparseAdamL2(torch.optim.SparseAdam):
+    """SparseAdam with L2 weight decay on the rows a step touches: ``weight_decay * row`` is
+    added to each touched row's gradient, as :class:`torch.optim.Adam` adds it to a dense
+    gradient (rows the batch does not read are left alone, like SparseAdam's moments)."""
+
+    def __init__(self, params, *, lr: float, weight_decay: float) -> None:
+        super().__init__(params, lr=lr)
+        self.weight_decay = weight_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - see the class docstring
+        if self.weight_decay:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    g = p.grad.coalesce()
+                    rows = g.indices()[0]
+                    p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + self.weight_decay * p[rows],
+                                                     g.shape).coalesce()
+        return super().step(closure)
+
+
 def _optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """Adam for dense parameters; SparseAdam for sparse embedding tables (per-user private
-    parameters), so a step moves only the rows of the batch's users."""
+    parameters), so a step moves only the rows of the batch's users. ``weight_decay``
+    reaches both (on the sparse tables, the rows a step touches); the model's
+    :meth:`~fedrec.models.base.RecModel.lr_scales` give some parameters their own rate."""
     sparse = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse]
-    sparse_params = [p for p in model.parameters() if p.requires_grad and id(p) in sparse]
-    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    dense_groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in named:
+        if id(p) not in sparse:
+            dense_groups.setdefault(float(scales.get(n, 1.0)), []).append(p)
+    sparse_params = [p for _, p in named if id(p) in sparse]
+    if any(n in scales for n, p in named if id(p) in sparse):
+        raise ConfigError("a learning-rate multiplier on a sparse per-user table is not supported")
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(
+        [{"params": ps, "lr": cfg.lr * scale} for scale, ps in sorted(dense_groups.items())],
+        lr=cfg.lr, weight_decay=cfg.weight_decay)]
     if sparse_params:
-        opts.append(torch.optim.SparseAdam(sparse_params, lr=cfg.lr))
+        opts.append(_SparseAdamL2(sparse_params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     return opts
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, examples: ExampleSet, previous: np.ndarray | None = None, *,
+                  batch_size: int = 1024) -> tuple[dict[str, Any], np.ndarray] | None:
+    """Where a grouped model (one with ``route``, e.g. MRFF) routes the users of
+    ``examples`` (first example of each user, as evaluation sees it): per layer the share
+    of users in each group and, against ``previous`` routes, the share whose group changed.
+    Returns ``(record, routes)``, or None for a model without groups."""
+    if not hasattr(model, "route") or len(examples) == 0:
+        return None
+    model.eval()
+    _, first = np.unique(examples.users, return_index=True)
+    examples = examples.subset(examples.users[np.sort(first)])
+    routes = np.concatenate([model.route(b).numpy() for b in iterate_batches(examples, batch_size=batch_size)])
+    groups = int(model.cfg.groups)
+    share = [(np.bincount(routes[:, layer], minlength=groups) / len(routes)).round(4).tolist()
+             for layer in range(routes.shape[1])]
+    record: dict[str, Any] = {"share": share}
+    if previous is not None and previous.shape == routes.shape:
+        record["changed"] = (routes != previous).mean(0).round(4).tolist()
+    return record, routes
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -358,6 +414,7 @@ def train(
                               "best_valid": best_valid, "best_score": best_score, "stale": stale,
                               "seconds": earlier_seconds + time.perf_counter() - start}, Path(cfg.resume))
 
+        last_routes: np.ndarray | None = None  # the previous epoch's routing of the validation users
         bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress, initial=first - 1)
         for epoch in range(first, 0 if finished else cfg.epochs + 1):
             model.train()
@@ -373,6 +430,9 @@ def train(
                 losses.append(float(loss.detach()))
             scores = evaluate(model, valid, **eval_args)
             record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
+            routed = routing_stats(model, valid, last_routes)
+            if routed is not None:
+                record["routing"], last_routes = routed
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
@@ -414,6 +474,8 @@ def train(
         "history": history,
         "seconds": round(earlier_seconds + time.perf_counter() - start, 2),
         "parameters": int(sum(p.numel() for p in model.parameters())),
+        "private_parameters_per_user": (model.private_parameters_per_user()
+                                        if hasattr(model, "private_parameters_per_user") else 0),
         "seed": cfg.seed,
         "model_options": dict(model_options or {}),
         # where the state file lived is not a training option (and would put a path in results)

@@ -173,7 +173,9 @@ class RoleAwareStrategy(FedAvg):
         if not self.history.should_evaluate(rnd):
             self._end_of_round(rnd)
             return []
-        config = ConfigRecord({**dict(config), "round": rnd})
+        # the round's users per group: clients route only to groups trained in this round
+        config = ConfigRecord({**dict(config), "round": rnd,
+                               "group-counts": [float(x) for x in self.group_counts.reshape(-1).tolist()]})
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._learn_nodes(grid, [m.metadata.dst_node_id for m in messages])
         self._sent["evaluate"] = [m.metadata.dst_node_id for m in messages]

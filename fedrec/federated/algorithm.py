@@ -147,6 +147,9 @@ class LocalState:
     privacy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.float64))
     #: the users' raw ids (set by a node, so a saved state can be checked against its data)
     raw_users: np.ndarray | None = None
+    #: ``(len(users), layers)`` group each user was routed to in its last round (-1: none
+    #: yet), to report how many users change group between rounds
+    routes: np.ndarray | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict (tensors, the user array and the accountant history)."""
@@ -155,6 +158,8 @@ class LocalState:
             out["dp.history"] = self.privacy.clone()
         if self.raw_users is not None:
             out["raw_users"] = torch.from_numpy(np.asarray(self.raw_users, dtype=np.int64).copy())
+        if self.routes is not None:
+            out["routes"] = torch.from_numpy(np.asarray(self.routes, dtype=np.int64).copy())
         return out
 
     @classmethod
@@ -167,6 +172,9 @@ class LocalState:
         if "raw_users" in state:
             raw = state["raw_users"]
             out.raw_users = np.asarray(raw.numpy() if torch.is_tensor(raw) else raw, dtype=np.int64)
+        if "routes" in state:
+            routes = state["routes"]
+            out.routes = np.asarray(routes.numpy() if torch.is_tensor(routes) else routes, dtype=np.int64)
         return out
 
 
@@ -176,7 +184,8 @@ class Upload:
 
     ``sums``: per shared name, the ``weight``-weighted sum of its users' parameters; per
     group name, the sum over the users routed to that group. ``group_counts`` ``(layers,
-    G)``: users per group. ``users``/``examples``: participating users and their target
+    G)``: users per group; ``group_changed`` ``(layers,)``: users whose group (first of
+    top-k) differs from their previous round's, out of ``routed_before`` users that had one. ``users``/``examples``: participating users and their target
     positions; ``loss_sum``: sum over users of their first-step loss (NaN under differential
     privacy); ``privacy``: under differential privacy, the client's ``epsilon`` spent so far,
     its ``noise-multiplier`` and ``delta`` (None without DP).
@@ -189,6 +198,8 @@ class Upload:
     examples: int
     loss_sum: float
     privacy: dict[str, float] | None = None
+    group_changed: torch.Tensor | None = None
+    routed_before: int = 0
 
 
 # -- the algorithm -----------------------------------------------------------------------
@@ -233,6 +244,8 @@ class Algorithm:
             if isinstance(m, SelfAttention):
                 m.explicit = True
         self.template.vmap_safe = True
+        #: learning-rate multipliers by parameter name (the model's, e.g. MRFF's router_lr)
+        self._lr_scales = dict(self.model.lr_scales())
         self._init = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in self.layout.per_user}
         self._init.update({n: self.model.get_parameter(n).detach()[1].clone() for n in self.layout.per_user})
         self._user_codes = (torch.from_numpy(np.ascontiguousarray(split.user_features))
@@ -438,6 +451,8 @@ class Algorithm:
         sums = {n: torch.zeros_like(global_params[n]) for n in self.layout.global_names}
         counts = torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
         weight_total, loss_sum, n_examples = 0.0, 0.0, 0
+        changed = torch.zeros(self.layout.layers, dtype=torch.float64)
+        routed_before = 0
         if len(examples):
             sampler = (UniformNegativeSampler(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
@@ -499,6 +514,14 @@ class Algorithm:
                             sums[n] += torch.tensordot(wn, params[n], dims=1)
                     if member is not None:
                         counts += member.sum(0)
+                        first = choice[:, :, 0].numpy()  # (C, layers)
+                        if state.routes is None or state.routes.shape != (len(state.users), first.shape[1]):
+                            state.routes = np.full((len(state.users), first.shape[1]), -1, dtype=np.int64)
+                        before = state.routes[pos.numpy()]
+                        known = before[:, 0] >= 0
+                        changed += torch.from_numpy((before[known] != first[known]).sum(0).astype(np.float64))
+                        routed_before += int(known.sum())
+                        state.routes[pos.numpy()] = first
                         for n, (layer, g) in self.layout.groups.items():
                             sums[n] += torch.tensordot(member[:, layer, g].to(params[n].dtype), params[n], dims=1)
             torch.random.set_rng_state(rng_state)
@@ -512,18 +535,21 @@ class Algorithm:
             metrics = {"users": float(len(users)), "epsilon": self.privacy.epsilon(state.privacy),
                        "noise-multiplier": self.privacy.noise_multiplier, "delta": self.privacy.delta}
         upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum,
-                        {k: metrics[k] for k in ("epsilon", "noise-multiplier", "delta")} if self.privacy else None)
+                        {k: metrics[k] for k in ("epsilon", "noise-multiplier", "delta")} if self.privacy else None,
+                        changed if self.layout.groups else None, routed_before)
         return upload, state, metrics
 
     def _step(self, params: Params, grads: Params, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], t: int) -> Params:
         """One optimiser step on stacked per-user tensors (elementwise, so per user)."""
-        lr = self.config.lr
+        base = self.config.lr
+        scales = self._lr_scales
         out = {}
         if self.config.optimizer == "sgd":
-            return {n: p - lr * grads[n] for n, p in params.items()}
+            return {n: p - base * scales.get(n, 1.0) * grads[n] for n, p in params.items()}
         b1, b2, eps = _ADAM
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         for n, p in params.items():
+            lr = base * scales.get(n, 1.0)
             m, v = moments[n]
             g = grads[n]
             m.mul_(b1).add_(g, alpha=1 - b1)
@@ -538,11 +564,21 @@ class Algorithm:
         return aggregate_uploads(self.layout, global_params, uploads)
 
     # -- evaluation ----------------------------------------------------------------------
+    def group_alive(self, group_counts: torch.Tensor | None) -> torch.Tensor | None:
+        """``(layers, G)`` booleans: the groups with members in the round the counts come
+        from (None without groups or counts): evaluation routes only to these, so no user
+        is scored with a group FFN that was not trained in the last round."""
+        if not self.layout.groups or group_counts is None or group_counts.numel() == 0:
+            return None
+        counts = group_counts.reshape(self.layout.layers, self.layout.n_groups)
+        return counts > 0
+
     @torch.no_grad()
     def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
-                candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                candidates: np.ndarray | None = None, *, group_counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """Each user's own model on ``examples`` (one per user): CTR ``probs``/``labels``,
-        or next-item ``ranks`` (full ranking, or sampled with ``candidates``)."""
+        or next-item ``ranks`` (full ranking, or sampled with ``candidates``).
+        ``group_counts``: the last round's users per group (see :meth:`group_alive`)."""
         if len(examples) == 0:
             return {"probs": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr" else {"ranks": np.zeros(0)}
         template = self.template
@@ -553,9 +589,12 @@ class Algorithm:
         if candidates is not None:
             batch["candidates"] = torch.from_numpy(candidates)
         mode = "ctr" if task == "ctr" else ("candidates" if candidates is not None else "all")
+        alive = self.group_alive(group_counts)
 
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
+            if alive is not None:
+                b["group_alive"] = alive
             return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
 
         vfn = vmap(fn, in_dims=(0, None, 0))
@@ -575,7 +614,39 @@ class Algorithm:
         return {"ranks": full_ranking_ranks(scores.reshape(len(users), -1), targets, exclude=(indptr, indices))}
 
     @torch.no_grad()
-    def score_items(self, global_params: Params, state: LocalState, users: np.ndarray) -> torch.Tensor:
+    def route_users(self, global_params: Params, state: LocalState, examples: ExampleSet, *,
+                    group_counts: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(users, routes)``: where each user's own model routes it at evaluation (the
+        first example of each user of ``examples``), ``(n, layers)`` groups; as
+        :meth:`predict`, only to groups trained in the round of ``group_counts``."""
+        if not self.layout.groups:
+            raise ConfigError(f"algorithm '{self.name}' has no groups to route")
+        _, first = np.unique(examples.users, return_index=True)
+        examples = examples.subset(examples.users[np.sort(first)])
+        template = self.template
+        template.eval()
+        batch = next(iterate_batches(examples, batch_size=len(examples)))
+        alive = self.group_alive(group_counts)
+
+        def fn(params, shared, example):
+            b = {k: v.unsqueeze(0) for k, v in example.items()}
+            if alive is not None:
+                b["group_alive"] = alive
+            return functional_call(template, {**shared, **params}, (b,), {"mode": "route"})[0]
+
+        vfn = vmap(fn, in_dims=(0, None, 0))
+        users = examples.users
+        out = []
+        for start in range(0, len(users), self.config.chunk_size):
+            sl = slice(start, start + self.config.chunk_size)
+            cu = users[sl]
+            params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
+            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+        return users, torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def score_items(self, global_params: Params, state: LocalState, users: np.ndarray, *,
+                    group_counts: torch.Tensor | None = None) -> torch.Tensor:
         """``(len(users), n_items + 1)`` scores of every item (column 0 = padding) as what
         follows each user's whole history (:func:`fedrec.recommend.serving_batch`), each user
         with its own model (global + its private parameters): next item, the model's item
@@ -601,8 +672,12 @@ class Algorithm:
         if self.task == "ctr" and not head_global:  # every user's own head over every item
             chunk = max(1, min(chunk, budget // ((n_items + 1) * 4 * template.cfg.dim)))
 
+        alive = self.group_alive(group_counts)
+
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
+            if alive is not None:
+                b["group_alive"] = alive
             out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
             return (out[0][0], out[1][0]) if mode == "encode-last" else out[0]
 
@@ -622,13 +697,15 @@ class Algorithm:
             out.append(functional_call(template, global_params, (head,), {"mode": "ctr-head"}))
         return torch.cat(out)
 
-    def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str) -> dict[str, Any]:
+    def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str,
+                        group_counts: torch.Tensor | None = None) -> dict[str, Any]:
         """The shard's summary for ``stage`` (``valid`` or ``test``): see
-        :mod:`fedrec.federated.evaluation`."""
+        :mod:`fedrec.federated.evaluation`. ``group_counts``: the last round's users per
+        group, so that users are routed only to groups trained in it."""
         if stage not in ("valid", "test"):
             raise ConfigError(f"stage must be valid or test (got {stage!r})")
         examples = getattr(shard, stage)
-        pred = self.predict(global_params, state, examples, shard.candidates.get(stage))
+        pred = self.predict(global_params, state, examples, shard.candidates.get(stage), group_counts=group_counts)
         if self.task == "ctr":
             return ctr_summary(pred["labels"], pred["probs"], bins=self.config.auc_bins)
         return ranking_summary(pred["ranks"])
@@ -664,6 +741,10 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
             new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(c).to(global_params[n].dtype)
     users = sum(u.users for u in uploads)
     metrics = {"users": float(users), "loss": sum(u.loss_sum for u in uploads) / users if users else float("nan")}
+    before = sum(u.routed_before for u in uploads if u.group_changed is not None)
+    if before:  # share of the users routed before whose group changed, per layer
+        metrics["group-changed"] = (sum(u.group_changed for u in uploads if u.group_changed is not None)
+                                    / before).round(decimals=4).tolist()
     private = [u.privacy for u in uploads if u.privacy is not None]
     if private:
         metrics["epsilon"] = max(p["epsilon"] for p in private)  # the guarantee of the worst-off client

@@ -38,6 +38,8 @@ class ClientModel:
     global_params: Params
     state: LocalState
     path: str
+    #: users per group in the saved round (routing goes only to groups trained in it)
+    group_counts: Any = None
 
     @property
     def split(self):
@@ -50,7 +52,8 @@ class ClientModel:
         alg = self.node.alg
 
         def score(users: np.ndarray):
-            return alg.score_items(self.global_params, self.state, np.asarray(users, dtype=np.int64))
+            return alg.score_items(self.global_params, self.state, np.asarray(users, dtype=np.int64),
+                                   group_counts=self.group_counts)
 
         return score
 
@@ -76,7 +79,7 @@ def load_federated_model(folder: str | Path, *, clients: list[str | Path] | None
         missing = [n for n in node.alg.layout.global_names if n not in glob["global"]]
         if missing:
             raise ConfigError(f"{folder}: the global model lacks {missing[0]} (a model of another configuration)")
-        out.append(ClientModel(int(c["client"]), node, glob["global"], state, c["path"]))
+        out.append(ClientModel(int(c["client"]), node, glob["global"], state, c["path"], glob.get("group_counts")))
     return glob, sorted(out, key=lambda m: m.client)
 
 
@@ -88,8 +91,8 @@ def evaluate_federated(folder: str | Path, *, clients: list[str | Path] | None =
     from fedrec.federated.node import evaluation_summary
 
     glob, models = load_federated_model(folder, clients=clients, node_config=node_config)
-    summaries = [evaluation_summary(m.node.alg, m.node.shard, m.global_params, m.state, client=m.client)
-                 for m in models]
+    summaries = [evaluation_summary(m.node.alg, m.node.shard, m.global_params, m.state, client=m.client,
+                                    group_counts=m.group_counts) for m in models]
     task = models[0].node.alg.task
     combine = combine_ctr if task == "ctr" else combine_ranking
     out: dict[str, Any] = {"model_dir": str(folder), "round": int(glob["round"]), "task": task,

@@ -31,6 +31,9 @@ class FedMRFF(Algorithm):
         """Only the ``mrff`` model has groups to federate."""
         if self.model_name != "mrff":
             raise ConfigError(f"algorithm '{self.name}' trains the 'mrff' model (got model '{self.model_name}')")
+        if str(options.get("balance", "counts")).strip() == "soft":
+            raise ConfigError("model option balance=soft averages the gate over the batch's users; a federated "
+                              "user trains alone, so federated MRFF uses balance=counts (the last round's shares)")
         return options
 
 

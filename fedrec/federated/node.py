@@ -255,6 +255,9 @@ def client_train(msg: Message, context: Context) -> RecordDict:
                             "examples": int(upload.examples), "loss-sum": float(upload.loss_sum),
                             "shard": node.client,
                             "group-counts": [float(x) for x in upload.group_counts.reshape(-1).tolist()]})
+    if upload.group_changed is not None:  # how many of its users changed group since their last round
+        metrics["group-changed"] = [float(x) for x in upload.group_changed.tolist()]
+        metrics["routed-before"] = int(upload.routed_before)
     return RecordDict({"arrays": params_to_record(arrays), "metrics": metrics})
 
 
@@ -349,17 +352,19 @@ def client_evaluate(msg: Message, context: Context) -> RecordDict:
     config = msg.content.config_records.get("config", ConfigRecord({}))
     # a node restarted since it last trained restores its latest checkpoint of this round or before
     state = _local_state(node, context, spec=spec, round=int(config.get("round", 0)) + 1)
+    counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
     return RecordDict({"metrics": MetricRecord(evaluation_summary(node.alg, node.shard, global_params, state,
-                                                                  client=node.client))})
+                                                                  client=node.client, group_counts=counts))})
 
 
 def evaluation_summary(alg: Algorithm, shard: Shard, global_params: Params, state: LocalState, *,
-                       client: int) -> dict[str, Any]:
-    """A client's evaluate reply (valid and test summaries, ``num-examples``, ``shard``)."""
+                       client: int, group_counts: torch.Tensor | None = None) -> dict[str, Any]:
+    """A client's evaluate reply (valid and test summaries, ``num-examples``, ``shard``);
+    ``group_counts``, the round's users per group, restricts routing to trained groups."""
     out: dict[str, Any] = {"shard": int(client)}
     n = 0
     for stage in ("valid", "test"):
-        summary = alg.client_evaluate(global_params, state, shard, stage=stage)
+        summary = alg.client_evaluate(global_params, state, shard, stage=stage, group_counts=group_counts)
         n += int(summary["n"])
         out.update({f"{stage}.{k}": v for k, v in summary.items()})
     out["num-examples"] = n
@@ -397,9 +402,11 @@ def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Uploa
     for r in _ok(replies):
         m = r.content["metrics"]
         counts = torch.tensor(list(m["group-counts"]), dtype=torch.float64).reshape(layout.layers, layout.n_groups)
+        changed = (torch.tensor(list(m["group-changed"]), dtype=torch.float64) if "group-changed" in m else None)
         uploads.append(Upload(record_to_params(r.content["arrays"]), float(m["weight"]), counts, int(m["users"]),
                               int(m["examples"]), float(m["loss-sum"]),
-                              {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None))
+                              {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None,
+                              changed, int(m.get("routed-before", 0))))
     return uploads
 
 

@@ -50,10 +50,15 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
                 named[n][u] = state.tensors[n][pos]
             for n in layout.private:
                 named[n].copy_(state.tensors[n][pos])
+        scales = model.lr_scales()
+        by_scale: dict[float, list] = {}
+        for n, prm in model.named_parameters():
+            by_scale.setdefault(float(scales.get(n, 1.0)), []).append(prm)
+        param_groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in sorted(by_scale.items())]
         if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            opt = torch.optim.Adam(param_groups, lr=cfg.lr)
         else:
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+            opt = torch.optim.SGD(param_groups, lr=cfg.lr)
         batch = next(iterate_batches(examples.subset(np.array([u])), batch_size=1,
                                      num_negatives=cfg.negatives if sampler is not None else 0, sampler=sampler))
         if share.numel():

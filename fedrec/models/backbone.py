@@ -250,7 +250,8 @@ class SequenceModel(RecModel):
         h = self.drop(h + self.positions(pos.expand(items.shape[0], T).contiguous())) * keep
         user = self.users(batch["user"], batch.get("user_codes"))
         context: dict[str, Any] = {"padding": padding, "keep": keep, "user_repr": user, "user": batch["user"],
-                                   "routing": [], "group_share": batch.get("group_share"), "vmap_safe": self.vmap_safe}
+                                   "routing": [], "group_share": batch.get("group_share"),
+                                   "group_alive": batch.get("group_alive"), "vmap_safe": self.vmap_safe}
         for layer in range(self.cfg.layers):
             q = self.attn_norms[layer](h)
             h = q + self.attns[layer](h, padding, query=q)

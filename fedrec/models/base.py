@@ -126,3 +126,13 @@ class RecModel(nn.Module):
     def parameter_roles(self) -> dict[str, ParamRole]:
         """Role of every named parameter (default: all public)."""
         return {name: PUBLIC for name, _ in self.named_parameters()}
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (default: none, all 1)."""
+        return {}
+
+    def private_parameters_per_user(self) -> int:
+        """Parameters each user holds privately: the width of its row of every per-user
+        table (parameters with role ``private`` per user)."""
+        roles = self.parameter_roles()
+        return int(sum(p[0].numel() for n, p in self.named_parameters() if roles.get(n) == PRIVATE_PER_USER))

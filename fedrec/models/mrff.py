@@ -21,10 +21,34 @@ Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
     one module, so all its "groups" share weights — not copied).
 ``top_k`` (1)
     Groups per user and layer.
-``gate`` (``hard``)
+``gate`` (``scaled``)
     ``hard``: the chosen groups' outputs are summed unscaled, as in the reference code, so
-    the router learns only through the balance loss. ``scaled``: each chosen group's output
-    is multiplied by its gate probability, so the task loss trains the router too.
+    the router learns only through the balance loss (kept for reproduction: its routing
+    collapses, see the README's group-routing results). ``scaled``: each chosen group's
+    output is multiplied by its gate probability (Switch Transformer), so the task loss
+    trains the router too.
+``gate_noise`` (0)
+    Standard deviation of Gaussian noise added to the gate logits in training (noisy top-k
+    gating, Shazeer et al. 2017): exploration, so that a group is not abandoned for good.
+``z_loss`` (0)
+    Weight of the router z-loss ``mean(logsumexp(logits) ** 2)`` per layer (ST-MoE, Zoph et
+    al. 2022): keeps the gate logits small, so a fresh Adam's fixed-size steps do not push
+    the softmax into saturation.
+``entropy`` (0)
+    Weight of the mean entropy of each user's gate distribution per layer: > 0 makes each
+    user commit to a group (with the balance loss, which spreads users, this maximises the
+    mutual information between users and groups).
+``balance`` (``counts``)
+    ``f`` of the balance loss: ``counts``, the share of users routed to each group (counted;
+    federated, the previous round's counts, as in the reference), or ``soft``, the mean
+    gate probability of the batch's users, with its gradient (so the loss is
+    ``alpha * G * sum_g P_g ** 2``, minimal when the batch's users spread evenly). ``soft``
+    needs several users in a batch, so it is centralised only (federated, a batch is one
+    user).
+``router_lr`` (1.0)
+    Multiplier of the learning rate of the gate parameters (centralised: their own
+    optimiser group; federated: their local step), e.g. 0.1 so the shared router moves by
+    a tenth of ``lr`` per round instead of ``lr``.
 ``residual`` (false)
     Add ``z`` around the gated FFN (the reference has no residual there).
 ``alpha`` (0.1)
@@ -40,9 +64,28 @@ Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
     dense form. Off by default because dropout then draws other random numbers, so
     recorded results would not repeat bit for bit.
 ``user_ffn`` (true), ``user_hidden`` (0 = ``dim``)
-    The private user FFN and its hidden width. Its parameters are stored in sparse
-    embedding tables (one row per user), so an optimiser step touches only the batch's
-    users — the semantics of one model per user.
+    The private user FFN and its hidden width (a small width is a low-rank private FFN:
+    ``2 * dim * user_hidden + user_hidden + dim`` parameters per user and layer). Its
+    parameters are stored in sparse embedding tables (one row per user), so an optimiser
+    step touches only the batch's users — the semantics of one model per user.
+``user_init`` (``copy``)
+    ``copy``: every user's private FFN starts as one shared random FFN (as when each client
+    copies the initial model); ``zero``: its output layer starts at zero, so every user
+    starts exactly at its group's FFN and the private part grows only as far as the user's
+    own data push it.
+``user_decay`` (0)
+    L2 weight on the batch users' private FFN rows, added to the loss: shrinkage toward
+    zero, i.e. (with ``user_init=zero``) toward the user's group FFN. It reaches the sparse
+    per-user tables in centralised and federated training alike.
+``user_scale`` (``none``), ``user_k`` (10)
+    ``history``: the private FFN's output is multiplied by ``n / (n + user_k)``, ``n`` the
+    number of real positions of the user's sequence, so a user with a short history leans
+    on its group and a long one on itself.
+
+Evaluation routes only with groups that were trained: when the batch carries
+``group_alive`` (``(layers, G)`` booleans: groups with at least one member in the last
+training round, which the federated engine passes), an untrained group's gate logit is
+masked before the choice outside training.
 
 Parameter roles: group FFN ``g`` of layer ``l`` -> ``group(l, g)``; user FFNs, user-profile
 and user-id embeddings -> ``private`` (per-user tables stacked by user index); the rest
@@ -72,11 +115,20 @@ class MRFFConfig(BackboneConfig):
 
     groups: int = 4
     top_k: int = 1
-    gate: str = "hard"
+    gate: str = "scaled"
+    gate_noise: float = 0.0
+    z_loss: float = 0.0
+    entropy: float = 0.0
+    balance: str = "counts"
+    router_lr: float = 1.0
     residual: bool = False
     alpha: float = 0.1
     user_ffn: bool = True
     user_hidden: int = 0
+    user_init: str = "copy"
+    user_decay: float = 0.0
+    user_scale: str = "none"
+    user_k: float = 10.0
     dispatch: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +143,22 @@ class MRFFConfig(BackboneConfig):
             raise ConfigError(f"model option 'alpha' must be >= 0 (got {self.alpha})")
         if self.user_hidden < 0:
             raise ConfigError(f"model option 'user_hidden' must be >= 0 (got {self.user_hidden})")
+        for name in ("gate_noise", "z_loss", "entropy", "user_decay"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"model option '{name}' must be >= 0 (got {getattr(self, name)})")
+        if not self.router_lr > 0:
+            raise ConfigError(f"model option 'router_lr' must be > 0 (got {self.router_lr})")
+        if not self.user_k > 0:
+            raise ConfigError(f"model option 'user_k' must be > 0 (got {self.user_k})")
+        if self.balance not in ("counts", "soft"):
+            raise ConfigError(f"model option 'balance' must be counts or soft (got {self.balance!r})")
+        if self.user_init not in ("copy", "zero"):
+            raise ConfigError(f"model option 'user_init' must be copy or zero (got {self.user_init!r})")
+        if self.user_scale not in ("none", "history"):
+            raise ConfigError(f"model option 'user_scale' must be none or history (got {self.user_scale!r})")
+        if not self.user_ffn and (self.user_decay or self.user_scale != "none" or self.user_init != "copy"
+                                  or self.user_hidden):
+            raise ConfigError("model options user_hidden / user_init / user_decay / user_scale need user_ffn = true")
 
 
 class UserFFN(nn.Module):
@@ -100,7 +168,7 @@ class UserFFN(nn.Module):
     initial FFN (as when each client copies the initial global model).
     """
 
-    def __init__(self, n_users: int, dim: int, hidden: int, dropout: float) -> None:
+    def __init__(self, n_users: int, dim: int, hidden: int, dropout: float, *, zero_out: bool = False) -> None:
         super().__init__()
         self.dim, self.hidden = dim, hidden
         proto = PositionwiseFFN(dim, hidden)
@@ -109,7 +177,17 @@ class UserFFN(nn.Module):
         with torch.no_grad():
             self.inner.weight.copy_(torch.cat([proto.inner.weight.T.reshape(-1), proto.inner.bias]).expand_as(self.inner.weight))
             self.outer.weight.copy_(torch.cat([proto.outer.weight.T.reshape(-1), proto.outer.bias]).expand_as(self.outer.weight))
+            if zero_out:  # every user starts exactly at its group (LoRA-style zero output layer)
+                self.outer.weight.zero_()
         self.drop = nn.Dropout(dropout)
+
+    def per_user(self) -> int:
+        """Private parameters per user of this layer."""
+        return self.inner.weight.shape[1] + self.outer.weight.shape[1]
+
+    def penalty(self, users: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of ``users``' rows (each user once per batch position it has)."""
+        return self.inner(users).pow(2).sum() + self.outer(users).pow(2).sum()
 
     def forward(self, z: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """``(B, T, dim)`` hidden states of ``(B,)`` users -> ``(B, T, dim)``."""
@@ -130,14 +208,24 @@ class GroupGatedFFN(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.gate = nn.Linear(cfg.dim + user_width, cfg.groups)
         self.group_ffns = nn.ModuleList(PositionwiseFFN(cfg.dim, cfg.dim, dropout=cfg.dropout) for _ in range(cfg.groups))
-        self.user_ffn = UserFFN(data.n_users, cfg.dim, cfg.user_hidden or cfg.dim, cfg.dropout) if cfg.user_ffn else None
+        self.user_ffn = (UserFFN(data.n_users, cfg.dim, cfg.user_hidden or cfg.dim, cfg.dropout,
+                                 zero_out=cfg.user_init == "zero") if cfg.user_ffn else None)
 
     def forward(self, z: torch.Tensor, context: dict[str, Any]) -> torch.Tensor:
         """``(B, T, dim)`` -> ``(B, T, dim)``; appends this layer's routing to ``context``."""
         keep = context["keep"]  # (B, T, 1)
         real = keep.sum(1).clamp(min=1.0)
         summary = (z * keep).sum(1) / real  # mean over real positions
-        probs = F.softmax(self.gate(torch.cat([summary, context["user_repr"]], dim=-1)), dim=-1)  # (B, G)
+        logits = self.gate(torch.cat([summary, context["user_repr"]], dim=-1))  # (B, G)
+        if self.training and self.cfg.gate_noise > 0:
+            logits = logits + self.cfg.gate_noise * torch.randn_like(logits)
+        alive = context.get("group_alive")
+        if alive is not None and not self.training:
+            # route only to groups trained in the last round (a layer with none: no mask)
+            mask = alive[..., self.layer, :].to(torch.bool)
+            mask = mask | ~mask.any(-1, keepdim=True)
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(logits, dim=-1)  # (B, G)
         choice = probs.topk(self.cfg.top_k, dim=-1).indices  # (B, k)
         chosen = torch.zeros_like(probs).scatter(1, choice, 1.0)
         weights = chosen * probs if self.cfg.gate == "scaled" else chosen
@@ -155,10 +243,14 @@ class GroupGatedFFN(nn.Module):
             for g, ffn in enumerate(self.group_ffns):
                 out = out + weights[:, g].view(-1, 1, 1) * ffn(z)
         if self.user_ffn is not None:
-            out = out + self.user_ffn(z, context["user"])
+            private = self.user_ffn(z, context["user"])
+            if self.cfg.user_scale == "history":
+                n = keep.sum(1, keepdim=True)  # (B, 1, 1) real positions
+                private = private * (n / (n + self.cfg.user_k))
+            out = out + private
         if self.cfg.residual:
             out = out + z
-        context["routing"].append({"probs": probs, "choice": choice})
+        context["routing"].append({"probs": probs, "choice": choice, "logits": logits})
         return out
 
 
@@ -170,8 +262,29 @@ class MRFF(SequenceModel):
         super().__init__(data, cfg, make_ffn=lambda layer: GroupGatedFFN(cfg, data, layer, self.users.width))
 
     def auxiliary_loss(self, out: dict[str, Any]) -> torch.Tensor:
-        """The balance loss, summed over layers (0 when ``alpha`` is 0)."""
-        return self.balance_loss(out["context"]["routing"], out["context"].get("group_share"))
+        """The balance loss, summed over layers (0 when ``alpha`` is 0), plus the router
+        z-loss, the gate-entropy term and the private-FFN shrinkage when switched on."""
+        cfg = self.cfg
+        context = out["context"]
+        routing = context["routing"]
+        total = self.balance_loss(routing, context.get("group_share"))
+        for r in routing:
+            if cfg.z_loss:
+                total = total + cfg.z_loss * torch.logsumexp(r["logits"], dim=-1).pow(2).mean()
+            if cfg.entropy:
+                p = r["probs"]
+                total = total + cfg.entropy * -(p * torch.log(p.clamp(min=1e-9))).sum(-1).mean()
+        if cfg.user_decay and cfg.user_ffn:
+            users = context["user"]
+            for ffn in self.ffns:
+                total = total + cfg.user_decay * ffn.user_ffn.penalty(users) / users.shape[0]
+        return total
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (the gates', ``router_lr``)."""
+        if self.cfg.router_lr == 1.0:
+            return {}
+        return {n: self.cfg.router_lr for n, _ in self.named_parameters() if ".gate." in n}
 
     def balance_loss(self, routing: list[dict[str, torch.Tensor]], group_share: torch.Tensor | None = None) -> torch.Tensor:
         """``alpha * G * sum_g f_g * P_g`` summed over layers.
@@ -185,6 +298,10 @@ class MRFF(SequenceModel):
             return total
         for layer, r in enumerate(routing):
             probs = r["probs"]
+            if cfg.balance == "soft":  # the batch's mean probabilities, with their gradient
+                mean = probs.mean(0)
+                total = total + cfg.alpha * cfg.groups * (mean * mean).sum()
+                continue
             if group_share is not None:
                 f = group_share[layer].to(probs)
             else:
@@ -211,8 +328,15 @@ class MRFF(SequenceModel):
                 roles[name] = PUBLIC
         return roles
 
+    def forward(self, batch: dict[str, torch.Tensor], mode: str = "train") -> Any:
+        """The backbone's modes plus ``route``: the ``(B, layers)`` groups chosen (first of
+        top-k), for ``torch.func.functional_call`` (the federated engine's routing report)."""
+        if mode == "route":
+            routing = self.encode(batch)["context"]["routing"]
+            return torch.stack([r["choice"][:, 0] for r in routing], dim=1)
+        return super().forward(batch, mode)
+
     @torch.no_grad()
     def route(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, layers)`` group chosen (first of top-k) per user and layer."""
-        routing = self.encode(batch)["context"]["routing"]
-        return torch.stack([r["choice"][:, 0] for r in routing], dim=1)
+        return self.forward(batch, mode="route")
