@@ -1,13 +1,27 @@
-"""Group discovery on synthetic data with known groups: NMI of MRFF's routing per layer,
-against chance, for the hard and the scaled gate, over several seeds.
+"""Group discovery on synthetic data with known groups: per layer, the NMI of MRFF's routing
+against the true groups (and chance), and the share of users in the largest group, for
+several gate settings, centralised and federated, over several seeds.
 
 Usage::
 
-    python simulations/group_discovery.py [--users 2000] [--groups 4] [--epochs 20] [--seeds 0 1 2]
+    python simulations/group_discovery.py [--modes central federated] [--variants hard default ...]
+        [--users 2000] [--groups 4] [--epochs 15] [--rounds 40] [--seeds 0 1 2] [--resume]
 
-Writes ``simulations/results/group_discovery.json`` (one report per gate and seed, with
-the test AUC of the trained model) and ``group_discovery.png`` (the last seed's heatmaps,
-one row per gate).
+Variants (model options over the bare ``mrff`` defaults; ``--list`` prints them): ``hard``
+is the reference code's gate, ``default`` whatever ``MRFFConfig`` now defaults to, the
+others one mechanism each.
+
+* ``central``: ``fedrec.train.train`` (the bare ``fedrec train`` budget given here), the
+  routing of every user's test-time view at the best validation epoch.
+* ``federated``: the federated engine in process (:class:`fedrec.federated.algorithm.Algorithm`,
+  the code the Flower apps run, tested equal to them), all users every round, 4 clients,
+  the MRFF reference protocol (one local Adam step at lr 0.1); routing of each user with
+  its own model at the last round, only to groups trained in that round (as evaluation
+  routes), and per round the share of users per group and of users whose group changed.
+
+Writes ``simulations/results/group_discovery.json`` (one report per mode, variant and seed,
+written after each, so ``--resume`` skips what is done) and ``group_discovery_<mode>_<variant>.png``
+(heatmaps of the first seed's ``default`` and ``hard`` runs).
 """
 
 from __future__ import annotations
@@ -16,59 +30,157 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from fedrec.data import load_dataset
 from fedrec.data.split import split_dataset
+from fedrec.federated.config import FederatedConfig
+from fedrec.federated.registry import create_algorithm
 from fedrec.inspect import group_report, plot_group_report, route_users
 from fedrec.models.base import ModelData
 from fedrec.models.registry import create_model
 from fedrec.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "simulations" / "results" / "group_discovery.json"
+
+#: name -> model options (over the model's defaults); "central"/"federated" limit a variant
+VARIANTS: dict[str, dict] = {
+    "hard": {"gate": "hard"},
+    "default": {},
+    "scaled": {"gate": "scaled"},
+    "entropy": {"gate": "scaled", "entropy": 0.1},
+    "soft+entropy": {"gate": "scaled", "balance": "soft", "entropy": 0.1},
+    "noise": {"gate": "scaled", "gate_noise": 1.0},
+    "z-loss": {"gate": "scaled", "z_loss": 0.01},
+    "router-lr": {"gate": "scaled", "router_lr": 0.1},
+    "router-lr+entropy": {"gate": "scaled", "router_lr": 0.1, "entropy": 0.1},
+}
+CENTRAL_ONLY = {"soft+entropy"}
+
+
+def _atomic_json(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def _summary(report: dict) -> dict:
+    layers = report["layers"]
+    return {"nmi": [e["nmi"] for e in layers], "nmi_chance": [e["nmi_chance"] for e in layers],
+            "largest_share": [round(max(e["users_per_group"]) / report["users"], 4) for e in layers],
+            "nmi_combined": report["nmi_combined"]}
+
+
+def run_central(split, spec: str, options: dict, *, seed: int, epochs: int, groups: int) -> dict:
+    """Train centrally; the group report of the best-epoch model, with its per-epoch routing."""
+    r = train("mrff", split, task="ctr", model_options=options,
+              config=TrainConfig(epochs=epochs, patience=epochs, seed=seed, progress=False), data_name=spec)
+    model = create_model("mrff", ModelData.from_split(split), options, task="ctr")
+    model.load_state_dict(r["model_state"])
+    users, routes = route_users(model, split)
+    report = group_report(users, routes, groups, split.user_group, seed=seed)
+    report["history"] = [{"epoch": h["epoch"], **h.get("routing", {})} for h in r["history"]]
+    report.update(test=r["test"], best=r["best_epoch"], seconds=r["seconds"])
+    return report
+
+
+def run_federated(split, options: dict, *, seed: int, rounds: int, groups: int, clients: int = 4) -> dict:
+    """The federated engine in process; the group report at the last round."""
+    start = time.perf_counter()
+    alg = create_algorithm("mrff", split, task="ctr", model_options=options,
+                           config=FederatedConfig(rounds=rounds, seed=seed, population=split.n_users))
+    all_users = np.arange(1, split.n_users + 1)
+    shards = [alg.make_shard(part) for part in np.array_split(all_users, clients)]
+    states = [alg.initial_local(s.users) for s in shards]
+    params, counts = alg.initial_global(), None
+    history, best, best_auc = [], None, -1.0
+    for rnd in range(1, rounds + 1):
+        uploads = []
+        for k, shard in enumerate(shards):
+            up, states[k], _ = alg.client_update(params, states[k], shard, round=rnd, group_counts=counts)
+            uploads.append(up)
+        params, counts, metrics = alg.aggregate(params, uploads)
+        total = counts.sum(1, keepdim=True).clamp(min=1)
+        entry = {"round": rnd, "share": (counts / total).numpy().round(4).tolist(),
+                 "changed": metrics.get("group-changed")}
+        if rnd % 5 == 0 or rnd == rounds:
+            for stage in ("valid", "test"):
+                entry[stage] = alg.combine([alg.client_evaluate(params, st, sh, stage=stage, group_counts=counts)
+                                            for st, sh in zip(states, shards)])
+            if entry["valid"]["auc"] > best_auc:
+                best_auc, best = entry["valid"]["auc"], entry
+        history.append(entry)
+    users, routes = [], []
+    for st, sh in zip(states, shards):
+        u, r = alg.route_users(params, st, sh.test, group_counts=counts)
+        users.append(u)
+        routes.append(r)
+    report = group_report(np.concatenate(users), np.concatenate(routes), groups, split.user_group, seed=seed)
+    report.update(history=history, test=best["test"], best=best["round"],
+                  seconds=round(time.perf_counter() - start, 1))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["central", "federated"], choices=["central", "federated"])
+    parser.add_argument("--variants", nargs="+", default=["hard", "default"], help="names of VARIANTS (--list)")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=15, help="centralised epochs")
+    parser.add_argument("--rounds", type=int, default=40, help="federated rounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--resume", action="store_true", help="keep the reports already in the JSON, skip their cells")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--out", type=Path, default=OUT, help="result JSON (PNGs beside it)")
     args = parser.parse_args(argv)
-    out_dir = ROOT / "simulations" / "results"
-    results = []
+    if args.list:
+        for name, opts in VARIANTS.items():
+            print(f"{name:20s} {opts or '(the model defaults)'}{'  [centralised only]' if name in CENTRAL_ONLY else ''}")
+        return 0
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if args.resume and out.exists() else []
+    done = {(r["mode"], r["variant"], r["seed"], r["data"]) for r in results}
     for seed in args.seeds:
         spec = f"synthetic:users={args.users},groups={args.groups},seed={seed}"
         split = split_dataset(load_dataset(spec))
-        for gate in ("hard", "scaled"):
-            options = {"gate": gate, "groups": args.groups, "max-len": 50}
-            r = train("mrff", split, task="ctr", model_options=options,
-                      config=TrainConfig(epochs=args.epochs, seed=seed, progress=False), data_name=spec)
-            model = create_model("mrff", ModelData.from_split(split), options, task="ctr")
-            model.load_state_dict(r["model_state"])
-            users, routes = route_users(model, split)
-            report = group_report(users, routes, args.groups, split.user_group, seed=seed)
-            report.update(data=spec, gate=gate, seed=seed, test=r["test"], best_epoch=r["best_epoch"])
-            results.append(report)
-            nmis = [e["nmi"] for e in report["layers"]]
-            chance = [e["nmi_chance"] for e in report["layers"]]
-            print(f"seed {seed} gate {gate:6s} NMI per layer {nmis} (chance {chance}), combined "
-                  f"{report['nmi_combined']} (chance {report['nmi_combined_chance']}), test AUC {r['test']['auc']}",
-                  flush=True)
-            plot_group_report(report, out_dir / f"group_discovery_{gate}.png")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(tmp, out_dir / "group_discovery.json")
-    for gate in ("hard", "scaled"):
-        rows = [r for r in results if r["gate"] == gate]
-        per_layer = np.array([[e["nmi"] for e in r["layers"]] for r in rows])
-        chance = np.array([[e["nmi_chance"] for e in r["layers"]] for r in rows])
-        print(f"{gate:6s} NMI per layer mean {per_layer.mean(0).round(3).tolist()} "
-              f"(chance {chance.mean(0).round(3).tolist()}) over {len(rows)} seeds")
+        for mode in args.modes:
+            for variant in args.variants:
+                if (mode, variant, seed, spec) in done or (mode == "federated" and variant in CENTRAL_ONLY):
+                    continue
+                options = {"groups": args.groups, "max-len": 50, **VARIANTS[variant]}
+                if mode == "central":
+                    report = run_central(split, spec, options, seed=seed, epochs=args.epochs, groups=args.groups)
+                else:
+                    report = run_federated(split, options, seed=seed, rounds=args.rounds, groups=args.groups)
+                report.update(mode=mode, variant=variant, options=options, data=spec, seed=seed,
+                              budget={"epochs": args.epochs} if mode == "central" else {"rounds": args.rounds})
+                report["summary"] = _summary(report)
+                results.append(report)
+                _atomic_json(results, out)
+                s = report["summary"]
+                print(f"{mode:9s} {variant:18s} seed {seed}: NMI {s['nmi']} (chance {s['nmi_chance']}), largest "
+                      f"group {s['largest_share']}, test AUC {report['test']['auc']:.4f}, {report['seconds']}s",
+                      flush=True)
+                if seed == args.seeds[0] and variant in ("default", "hard"):
+                    plot_group_report(report, out.parent / f"{out.stem}_{mode}_{variant}.png")
+    for mode in args.modes:
+        for variant in args.variants:
+            rows = [r for r in results if r["mode"] == mode and r["variant"] == variant]
+            if rows:
+                nmi = np.array([r["summary"]["nmi"] for r in rows]).mean(0).round(3).tolist()
+                share = np.array([r["summary"]["largest_share"] for r in rows]).mean(0).round(3).tolist()
+                print(f"{mode:9s} {variant:18s} mean over {len(rows)} seeds: NMI per layer {nmi}, largest group {share}")
     return 0
 
 

@@ -107,3 +107,29 @@ def test_federation_equality_script_finds_no_difference(tmp_path):
     report = json.loads((tmp_path / "federation_equality_tiny.json").read_text())
     assert report["max_abs_difference"] <= 1e-6 and report["metrics_compared"] > 10
     assert "`synthetic:users=30,items=40,seed=5`" in (tmp_path / "federation_equality.md").read_text()
+
+
+def test_group_discovery_script_central_and_federated(tmp_path):
+    """A tiny run of both modes: reports with NMI per layer, the largest group's share and
+    the per-round routing history (share and changed users)."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "simulations" / "group_discovery.py"
+    spec = importlib.util.spec_from_file_location("group_discovery", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "gd.json"
+    assert module.main(["--users", "60", "--epochs", "1", "--rounds", "2", "--seeds", "0",
+                        "--variants", "default", "--out", str(out)]) == 0
+    reports = json.loads(out.read_text())
+    assert {r["mode"] for r in reports} == {"central", "federated"}
+    for r in reports:
+        assert len(r["summary"]["nmi"]) == 2 and all(0 < s <= 1 for s in r["summary"]["largest_share"])
+    fed = next(r for r in reports if r["mode"] == "federated")
+    assert fed["history"][1]["changed"] is not None and len(fed["history"][1]["share"]) == 2
+    assert (tmp_path / "gd_federated_default.png").exists()
+    # resume skips the finished cells
+    assert module.main(["--users", "60", "--epochs", "1", "--rounds", "2", "--seeds", "0",
+                        "--variants", "default", "--out", str(out), "--resume"]) == 0
+    assert len(json.loads(out.read_text())) == 2
