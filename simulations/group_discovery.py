@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fedrec.data import load_dataset
 from fedrec.data.split import split_dataset
@@ -99,7 +100,7 @@ def run_federated(split, options: dict, *, seed: int, rounds: int, groups: int, 
     states = [alg.initial_local(s.users) for s in shards]
     params, counts = alg.initial_global(), None
     history, best, best_auc = [], None, -1.0
-    for rnd in range(1, rounds + 1):
+    for rnd in tqdm(range(1, rounds + 1), desc=f"federated {options.get('gate', 'default')}", leave=False):
         uploads = []
         for k, shard in enumerate(shards):
             up, states[k], _ = alg.client_update(params, states[k], shard, round=rnd, group_counts=counts)
