@@ -439,7 +439,7 @@ class Algorithm:
         counts = torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
         weight_total, loss_sum, n_examples = 0.0, 0.0, 0
         if len(examples):
-            sampler = (UniformNegativeSampler(self.split, seed=_negative_seed(cfg.seed, round, shard))
+            sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
             batch = next(iterate_batches(examples, batch_size=len(examples),
                                          num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
@@ -541,10 +541,11 @@ class Algorithm:
     @torch.no_grad()
     def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
                 candidates: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Each user's own model on ``examples`` (one per user): CTR ``probs``/``labels``,
-        or next-item ``ranks`` (full ranking, or sampled with ``candidates``)."""
+        """Each user's own model on ``examples`` (one per user): CTR ``probs``/``logits``/
+        ``labels``, or next-item ``ranks`` (full ranking, or sampled with ``candidates``)."""
         if len(examples) == 0:
-            return {"probs": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr" else {"ranks": np.zeros(0)}
+            return ({"probs": np.zeros(0), "logits": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr"
+                    else {"ranks": np.zeros(0)})
         template = self.template
         template.eval()
         task, cfg = self.task, self.config
@@ -552,11 +553,13 @@ class Algorithm:
         batch = next(iterate_batches(examples, batch_size=len(examples)))
         if candidates is not None:
             batch["candidates"] = torch.from_numpy(candidates)
-        mode = "ctr" if task == "ctr" else ("candidates" if candidates is not None else "all")
+        # CTR: the plain forward's logits (predict_ctr's sigmoid of them saturates in float32)
+        mode = "train" if task == "ctr" else ("candidates" if candidates is not None else "all")
 
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
-            return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
+            out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
+            return out["logits"][0, -1] if task == "ctr" else out[0]
 
         vfn = vmap(fn, in_dims=(0, None, 0))
         out = []
@@ -565,9 +568,11 @@ class Algorithm:
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
             out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
-        scores = torch.cat(out).double().numpy()
         if task == "ctr":
-            return {"probs": scores, "labels": batch["target_labels"][:, -1].numpy()}
+            logits = torch.cat(out)
+            return {"probs": torch.sigmoid(logits).double().numpy(), "logits": logits.double().numpy(),
+                    "labels": batch["target_labels"][:, -1].numpy()}
+        scores = torch.cat(out).double().numpy()
         if candidates is not None:
             return {"ranks": sampled_ranking_ranks(scores[:, 0], scores[:, 1:])}
         indptr, indices = examples.exclusions()
@@ -630,7 +635,7 @@ class Algorithm:
         examples = getattr(shard, stage)
         pred = self.predict(global_params, state, examples, shard.candidates.get(stage))
         if self.task == "ctr":
-            return ctr_summary(pred["labels"], pred["probs"], bins=self.config.auc_bins)
+            return ctr_summary(pred["labels"], pred["probs"], logits=pred["logits"], bins=self.config.auc_bins)
         return ranking_summary(pred["ranks"])
 
     def combine(self, summaries: list[dict[str, Any]]) -> dict[str, float | None]:
