@@ -7,10 +7,15 @@ Protocols (name them next to every number):
   pooled held-out impressions; model selection on validation AUC.
 * ``next_item`` with ``protocol="full"`` — the held-out item ranked against every item, the
   user's history items excluded; ``"sampled-99"`` / ``"sampled-999"`` — against 99 / 999
-  uniform items the user never interacted with (fixed by ``eval_seed``), or against the
-  fixed negatives of a ``negatives_file`` (a paper's published candidates, see
+  distinct uniform items the user never interacted with (fixed by ``eval_seed``), or
+  against the fixed negatives of a ``negatives_file`` (a paper's published candidates, see
   :class:`~fedrec.data.samplers.FixedNegatives`). HR@K, NDCG@K (K = 5, 10, 20), MRR; model
-  selection on validation NDCG@10.
+  selection on validation NDCG@10. Training negatives exclude only the user's training
+  items (:meth:`~fedrec.data.samplers.UniformNegativeSampler.for_training`).
+
+Results carry ``population`` (:func:`~fedrec.data.batching.evaluation_population`): the
+rule that decides who is evaluated and how many users are, per stage (next item on
+labelled data evaluates only users whose held-out interaction is a positive).
 
 :func:`evaluate_saved` scores a saved model (a ``checkpoint`` or ``resume`` file) again, on
 any protocol, without training.
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.data.batching import ExampleSet, build_examples, iterate_batches
+from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches
 from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
@@ -113,8 +118,9 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
              negatives: FixedNegatives | None = None) -> dict[str, float | None]:
     """Metrics of ``model`` on ``examples`` (a valid or test :class:`ExampleSet`).
 
-    Sampled protocols draw uniform negatives from ``eval_seed``, or take them from
-    ``negatives`` (fixed per user) when given.
+    Sampled protocols draw distinct uniform negatives from ``eval_seed`` (see
+    :meth:`~fedrec.data.batching.ExampleSet.candidates`), or take them from ``negatives``
+    (fixed per user) when given.
     """
     model.eval()
     if len(examples) == 0:
@@ -351,8 +357,10 @@ def train(
 
     The test metrics are those of the epoch with the best validation metric
     (:func:`selection_metric`). Returns a JSON-ready dict with ``model``, ``data``, ``task``,
-    ``protocol``, ``valid``, ``test``, ``best_epoch``, ``history``, ``seconds``,
-    ``parameters`` and the configs; ``model_state`` holds the best weights (not JSON).
+    ``protocol``, ``population`` (who is evaluated, see
+    :func:`~fedrec.data.batching.evaluation_population`), ``valid``, ``test``,
+    ``best_epoch``, ``history``, ``seconds``, ``parameters`` and the configs;
+    ``model_state`` holds the best weights (not JSON).
     """
     cfg = config or TrainConfig()
     start = time.perf_counter()
@@ -370,6 +378,13 @@ def train(
                      negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()],
                                                 [valid, test]))
     history: list[dict[str, Any]] = []
+    if task == "next_item" and eval_args["negatives"] is None:
+        # draw the sampled protocols' candidates once before training: a user with too few
+        # unseen items is an error now, not after the first epoch
+        checks = [(cfg.protocol, valid), (cfg.protocol, test)] + [(p, test) for p in cfg.extra_protocols()]
+        for name, ex in checks:
+            if name.startswith("sampled-") and len(ex):
+                ex.candidates(int(name.split("-")[1]), seed=cfg.eval_seed)
 
     if not getattr(model, "trainable", True):
         model.fit(split)
@@ -380,7 +395,7 @@ def train(
         if len(train_ex) == 0:
             raise ConfigError("no training examples (every user has fewer than two training interactions)")
         opts = _optimizers(model, cfg)
-        sampler = UniformNegativeSampler(split, seed=cfg.seed) if task == "next_item" else None
+        sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task == "next_item" else None
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
         identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)
@@ -465,6 +480,7 @@ def train(
         "data": data_name,
         "task": task,
         "protocol": protocol,
+        "population": evaluation_population(split, task, {"valid": valid, "test": test}),
         "selection": f"valid {metric}",
         "valid": best_valid,
         "test": test_scores,
@@ -566,7 +582,8 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
     uniform draws, and ``None`` (default) means the run's own choice: a checkpoint names its
     file, a training state only its digest, so for a state trained with one the file must be
     passed. Returns ``model``, ``task``, ``best_epoch``, ``finished`` (whether a training
-    state's run had ended; None for a checkpoint) and ``by_protocol``:
+    state's run had ended; None for a checkpoint), ``population`` (who is evaluated, see
+    :func:`~fedrec.data.batching.evaluation_population`) and ``by_protocol``:
     ``{protocol: {stage: metrics}}`` (CTR: one entry, ``pooled``). With ``skip_unfinished``,
     a state whose run has not ended returns without ``by_protocol`` (nothing is scored).
     """
@@ -607,7 +624,8 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
                                batch_size=batch_size, eval_seed=eval_seed,
                                negatives=fixed if name.startswith("sampled-") else None)
                for stage, ex in examples.items()} for name in protocols}
-    return {**result, "eval_seed": eval_seed, "negatives_file": negatives_file}
+    return {**result, "population": evaluation_population(split, task, examples), "eval_seed": eval_seed,
+            "negatives_file": negatives_file}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

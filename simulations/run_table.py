@@ -66,6 +66,16 @@ def _test_value(run: dict, metric: str) -> float | None:
     return run["test"].get(metric)
 
 
+def population_note(results: dict) -> str:
+    """`` Evaluated: N of U users at test (rule).`` from the runs' ``population`` (empty for
+    results recorded before it existed)."""
+    pops = [r["population"] for r in results.values() if r.get("population")]
+    if not pops:
+        return ""
+    pop = pops[0]
+    return f" Evaluated: {pop['test']['users']} of {pop['users']} users at test ({pop['rule']})."
+
+
 def markdown(results: dict, metrics: list[str], header: str) -> str:
     """Mean ± std over seeds of each row's test metrics, as a Markdown table."""
     lines = [header, "", "| model | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best epochs |",
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = cfg.get("metrics", ["auc", "logloss"] if task == "ctr" else ["hr@10", "ndcg@10"])
     header = f"### {cfg.get('title', args.config.stem)}\n\nData `{cfg['data']}`, task {task}, " \
              f"protocol {'pooled CTR' if task == 'ctr' else cfg.get('train', {}).get('protocol', 'full')}; " \
-             "test at the best validation epoch."
+             "test at the best validation epoch." + population_note(results)
     _write(out_json.with_suffix(".md"), markdown(results, metrics, header))
     print(markdown(results, metrics, header))
     return 0

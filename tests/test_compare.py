@@ -83,3 +83,36 @@ def test_changed_row_config_reruns_on_resume(tmp_path):
     path.write_text(CONFIG.replace("[train]\nepochs = 2", "[train]\nepochs = 1"))
     second = run_comparison(load_comparison(path), seeds=[0], out_dir=out, only=["central"])
     assert len(first["central/seed0"]["history"]) == 2 and len(second["central/seed0"]["history"]) == 1
+
+
+def test_table_shows_the_auc_error_bound_where_it_exceeds_0001(tmp_path):
+    """A federated AUC carries the server's histogram bound: the table shows the mean of the
+    seeds' bounds next to it when above 0.001 (never for exact centralised AUCs), the CSV
+    always; re-rendering from results alone draws no plot when asked not to."""
+    from fedrec.compare import write_outputs
+
+    cfg = {"stem": "t", "title": "t", "data_display": "synthetic:", "task": "ctr",
+           "runs": [{"name": "fed", "kind": "federated"}, {"name": "tight", "kind": "federated"},
+                    {"name": "central", "kind": "centralised", "model": "user_ctr"}]}
+
+    def run(row, kind, auc, bound=None):
+        test = {"auc": auc, "logloss": 0.6, **({"auc-error-bound": bound} if kind == "federated" else {})}
+        return {"row": row, "kind": kind, "test": test, "best_round": 5, "seconds": 1.0}
+
+    results = {"fed/seed0": run("fed", "federated", 0.60, 0.02), "fed/seed1": run("fed", "federated", 0.62, 0.04),
+               "tight/seed0": run("tight", "federated", 0.70, 0.0004),
+               "central/seed0": run("central", "centralised", 0.71)}
+    write_outputs(cfg, results, tmp_path, curves=False)
+    md = (tmp_path / "t.md").read_text()
+    assert "| fed | federated | 0.6100 ± 0.0100 (±0.0300 hist.) | 0.6000 ± 0.0000 |" in md
+    assert "| tight | federated | 0.7000 ± 0.0000 | 0.6000 ± 0.0000 |" in md
+    assert "| central | centralised | 0.7100 ± 0.0000 | 0.6000 ± 0.0000 |" in md
+    assert "b bounds its distance from the exact AUC" in md
+    with open(tmp_path / "t.csv") as handle:
+        rows = {r["row"]: r for r in csv.DictReader(handle)}
+    assert float(rows["fed"]["test auc bound"]) == pytest.approx(0.03)
+    assert float(rows["tight"]["test auc bound"]) == pytest.approx(0.0004) and rows["central"]["test auc bound"] == ""
+    assert not (tmp_path / "t_curves.png").exists()
+    # no bound above 0.001: no note either
+    write_outputs(cfg, {"tight/seed0": results["tight/seed0"]}, tmp_path, curves=False)
+    assert "hist." not in (tmp_path / "t.md").read_text()

@@ -58,6 +58,10 @@ def test_run_table_then_reevaluate(tmp_path, capsys):
     # the results name the negatives file as the config does, not by this machine's path
     assert table["SASRec/seed0"]["train"]["negatives_file"] == "{data_root}/neg.txt"
     assert "| SASRec |" in (out / "tiny.md").read_text()
+    # who was evaluated is stated next to the numbers (positives only on this click log)
+    pop = table["SASRec/seed0"]["population"]
+    assert 0 < pop["test"]["users"] <= pop["users"] == 40 and "positive" in pop["rule"]
+    assert f"Evaluated: {pop['test']['users']} of 40 users at test (positives only" in (out / "tiny.md").read_text()
     # re-scoring the states on the same fixed negatives repeats the table's test numbers
     assert reevaluate.main([str(config), *common, "--state-dir", str(states),
                             "--negatives-file", "{data_root}/neg.txt"]) == 0

@@ -21,12 +21,19 @@ from fedrec.models.registry import create_model
 from fedrec.train import TrainConfig, evaluate, train
 
 SPEC = "synthetic:users=60,items=80,groups=2,min_len=8,max_len=14,seed=2"
+#: enough items for sampled-99's 99 distinct unseen negatives per user
+WIDE = "synthetic:users=40,items=200,groups=2,min_len=8,max_len=12,seed=4"
 SMALL = {"dim": 16, "field-dim": 4, "layers": 1, "max-len": 10, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
 def split():
     return split_dataset(load_dataset(SPEC))
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return split_dataset(load_dataset(WIDE))
 
 
 def test_test_metrics_are_those_of_the_best_validation_epoch(split, tmp_path):
@@ -64,58 +71,58 @@ def _stop_after(epoch):
 
 
 @pytest.mark.parametrize("extra,stop", [({"epochs": 5, "patience": 10}, 2),
-                                        # early stopping fires at epoch 9 (best 7, patience 1): the
+                                        # early stopping fires at epoch 10 (best 8, patience 1): the
                                         # resumed run must carry the stale counter over to stop there
-                                        ({"epochs": 12, "patience": 1, "lr": 0.01}, 9)])
-def test_interrupted_run_resumes_to_the_uninterrupted_result(split, tmp_path, extra, stop):
+                                        ({"epochs": 12, "patience": 1, "lr": 0.01}, 10)])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(wide, tmp_path, extra, stop):
     """Next item with sampled negatives and dropout (so the sampler's and torch's RNG
     states matter): interrupted during epoch ``stop`` (the hook runs before that epoch's
     state is written), resumed from the state file, the run ends with the same history, best
     epoch, test metrics and weights as one uninterrupted run."""
     opts = {**SMALL, "dropout": 0.3}
     cfg = {"batch_size": 16, "progress": False, "protocol": "sampled-99", "negatives": 2, **extra}
-    whole = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg))
+    whole = train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg))
     assert stop <= whole["epochs_run"]
     if extra["patience"] == 1:
         assert whole["epochs_run"] < extra["epochs"]  # early stopping did fire
     state = tmp_path / "run.pt"
     with pytest.raises(_Stop):
-        train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+        train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
               on_epoch=_stop_after(stop))
     assert torch.load(state, weights_only=False)["epoch"] == stop - 1
     seen = []
-    resumed = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+    resumed = train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
                     on_epoch=lambda r: seen.append(r["epoch"]))
     assert seen == list(range(stop, whole["epochs_run"] + 1))  # earlier epochs were not trained again
     assert resumed["history"] == whole["history"]
     assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
     assert all(torch.equal(resumed["model_state"][k], whole["model_state"][k]) for k in whole["model_state"])
     # a finished state gives its result again without training
-    again = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
+    again = train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg, resume=str(state)),
                   on_epoch=_stop_after(1))
     assert again["test"] == whole["test"] and again["epochs_run"] == whole["epochs_run"]
 
 
 @pytest.mark.parametrize("short,long", [({"epochs": 3, "patience": 10}, {"epochs": 6, "patience": 10}),
                                         ({"epochs": 12, "patience": 0, "lr": 0.01}, {"epochs": 12, "patience": 3, "lr": 0.01})])
-def test_a_finished_run_continues_with_a_larger_budget(split, tmp_path, short, long):
+def test_a_finished_run_continues_with_a_larger_budget(wide, tmp_path, short, long):
     """A state that finished at its epoch cap or on patience, resumed with more epochs or
     patience, ends as a run that had the larger budget from the start."""
     opts = {**SMALL, "dropout": 0.3}
     cfg = {"batch_size": 16, "progress": False, "protocol": "sampled-99", "negatives": 2}
-    whole = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, **long))
+    whole = train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg, **long))
     state = tmp_path / "run.pt"
-    first = train("sasrec", split, task="next_item", model_options=opts, config=TrainConfig(**cfg, **short, resume=str(state)))
+    first = train("sasrec", wide, task="next_item", model_options=opts, config=TrainConfig(**cfg, **short, resume=str(state)))
     assert first["epochs_run"] < whole["epochs_run"]  # the short budget did stop it earlier
     seen = []
-    longer = train("sasrec", split, task="next_item", model_options=opts,
+    longer = train("sasrec", wide, task="next_item", model_options=opts,
                    config=TrainConfig(**cfg, **long, resume=str(state)), on_epoch=lambda r: seen.append(r["epoch"]))
     assert seen == list(range(first["epochs_run"] + 1, whole["epochs_run"] + 1))
     assert longer["history"] == whole["history"] and longer["test"] == whole["test"]
     assert longer["best_epoch"] == whole["best_epoch"]
     # going back below where the run now is would rewrite history: refused
     with pytest.raises(ConfigError, match=f"reached epoch {whole['epochs_run']}, but with epochs 2 and patience"):
-        train("sasrec", split, task="next_item", model_options=opts,
+        train("sasrec", wide, task="next_item", model_options=opts,
               config=TrainConfig(**cfg, **{**long, "epochs": 2}, resume=str(state)))
 
 
@@ -143,13 +150,55 @@ def test_resume_refuses_a_state_of_another_run(split, tmp_path):
         train("sasrec", split, task="ctr", model_options=SMALL, config=TrainConfig(**cfg))
 
 
-def test_next_item_protocols(split):
+def test_next_item_protocols(wide):
     for protocol in ("full", "sampled-99"):
         cfg = TrainConfig(epochs=1, batch_size=16, progress=False, protocol=protocol)
-        result = train("sasrec", split, task="next_item", model_options=SMALL, config=cfg)
+        result = train("sasrec", wide, task="next_item", model_options=SMALL, config=cfg)
         assert result["protocol"] == protocol
         assert set(result["test"]) >= {"hr@10", "ndcg@10", "mrr"}
         assert 0.0 <= result["test"]["hr@10"] <= 1.0
+        # who was evaluated: the users with a positive held-out item (a click log)
+        valid, test = (build_examples(wide, task="next_item", stage=st, max_len=10) for st in ("valid", "test"))
+        assert result["population"]["users"] == wide.n_users
+        assert result["population"]["test"] == {"examples": len(test), "users": len(np.unique(test.users))}
+        assert result["population"]["valid"]["examples"] == len(valid) and "positive" in result["population"]["rule"]
+
+
+def test_sampled_99_needs_99_unseen_items_per_user_and_says_so_before_training(split):
+    # 80 items: every user has fewer than 99 it never interacted with
+    epochs = []
+    with pytest.raises(DataError, match=r"user \S+ has \d+ items never interacted with, fewer than the 99"):
+        train("sasrec", split, task="next_item", model_options=SMALL, on_epoch=epochs.append,
+              config=TrainConfig(epochs=1, batch_size=16, progress=False, protocol="sampled-99"))
+    assert epochs == []  # no epoch was trained first
+
+
+def test_training_negatives_exclude_only_training_items(monkeypatch):
+    """User 1 trains on items 1..8 and holds out 9 (valid) and 10 (test); users 2, 3 bring
+    items 11, 12. Its training negatives come from {9, 10, 11, 12}: the held-out items are
+    drawn too (as in SASRec's code), training items never."""
+    import pandas as pd
+
+    import fedrec.train as train_module
+    from fedrec.data import Dataset, Interactions
+
+    rows = [(1, i, i) for i in range(1, 11)] + [(u, i, t) for u in (2, 3) for t, i in enumerate((11, 12, 1, 2, 3))]
+    frame = pd.DataFrame(rows, columns=["user", "item", "time"])
+    sp = split_dataset(Dataset(name="t", interactions=Interactions.from_frame(frame, source="t")))
+    drawn: dict[int, set] = {}
+
+    def recording(examples, **kw):
+        for batch in iterate_batches(examples, **kw):
+            if "negatives" in batch:
+                for user, neg, mask in zip(batch["user"], batch["negatives"], batch["target_mask"], strict=True):
+                    raw = sp.item_raw[neg[mask].numpy().ravel()]
+                    drawn.setdefault(int(sp.user_raw[int(user)]), set()).update(raw.tolist())
+            yield batch
+
+    monkeypatch.setattr(train_module, "iterate_batches", recording)
+    train("sasrec", sp, task="next_item", model_options=SMALL,
+          config=TrainConfig(epochs=2, batch_size=4, negatives=5, progress=False, protocol="full"))
+    assert drawn[1] == {9, 10, 11, 12}
 
 
 def test_bad_train_options():
@@ -198,8 +247,6 @@ def test_cli_train_json_and_errors(tmp_path):
 
 
 # ---- fixed sampled-ranking negatives and re-evaluation of saved models ----------------------
-
-WIDE = "synthetic:users=40,items=200,groups=2,min_len=8,max_len=12,seed=4"
 
 
 def test_fixed_negatives_are_the_candidates_ranked(tmp_path):

@@ -13,12 +13,15 @@ left-padded, so the most recent interaction is always in the last column):
 ``next_item``
     The same windows over the user's **positive** interactions (on CTR logs with real 0/1
     labels, non-clicks are neither targets nor history); training adds ``negatives``
-    ``(B, T, n_neg)`` drawn uniformly among items the user never interacted with;
-    evaluation adds ``candidates`` ``(B, 1 + N)`` (column 0 the held-out item; drawn once
-    per example set from the sampler's seed, so every model and batch size sees the same
-    negatives) for sampled ranking, or nothing for full ranking (use
-    :meth:`ExampleSet.exclusions` for the items to exclude). Users whose held-out
-    interaction is a non-click have no evaluation example at that stage.
+    ``(B, T, n_neg)`` from the given sampler (the trainers use
+    :meth:`~fedrec.data.samplers.UniformNegativeSampler.for_training`: uniform among items
+    the user did not interact with in training, with replacement); evaluation adds
+    ``candidates`` ``(B, 1 + N)`` (column 0 the held-out item, then ``N`` distinct items the
+    user never interacted with in any split; drawn once per example set from the sampler's
+    seed, so every model and batch size sees the same negatives) for sampled ranking, or
+    nothing for full ranking (use :meth:`ExampleSet.exclusions` for the items to exclude).
+    Users whose held-out interaction is a non-click have no evaluation example at that
+    stage (see :func:`evaluation_population`).
 ``cdr``
     One example per (user, domain, positive item) with ``negatives`` ``(B, n_neg)`` from the
     same domain, an own-domain context ``own_items`` ``(B, T)`` (a random subset of the
@@ -45,7 +48,8 @@ from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
-__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "history_parts", "iterate_batches"]
+__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "evaluation_population", "history_parts",
+           "iterate_batches"]
 
 TASKS = ("ctr", "next_item", "cdr")
 STAGES = ("train", "valid", "test")
@@ -90,16 +94,22 @@ class ExampleSet:
 
     def candidates(self, n: int, *, seed: int, fixed: FixedNegatives | None = None) -> np.ndarray:
         """``(N, 1 + n)`` sampled-ranking candidates: column 0 the held-out item, then ``n``
-        uniform items the user never interacted with, within the item's domain (or each
-        user's ``fixed`` negatives, when given).
+        distinct uniform items the user never interacted with in any split (so never the
+        held-out item), within the item's domain (or each user's ``fixed`` negatives, when
+        given). A user with fewer than ``n`` such items is a
+        :class:`~fedrec.errors.DataError` naming the user.
 
         Drawn from ``seed`` alone, so every model and batch size is scored on the same
         negatives (the same seed gives the same candidates for the same examples).
         """
         sp = self.split
-        sampler = fixed if fixed is not None else UniformNegativeSampler(sp, seed=seed)
+        domains = self.domains if sp.domains else None
         targets = _take(sp.item, self.target_rows[:, -1])
-        negatives = sampler.sample(self.users, n, domains=self.domains if sp.domains else None)
+        if fixed is not None:
+            negatives = fixed.sample(self.users, n, domains=domains)
+        else:
+            sampler = UniformNegativeSampler(sp, seed=seed, exclude_parts=(TRAIN, VALID, TEST))
+            negatives = sampler.sample(self.users, n, domains=domains, distinct=True)
         return np.concatenate([targets[:, None], negatives], axis=1)
 
     def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -175,6 +185,34 @@ def build_examples(split: SplitData, *, task: str, stage: str, max_len: int) -> 
     tgt = np.full((len(targets), max_len), -1, dtype=np.int64)
     tgt[:, -1] = targets
     return ExampleSet(task, stage, split, seqs, hist[seqs], tgt, max_len)
+
+
+def evaluation_population(split: SplitData, task: str, examples: dict[str, ExampleSet]) -> dict:
+    """Who is evaluated, to be stated next to the numbers: ``rule`` (which interactions
+    count and which users have an example), ``users`` (the split's users) and, per stage of
+    ``examples`` (valid/test example sets by stage), its ``examples`` and ``users``.
+
+    On labelled data (e.g. ``movielens:`` with its default ``threshold=4``) next item uses
+    positives only, so a user whose held-out interaction is a non-click (a rating below the
+    threshold) is not evaluated at that stage; ``movielens:PATH?implicit=true`` (every rating
+    a positive) evaluates every user on its last interaction.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    held_out = "the files' own valid/test rows" if split.method == "files" else \
+        "each user's second-to-last (valid) and last (test) interaction by time"
+    if task == "ctr":
+        rule = f"every held-out impression, clicked or not ({held_out})"
+    elif not split.has_labels:
+        rule = f"every interaction is a positive; every user with a held-out interaction ({held_out}) is evaluated"
+    else:
+        what = "held-out target" if task == "next_item" else "held-out row"
+        rule = (f"positives only (label 1: history and targets); a user is evaluated at a stage only when its "
+                f"{what} there ({held_out}) is a positive")
+    out: dict = {"rule": rule, "users": int(split.n_users)}
+    for stage, ex in examples.items():
+        out[stage] = {"examples": len(ex), "users": int(np.unique(ex.users).size)}
+    return out
 
 
 def history_parts(split: SplitData, stage: str) -> tuple[int, ...]:

@@ -1,9 +1,21 @@
 """Seeded negative samplers.
 
 :class:`UniformNegativeSampler` draws items uniformly among those a user never interacted
-with (in any split, by default), restricted to the item's domain on multi-domain data. It is
-vectorised: draws for a whole batch at once, with rejection of seen items re-drawn in bulk
-(membership tested with a sorted key array, no per-user Python sets).
+with (in the splits it is told to exclude), restricted to the item's domain on multi-domain
+data. It is vectorised: draws for a whole batch at once, with rejection of seen items
+re-drawn in bulk (membership tested with a sorted key array, no per-user Python sets).
+
+Two uses, two exclusions:
+
+* **training negatives** (:meth:`UniformNegativeSampler.for_training`) exclude only the
+  items the user interacted with in the training split, as SASRec's own code does: a
+  user's validation and test items may be drawn as training negatives (excluding them
+  would tell the model, through the negatives it never sees, which items are held out);
+  they are drawn with replacement across a row's columns;
+* **sampled-ranking candidates** (``sample(..., distinct=True)`` on a sampler excluding all
+  splits, as :meth:`fedrec.data.batching.ExampleSet.candidates` builds it) are ``n``
+  *distinct* items the user never interacted with in any split (so never the held-out
+  item), as in the sampled protocols of SASRec / S3-Rec / UniCDR.
 
 :class:`FixedNegatives` reads a published list of sampled-ranking negatives per user (the
 ``user neg_1 ... neg_N`` format of S3-Rec's ``*_sample.txt``), so a sampled metric can be
@@ -36,7 +48,8 @@ class UniformNegativeSampler:
         Seed of the sampler's own generator; the same seed gives the same draws.
     exclude_parts:
         Which splits count as "interacted with" (default: all three, as in the sampled
-        ranking protocols of SASRec / S3-Rec / UniCDR).
+        ranking protocols of SASRec / S3-Rec / UniCDR; training negatives use
+        :meth:`for_training`, which excludes only ``TRAIN``).
     """
 
     def __init__(self, split: SplitData, *, seed: int, exclude_parts: tuple[int, ...] = (TRAIN, VALID, TEST)) -> None:
@@ -52,6 +65,13 @@ class UniformNegativeSampler:
         else:
             self._domain_items = [np.arange(1, split.n_items + 1)]
 
+    @classmethod
+    def for_training(cls, split: SplitData, *, seed: int) -> UniformNegativeSampler:
+        """The sampler of training negatives: it excludes only the user's training items
+        (a validation or test item may be drawn, as in SASRec's code); see the module
+        docstring."""
+        return cls(split, seed=seed, exclude_parts=(TRAIN,))
+
     def _seen(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         if len(self._keys) == 0:
             return np.zeros(len(users), dtype=bool)
@@ -60,9 +80,16 @@ class UniformNegativeSampler:
         pos = np.minimum(pos, len(self._keys) - 1)
         return self._keys[pos] == keys
 
-    def sample(self, users: np.ndarray, n: int, domains: np.ndarray | None = None) -> np.ndarray:
-        """``(len(users), n)`` item indices, each unseen by its user (draws with replacement
-        across the ``n`` columns). ``domains`` (one per user) restricts to a domain's items."""
+    def sample(self, users: np.ndarray, n: int, domains: np.ndarray | None = None, *,
+               distinct: bool = False) -> np.ndarray:
+        """``(len(users), n)`` item indices, each unseen by its user. ``domains`` (one per
+        user) restricts to a domain's items.
+
+        By default the ``n`` columns are drawn with replacement (training negatives). With
+        ``distinct=True`` each row holds ``n`` distinct items (sampled-ranking candidates):
+        a uniformly random ``n``-subset of the user's unseen items, and a user with fewer
+        than ``n`` unseen items is a :class:`~fedrec.errors.DataError` naming the user.
+        """
         users = np.asarray(users, dtype=np.int64)
         if n < 0:
             raise ConfigError(f"number of negatives must be >= 0 (got {n})")
@@ -78,25 +105,70 @@ class UniformNegativeSampler:
             rows = np.flatnonzero(domains == d)
             if rows.size == 0:
                 continue
-            u = np.repeat(users[rows], n)
-            items = pool[self.rng.integers(pool.size, size=u.size)]
-            bad = self._seen(u, items)
-            for _ in range(_MAX_ROUNDS):
-                if not bad.any():
-                    break
-                items[bad] = pool[self.rng.integers(pool.size, size=int(bad.sum()))]
-                bad[bad] = self._seen(u[bad], items[bad])
-            # rejection left a few draws for users who saw most of the pool: draw those
-            # exactly from the user's unseen items
-            for j in np.flatnonzero(bad):
-                lo, hi = np.searchsorted(self._keys, [u[j] * self._stride, (u[j] + 1) * self._stride])
-                unseen = np.setdiff1d(pool, self._keys[lo:hi] - u[j] * self._stride)
-                if unseen.size == 0:
-                    user = int(self.split.user_raw[u[j]])
-                    raise DataError(f"user {user} has interacted with every item of the pool; cannot sample negatives")
-                items[j] = unseen[self.rng.integers(unseen.size)]
-            out[rows] = items.reshape(len(rows), n)
+            draw = self._distinct if distinct else self._with_replacement
+            out[rows] = draw(users[rows], n, pool)
         return out
+
+    def _unseen(self, user: int, pool: np.ndarray) -> np.ndarray:
+        """The items of ``pool`` that ``user`` (an index) never interacted with, sorted."""
+        lo, hi = np.searchsorted(self._keys, [user * self._stride, (user + 1) * self._stride])
+        return np.setdiff1d(pool, self._keys[lo:hi] - user * self._stride)
+
+    def _with_replacement(self, users: np.ndarray, n: int, pool: np.ndarray) -> np.ndarray:
+        """``(len(users), n)`` unseen items of ``pool``, drawn with replacement."""
+        u = np.repeat(users, n)
+        items = pool[self.rng.integers(pool.size, size=u.size)]
+        bad = self._seen(u, items)
+        for _ in range(_MAX_ROUNDS):
+            if not bad.any():
+                break
+            items[bad] = pool[self.rng.integers(pool.size, size=int(bad.sum()))]
+            bad[bad] = self._seen(u[bad], items[bad])
+        # rejection left a few draws for users who saw most of the pool: draw those
+        # exactly from the user's unseen items
+        for j in np.flatnonzero(bad):
+            unseen = self._unseen(int(u[j]), pool)
+            if unseen.size == 0:
+                user = int(self.split.user_raw[u[j]])
+                raise DataError(f"user {user} has interacted with every item of the pool; cannot sample negatives")
+            items[j] = unseen[self.rng.integers(unseen.size)]
+        return items.reshape(len(users), n)
+
+    def _distinct(self, users: np.ndarray, n: int, pool: np.ndarray) -> np.ndarray:
+        """``(len(users), n)`` unseen items of ``pool``, distinct within each row.
+
+        Draws every row at once and re-draws, in bulk, the entries that are seen or repeat
+        an earlier entry of their row; rows still incomplete after a few rounds (users who
+        saw most of the pool) are drawn exactly, without replacement, from the user's
+        unseen items. Both steps treat all unseen items alike, so each row is a uniformly
+        random ``n``-subset of them.
+        """
+        items = pool[self.rng.integers(pool.size, size=(len(users), n))]
+        todo = np.arange(len(users))  # rows that may still hold a bad entry
+        for attempt in range(_MAX_ROUNDS + 1):
+            sub = items[todo]
+            bad = self._seen(np.repeat(users[todo], n), sub.ravel()).reshape(sub.shape)
+            # repeats: every occurrence after the first of a value in its row
+            order = np.argsort(sub, axis=1, kind="stable")
+            ordered = np.take_along_axis(sub, order, axis=1)
+            repeat = np.zeros_like(bad)
+            np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], axis=1)
+            bad |= repeat
+            keep = bad.any(axis=1)
+            todo, bad = todo[keep], bad[keep]
+            if todo.size == 0 or attempt == _MAX_ROUNDS:
+                break
+            sub = items[todo]
+            sub[bad] = pool[self.rng.integers(pool.size, size=int(bad.sum()))]
+            items[todo] = sub
+        for r in todo:  # exact fallback
+            unseen = self._unseen(int(users[r]), pool)
+            if unseen.size < n:
+                user = int(self.split.user_raw[users[r]])
+                raise DataError(f"user {user} has {unseen.size} items never interacted with, fewer than the "
+                                f"{n} distinct negatives asked for")
+            items[r] = self.rng.choice(unseen, size=n, replace=False)
+        return items
 
     def state_dict(self) -> dict:
         """The generator state, so a resumed run draws the same negatives."""

@@ -454,7 +454,7 @@ class Algorithm:
         changed = torch.zeros(self.layout.layers, dtype=torch.float64)
         routed_before = 0
         if len(examples):
-            sampler = (UniformNegativeSampler(self.split, seed=_negative_seed(cfg.seed, round, shard))
+            sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
             batch = next(iterate_batches(examples, batch_size=len(examples),
                                          num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
@@ -576,11 +576,12 @@ class Algorithm:
     @torch.no_grad()
     def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
                 candidates: np.ndarray | None = None, *, group_counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-        """Each user's own model on ``examples`` (one per user): CTR ``probs``/``labels``,
-        or next-item ``ranks`` (full ranking, or sampled with ``candidates``).
+        """Each user's own model on ``examples`` (one per user): CTR ``probs``/``logits``/
+        ``labels``, or next-item ``ranks`` (full ranking, or sampled with ``candidates``).
         ``group_counts``: the last round's users per group (see :meth:`group_alive`)."""
         if len(examples) == 0:
-            return {"probs": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr" else {"ranks": np.zeros(0)}
+            return ({"probs": np.zeros(0), "logits": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr"
+                    else {"ranks": np.zeros(0)})
         template = self.template
         template.eval()
         task, cfg = self.task, self.config
@@ -588,14 +589,16 @@ class Algorithm:
         batch = next(iterate_batches(examples, batch_size=len(examples)))
         if candidates is not None:
             batch["candidates"] = torch.from_numpy(candidates)
-        mode = "ctr" if task == "ctr" else ("candidates" if candidates is not None else "all")
+        # CTR: the plain forward's logits (predict_ctr's sigmoid of them saturates in float32)
+        mode = "train" if task == "ctr" else ("candidates" if candidates is not None else "all")
         alive = self.group_alive(group_counts)
 
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
             if alive is not None:
                 b["group_alive"] = alive
-            return functional_call(template, {**shared, **params}, (b,), {"mode": mode})[0]
+            out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
+            return out["logits"][0, -1] if task == "ctr" else out[0]
 
         vfn = vmap(fn, in_dims=(0, None, 0))
         out = []
@@ -604,9 +607,11 @@ class Algorithm:
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
             out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
-        scores = torch.cat(out).double().numpy()
         if task == "ctr":
-            return {"probs": scores, "labels": batch["target_labels"][:, -1].numpy()}
+            logits = torch.cat(out)
+            return {"probs": torch.sigmoid(logits).double().numpy(), "logits": logits.double().numpy(),
+                    "labels": batch["target_labels"][:, -1].numpy()}
+        scores = torch.cat(out).double().numpy()
         if candidates is not None:
             return {"ranks": sampled_ranking_ranks(scores[:, 0], scores[:, 1:])}
         indptr, indices = examples.exclusions()
@@ -707,7 +712,7 @@ class Algorithm:
         examples = getattr(shard, stage)
         pred = self.predict(global_params, state, examples, shard.candidates.get(stage), group_counts=group_counts)
         if self.task == "ctr":
-            return ctr_summary(pred["labels"], pred["probs"], bins=self.config.auc_bins)
+            return ctr_summary(pred["labels"], pred["probs"], logits=pred["logits"], bins=self.config.auc_bins)
         return ranking_summary(pred["ranks"])
 
     def combine(self, summaries: list[dict[str, Any]]) -> dict[str, float | None]:

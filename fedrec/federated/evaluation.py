@@ -3,17 +3,30 @@
 Each client evaluates its own users and sends a summary; the server combines summaries.
 
 CTR (pooled AUC and LogLoss)
-    A client sends, per label, a histogram of its predicted probabilities over ``bins``
-    equal-width bins of [0, 1] (sparse: the non-empty bins and their counts), plus the sum
-    of its examples' log losses and their number.
+    A client sends, per label, a histogram of its scores on the **logit scale** (the
+    model's logits when it gives them, else ``log(p / (1 - p))`` of its probabilities,
+    computed in float64) over ``bins`` equal-width bins of ``[-LOGIT_RANGE, LOGIT_RANGE]``
+    (sparse: the non-empty bins and their counts; ``logit-range`` records the scale), plus
+    the sum of its examples' log losses and their number.
 
     * LogLoss is exact: the sum of per-example losses is additive.
     * AUC is computed from the pooled histograms, counting a positive and a negative in the
-      same bin as half a correct pair. Pairs in different bins are ordered exactly as by
-      the raw scores; only same-bin pairs can be wrong, so
-      ``|AUC_hist - AUC_exact| <= 0.5 * sum_b pos_b * neg_b / (P * N)`` — a bound the
-      server computes from the histograms themselves and reports as ``auc-error-bound``.
-      With the default 2**16 bins it is typically below 1e-4.
+      same bin as half a correct pair. Binning is monotone in the score, so pairs in
+      different bins are ordered exactly as by the raw scores; only same-bin pairs can be
+      wrong, so ``|AUC_hist - AUC_exact| <= 0.5 * sum_b pos_b * neg_b / (P * N)`` — a bound
+      the server computes from the histograms themselves and reports as ``auc-error-bound``.
+
+    Why logits: probabilities saturate. A model that is confident (as DP-trained ones
+    become) puts many scores within 1e-5 of 0 or 1, and equal-width probability bins lump
+    them together, with bounds of 0.1 and more on real runs; on the logit scale the default
+    2**16 bins are 0.0012 logits wide wherever the scores lie. Why ``LOGIT_RANGE = 40`` is
+    enough: a float64 probability below 1 has a logit of at most ``log(2**53) = 36.7``, and
+    the float32 sigmoid most models end in saturates at 1 beyond 16.6, so from probabilities
+    nothing beyond +-40 can be told apart anyway; scores beyond it (logits given directly)
+    are clipped into the end bins, which keeps the binning monotone, so the bound stays a
+    true bound and says so if many pairs sit out there. The older probability-scale
+    summaries (``scale="probability"``, no ``logit-range`` key) are still understood, but
+    summaries of different scales or resolutions are never combined.
 
     What the server learns: how many of a client's examples fall in each score bin per
     label (not which user or item they belong to).
@@ -29,14 +42,30 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ctr_summary", "combine_ctr", "ranking_summary", "combine_ranking", "histogram_auc"]
+__all__ = ["ctr_summary", "combine_ctr", "ranking_summary", "combine_ranking", "histogram_auc", "LOGIT_RANGE",
+           "SCALES"]
 
 DEFAULT_BINS = 1 << 16
+#: the logit-scale histogram spans [-LOGIT_RANGE, LOGIT_RANGE] (see the module docstring)
+LOGIT_RANGE = 40.0
+SCALES = ("logit", "probability")
 _EPS = 1e-7
 
 
-def _bin_of(probs: np.ndarray, bins: int) -> np.ndarray:
-    return np.minimum((np.clip(probs, 0.0, 1.0) * bins).astype(np.int64), bins - 1)
+def _bin_of(scores: np.ndarray, bins: int, scale: str) -> np.ndarray:
+    """Bin index of each score: equal-width bins of [0, 1] (probabilities) or of
+    [-LOGIT_RANGE, LOGIT_RANGE] (logits), out-of-range values clipped to the end bins."""
+    if scale == "probability":
+        unit = np.clip(scores, 0.0, 1.0)
+    else:
+        unit = (np.clip(scores, -LOGIT_RANGE, LOGIT_RANGE) + LOGIT_RANGE) / (2 * LOGIT_RANGE)
+    return np.minimum((unit * bins).astype(np.int64), bins - 1)
+
+
+def _logit(probs: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` in float64 (``-inf`` at 0, ``inf`` at 1)."""
+    with np.errstate(divide="ignore"):
+        return np.log(probs) - np.log1p(-probs)
 
 
 def _sparse_hist(idx: np.ndarray) -> tuple[list[int], list[int]]:
@@ -44,18 +73,43 @@ def _sparse_hist(idx: np.ndarray) -> tuple[list[int], list[int]]:
     return values.tolist(), counts.tolist()
 
 
-def ctr_summary(labels: np.ndarray, probs: np.ndarray, *, bins: int = DEFAULT_BINS) -> dict[str, float | int | list[int]]:
-    """One client's CTR summary (metric-record ready: ints, floats and int lists only)."""
+def ctr_summary(labels: np.ndarray, probs: np.ndarray, *, logits: np.ndarray | None = None,
+                bins: int = DEFAULT_BINS, scale: str = "logit") -> dict[str, float | int | list[int]]:
+    """One client's CTR summary (metric-record ready: ints, floats and int lists only).
+
+    ``probs`` give the log loss; the histogram bins ``logits`` when given (the model's own,
+    which do not saturate), else the logits of ``probs`` (``scale="logit"``, the default),
+    or ``probs`` themselves (``scale="probability"``, the older summaries).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown histogram scale {scale!r} (known: {', '.join(SCALES)})")
+    if not isinstance(bins, (int, np.integer)) or isinstance(bins, bool) or bins < 1:
+        raise ValueError(f"bins must be a positive integer (got {bins!r})")
     labels = np.asarray(labels).astype(bool)
     probs = np.asarray(probs, dtype=np.float64)
     if labels.shape != probs.shape:
         raise ValueError(f"labels {labels.shape} and probs {probs.shape} differ in shape")
+    if np.isnan(probs).any() or ((probs < 0) | (probs > 1)).any():
+        raise ValueError("probs must be probabilities in [0, 1] (got NaN or a value outside)")
+    if logits is not None:
+        if scale != "logit":
+            raise ValueError("logits are binned on the logit scale; do not pass them with scale='probability'")
+        scores = np.asarray(logits, dtype=np.float64)
+        if scores.shape != probs.shape:
+            raise ValueError(f"logits {scores.shape} and probs {probs.shape} differ in shape")
+        if np.isnan(scores).any():
+            raise ValueError("logits contain NaN")
+    else:
+        scores = _logit(probs) if scale == "logit" else probs
     p = np.clip(probs, _EPS, 1 - _EPS)
     loss = -(labels * np.log(p) + (~labels) * np.log(1 - p))
-    pos_bins, pos_counts = _sparse_hist(_bin_of(probs[labels], bins))
-    neg_bins, neg_counts = _sparse_hist(_bin_of(probs[~labels], bins))
-    return {"n": int(labels.size), "logloss-sum": float(loss.sum()), "bins": int(bins),
-            "pos-bins": pos_bins, "pos-counts": pos_counts, "neg-bins": neg_bins, "neg-counts": neg_counts}
+    pos_bins, pos_counts = _sparse_hist(_bin_of(scores[labels], bins, scale))
+    neg_bins, neg_counts = _sparse_hist(_bin_of(scores[~labels], bins, scale))
+    out = {"n": int(labels.size), "logloss-sum": float(loss.sum()), "bins": int(bins),
+           "pos-bins": pos_bins, "pos-counts": pos_counts, "neg-bins": neg_bins, "neg-counts": neg_counts}
+    if scale == "logit":
+        out["logit-range"] = LOGIT_RANGE
+    return out
 
 
 def histogram_auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
@@ -70,11 +124,22 @@ def histogram_auc(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
     return float(correct / (P * N)), float(bound)
 
 
+def _scale_of(summary: Mapping) -> str:
+    """How a summary's bins read: ``logit [-R, R]`` or ``probability [0, 1]``."""
+    if "logit-range" in summary:
+        return f"logit [-{float(summary['logit-range']):g}, {float(summary['logit-range']):g}]"
+    return "probability [0, 1]"
+
+
 def combine_ctr(summaries: Iterable[Mapping]) -> dict[str, float | None]:
-    """Pooled ``auc``, ``logloss``, ``auc-error-bound`` and ``n`` from client summaries."""
+    """Pooled ``auc``, ``logloss``, ``auc-error-bound`` and ``n`` from client summaries
+    (refused, with a one-line error, when they differ in histogram scale or resolution)."""
     summaries = [s for s in summaries if int(s["n"]) > 0]
     if not summaries:
         return {"auc": None, "logloss": None, "auc-error-bound": None, "n": 0}
+    scales = {_scale_of(s) for s in summaries}
+    if len(scales) != 1:
+        raise ValueError(f"clients binned their scores on different scales: {', '.join(sorted(scales))}")
     bins = {int(s["bins"]) for s in summaries}
     if len(bins) != 1:
         raise ValueError(f"clients used different histogram resolutions: {sorted(bins)}")

@@ -35,7 +35,8 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0
     users = examples.users
-    sampler = UniformNegativeSampler(alg.split, seed=_negative_seed(cfg.seed, round, shard)) if alg.task == "next_item" else None
+    sampler = (UniformNegativeSampler.for_training(alg.split, seed=_negative_seed(cfg.seed, round, shard))
+               if alg.task == "next_item" else None)
     for u in users:
         pos = int(np.searchsorted(state.users, u))
         model = copy.deepcopy(alg.model)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from fedrec.data import Dataset, Interactions
+from fedrec.data.batching import build_examples, evaluation_population
 from fedrec.data.samplers import UniformNegativeSampler
-from fedrec.data.split import TRAIN, split_dataset
+from fedrec.data.split import TEST, TRAIN, VALID, split_dataset
 from fedrec.errors import ConfigError, DataError
 
 
@@ -175,3 +176,89 @@ def test_fixed_negatives_wrong_count_or_missing_user(tmp_path):
         fixed.sample(np.array([_user(sp, 1), _user(sp, 2)]), 3)
     with pytest.raises(DataError, match="file not found"):
         FixedNegatives(tmp_path / "absent.txt", sp)
+
+
+# ---- training negatives and distinct sampled-ranking candidates ---------------------------
+
+
+def test_training_sampler_may_draw_held_out_items_but_never_training_ones():
+    # user 1: train 1..8, valid 9, test 10; items 11, 12 only from user 2
+    rows = [(1, i, i) for i in range(1, 11)] + [(2, 11, 1), (2, 12, 2), (2, 1, 3)]
+    sp = _split(rows)
+    u1 = _user(sp, 1)
+    assert sp.item_raw[sp.item[(sp.row_user == u1) & (sp.part == VALID)]].tolist() == [9]
+    drawn = set(sp.item_raw[UniformNegativeSampler.for_training(sp, seed=0).sample(np.full(200, u1), 5)].ravel().tolist())
+    assert drawn == {9, 10, 11, 12}  # the held-out 9 and 10 included, training items 1..8 never
+    evaluation = set(sp.item_raw[UniformNegativeSampler(sp, seed=0).sample(np.full(200, u1), 5)].ravel().tolist())
+    assert evaluation == {11, 12}
+
+
+def test_distinct_rows_are_uniform_subsets_of_the_unseen_items():
+    sp = _dense_split(10)  # user 1 has 10 unseen items: 11..20
+    rows = 12_000
+    draws = UniformNegativeSampler(sp, seed=5).sample(np.full(rows, _user(sp, 1)), 3, distinct=True)
+    raw = np.sort(sp.item_raw[draws], axis=1)
+    assert (raw[:, 1:] != raw[:, :-1]).all() and raw.min() >= 11 and raw.max() <= 20
+    counts = pd.Series([tuple(r) for r in raw.tolist()]).value_counts()
+    assert len(counts) == 120  # every 3-subset of 10 items occurs
+    expected = rows / 120
+    chi2 = float((((counts - expected) ** 2) / expected).sum())
+    assert chi2 < 200.0, chi2  # 119 dof: mean 119, sd 15.4
+
+
+def test_distinct_exact_fallback_and_too_few_unseen_items():
+    sp = _dense_split(15)  # user 1 has exactly 5 unseen items: 16..20
+    u1 = _user(sp, 1)
+    draws = UniformNegativeSampler(sp, seed=0).sample(np.full(300, u1), 5, distinct=True)
+    assert (np.sort(sp.item_raw[draws], axis=1) == np.arange(16, 21)).all()
+    with pytest.raises(DataError, match="user 1 has 5 items never interacted with, fewer than the 6"):
+        UniformNegativeSampler(sp, seed=0).sample(np.array([_user(sp, 2), u1]), 6, distinct=True)
+
+
+def test_distinct_multi_domain_rows_stay_in_their_domain():
+    rows = [(1, i, i, "A") for i in range(1, 5)] + [(1, 100 + i, i, "B") for i in range(1, 4)]
+    rows += [(2, i, i, "A") for i in range(5, 9)] + [(2, 100 + i, i, "B") for i in range(4, 10)]
+    sp = _split(rows)
+    doms = np.array([0, 1] * 20)
+    raw = sp.item_raw[UniformNegativeSampler(sp, seed=1).sample(np.full(40, _user(sp, 1)), 4, domains=doms,
+                                                               distinct=True)]
+    assert all(set(r) <= {5, 6, 7, 8} and len(set(r)) == 4 for r in raw[doms == 0].tolist())
+    assert all(set(r) <= set(range(104, 110)) and len(set(r)) == 4 for r in raw[doms == 1].tolist())
+
+
+def test_ml100k_sampled_99_candidates_are_distinct_unseen_and_fixed_by_the_seed(shared_data):
+    from fedrec.data import load_dataset
+
+    sp = split_dataset(load_dataset(f"movielens:{shared_data}/ml-100k/u.data"))
+    seen = sp.seen_pairs((TRAIN, VALID, TEST))
+    for stage in ("valid", "test"):
+        ex = build_examples(sp, task="next_item", stage=stage, max_len=50)
+        cands = ex.candidates(99, seed=2024)
+        assert cands.shape == (len(ex), 100)
+        ordered = np.sort(cands, axis=1)
+        assert (ordered[:, 1:] != ordered[:, :-1]).all()  # 100 distinct items per row
+        assert np.array_equal(cands[:, 0], sp.item[ex.target_rows[:, -1]])
+        assert not np.isin(ex.users[:, None] * (sp.n_items + 1) + cands[:, 1:], seen).any()
+        assert np.array_equal(ex.candidates(99, seed=2024), cands)
+        assert not np.array_equal(ex.candidates(99, seed=2025), cands)
+    # drawn with replacement (as before issue 14), most rows would repeat a negative
+    ex = build_examples(sp, task="next_item", stage="test", max_len=50)
+    old = UniformNegativeSampler(sp, seed=2024).sample(ex.users, 99)
+    assert sum(np.unique(r).size < 99 for r in old) > len(ex) // 2
+
+
+def test_ml100k_next_item_population_threshold_and_implicit(shared_data):
+    from fedrec.data import load_dataset
+
+    def population(spec):
+        sp = split_dataset(load_dataset(spec))
+        ex = {st: build_examples(sp, task="next_item", stage=st, max_len=50) for st in ("valid", "test")}
+        return evaluation_population(sp, "next_item", ex)
+
+    rated = population(f"movielens:{shared_data}/ml-100k/u.data")
+    assert rated["users"] == 943 and rated["test"] == {"examples": 486, "users": 486}
+    assert rated["valid"]["users"] == 493 and "positive" in rated["rule"]
+    implicit = population(f"movielens:{shared_data}/ml-100k/u.data?implicit=true")
+    assert implicit["test"] == {"examples": 943, "users": 943} and implicit["valid"]["users"] == 943
+    assert "every interaction is a positive" in implicit["rule"]
+    assert population(f"movielens:{shared_data}/ml-100k/u.data?threshold=0")["test"]["users"] == 943

@@ -6,8 +6,10 @@ import gzip
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from fedrec.data import known_formats, load_dataset
+from fedrec.errors import SpecError
 
 
 def write(path, text):
@@ -59,6 +61,19 @@ def test_movielens_100k_threshold_and_features(tmp_path):
     assert ds.item_features.loc[10, "genre1"] == 0  # no genre flag -> 0
     assert ds.item_features.loc[10, "decade"] != ds.item_features.loc[11, "decade"]
     assert load_dataset(f"movielens:{tmp_path}/u.data?features=false").user_features is None
+
+
+def test_movielens_implicit_makes_every_rating_a_positive(tmp_path):
+    write(tmp_path / "u.data", "1\t10\t5\t100\n1\t11\t1\t90\n2\t10\t2\t50\n")
+    ds = load_dataset(f"movielens:{tmp_path}/u.data?implicit=true&features=false")
+    assert not ds.interactions.has_labels and ds.interactions.frame.rating.tolist() == [5.0, 1.0, 2.0]
+    assert ds.meta["implicit"] is True and ds.meta["threshold"] is None
+    # threshold=0 labels every rating positive (a label column, all ones)
+    assert load_dataset(f"movielens:{tmp_path}/u.data?threshold=0").interactions.frame.label.tolist() == [1, 1, 1]
+    with pytest.raises(SpecError, match="'implicit' and 'threshold' exclude each other"):
+        load_dataset(f"movielens:{tmp_path}/u.data?implicit=true&threshold=3")
+    with pytest.raises(SpecError, match="'implicit' must be true or false"):
+        load_dataset(f"movielens:{tmp_path}/u.data?implicit=maybe")
 
 
 def test_movielens_1m_double_colon_format(tmp_path):

@@ -190,7 +190,8 @@ def test_group_share_uniform_before_first_round(split):
 def test_next_item_sampled_and_full_evaluation_per_user(split):
     from fedrec.data.split import split_dataset as sd
 
-    seq = sd(load_dataset("synthetic:users=16,items=40,seed=1"))
+    # 200 items: sampled-99 needs 99 distinct unseen items per user
+    seq = sd(load_dataset("synthetic:users=16,items=200,seed=1"))
     for protocol in ("full", "sampled-99"):
         alg = create_algorithm("fedavg", seq, task="next_item", config=FederatedConfig(protocol=protocol))
         users = np.arange(1, seq.n_users + 1)
@@ -198,6 +199,43 @@ def test_next_item_sampled_and_full_evaluation_per_user(split):
         up, st, m = alg.client_update(alg.initial_global(), st, alg.make_shard(users), round=1)
         pooled = alg.combine([alg.client_evaluate(alg.initial_global(), st, alg.make_shard(users), stage="test")])
         assert 0.0 <= pooled["hr@10"] <= 1.0 and pooled["n"] > 0
+
+
+@pytest.mark.parametrize("engine", ["vectorised", "reference"])
+def test_training_negatives_exclude_only_training_items(monkeypatch, engine):
+    """User 1 trains on items 1..8 and holds out 9 (valid) and 10 (test); users 2, 3 bring
+    items 11, 12. Its training negatives, in the engine and in the one-user loop, come from
+    {9, 10, 11, 12}: held-out items too (as in SASRec's code), training items never."""
+    import pandas as pd
+
+    import fedrec.federated.algorithm as algorithm_module
+    import fedrec.federated.reference as reference_module
+    from fedrec.data import Dataset, Interactions
+    from fedrec.data.batching import iterate_batches
+
+    rows = [(1, i, i) for i in range(1, 11)] + [(u, i, t) for u in (2, 3) for t, i in enumerate((11, 12, 1, 2, 3))]
+    frame = pd.DataFrame(rows, columns=["user", "item", "time"])
+    sp = split_dataset(Dataset(name="t", interactions=Interactions.from_frame(frame, source="t")))
+    drawn: set = set()
+    u1 = int(np.flatnonzero(sp.user_raw == 1)[0])
+
+    def recording(examples, **kw):
+        for batch in iterate_batches(examples, **kw):
+            if "negatives" in batch:
+                mine = (batch["user"] == u1).numpy()
+                neg, mask = batch["negatives"][mine], batch["target_mask"][mine]
+                drawn.update(sp.item_raw[neg[mask].numpy().ravel()].tolist())
+            yield batch
+
+    module = algorithm_module if engine == "vectorised" else reference_module
+    monkeypatch.setattr(module, "iterate_batches", recording)
+    alg = create_algorithm("fedavg", sp, task="next_item", model_options={"dropout": 0.0, **SMALL},
+                           config=FederatedConfig(negatives=8))
+    users = np.arange(1, sp.n_users + 1)
+    update = type(alg).client_update if engine == "vectorised" else reference_client_update
+    for r in (1, 2):
+        update(alg, alg.initial_global(), alg.initial_local(users), alg.make_shard(users), round=r)
+    assert drawn == {9, 10, 11, 12}
 
 
 def test_next_item_cross_entropy_trains_the_users_item_table(split, float64):
@@ -312,3 +350,27 @@ def test_row_unique_is_torch_unique_per_row():
         want = torch.unique(x[u])
         assert torch.equal(uniq[u, :len(want)], want)
         assert (uniq[u, len(want):] == want[0]).all()  # padding repeats the smallest value
+
+
+def test_ctr_evaluation_bins_the_models_own_logits(split):
+    """The CTR summary's histogram is of the model's logits (which do not saturate), its
+    log loss of their sigmoid (the probabilities predict_ctr gives)."""
+    from fedrec.federated.evaluation import LOGIT_RANGE, ctr_summary
+
+    alg = create_algorithm("mrff", split, task="ctr", model_options={"dropout": 0.0, **SMALL})
+    users = np.arange(1, split.n_users + 1)
+    g, st, shard = alg.initial_global(), alg.initial_local(users), alg.make_shard(users)
+    pred = alg.predict(g, st, shard.test)
+    assert pred["logits"].shape == pred["probs"].shape == (len(shard.test),)
+    assert np.allclose(pred["probs"], 1 / (1 + np.exp(-pred["logits"])), atol=1e-6)
+    summary = alg.client_evaluate(g, st, shard, stage="test")
+    assert summary["logit-range"] == LOGIT_RANGE
+    assert summary == ctr_summary(pred["labels"], pred["probs"], logits=pred["logits"], bins=alg.config.auc_bins)
+    # the same model through the centralised path gives the same probabilities
+    model = alg.model
+    model.eval()
+    with torch.no_grad():
+        from fedrec.data.batching import iterate_batches
+
+        central = model.predict_ctr(next(iterate_batches(shard.test, batch_size=len(shard.test)))).double().numpy()
+    assert np.allclose(central, pred["probs"], atol=1e-6)

@@ -25,7 +25,7 @@ from fedrec.federated.runner import run_in_process
 from fedrec.federated.spec import parse_run_config
 from fedrec.recommend import centralised_scorer, recommend
 
-SPEC = "synthetic:users=36,items=50,seed=3"
+SPEC = "synthetic:users=36,items=150,seed=3"  # enough items for sampled-99's distinct negatives
 TINY = {"rounds": 2, "model.dim": 16, "model.max-len": 20, "eval-every": 1}
 
 

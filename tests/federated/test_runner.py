@@ -117,8 +117,9 @@ def test_simulate_defaults_per_format_and_user_keys_win(tmp_path):
 
 @pytest.mark.parametrize("protocol", ["full", "sampled-99"])
 def test_next_item_runs_through_the_apps(protocol):
+    # 200 items: sampled-99 needs 99 distinct unseen items per user
     result = run_in_process(parse_run_config({**TINY, "task": "next_item", "algorithm": "fedavg", "rounds": 1,
-                                              "protocol": protocol}))
+                                              "protocol": protocol, "data": "synthetic:users=24,items=200,seed=2"}))
     assert result["protocol"] == protocol and result["selection"] == "valid ndcg@10"
     assert 0.0 <= result["test"]["hr@10"] <= 1.0 and result["test"]["n"] > 0
 

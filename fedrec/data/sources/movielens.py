@@ -6,7 +6,14 @@
 * MovieLens-1M / 10M ``ratings.dat``: ``user::item::rating::unix_time``.
 
 Every rating is a real exposure, so the ``label`` is ``rating >= threshold`` (option
-``threshold``, default 4) and the rating is kept in ``rating``. When the user and item
+``threshold``, default 4) and the rating is kept in ``rating``. Next item then uses the
+positives only: a user's ratings below the threshold are neither history nor targets, and a
+user whose held-out (last) rating is below it is **not evaluated** at that stage (on
+MovieLens-100K, 486 of 943 users at test). Option ``implicit=true`` (or ``threshold=0``,
+which labels every rating positive) makes every rating an interaction, as in the
+federated-recommendation protocol (all ratings as implicit positives, every user evaluated
+on its last interaction); ``implicit=true`` writes no label column (a CTR task then has
+nothing to predict) and excludes ``threshold``. When the user and item
 files sit beside the ratings (``u.user``/``u.item`` or ``users.dat``/``movies.dat``), they
 become integer-coded feature tables (code 0 = padding/unknown):
 
@@ -29,7 +36,7 @@ from fedrec.data.interactions import Dataset, Interactions
 from fedrec.data.io import find_in_dir, float_column, int_column, read_table, resolve_file, unique_ids
 from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
-from fedrec.errors import DataError
+from fedrec.errors import DataError, SpecError
 
 _AGE_BANDS = np.array([18, 25, 35, 45, 50, 56])  # MovieLens-1M bands: 1, 18, 25, 35, 45, 50, 56
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
@@ -104,7 +111,11 @@ def _item_table(ids: np.ndarray, flags: np.ndarray, years: pd.Series) -> pd.Data
 
 @SOURCES.register("movielens")
 def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
-    """Load MovieLens ratings (options: ``threshold`` (default 4), ``features``)."""
+    """Load MovieLens ratings (options: ``threshold`` (default 4), ``implicit``, ``features``)."""
+    implicit = options.bool("implicit", False)
+    if implicit and options.has("threshold"):
+        raise SpecError(f"{spec.text}: options 'implicit' and 'threshold' exclude each other "
+                        "(implicit=true makes every rating a positive)")
     threshold = options.float("threshold", 4.0)
     with_features = options.bool("features", True)
     options.finish()
@@ -122,6 +133,8 @@ def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
             "rating": rating,
         }
     )
+    if implicit:  # every rating an implicit positive: no label column
+        table = table.drop(columns="label")
     interactions = Interactions.from_frame(table, source=str(path))
     user_features = item_features = None
     if with_features:
@@ -137,7 +150,8 @@ def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
         interactions=interactions,
         user_features=user_features,
         item_features=item_features,
-        meta={"format": "movielens", "threshold": threshold, "time_unit": "s"},
+        meta={"format": "movielens", "threshold": None if implicit else threshold, "implicit": implicit,
+              "time_unit": "s"},
     )
 
 
