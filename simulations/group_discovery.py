@@ -52,13 +52,19 @@ OUT = ROOT / "simulations" / "results" / "group_discovery.json"
 VARIANTS: dict[str, dict] = {
     "hard": {"gate": "hard"},
     "default": {},
-    "scaled": {"gate": "scaled"},
+    "scaled": {"gate": "scaled", "router_detach": False},
     "entropy": {"gate": "scaled", "entropy": 0.1},
     "soft+entropy": {"gate": "scaled", "balance": "soft", "entropy": 0.1},
     "noise": {"gate": "scaled", "gate_noise": 1.0},
     "z-loss": {"gate": "scaled", "z_loss": 0.01},
     "router-lr": {"gate": "scaled", "router_lr": 0.1},
     "router-lr+entropy": {"gate": "scaled", "router_lr": 0.1, "entropy": 0.1},
+    "router-lr-0.01": {"gate": "scaled", "router_lr": 0.01},
+    "router-lr-0.01+entropy": {"gate": "scaled", "router_lr": 0.01, "entropy": 0.1},
+    "hard+router-lr-0.01": {"gate": "hard", "router_lr": 0.01},
+    "no-detach": {"gate": "scaled", "router_detach": False},
+    "history-gate": {"gate": "scaled", "gate_input": "history"},
+    "history-gate+router-lr": {"gate": "scaled", "gate_input": "history", "router_lr": 0.1},
 }
 CENTRAL_ONLY = {"soft+entropy"}
 

@@ -45,6 +45,15 @@ Options (beyond the backbone's, see :mod:`fedrec.models.backbone`):
     ``alpha * G * sum_g P_g ** 2``, minimal when the batch's users spread evenly). ``soft``
     needs several users in a batch, so it is centralised only (federated, a batch is one
     user).
+``router_detach`` (true, except with ``gate=hard``)
+    The router's auxiliary losses (balance, z-loss, entropy) train the gate only, not its
+    inputs (the hidden states and the user's profile embedding). Federated, ``f`` is the
+    same for every user, so a balance gradient that reaches the inputs pushes every user's
+    private profile embedding the same way each round, and the whole population jumps
+    from group to group together. ``gate=hard`` keeps the reference behaviour (false).
+``gate_input`` (``both``)
+    What the gate reads: ``both`` (the reference: mean hidden state and user profile) or
+    ``history`` (the mean hidden state only).
 ``router_lr`` (1.0)
     Multiplier of the learning rate of the gate parameters (centralised: their own
     optimiser group; federated: their local step), e.g. 0.1 so the shared router moves by
@@ -121,6 +130,8 @@ class MRFFConfig(BackboneConfig):
     entropy: float = 0.0
     balance: str = "counts"
     router_lr: float = 1.0
+    router_detach: bool | None = None
+    gate_input: str = "both"
     residual: bool = False
     alpha: float = 0.1
     user_ffn: bool = True
@@ -150,6 +161,10 @@ class MRFFConfig(BackboneConfig):
             raise ConfigError(f"model option 'router_lr' must be > 0 (got {self.router_lr})")
         if not self.user_k > 0:
             raise ConfigError(f"model option 'user_k' must be > 0 (got {self.user_k})")
+        if self.router_detach is None:
+            self.router_detach = self.gate != "hard"
+        if self.gate_input not in ("both", "history"):
+            raise ConfigError(f"model option 'gate_input' must be both or history (got {self.gate_input!r})")
         if self.balance not in ("counts", "soft"):
             raise ConfigError(f"model option 'balance' must be counts or soft (got {self.balance!r})")
         if self.user_init not in ("copy", "zero"):
@@ -206,7 +221,7 @@ class GroupGatedFFN(nn.Module):
     def __init__(self, cfg: MRFFConfig, data: ModelData, layer: int, user_width: int) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.gate = nn.Linear(cfg.dim + user_width, cfg.groups)
+        self.gate = nn.Linear(cfg.dim + (user_width if cfg.gate_input == "both" else 0), cfg.groups)
         self.group_ffns = nn.ModuleList(PositionwiseFFN(cfg.dim, cfg.dim, dropout=cfg.dropout) for _ in range(cfg.groups))
         self.user_ffn = (UserFFN(data.n_users, cfg.dim, cfg.user_hidden or cfg.dim, cfg.dropout,
                                  zero_out=cfg.user_init == "zero") if cfg.user_ffn else None)
@@ -216,9 +231,12 @@ class GroupGatedFFN(nn.Module):
         keep = context["keep"]  # (B, T, 1)
         real = keep.sum(1).clamp(min=1.0)
         summary = (z * keep).sum(1) / real  # mean over real positions
-        logits = self.gate(torch.cat([summary, context["user_repr"]], dim=-1))  # (B, G)
+        gate_in = torch.cat([summary, context["user_repr"]], dim=-1) if self.cfg.gate_input == "both" else summary
+        logits = self.gate(gate_in)  # (B, G)
+        noise = None
         if self.training and self.cfg.gate_noise > 0:
-            logits = logits + self.cfg.gate_noise * torch.randn_like(logits)
+            noise = self.cfg.gate_noise * torch.randn_like(logits)
+            logits = logits + noise
         alive = context.get("group_alive")
         if alive is not None and not self.training:
             # route only to groups trained in the last round (a layer with none: no mask)
@@ -250,7 +268,14 @@ class GroupGatedFFN(nn.Module):
             out = out + private
         if self.cfg.residual:
             out = out + z
-        context["routing"].append({"probs": probs, "choice": choice, "logits": logits})
+        entry = {"probs": probs, "choice": choice, "logits": logits}
+        if self.cfg.router_detach and self.training:
+            # the auxiliary losses see the same routing, with gradients for the gate only
+            aux_logits = self.gate(gate_in.detach())
+            if noise is not None:
+                aux_logits = aux_logits + noise
+            entry["aux_logits"], entry["aux_probs"] = aux_logits, F.softmax(aux_logits, dim=-1)
+        context["routing"].append(entry)
         return out
 
 
@@ -270,9 +295,9 @@ class MRFF(SequenceModel):
         total = self.balance_loss(routing, context.get("group_share"))
         for r in routing:
             if cfg.z_loss:
-                total = total + cfg.z_loss * torch.logsumexp(r["logits"], dim=-1).pow(2).mean()
+                total = total + cfg.z_loss * torch.logsumexp(r.get("aux_logits", r["logits"]), dim=-1).pow(2).mean()
             if cfg.entropy:
-                p = r["probs"]
+                p = r.get("aux_probs", r["probs"])
                 total = total + cfg.entropy * -(p * torch.log(p.clamp(min=1e-9))).sum(-1).mean()
         if cfg.user_decay and cfg.user_ffn:
             users = context["user"]
@@ -297,7 +322,7 @@ class MRFF(SequenceModel):
         if cfg.alpha == 0:
             return total
         for layer, r in enumerate(routing):
-            probs = r["probs"]
+            probs = r.get("aux_probs", r["probs"])
             if cfg.balance == "soft":  # the batch's mean probabilities, with their gradient
                 mean = probs.mean(0)
                 total = total + cfg.alpha * cfg.groups * (mean * mean).sum()

@@ -202,3 +202,25 @@ def test_router_lr_in_the_federated_engine_equals_the_one_user_loop(split):
         assert float((fast[gate] - init).abs().mean()) < 0.3 * float((full[gate] - init).abs().mean())
     finally:
         torch.set_default_dtype(old)
+
+
+def test_router_detach_keeps_auxiliary_gradients_on_the_gate():
+    """With router_detach (the default for the scaled gate) the balance loss trains the gate
+    but not the inputs it reads (profile embeddings, hidden states); gate=hard keeps the
+    reference behaviour, where it reaches them."""
+    batch = _batch()
+    for gate, detach, reaches_inputs in [("scaled", None, False), ("scaled", False, True), ("hard", None, True)]:
+        model = _model(gate=gate, router_detach=detach, alpha=1.0)
+        model.train()
+        out = model(batch)
+        model.auxiliary_loss(out).backward()
+        assert model.ffns[0].gate.weight.grad.abs().sum() > 0
+        profile = model.users.fields[0].weight.grad
+        got = profile is not None and bool(profile.abs().sum() > 0)
+        assert got == reaches_inputs, (gate, detach)
+
+
+def test_history_only_gate():
+    model = _model(gate_input="history")
+    assert model.ffns[0].gate.in_features == 8
+    assert model.route(_batch()).shape == (3, 2)
