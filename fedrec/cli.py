@@ -279,7 +279,7 @@ def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]],
 
 @app.command("simulate")
 def simulate_command(
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg or local."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg, local, fedmf or pfedrec."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:users=600)."),
     federation: Optional[Path] = typer.Option(None, "--federation", help="A federation folder (`fedrec data partition`): each client reads only its own file; instead of --data."),
     task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format)."),

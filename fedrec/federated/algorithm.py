@@ -388,7 +388,8 @@ class Algorithm:
     def _compact_batch(self, ex: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Compact item tables for a chunk of users (one example each).
 
-        Each user's item indices (history, targets, negatives) are renumbered to local ones
+        Each user's item indices (history, targets, negatives; candidates, when scoring
+        them with a personalised copy) are renumbered to local ones
         (``0`` stays the padding item); for every item table, the user's copy holds only the
         rows its local items read. Returns the batch with local indices and
         ``item_maps`` (key -> ``(C, K_items)`` local item -> local row), and name -> ``(C,
@@ -396,7 +397,7 @@ class Algorithm:
         repeat of a row they have; the repeat is never read, so its gradient, its update and
         its change are exactly zero.
         """
-        fields = [k for k in ("items", "target_items", "negatives") if k in ex]
+        fields = [k for k in ("items", "target_items", "negatives", "candidates") if k in ex]
         C = ex["items"].shape[0]
         flat = torch.cat([ex[k].reshape(C, -1) for k in fields], dim=1)
         # item 0 (padding) first in every row, so local index 0 is the padding item
@@ -438,6 +439,44 @@ class Algorithm:
 
         return user_loss
 
+    def update_phases(self) -> tuple[tuple[str, ...], ...] | None:
+        """Hook: the parameter names each local step updates in turn, the gradient taken
+        afresh before each phase (e.g. PFedRec: the score function, then the item
+        embedding). None (default): one phase, every trained parameter at once."""
+        return None
+
+    def _local_train(self, global_params: Params, state: LocalState, pos: torch.Tensor, ex: dict[str, Any],
+                     share: torch.Tensor, vgrad) -> tuple[Params, dict[str, Any], dict[str, torch.Tensor], Params,
+                                                          torch.Tensor, Any]:
+        """``local_steps`` steps of a chunk of users (``ex``: one example each, see
+        :meth:`_per_user_batch`) from the global parameters and their private ones.
+
+        Returns the trained per-user parameters, the batch as trained (local item indices
+        with compact tables), the compact tables' rows, what each user's copy of the global
+        parameters started from, the first step's per-user loss and the routing choice."""
+        rows: dict[str, torch.Tensor] = {}
+        if self.compact and self._item_tables:
+            ex, rows = self._compact_batch(ex)
+        params, _ = self._user_params(global_params, state, pos, copy_global=True, rows=rows)
+        # what each user's copy started from: the global value, or its rows of it
+        start_values = {n: (params[n].clone() if n in rows else global_params[n])
+                        for n in self.layout.global_names}
+        moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+        phases = self.update_phases()
+        choice = first = None
+        for step in range(1, self.config.local_steps + 1):
+            for names in phases or (None,):
+                grads, (loss, choice) = vgrad(params, {}, ex, share)
+                if first is None:
+                    first = loss
+                with torch.no_grad():
+                    if names is None:
+                        params = self._step(params, grads, moments, step)
+                    else:
+                        params = {**params, **self._step({n: params[n] for n in names},
+                                                         {n: grads[n] for n in names}, moments, step)}
+        return params, ex, rows, start_values, first, choice
+
     def client_update(self, global_params: Params, state: LocalState, shard: Shard, *, round: int,
                       group_counts: torch.Tensor | None = None) -> tuple[Upload, LocalState, dict[str, float]]:
         """Train the shard's participating users for one round (see the module docstring)."""
@@ -470,21 +509,9 @@ class Algorithm:
                 cu = users[sl]
                 pos = self._positions(state, cu)
                 ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
-                rows: dict[str, torch.Tensor] = {}
-                if self.compact and self._item_tables:
-                    ex, rows = self._compact_batch(ex)
-                params, _ = self._user_params(global_params, state, pos, copy_global=True, rows=rows)
-                # what each user's copy started from: the global value, or its rows of it
-                start_values = {n: (params[n].clone() if n in rows else global_params[n])
-                                for n in self.layout.global_names}
-                moments = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
-                choice = None
-                for step in range(1, cfg.local_steps + 1):
-                    grads, (loss, choice) = vgrad(params, {}, ex, share)
-                    if step == 1:
-                        loss_sum += float(loss.sum())
-                    with torch.no_grad():
-                        params = self._step(params, grads, moments, step)
+                params, ex, rows, start_values, loss, choice = self._local_train(global_params, state, pos, ex,
+                                                                                 share, vgrad)
+                loss_sum += float(loss.sum())
                 # write private rows back; accumulate the upload
                 with torch.no_grad():
                     for n in self.layout.per_user:
@@ -573,6 +600,14 @@ class Algorithm:
         counts = group_counts.reshape(self.layout.layers, self.layout.n_groups)
         return counts > 0
 
+    def personalise(self, global_params: Params, state: LocalState, users: np.ndarray, params: Params, shared: Params,
+                    example: dict[str, Any]) -> tuple[Params, Params, dict[str, Any]]:
+        """Hook: the model each of ``users`` (a chunk) scores with, just before scoring
+        (:meth:`predict`, :meth:`score_items`): ``params`` per user (stacked), ``shared``
+        (passed once) and its ``example`` (one per user, with ``candidates`` when scoring
+        those). Default: unchanged, i.e. the global parameters plus the user's private ones."""
+        return params, shared, example
+
     @torch.no_grad()
     def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
                 candidates: np.ndarray | None = None, *, group_counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
@@ -594,7 +629,7 @@ class Algorithm:
         alive = self.group_alive(group_counts)
 
         def fn(params, shared, example):
-            b = {k: v.unsqueeze(0) for k, v in example.items()}
+            b = {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in example.items()}
             if alive is not None:
                 b["group_alive"] = alive
             out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
@@ -606,7 +641,9 @@ class Algorithm:
             sl = slice(start, start + cfg.chunk_size)
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+            ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+            params, shared, ex = self.personalise(global_params, state, cu, params, shared, ex)
+            out.append(vfn(params, shared, ex))
         if task == "ctr":
             logits = torch.cat(out)
             return {"probs": torch.sigmoid(logits).double().numpy(), "logits": logits.double().numpy(),
@@ -680,7 +717,7 @@ class Algorithm:
         alive = self.group_alive(group_counts)
 
         def fn(params, shared, example):
-            b = {k: v.unsqueeze(0) for k, v in example.items()}
+            b = {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in example.items()}
             if alive is not None:
                 b["group_alive"] = alive
             out = functional_call(template, {**shared, **params}, (b,), {"mode": mode})
@@ -693,7 +730,9 @@ class Algorithm:
             sl = slice(start, start + chunk)
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            res = vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu))
+            ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+            params, shared, ex = self.personalise(global_params, state, cu, params, shared, ex)
+            res = vfn(params, shared, ex)
             if mode != "encode-last":
                 out.append(res)
                 continue

@@ -1,7 +1,8 @@
 """The one-user-at-a-time client loop: the plain semantics the vectorised engine must match.
 
 For every participating user: copy the model, load the global parameters and the user's
-private ones, build a fresh ``torch.optim`` optimiser, take ``local_steps`` steps on the
+private ones, build a fresh ``torch.optim`` optimiser (one per update phase, see
+:meth:`~fedrec.federated.algorithm.Algorithm.update_phases`), take ``local_steps`` steps on the
 user's sequence through the ordinary ``nn.Module`` path (fused attention, ``nn.Dropout``,
 the user's own index and profile lookup), then add its parameters to the upload. This is how
 the MRFF reference code runs a round (one deep copy per user); it is kept as the test
@@ -51,15 +52,17 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
                 named[n][u] = state.tensors[n][pos]
             for n in layout.private:
                 named[n].copy_(state.tensors[n][pos])
+        # one optimiser per update phase (one phase of every parameter unless the algorithm says
+        # so), with the model's learning-rate multipliers as parameter groups
+        phases = alg.update_phases() or (tuple(named),)
+        make = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
         scales = model.lr_scales()
-        by_scale: dict[float, list] = {}
-        for n, prm in model.named_parameters():
-            by_scale.setdefault(float(scales.get(n, 1.0)), []).append(prm)
-        param_groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in sorted(by_scale.items())]
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam(param_groups, lr=cfg.lr)
-        else:
-            opt = torch.optim.SGD(param_groups, lr=cfg.lr)
+        opts = []
+        for names in phases:
+            by_scale: dict[float, list] = {}
+            for n in names:
+                by_scale.setdefault(float(scales.get(n, 1.0)), []).append(named[n])
+            opts.append(make([{"params": ps, "lr": cfg.lr * k} for k, ps in sorted(by_scale.items())], lr=cfg.lr))
         batch = next(iterate_batches(examples.subset(np.array([u])), batch_size=1,
                                      num_negatives=cfg.negatives if sampler is not None else 0, sampler=sampler))
         if share.numel():
@@ -67,13 +70,14 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
         model.train()
         out = None
         for step in range(cfg.local_steps):
-            opt.zero_grad()
-            out = model(batch)
-            loss = model.loss(batch, out)
-            loss.backward()
-            opt.step()
-            if step == 0:
-                loss_sum += float(loss.detach())
+            for phase, opt in enumerate(opts):
+                opt.zero_grad()
+                out = model(batch)
+                loss = model.loss(batch, out)
+                loss.backward()
+                opt.step()
+                if step == 0 and phase == 0:
+                    loss_sum += float(loss.detach())
         with torch.no_grad():
             for n in layout.per_user:
                 state.tensors[n][pos] = named[n][u]

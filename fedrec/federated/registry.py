@@ -8,14 +8,16 @@ from fedrec.data.split import SplitData
 from fedrec.federated.algorithm import Algorithm
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.fedavg import FedAvg
+from fedrec.federated.fedmf import FedMF
 from fedrec.federated.local import LocalOnly
 from fedrec.federated.mrff import FedMRFF, FedMRFFNoGroups
+from fedrec.federated.pfedrec import PFedRec
 from fedrec.registry import Registry
 
 __all__ = ["ALGORITHMS", "create_algorithm", "algorithm_names"]
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
-for _cls in (FedMRFF, FedMRFFNoGroups, FedAvg, LocalOnly):
+for _cls in (FedMRFF, FedMRFFNoGroups, FedAvg, LocalOnly, FedMF, PFedRec):
     ALGORITHMS.register(_cls.name)(lambda cls=_cls: cls)
 
 

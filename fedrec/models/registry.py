@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from fedrec.config import build_config
 from fedrec.errors import ConfigError
 from fedrec.models.base import ModelData, RecModel
+from fedrec.models.mf import MF, MFConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
 from fedrec.models.sasrec import SASRec, SASRecConfig
@@ -34,6 +35,7 @@ MODELS: Registry[ModelSpec] = Registry("model")
 MODELS.register("sasrec")(lambda: ModelSpec(SASRec, SASRecConfig))
 MODELS.register("bert4rec")(lambda: ModelSpec(SASRec, SASRecConfig, (("bidirectional", True),)))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
+MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
 MODELS.register("user_ctr")(lambda: ModelSpec(UserCTR, None))
 
