@@ -17,7 +17,7 @@ import fed_next_item  # noqa: E402
 
 def test_cells_resume_and_render(tmp_path, monkeypatch):
     out, states = tmp_path / "out", tmp_path / "states"
-    args = ["--data", "tiny={data_root}", "--data-root", "synthetic:users=20,items=40,seed=2", "--datasets", "tiny",
+    args = ["--data", "tiny={data_root}", "--data-root", "synthetic:users=20,items=200,seed=2", "--datasets", "tiny",
             "--rows", "popularity", "fedmf", "pfedrec", "--rounds", "2", "--eval-every", "1",
             "--out-dir", str(out), "--state-dir", str(states)]
     assert fed_next_item.main(args) == 0

@@ -91,7 +91,7 @@ class PFedRec(Algorithm):
             self.split, task=self.task, stage="train", max_len=T))
         sub = train.subset(users)
         key = int(self.split.user_raw[users[0]]) % 2**62 if C else 0
-        sampler = UniformNegativeSampler(self.split, seed=_negative_seed(cfg.seed, PERSONALISE_ROUND,
+        sampler = UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, PERSONALISE_ROUND,
                                                                           SimpleNamespace(key=key)))
         # one (possibly empty) training example per user of the chunk, in the chunk's order:
         # a user without training targets keeps the global parameters and its own

@@ -21,7 +21,7 @@ SMALL = {"dim": 8, "max-len": 30}
 
 @pytest.fixture(scope="module")
 def split():
-    return split_dataset(load_dataset("synthetic:users=14,items=120,seed=5"))
+    return split_dataset(load_dataset("synthetic:users=14,items=200,seed=5"))
 
 
 @pytest.fixture()
@@ -190,7 +190,7 @@ def test_pfedrec_through_the_flower_apps_saves_a_model_that_repeats_its_numbers(
     from fedrec.federated.spec import parse_run_config
     from fedrec.recommend import recommend
 
-    run = run_in_process(parse_run_config({"data": "synthetic:users=30,items=60,seed=2", "task": "next_item",
+    run = run_in_process(parse_run_config({"data": "synthetic:users=30,items=200,seed=2", "task": "next_item",
                                            "algorithm": "pfedrec", "shards": 2, "rounds": 3, "negatives": 2,
                                            "protocol": "sampled-99", "model.dim": 8, "model.max-len": 20,
                                            "model-dir": str(tmp_path / "model")}))
