@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from fedrec import __version__
-from fedrec.errors import FedrecError
+from fedrec.errors import ConfigError, FedrecError
 
 app = typer.Typer(
     help="fedrec: federated, privacy-preserving multifaceted user modelling for recommendation.",
@@ -121,13 +121,45 @@ def data_partition(
     typer.echo(f"run it: fedrec simulate --federation {out}")
 
 
-@app.command("train")
+DEFAULTS_HELP = ("Per-dataset defaults apply (the best recorded setting of the data's format; `fedrec defaults "
+                 "SPEC` prints them); your flags, --set and --config keys win, and the result JSON records both "
+                 "under 'resolved'.")
+
+
+def _train_resolve(model: str, data: str, config: Optional[Path], sets: Optional[list[str]], **flags):
+    """The options of ``fedrec train``: the per-dataset defaults (:mod:`fedrec.defaults`)
+    under the ``[model]`` / ``[train]`` tables of ``config``, ``--set`` and the explicit
+    ``flags`` (``task``, ``protocol``, ``epochs``, ``seed``, ``checkpoint``,
+    ``negatives_file``; None = not given), in that order of precedence (last wins).
+
+    Returns ``(resolved, split_table)``: the :class:`~fedrec.defaults.Resolved` flat keys
+    (``task``, ``model.KEY`` model options, the rest :class:`~fedrec.train.TrainConfig`
+    keys) and the ``[split]`` table of ``config``. Reads no data."""
+    from fedrec.config import load_toml, parse_assignments
+    from fedrec.defaults import resolve
+
+    file_cfg = load_toml(config) if config else {}
+    unknown = set(file_cfg) - {"model", "train", "split"}
+    if unknown:
+        raise FedrecError(f"{config}: unknown table(s) {', '.join(sorted(unknown))} (known: model, train, split)")
+    train_table = dict(file_cfg.get("train", {}))
+    for key in train_table:
+        if str(key).replace("_", "-") == "task" or str(key).startswith("model."):
+            raise ConfigError(f"{config}: [train] has no option '{key}' (the task is --task; model options go in [model])")
+    user: dict = dict(train_table)
+    user.update({f"model.{k}": v for k, v in file_cfg.get("model", {}).items()})
+    user.update({f"model.{k}": v for k, v in parse_assignments(sets).items()})
+    user.update({k.replace("_", "-"): v for k, v in flags.items() if v is not None})
+    return resolve(data, runtime="centralised", model=model, user=user), file_cfg.get("split", {})
+
+
+@app.command("train", epilog=DEFAULTS_HELP)
 def train_command(
     model: str = typer.Option(..., "--model", "-m", help="Model name (see `fedrec models`)."),
     data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...]."),
-    task: str = typer.Option("ctr", "--task", help="ctr or next_item."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on validation)."),
+    task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format; ctr for one without defaults)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (default: from the data format, else full)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on validation; default: from the data format, else 30)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (training order, init, negatives)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model] and [train] tables."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (repeatable)."),
@@ -138,40 +170,32 @@ def train_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Train a model centrally and report validation and test metrics at the best validation epoch."""
-    from fedrec.config import build_config, load_toml, parse_assignments
+    from fedrec.config import build_config
     from fedrec.data import load_dataset
-    from fedrec.data.split import split_dataset
+    from fedrec.data.split import SplitConfig, split_dataset
     from fedrec.train import TrainConfig, train
 
     try:
-        file_cfg = load_toml(config) if config else {}
-        unknown = set(file_cfg) - {"model", "train", "split"}
-        if unknown:
-            raise FedrecError(f"{config}: unknown table(s) {', '.join(sorted(unknown))} (known: model, train, split)")
-        model_options = dict(file_cfg.get("model", {}))
-        model_options.update(parse_assignments(sets))
-        train_options = dict(file_cfg.get("train", {}))
-        for key, value in (("protocol", protocol), ("epochs", epochs), ("seed", seed)):
-            if value is not None:
-                train_options[key] = value
-        if checkpoint is not None:
-            train_options["checkpoint"] = str(checkpoint)
-        if resume is not None:
-            train_options["resume"] = str(resume)
-        if negatives_file is not None:
-            train_options["negatives_file"] = str(negatives_file)
-        train_options.setdefault("progress", not as_json and sys.stderr.isatty())
-        train_cfg = build_config(TrainConfig, train_options, where="train")
+        resolved, split_table = _train_resolve(
+            model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed,
+            checkpoint=None if checkpoint is None else str(checkpoint),
+            negatives_file=None if negatives_file is None else str(negatives_file))
+        task = resolved.options.get("task", "ctr")
         if task not in ("ctr", "next_item"):
             raise FedrecError(f"--task must be ctr or next_item (got {task!r})")
-        from fedrec.data.split import SplitConfig
-
-        split_cfg = build_config(SplitConfig, file_cfg.get("split", {}), where="split")
+        train_options = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
+        if resume is not None:
+            train_options["resume"] = str(resume)
+        train_options.setdefault("progress", not as_json and sys.stderr.isatty())
+        train_cfg = build_config(TrainConfig, train_options, where="train")
+        split_cfg = build_config(SplitConfig, split_table, where="split")
         split = split_dataset(load_dataset(data), split_cfg)
-        result = train(model, split, task=task, model_options=model_options, config=train_cfg, data_name=data)
+        result = train(model, split, task=task, model_options=resolved.model_options(), config=train_cfg,
+                       data_name=data)
     except FedrecError as exc:
         _fail(exc)
     result.pop("model_state", None)
+    result["resolved"] = resolved.record()
     if out is not None:
         _write_json_atomic(result, out)
     if as_json:
@@ -237,47 +261,58 @@ def evaluate_command(
         Console().print(table)
 
 
-def _simulate_spec(data: str, config: Optional[Path], sets: Optional[list[str]], federation: Optional[Path] = None,
-                   **given):
-    """Flat run-config keys from defaults, a TOML file, --set and explicit options (in that
-    order of precedence, last wins) -> RunSpec. With ``federation`` (a folder of ``fedrec
-    data partition``), the defaults are the ones its manifest remembers, and the clients
-    and population are the folder's."""
+def _simulate_resolve(data: Optional[str], config: Optional[Path], sets: Optional[list[str]],
+                      federation: Optional[Path] = None, **given):
+    """Flat run-config keys from the per-dataset defaults (:mod:`fedrec.defaults`), a TOML
+    file, --set and explicit options (in that order of precedence, last wins) -> ``(RunSpec,
+    Resolved)``. With ``federation`` (a folder of ``fedrec data partition``), the defaults
+    are those of its manifest's source, and the clients and population are the folder's.
+    Reads no data (only a federation folder's manifest)."""
     from fedrec.config import load_toml, parse_assignments
-    from fedrec.federated.defaults import defaults_for
+    from fedrec.defaults import resolve
     from fedrec.federated.spec import parse_run_config
 
-    flat: dict = {}
     file_cfg = load_toml(config) if config else {}
     model_table = file_cfg.pop("model", {}) if isinstance(file_cfg.get("model"), dict) else {}
     federation = federation or (Path(file_cfg["federation"]) if file_cfg.get("federation") else None)
     manifest = None
+    user: dict = dict(file_cfg)
+    user.update({f"model.{k}": v for k, v in model_table.items()})
+    user.update(parse_assignments(sets))
+    user.update({k: v for k, v in given.items() if v is not None})
+    if data:
+        user["data"] = data
     if federation is not None:
         from fedrec.data.federation import load_manifest
 
         if data:
             raise FedrecError("give either --data or --federation, not both")
+        user.pop("federation", None)
         manifest = load_manifest(federation)
         data = manifest["source"]
-        flat.update(manifest.get("defaults", {}))
     else:
         data = data or file_cfg.get("data") or DEFAULT_SIMULATION_DATA
-        flat.update(defaults_for(data))
-    flat.update(file_cfg)
-    flat.update({f"model.{k}": v for k, v in model_table.items()})
-    flat.update(parse_assignments(sets))
-    flat.update({k: v for k, v in given.items() if v is not None})
-    flat["data"] = data
+    resolved = resolve(data, runtime="federated", user=user)
+    derived: dict = {"data": data}
     if manifest is not None:
         clients = len(manifest["clients"])
         if given.get("shards") not in (None, clients):
             raise FedrecError(f"--clients {given['shards']}: the federation folder {federation} has {clients} clients")
-        flat.update({"federation": str(Path(federation).resolve()), "shards": clients})
-        flat.setdefault("population", int(manifest["population"]))
-    return parse_run_config(flat)
+        derived.update({"federation": str(Path(federation).resolve()), "shards": clients})
+        if "population" not in resolved.options:
+            derived["population"] = int(manifest["population"])
+    resolved.options.update(derived)
+    resolved.defaults = {k: v for k, v in resolved.defaults.items() if k not in derived}
+    return parse_run_config(resolved.options), resolved
 
 
-@app.command("simulate")
+def _simulate_spec(data: Optional[str], config: Optional[Path], sets: Optional[list[str]],
+                   federation: Optional[Path] = None, **given):
+    """The :class:`~fedrec.federated.spec.RunSpec` of :func:`_simulate_resolve`."""
+    return _simulate_resolve(data, config, sets, federation, **given)[0]
+
+
+@app.command("simulate", epilog=DEFAULTS_HELP)
 def simulate_command(
     algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg, local, fedmf or pfedrec."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:users=600)."),
@@ -285,7 +320,7 @@ def simulate_command(
     task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the algorithm's own)."),
     clients: Optional[int] = typer.Option(None, "--clients", "-n", help="Number of clients (shards of users)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds (default: from the data format, else 100)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, participation, dropout)."),
     target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="User-level DP: calibrate the noise so the whole run ends within this epsilon (turns DP on)."),
     delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / population, the number of users of the federation)."),
@@ -303,13 +338,14 @@ def simulate_command(
     from fedrec.federated.runner import run_in_process
 
     try:
-        spec = _simulate_spec(data, config, sets, federation, algorithm=algorithm, task=task, model=model, shards=clients,
-                              rounds=rounds, seed=seed, **{"target-epsilon": target_epsilon, "delta": delta,
-                                                           "noise-multiplier": noise_multiplier,
-                                                           "max-grad-norm": max_grad_norm})
+        spec, resolved = _simulate_resolve(data, config, sets, federation, algorithm=algorithm, task=task, model=model,
+                                           shards=clients, rounds=rounds, seed=seed,
+                                           **{"target-epsilon": target_epsilon, "delta": delta,
+                                              "noise-multiplier": noise_multiplier, "max-grad-norm": max_grad_norm})
         result = run_in_process(spec, app_dir=app_dir, progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
         _fail(exc)
+    result["resolved"] = resolved.record()
     _report_federated(result, out, as_json, [
         f"{result['algorithm']} on {result['data']} ({result['task']}), {result['rounds']} rounds, "
         f"{result['nodes']} client(s), {result['seconds']} s",
@@ -331,7 +367,8 @@ def _report_federated(result: dict, out: Optional[Path], as_json: bool, header: 
         typer.echo(f"  {stage}: {values}")
 
 
-@app.command("compare")
+@app.command("compare", epilog=DEFAULTS_HELP.replace("your flags, --set and --config keys win",
+                                                       "the comparison file's keys win"))
 def compare_command(
     config: Path = typer.Argument(..., metavar="CONFIG", help="Comparison TOML (see fedrec.compare; examples in simulations/configs/)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Seeds (repeatable; default 0 1 2)."),
@@ -356,6 +393,61 @@ def compare_command(
         _fail(exc)
     typer.echo((out / f"{cfg['stem']}.md").read_text())
     typer.echo(f"wrote {out / (cfg['stem'] + '.json')}, .md, .csv and {cfg['stem']}_curves.png")
+
+
+@app.command("defaults", epilog="In `fedrec train`, `simulate` and `compare` the user's flags, --set and "
+                                 "--config keys always win over these; each run's JSON records both under 'resolved'.")
+def defaults_command(
+    data: str = typer.Argument(..., metavar="SPEC", help="Data spec FORMAT:PATH (only the format is read; no file is opened)."),
+    model: str = typer.Option("mrff", "--model", "-m", help="The model of `fedrec train` (see `fedrec models`)."),
+    algorithm: str = typer.Option("mrff", "--algorithm", "-a", help="The algorithm of `fedrec simulate` (it trains its own model)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="A model option KEY=VALUE (as --set of `fedrec train`), to see how it resolves in both commands (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {train: resolved, simulate: resolved}."),
+) -> None:
+    """Print the options a bare `fedrec train --model M --data SPEC` and `fedrec simulate
+    --algorithm A --data SPEC` would use (the per-dataset defaults, fedrec/defaults.py), and
+    where each comes from, without training."""
+    from fedrec.defaults import FORMATS
+    from fedrec.config import build_config
+    from fedrec.models.registry import MODELS
+    from fedrec.train import TrainConfig
+
+    try:
+        train_resolved, _ = _train_resolve(model, data, None, sets)
+        _, sim_resolved = _simulate_resolve(data, None, [f"model.{s}" for s in sets or []], algorithm=algorithm)
+        # the options must build (as `fedrec train` would build them, before reading any data)
+        options = train_resolved.options
+        build_config(TrainConfig, {k: v for k, v in options.items() if k != "task" and not k.startswith("model.")},
+                     where="train")
+        spec = MODELS.create(model)
+        if spec.config is None and train_resolved.model_options():
+            raise FedrecError(f"model '{model}' takes no options (got {', '.join(train_resolved.model_options())})")
+        if spec.config is not None:
+            build_config(spec.config, train_resolved.model_options(), where=f"model '{model}'",
+                         task=options.get("task", "ctr"), **dict(spec.fixed))
+    except FedrecError as exc:
+        _fail(exc)
+    both = {"train": train_resolved.record(), "simulate": sim_resolved.record()}
+    if as_json:
+        typer.echo(json.dumps(both))
+        return
+    if train_resolved.format in FORMATS:
+        typer.echo(f"{data}: format {train_resolved.format}, recorded runs "
+                   f"{', '.join(FORMATS[train_resolved.format].recorded) or '(none)'} (simulations/configs/)")
+    else:
+        typer.echo(f"{data}: no per-dataset defaults for this format (the library's own defaults apply)")
+    titles = {"train": f"fedrec train --model {model}",
+              "simulate": f"fedrec simulate --algorithm {algorithm} (model {both['simulate']['model']})"}
+    for command, rec in both.items():
+        title = titles[command]
+        typer.echo(f"{title}:")
+        for key, value in rec["options"].items():
+            source = "default" if key in rec["defaults"] else "given"
+            typer.echo(f"  {key} = {_plain_value(value)}  ({source})")
+
+
+def _plain_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @app.command("recommend")

@@ -21,7 +21,10 @@ A comparison is a TOML file::
 
 Every federated row runs through the project's Flower apps in-process
 (:func:`fedrec.federated.runner.run_in_process`); every centralised row through
-:func:`fedrec.train.train`. Both build the same split from the same data spec. Results are
+:func:`fedrec.train.train`. Both build the same split from the same data spec. The
+per-dataset defaults of :mod:`fedrec.defaults` (as for ``fedrec train`` and ``fedrec
+simulate``, ``task`` included) fill in what a row leaves out; the file's keys win, and each
+result records what took effect under ``resolved``. Results are
 merged into ``<out>/<stem>.json`` (resumable: a finished (row, seed) pair is skipped unless
 its configuration changed since), and
 ``<stem>.md``, ``<stem>.csv`` and ``<stem>_curves.png`` (validation metric per round or
@@ -50,8 +53,8 @@ import numpy as np
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
 
-__all__ = ["load_comparison", "run_comparison", "comparison_table", "write_outputs", "plot_curves", "auc_cell",
-           "SHOWN_BOUND"]
+__all__ = ["load_comparison", "row_options", "run_comparison", "comparison_table", "write_outputs", "plot_curves",
+           "auc_cell", "SHOWN_BOUND"]
 
 _KINDS = ("federated", "centralised")
 #: AUC error bounds above this are shown next to the AUC
@@ -74,7 +77,12 @@ def load_comparison(path: str | Path, *, data_root: str | None = None) -> dict[s
             raise ConfigError(f"{path}: data uses {{data_root}}; pass --data-root")
         cfg["data_root"] = str(data_root)
         cfg["data"] = cfg["data"].replace("{data_root}", str(data_root))
-    cfg.setdefault("task", "ctr")
+    cfg["task_given"] = "task" in cfg
+    if not cfg["task_given"]:
+        from fedrec.defaults import FORMATS, format_of
+
+        entry = FORMATS.get(format_of(cfg["data"]))
+        cfg["task"] = entry.data.get("task", "ctr") if entry is not None else "ctr"
     names = set()
     for i, run in enumerate(cfg["runs"]):
         if "name" not in run or run.get("kind") not in _KINDS:
@@ -95,37 +103,62 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict,
-             app_dir: str | Path | None = None) -> dict[str, Any]:
+def row_options(cfg: dict[str, Any], run: dict[str, Any]):
+    """The options of one row: the per-dataset defaults of the data (:mod:`fedrec.defaults`)
+    under the shared table (``[federated]`` or ``[train]``), the row's own keys and its
+    ``[runs.options]`` (last wins) -> :class:`~fedrec.defaults.Resolved` (flat keys: ``task``,
+    ``model.KEY`` model options and the runtime's keys). Reads no data."""
+    from fedrec.defaults import resolve
+
     run = dict(run)
     name, kind = run.pop("name"), run.pop("kind")
     model_options = dict(run.pop("options", {}))
+    user: dict[str, Any] = {"task": cfg["task"]} if cfg.get("task_given", True) else {}
+    if kind == "federated":
+        user.update({**cfg.get("federated", {}), **run})
+        user.update({f"model.{k}": v for k, v in model_options.items()})
+        return resolve(cfg["data"], runtime="federated", user=user)
+    model = run.pop("model")
+    if run:
+        raise ConfigError(f"centralised run '{name}': unknown key(s) {', '.join(sorted(run))} (put model options in [runs.options])")
+    train_table = dict(cfg.get("train", {}))
+    for key in train_table:
+        if str(key).replace("_", "-") == "task" or str(key).startswith("model."):
+            raise ConfigError(f"[train] has no option '{key}' (the task is the file's 'task'; model options go in "
+                              "[runs.options])")
+    user.update(train_table)
+    user.update({f"model.{k}": v for k, v in model_options.items()})
+    return resolve(cfg["data"], runtime="centralised", model=model, user=user)
+
+
+def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict,
+             app_dir: str | Path | None = None) -> dict[str, Any]:
+    name, kind = run["name"], run["kind"]
+    resolved = row_options(cfg, run)
+    task = resolved.options.get("task", "ctr")
     if kind == "federated":
         from fedrec.federated.runner import run_in_process
         from fedrec.federated.spec import parse_run_config
 
-        flat = {**cfg.get("federated", {}), **run, "data": cfg["data"], "task": cfg["task"], "seed": seed}
-        flat.update({f"model.{k}": v for k, v in model_options.items()})
+        flat = {**resolved.options, "data": cfg["data"], "seed": seed}
         result = run_in_process(parse_run_config(flat), app_dir=app_dir)
-        curve = [(h["round"], h["valid"][_metric(cfg)]) for h in result["history"] if "valid" in h]
+        curve = [(h["round"], h["valid"][_metric(task)]) for h in result["history"] if "valid" in h]
         result["curve"] = {"x": "round", "points": curve}
     else:
         from fedrec.data import load_dataset
         from fedrec.data.split import split_dataset
         from fedrec.train import TrainConfig, train
 
-        model = run.pop("model")
-        if run:
-            raise ConfigError(f"centralised run '{name}': unknown key(s) {', '.join(sorted(run))} (put model options in [runs.options])")
         if "split" not in split_cache:
             split_cache["split"] = split_dataset(load_dataset(cfg["data"]))
-        train_cfg = build_config(TrainConfig, {**cfg.get("train", {}), "seed": seed, "progress": False}, where="train")
-        result = train(model, split_cache["split"], task=cfg["task"], model_options=model_options, config=train_cfg,
-                       data_name=cfg["data"])
+        train_opts = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
+        train_cfg = build_config(TrainConfig, {**train_opts, "seed": seed, "progress": False}, where="train")
+        result = train(resolved.model, split_cache["split"], task=task, model_options=resolved.model_options(),
+                       config=train_cfg, data_name=cfg["data"])
         result.pop("model_state")
-        curve = [(h["epoch"], h["valid"][_metric(cfg)]) for h in result["history"]]
+        curve = [(h["epoch"], h["valid"][_metric(task)]) for h in result["history"]]
         result["curve"] = {"x": "epoch", "points": curve}
-    result.update({"row": name, "kind": kind, "seed": seed})
+    result.update({"row": name, "kind": kind, "seed": seed, "resolved": resolved.record()})
     return result
 
 
@@ -149,13 +182,16 @@ def _fingerprint(cfg: dict[str, Any], run: dict[str, Any]) -> str:
 
     relevant = {"data": cfg["data_display"], "task": cfg["task"], "run": run,
                 "shared": cfg.get("federated", {}) if run["kind"] == "federated" else cfg.get("train", {})}
+    taken = row_options(cfg, run).defaults
+    if taken:  # what the per-dataset defaults set (none for a row that gives every key itself)
+        relevant["defaults"] = taken
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _metric(cfg: dict[str, Any]) -> str:
+def _metric(task: str) -> str:
     from fedrec.train import selection_metric
 
-    return selection_metric(cfg["task"])
+    return selection_metric(task)
 
 
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path, only: list[str] | None = None,
@@ -268,7 +304,7 @@ def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = _metric(cfg)
+    metric = _metric(cfg["task"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     seen = set()
     for run in results.values():

@@ -1,4 +1,5 @@
-"""The ``fedrec`` command line: help, version, ``data describe`` (JSON and table) and ``data formats``.
+"""The ``fedrec`` command line: help (train, simulate and compare name their per-dataset
+defaults), version, ``data describe`` (JSON and table) and ``data formats``.
 
 Every check runs the CLI as a user does, in a subprocess of this interpreter
 (``python -m fedrec.cli ...``). Bad input to ``data describe`` is covered in
@@ -48,8 +49,12 @@ def describe_json(spec: str) -> dict:
         (("data",), ["describe", "formats"]),
         (("data", "describe"), ["describe", "SPEC", "--json"]),
         (("data", "formats"), ["formats"]),
+        (("train",), ["Per-dataset defaults apply", "fedrec defaults SPEC", "resolved"]),
+        (("simulate",), ["Per-dataset defaults apply", "fedrec defaults SPEC", "resolved"]),
+        (("compare",), ["Per-dataset defaults apply", "fedrec defaults SPEC", "resolved"]),
+        (("defaults",), ["SPEC", "--model", "--algorithm", "always win"]),
     ],
-    ids=["fedrec", "data", "describe", "formats"],
+    ids=["fedrec", "data", "describe", "formats", "train", "simulate", "compare", "defaults"],
 )
 def test_help(args, mentions):
     result = fedrec_cli(*args, "--help")

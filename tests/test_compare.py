@@ -116,3 +116,34 @@ def test_table_shows_the_auc_error_bound_where_it_exceeds_0001(tmp_path):
     # no bound above 0.001: no note either
     write_outputs(cfg, {"tight/seed0": results["tight/seed0"]}, tmp_path, curves=False)
     assert "hist." not in (tmp_path / "t.md").read_text()
+
+
+def test_rows_take_the_per_dataset_defaults_and_record_them(tmp_path):
+    """What a row leaves out comes from fedrec.defaults (synthetic: fed_synthetic's
+    eval-every 5 and patience 5) and is recorded; the row's own keys win."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG.replace('task = "ctr"\n', ""))  # the task too comes from the format
+    cfg = load_comparison(path)
+    results = run_comparison(cfg, seeds=[0], out_dir=tmp_path / "out")
+    fed, central = results["fed/seed0"]["resolved"], results["central/seed0"]["resolved"]
+    assert fed["defaults"] == {"task": "ctr", "eval-every": 5} and results["fed/seed0"]["config"]["eval-every"] == 5
+    assert fed["options"]["rounds"] == 2 and fed["options"]["model.dim"] == 16
+    assert central["defaults"] == {"task": "ctr", "patience": 5} and results["central/seed0"]["train"]["epochs"] == 2
+    assert central["options"]["model.max-len"] == 20 == results["central/seed0"]["model_options"]["max-len"]
+
+
+def test_recorded_comparisons_resolve_as_they_were_run():
+    """Every row of the recorded comparison tables gives each key itself: no default takes
+    effect, so their results (and resume fingerprints) stand."""
+    from conftest import ROOT
+    from fedrec.compare import _fingerprint, row_options
+
+    configs = sorted((ROOT / "simulations" / "configs").glob("fed_*.toml"))
+    assert configs
+    for path in configs:
+        cfg = load_comparison(path, data_root="/data")
+        recorded = json.loads((ROOT / "simulations" / "results" / f"{path.stem}.json").read_text())
+        for run in cfg["runs"]:
+            assert row_options(cfg, run).defaults == {}, (path.name, run["name"])
+            prints = {r["fingerprint"] for r in recorded.values() if r["row"] == run["name"] and "fingerprint" in r}
+            assert prints <= {_fingerprint(cfg, run)}, (path.name, run["name"])

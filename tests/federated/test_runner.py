@@ -111,8 +111,16 @@ def test_simulate_defaults_per_format_and_user_keys_win(tmp_path):
     cfg.write_text('data = "seq:/x/LastFM.txt"\nrounds = 7\n[model]\ndim = 32\n')
     spec = _simulate_spec(None, cfg, None, rounds=None)
     assert spec.task == "next_item" and spec.federated.protocol == "sampled-99"
-    assert spec.federated.rounds == 7 and spec.model_options == {"dim": 32}
+    # the file's dim wins; the other widths and the next-item protocol are the seq defaults
+    assert spec.federated.rounds == 7 and spec.model_options == {"dim": 32, "heads": 2, "dropout": 0.5,
+                                                                 "max-len": 50, "next-loss": "bce"}
+    assert spec.federated.negatives == 4 and spec.federated.fraction == 1.0 and spec.shards == 1
     assert _simulate_spec(None, None, None).data == "synthetic:users=600"
+    # snake-case user keys replace the kebab-case defaults (one key, not two)
+    spec = _simulate_spec("kuaisar:/data/KuaiSAR-R", None, ["model.item_repr=id", "eval_every=2"])
+    assert spec.model_options == {"item-repr": "id"} and spec.federated.eval_every == 2
+    spec = _simulate_spec("kuaisar:/data/KuaiSAR-R", None, ["model-options=item-repr=both,dim=32"])
+    assert spec.model_options == {"item-repr": "both", "dim": "32"}
 
 
 @pytest.mark.parametrize("protocol", ["full", "sampled-99"])
