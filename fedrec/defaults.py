@@ -30,13 +30,14 @@ results in ``simulations/results/<name>.md``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from fedrec.errors import ConfigError
 
-__all__ = ["FormatDefaults", "FORMATS", "RUNTIMES", "Resolved", "format_of", "defaults", "resolve", "defaults_for",
-           "algorithm_model", "markdown_table"]
+__all__ = ["FORMATS", "RUNTIMES", "FormatDefaults", "Resolved", "algorithm_model", "defaults", "defaults_for",
+           "format_of", "markdown_table", "resolve"]
 
 RUNTIMES = ("centralised", "federated")
 _NOT_RECORDED = ("resume", "progress")
@@ -277,8 +278,9 @@ def _cell(keys: Mapping[str, Any]) -> str:
 
 def markdown_table() -> str:
     """The README's table of per-format defaults (rendered from :data:`FORMATS`)."""
-    lines = ["| format | task, protocol | model options (train and simulate) | `fedrec train` | `fedrec simulate` "
-             "| recorded runs |", "| --- | --- | --- | --- | --- | --- |"]
+    header = ("| format | task, protocol | model options (train and simulate) | `fedrec train` | `fedrec simulate` "
+              "| recorded runs |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     for name, entry in FORMATS.items():
         extra = "".join(f"; {m}: {_cell(layer)}" for m, layers in entry.per_model.items()
                         for rt, layer in layers.items() if rt == "centralised")

@@ -51,8 +51,8 @@ DATASETS: dict[str, tuple[str, str]] = {
     "ml100k": ("MovieLens-100K, all ratings", "movielens:{data_root}/ml-100k/u.data?threshold=0"),
     "lastfm": ("LastFM (S3-Rec files)", "seq:{data_root}/s3rec/LastFM.txt"),
     "amazon-video": ("Amazon Video (PFedRec's file)",
-                     "csv:{data_root}/amazon-video-pfedrec/ratings.dat?header=false&user=0&item=1&rating=2&time=3"
-                     "&ids=factorize"),
+                     ("csv:{data_root}/amazon-video-pfedrec/ratings.dat?header=false&user=0&item=1&rating=2&time=3"
+                      "&ids=factorize")),
 }
 
 _SEQ = {"dim": 64, "heads": 2, "dropout": 0.5, "max-len": 50}
@@ -115,7 +115,9 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 def run_cell(config: dict[str, Any], data_root: str, state: Path | None, split_cache: dict) -> dict[str, Any]:
     """Run one cell; returns its result (metrics, best round or epoch, timing)."""
-    real = lambda s: s.replace("{data_root}", data_root)  # noqa: E731
+    def real(spec: str) -> str:
+        return spec.replace("{data_root}", data_root)
+
     if config["kind"] == "federated":
         from fedrec.federated.runner import run_in_process
         from fedrec.federated.spec import parse_run_config
@@ -182,8 +184,8 @@ def markdown(results: dict[str, Any]) -> str:
         rows = by_data[dataset]
         first = next(iter(rows.values()))[0]
         lines += [f"**{first.get('label', dataset)}** — `{first['data']}`", "",
-                  "| row | kind | test HR@10 | test NDCG@10 | seeds | best round/epoch | rounds/epochs run | "
-                  "s per round/epoch |",
+                  ("| row | kind | test HR@10 | test NDCG@10 | seeds | best round/epoch | rounds/epochs run | "
+                   "s per round/epoch |"),
                   "| --- | --- | ---: | ---: | ---: | --- | --- | ---: |"]
         for row in sorted(rows, key=lambda r: order.index(r) if r in order else len(order)):
             cells = sorted(rows[row], key=lambda c: c["seed"])
@@ -197,8 +199,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {ROWS.get(row, {}).get('label', row)} | {cells[0]['kind']} | {_mean_std(hr)} | "
                          f"{_mean_std(ndcg)} | {len(cells)} | {best} | {run} | {per} |")
         lines.append("")
-    lines += ["**Published, not ours** — MovieLens-1M, PFedRec protocol, as transcribed by a third party "
-              "(to set beside a run of your own on ML-1M, e.g. `--data ml1m=movielens:PATH/ml-1m?threshold=0`):", "",
+    lines += [("**Published, not ours** — MovieLens-1M, PFedRec protocol, as transcribed by a third party "
+               "(to set beside a run of your own on ML-1M, e.g. `--data ml1m=movielens:PATH/ml-1m?threshold=0`):"), "",
               "| method | HR@10 | NDCG@10 |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {hr:.4f} | {ndcg:.4f} |" for name, hr, ndcg in PUBLISHED_ML1M]
     return "\n".join(lines) + "\n"

@@ -43,7 +43,10 @@ def test_bare_train_and_simulate_train_the_same_model(data, model, algorithm):
     trained, _ = _train_resolve(model, data, None, None)
     spec, simulated = _simulate_resolve(data, None, None, algorithm=algorithm)
     assert simulated.model == model
-    shape = lambda opts: {k: v for k, v in opts.items() if k not in OBJECTIVE}  # noqa: E731
+
+    def shape(opts):
+        return {k: v for k, v in opts.items() if k not in OBJECTIVE}
+
     assert shape(trained.model_options()) == shape(simulated.model_options()) == shape(spec.model_options)
     assert trained.options.get("task") == simulated.options.get("task") == spec.task
     assert trained.options.get("protocol", "full") == spec.federated.protocol
@@ -51,6 +54,12 @@ def test_bare_train_and_simulate_train_the_same_model(data, model, algorithm):
         assert (trained.model_options()["next-loss"], spec.model_options["next-loss"]) == ("ce", "bce")
     else:
         assert trained.model_options() == spec.model_options
+    if data.startswith("synthetic"):  # built on data: the very same parameters
+        split = split_dataset(load_dataset(TINY))
+        built = [create_model(model, ModelData.from_split(split), opts, task=spec.task)
+                 for opts in (trained.model_options(), spec.model_options)]
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in built]
+        assert shapes[0] == shapes[1]
 
 
 def test_the_recorded_settings_are_the_defaults():
@@ -175,3 +184,15 @@ def test_every_format_with_defaults_names_its_recorded_runs():
         for run in entry.recorded:
             assert (ROOT / "simulations" / "configs" / f"{run}.toml").is_file(), (name, run)
         assert dataclasses.is_dataclass(entry)
+
+
+def test_a_federation_folder_takes_the_defaults_of_its_source(tmp_path):
+    from fedrec.data.federation import write_federation
+
+    folder = tmp_path / "fed"
+    write_federation(TINY, folder, clients=2)
+    spec, resolved = _simulate_resolve(None, None, None, folder)
+    # the source's format (synthetic) gives task and budget; the folder fixes clients and population
+    assert resolved.defaults == {"task": "ctr", "rounds": 40, "eval-every": 5}
+    assert spec.shards == 2 and spec.federated.population == 24 and spec.federated.rounds == 40
+    assert resolved.options["federation"] == str(folder.resolve()) and "federation" not in resolved.user

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "simulations"))
 
-import fed_next_item  # noqa: E402
+import fed_next_item
 
 
 def test_cells_resume_and_render(tmp_path, monkeypatch):

@@ -16,6 +16,11 @@ the number of users, with the local optimiser of the engine. Item tables are tra
 compact per-user copies (only the rows a user's targets and negatives read), so memory grows
 with the users' data, not with the catalogue.
 
+Hyper-parameters: the ``mf`` defaults (dimension 32, no biases) and the engine's local update
+(one step of a fresh Adam at lr 0.1 per user and round). On ML-100K (validation NDCG@10,
+sampled-99, 80 rounds) that gave 0.337, and a 10x larger item learning rate 0.359 (not kept:
+a small gain for one more knob); popularity: 0.241.
+
 Run: ``fedrec simulate --algorithm fedmf --data SPEC --task next_item --protocol sampled-99``.
 """
 

@@ -31,6 +31,15 @@ data. Here:
   deterministic. The paper's code instead evaluates the model each user kept after the
   round's update, which started from the previous round's global item embedding.
 
+Hyper-parameters: the ``mf`` defaults (dimension 32, as the paper; ``user-bias`` on) and the
+engine's local update (one step of a fresh Adam at lr 0.1 per user and round). The paper's
+code uses SGD at lr 0.1 for the score function and ``0.1 * n_items * 80`` for the item
+embedding, on minibatches of 256; with this engine's full-batch step that item learning rate
+diverged on ML-100K (NaN scores by round 10), while Adam, which scales every
+coordinate's step to about ``lr``, needs no such ratio. On ML-100K (validation, sampled-99) it
+reached NDCG@10 0.350 after 30 rounds (popularity: 0.241). Cost: evaluating a stage runs one
+local update per user (about a training round), so evaluate every few rounds.
+
 Run: ``fedrec simulate --algorithm pfedrec --data SPEC --task next_item --protocol sampled-99``.
 """
 
@@ -48,7 +57,7 @@ from fedrec.data.samplers import UniformNegativeSampler
 from fedrec.errors import ConfigError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, _negative_seed
 
-__all__ = ["PFedRec", "PERSONALISE_ROUND"]
+__all__ = ["PERSONALISE_ROUND", "PFedRec"]
 
 #: the round number whose negative draw the personalising update uses (never a training round)
 PERSONALISE_ROUND = 0

@@ -42,7 +42,7 @@ from torch import nn
 from fedrec.errors import ConfigError
 from fedrec.models.base import PRIVATE_PER_USER, PUBLIC, ModelData, ParamRole, RecModel
 
-__all__ = ["MFConfig", "MF"]
+__all__ = ["MF", "MFConfig"]
 
 
 @dataclass
