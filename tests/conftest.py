@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDREC_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -35,3 +36,13 @@ def write_negatives(split, path: Path, n: int = 99, seed: int = 0) -> Path:
         lines.append(" ".join([str(split.user_raw[u]), *(str(split.item_raw[i]) for i in neg)]))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture()
+def float64():
+    """Run a test with float64 as torch's default dtype (equality tests against the
+    one-user loop, where a fresh Adam's first step amplifies rounding)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

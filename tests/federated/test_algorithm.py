@@ -23,14 +23,6 @@ def split():
     return split_dataset(load_dataset("synthetic:users=16,items=40,seed=1"))
 
 
-@pytest.fixture()
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _run(alg, shards, rounds, *, reference=False):
     """Rounds over the given user shards; returns final global params, counts, states."""
     g = alg.initial_global()

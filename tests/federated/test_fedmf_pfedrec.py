@@ -24,14 +24,6 @@ def split():
     return split_dataset(load_dataset("synthetic:users=14,items=200,seed=5"))
 
 
-@pytest.fixture()
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _run(alg, shards, rounds, *, reference=False):
     """Rounds over the given user shards: final global parameters and client states."""
     g = alg.initial_global()
