@@ -180,23 +180,28 @@ def test_routing_stats_share_and_changed(split):
     assert all(0.0 <= c <= 1.0 for c in record2["changed"]) and sum(record2["changed"]) > 0
 
 
-def test_router_lr_in_the_federated_engine_equals_the_one_user_loop(split, float64):
+def test_router_lr_in_the_federated_engine_equals_the_one_user_loop(split):
     from tests.federated.test_algorithm import _max_diff, _run
 
-    alg = create_algorithm("mrff", split, task="ctr",
-                           model_options={"dim": 16, "max-len": 20, "dropout": 0.0, "router_lr": 0.1},
-                           config=FederatedConfig(rounds=2, lr=0.05, population=16))
-    shards = [np.arange(1, 9), np.arange(9, 17)]
-    fast, _, _ = _run(alg, shards, 2)
-    slow, _, _ = _run(alg, shards, 2, reference=True)
-    assert _max_diff(fast, slow) <= 1e-8
-    plain = create_algorithm("mrff", split, task="ctr", model_options={"dim": 16, "max-len": 20, "dropout": 0.0},
-                             config=FederatedConfig(rounds=2, lr=0.05, population=16))
-    full, _, _ = _run(plain, shards, 2)
-    gate = "ffns.0.gate.weight"
-    init = alg.initial_global()[gate]
-    # the router moves about a tenth as far
-    assert float((fast[gate] - init).abs().mean()) < 0.3 * float((full[gate] - init).abs().mean())
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        alg = create_algorithm("mrff", split, task="ctr",
+                               model_options={"dim": 16, "max-len": 20, "dropout": 0.0, "router_lr": 0.1},
+                               config=FederatedConfig(rounds=2, lr=0.05, population=16))
+        shards = [np.arange(1, 9), np.arange(9, 17)]
+        fast, _, _ = _run(alg, shards, 2)
+        slow, _, _ = _run(alg, shards, 2, reference=True)
+        assert _max_diff(fast, slow) <= 1e-8
+        plain = create_algorithm("mrff", split, task="ctr", model_options={"dim": 16, "max-len": 20, "dropout": 0.0},
+                                 config=FederatedConfig(rounds=2, lr=0.05, population=16))
+        full, _, _ = _run(plain, shards, 2)
+        gate = "ffns.0.gate.weight"
+        init = alg.initial_global()[gate]
+        # the router moves about a tenth as far
+        assert float((fast[gate] - init).abs().mean()) < 0.3 * float((full[gate] - init).abs().mean())
+    finally:
+        torch.set_default_dtype(old)
 
 
 def test_router_detach_keeps_auxiliary_gradients_on_the_gate():
@@ -205,14 +210,14 @@ def test_router_detach_keeps_auxiliary_gradients_on_the_gate():
     reference behaviour, where it reaches them."""
     batch = _batch()
     for gate, detach, reaches_inputs in [("scaled", None, False), ("scaled", False, True), ("hard", None, True)]:
-    model = _model(gate=gate, router_detach=detach, alpha=1.0)
-    model.train()
-    out = model(batch)
-    model.auxiliary_loss(out).backward()
-    assert model.ffns[0].gate.weight.grad.abs().sum() > 0
-    profile = model.users.fields[0].weight.grad
-    got = profile is not None and bool(profile.abs().sum() > 0)
-    assert got == reaches_inputs, (gate, detach)
+        model = _model(gate=gate, router_detach=detach, alpha=1.0)
+        model.train()
+        out = model(batch)
+        model.auxiliary_loss(out).backward()
+        assert model.ffns[0].gate.weight.grad.abs().sum() > 0
+        profile = model.users.fields[0].weight.grad
+        got = profile is not None and bool(profile.abs().sum() > 0)
+        assert got == reaches_inputs, (gate, detach)
 
 
 def test_history_only_gate():
