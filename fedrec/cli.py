@@ -157,8 +157,8 @@ def _train_resolve(model: str, data: str, config: Optional[Path], sets: Optional
 def train_command(
     model: str = typer.Option(..., "--model", "-m", help="Model name (see `fedrec models`)."),
     data: str = typer.Option(..., "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...]."),
-    task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format; ctr for one without defaults)."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (default: from the data format, else full)."),
+    task: Optional[str] = typer.Option(None, "--task", help="ctr, next_item or cdr (cross-domain; default: from the data format; ctr for one without defaults)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item / cdr: full, sampled-99 or sampled-999 (default: from the data format, else full)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on validation; default: from the data format, else 30)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (training order, init, negatives)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model] and [train] tables."),
@@ -181,8 +181,8 @@ def train_command(
             checkpoint=None if checkpoint is None else str(checkpoint),
             negatives_file=None if negatives_file is None else str(negatives_file))
         task = resolved.options.get("task", "ctr")
-        if task not in ("ctr", "next_item"):
-            raise FedrecError(f"--task must be ctr or next_item (got {task!r})")
+        if task not in ("ctr", "next_item", "cdr"):
+            raise FedrecError(f"--task must be ctr, next_item or cdr (got {task!r})")
         train_options = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
         if resume is not None:
             train_options["resume"] = str(resume)
@@ -314,10 +314,10 @@ def _simulate_spec(data: Optional[str], config: Optional[Path], sets: Optional[l
 
 @app.command("simulate", epilog=DEFAULTS_HELP)
 def simulate_command(
-    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg, local, fedmf or pfedrec."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="mrff, mrff-nogroups, fedavg, local, fedmf, pfedrec or unicdr (cross-domain; default: the data format's, else mrff)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Data spec FORMAT:PATH[?key=value&...] (default: synthetic:users=600)."),
     federation: Optional[Path] = typer.Option(None, "--federation", help="A federation folder (`fedrec data partition`): each client reads only its own file; instead of --data."),
-    task: Optional[str] = typer.Option(None, "--task", help="ctr or next_item (default: from the data format)."),
+    task: Optional[str] = typer.Option(None, "--task", help="ctr, next_item or cdr (default: from the data format)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the algorithm's own)."),
     clients: Optional[int] = typer.Option(None, "--clients", "-n", help="Number of clients (shards of users)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds (default: from the data format, else 100)."),

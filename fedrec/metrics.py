@@ -658,3 +658,35 @@ def ranking_metrics(ranks: ArrayLike, ks: Sequence[int] = (5, 10, 20)) -> dict[s
         out[f"ndcg@{k}"] = ndcg(r, k)
     out["mrr"] = mrr(r)
     return out
+
+
+def domain_ranking_metrics(ranks: ArrayLike, domains: ArrayLike, names: Sequence[str],
+                           cold: ArrayLike | None = None, ks: Sequence[int] = (5, 10, 20)) -> dict[str, float]:
+    """Ranking metrics per domain (cross-domain recommendation).
+
+    ``ranks`` (n,) 0-based ranks, ``domains`` (n,) the domain index of each example into
+    ``names``, ``cold`` (n,) optional booleans marking cold-start examples. Returns, per
+    domain with examples, :func:`ranking_metrics` under ``NAME/`` and, where it has cold
+    examples, under ``NAME/cold/``; the unprefixed keys are the means over the domains with
+    examples (each domain counts once, whatever its size).
+    """
+    r = np.asarray(ranks, dtype=np.float64)
+    d = np.asarray(domains, dtype=np.int64)
+    if r.shape != d.shape:
+        raise ValueError(f"ranks and domains must have the same shape (got {r.shape} and {d.shape})")
+    c = np.zeros(r.shape, dtype=bool) if cold is None else np.asarray(cold, dtype=bool)
+    out: dict[str, float] = {}
+    per_domain = []
+    for k, name in enumerate(names):
+        sel = d == k
+        if not sel.any():
+            continue
+        m = ranking_metrics(r[sel], ks)
+        per_domain.append(m)
+        out.update({f"{name}/{key}": v for key, v in m.items()})
+        if (sel & c).any():
+            out.update({f"{name}/cold/{key}": v for key, v in ranking_metrics(r[sel & c], ks).items()})
+    if per_domain:
+        mean = {key: float(np.mean([m[key] for m in per_domain])) for key in per_domain[0]}
+        out = {**mean, **out}
+    return out

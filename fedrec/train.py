@@ -39,7 +39,8 @@ from fedrec.data.batching import ExampleSet, build_examples, evaluation_populati
 from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
-from fedrec.metrics import ctr_metrics, full_ranking_ranks, ranking_metrics, sampled_ranking_ranks
+from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
+                            sampled_ranking_ranks)
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
@@ -134,6 +135,33 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
         labels_all, users_all = np.concatenate(labels), np.concatenate(users)
         several = np.bincount(users_all).max() > 1
         return _clean(ctr_metrics(labels_all, np.concatenate(probs), users_all if several else None))
+    ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives)
+    if task == "cdr":
+        return _clean(cdr_metrics(examples, ranks))
+    return _clean(ranking_metrics(ranks))
+
+
+def cdr_metrics(examples: ExampleSet, ranks: np.ndarray) -> dict[str, float]:
+    """Cross-domain metrics of ``ranks`` (one per example of ``examples``): per domain
+    ``DOMAIN/hr@K``, ``DOMAIN/ndcg@K``, ``DOMAIN/mrr``, and ``DOMAIN/cold/...`` over the
+    examples whose user has no training interaction in that domain (cold-start users),
+    where there are any; unprefixed keys are the mean over domains (the selection metric
+    reads ``ndcg@10``)."""
+    return domain_ranking_metrics(ranks, examples.domains, examples.split.domains, cold_start_mask(examples))
+
+
+def cold_start_mask(examples: ExampleSet) -> np.ndarray:
+    """Whether each example's user has no training interaction in the example's domain."""
+    sp = examples.split
+    from fedrec.data.split import TRAIN
+
+    counts = np.bincount(sp.row_seq[sp.part == TRAIN], minlength=sp.n_sequences)
+    return counts[examples.seq] == 0
+
+
+def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: int, eval_seed: int,
+           negatives: FixedNegatives | None = None) -> np.ndarray:
+    """0-based rank of every example's held-out item under ``protocol`` (ranking tasks)."""
     ranks = []
     if protocol == "full":
         indptr, indices = examples.exclusions()
@@ -149,7 +177,7 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
         for batch in iterate_batches(examples, batch_size=batch_size, num_negatives=n, sampler=sampler):
             scores = model.score_candidates(batch, batch["candidates"]).double().numpy()
             ranks.append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
-    return _clean(ranking_metrics(np.concatenate(ranks)))
+    return np.concatenate(ranks)
 
 
 def _fixed_negatives(path: str, split: SplitData, task: str, protocols: list[str],
@@ -370,15 +398,16 @@ def train(
     data = ModelData.from_split(split)
     model = create_model(model_name, data, model_options, task=task)
     max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
-    valid = build_examples(split, task=task, stage="valid", max_len=max_len)
-    test = build_examples(split, task=task, stage="test", max_len=max_len)
+    eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
+    valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
+    test = build_examples(split, task=task, stage="test", max_len=eval_len)
     metric = selection_metric(task)
     protocol = "pooled" if task == "ctr" else cfg.protocol
     eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed,
                      negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()],
                                                 [valid, test]))
     history: list[dict[str, Any]] = []
-    if task == "next_item" and eval_args["negatives"] is None:
+    if task in ("next_item", "cdr") and eval_args["negatives"] is None:
         # draw the sampled protocols' candidates once before training: a user with too few
         # unseen items is an error now, not after the first epoch
         checks = [(cfg.protocol, valid), (cfg.protocol, test)] + [(p, test) for p in cfg.extra_protocols()]
@@ -394,8 +423,10 @@ def train(
         train_ex = build_examples(split, task=task, stage="train", max_len=max_len)
         if len(train_ex) == 0:
             raise ConfigError("no training examples (every user has fewer than two training interactions)")
+        if hasattr(model, "prepare"):  # what a model fits on the training split before its first step
+            model.prepare(split)
         opts = _optimizers(model, cfg)
-        sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task == "next_item" else None
+        sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task in ("next_item", "cdr") else None
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
         identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)
@@ -435,7 +466,7 @@ def train(
             model.train()
             losses = []
             for batch in iterate_batches(train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                                         num_negatives=cfg.negatives if task == "next_item" else 0, sampler=sampler):
+                                         num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler):
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 loss = model.loss(batch, model(batch))
@@ -547,6 +578,8 @@ def _restore_model(path: Path, saved: dict[str, Any], split: SplitData) -> RecMo
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
+    if hasattr(model, "prepare"):  # what the model fits on the training split (not saved)
+        model.prepare(split)
     return model
 
 
@@ -614,7 +647,7 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
             raise ConfigError(f"{path}: the run ranked against a negatives file ({negatives_file}); "
                               "pass it with --negatives-file, or --negatives-file '' for uniform draws")
     model = _restore_model(path, saved, split)
-    max_len = model_max_len(model)
+    max_len = getattr(model, "eval_max_len", model_max_len(model))
     examples = {stage: build_examples(split, task=task, stage=stage, max_len=max_len) for stage in stages}
     fixed = _fixed_negatives(negatives_file, split, task, protocols, list(examples.values())) if negatives_file else None
     eval_seed = train_opts.get("eval_seed", defaults.eval_seed)

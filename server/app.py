@@ -2,6 +2,9 @@
 role-aware strategy for ``rounds`` rounds (continuing from a checkpoint with ``resume``), and
 writes the result JSON to ``out`` (when set).
 
+An algorithm whose nodes share rows of common users (cross-domain UniCDR) first has the
+nodes run a private set intersection through the server (``fedrec.federated.node.align_nodes``).
+
 The server never loads data: shapes and parameter roles come from a client's ``query`` reply
 (every node builds the same initial parameters from the shared catalogue; the server checks
 that all nodes report the same catalogue). With ``model-dir`` it saves the global
@@ -23,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.errors import ConfigError
 from fedrec.federated.checkpoint import load_server, save_global_model
 from fedrec.federated.history import RunHistory
-from fedrec.federated.node import layout_from_record, params_to_record, query_nodes, record_to_params
+from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
 from fedrec.federated.privacy import calibrate_noise
 from fedrec.federated.spec import RunSpec, parse_run_config
 from server.secagg import secure_round
@@ -94,15 +97,20 @@ def main(grid: Grid, context: Context) -> None:
     if spec.central_dp and spec.min_nodes and spec.min_nodes < (spec.shards or 0):
         raise ConfigError("central DP calibrates its noise for all 'shards' nodes: 'min-nodes' must not be below it")
     nodes = _wait_for_nodes(grid, spec.shards)
+    infos = query_nodes(grid, nodes, kind="info")
+    _check_nodes(infos)
+    alignment = None
+    if any(i.get("align") for i in infos.values()):
+        # the algorithm shares rows of users several nodes hold: find them privately first
+        alignment = align_nodes(grid, nodes, timeout=spec.round_timeout or None)
     replies = list(grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({"kind": "init"})}),
                                                   dst_node_id=nodes[0], message_type="query")]))
     if not replies or replies[0].has_error():
         reason = replies[0].error.reason if replies else "no reply"
         raise RuntimeError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
     init = replies[0].content
-    infos = {nodes[0]: dict(init["info"])} if "info" in init.config_records else {}
-    infos.update(query_nodes(grid, nodes[1:], kind="info"))
-    _check_nodes(infos)
+    if "info" in init.config_records:
+        infos[nodes[0]] = dict(init["info"])
     history = RunHistory(spec)
     initial, done, counts = init["arrays"], 0, None
     if spec.resume:  # continue from the last checkpoint (see fedrec.federated.checkpoint)
@@ -133,6 +141,8 @@ def main(grid: Grid, context: Context) -> None:
     result = history.result()
     result["nodes"] = spec.shards or len(nodes)
     result["data"], result["node_data"] = _nodes_data(infos)
+    if alignment is not None:
+        result["alignment"] = {"method": "private set intersection (DH, P-256)", "common_users": alignment["common"]}
     if spec.model_dir:
         _save_model(grid, spec, inner, layout)
         result["model_dir"] = spec.model_dir

@@ -107,10 +107,18 @@ class ExampleSet:
         targets = _take(sp.item, self.target_rows[:, -1])
         if fixed is not None:
             negatives = fixed.sample(self.users, n, domains=domains)
-        else:
+            return np.concatenate([targets[:, None], negatives], axis=1)
+
+        def draw() -> np.ndarray:
             sampler = UniformNegativeSampler(sp, seed=seed, exclude_parts=(TRAIN, VALID, TEST))
             negatives = sampler.sample(self.users, n, domains=domains, distinct=True)
-        return np.concatenate([targets[:, None], negatives], axis=1)
+            return np.concatenate([targets[:, None], negatives], axis=1)
+
+        # drawn once per example set (every evaluation of a run reads the same candidates)
+        import hashlib
+
+        digest = hashlib.blake2b(np.ascontiguousarray(self.target_rows[:, -1]).tobytes(), digest_size=16).hexdigest()
+        return sp.cached(("candidates-of", self.task, self.stage, n, int(seed), digest), draw)
 
     def exclusions(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR ``(indptr, indices)`` of the items in each example's history splits (see
@@ -304,7 +312,8 @@ def iterate_batches(
     ``items`` and ``labels`` (B, T); ``user_features`` (B, F_u) and ``item_features`` are
     looked up by the model from the split (not copied per batch). With ``num_negatives``
     (``next_item`` training: ``(B, T, n)``; evaluation: ``candidates`` ``(B, 1 + n)``;
-    ``cdr``: ``negatives`` ``(B, n)``) a ``sampler`` is required; evaluation candidates
+    ``cdr``: ``negatives`` ``(B, n)`` in training, ``candidates`` ``(B, 1 + n)`` in
+    evaluation) a ``sampler`` is required; evaluation candidates
     come from a :class:`FixedNegatives` sampler as it is, or are drawn from a uniform
     sampler's seed.
     """
@@ -338,8 +347,13 @@ def iterate_batches(
                                     row_domain=row_domain, order=user_rows)
             batch["own_items"] = torch.from_numpy(_take(sp.item, own))
             batch["other_items"] = torch.from_numpy(_take(sp.item, other))
-            if num_negatives:
+            if num_negatives and examples.stage == "train":
                 batch["negatives"] = torch.from_numpy(sampler.sample(users, num_negatives, domains=domains if sp.domains else None))
+            elif num_negatives:
+                if candidates is None:
+                    fixed = sampler if isinstance(sampler, FixedNegatives) else None
+                    candidates = examples.candidates(num_negatives, seed=getattr(sampler, "seed", 0), fixed=fixed)
+                batch["candidates"] = torch.from_numpy(candidates[idx])
         else:
             inp = examples.input_rows[idx]
             batch["items"] = torch.from_numpy(_take(sp.item, inp))

@@ -36,11 +36,12 @@ import numpy as np
 
 from fedrec.data.catalogue import CATALOGUE_FILE, Catalogue
 from fedrec.data.interactions import Dataset, Interactions
-from fedrec.data.partition import dominant_item_feature, partition_users
+from fedrec.data.partition import dominant_item_feature, partition_domains, partition_users
 from fedrec.data.split import SplitConfig, SplitData, split_dataset
 from fedrec.errors import ConfigError, DataError
 
-__all__ = ["MANIFEST_FILE", "partition_split", "cut_dataset", "client_datasets", "write_federation",
+__all__ = ["MANIFEST_FILE", "partition_split", "domain_clients", "cut_domains", "cut_dataset", "client_datasets",
+           "write_federation",
            "load_manifest", "client_entry", "is_federation"]
 
 MANIFEST_FILE = "manifest.json"
@@ -62,10 +63,40 @@ def partition_split(split: SplitData, *, clients: int, partition: str = "iid", a
             labels = dominant_item_feature(split, split.item_feature_names[0])[users]
         else:
             raise ConfigError("partition 'dirichlet' needs user groups or item features to draw labels from")
+    elif partition == "domain":
+        raise ConfigError("partition 'domain' gives each client domains, not users: use domain_clients()")
     elif partition != "iid":
-        raise ConfigError(f"partition must be iid or dirichlet (got {partition!r})")
+        raise ConfigError(f"partition must be iid, dirichlet or domain (got {partition!r})")
     parts = partition_users(users, scheme=partition, num_clients=clients, seed=seed, alpha=alpha, labels=labels)
     return [np.asarray(p, dtype=np.int64) for p in parts]
+
+
+def domain_clients(split: SplitData, *, clients: int | None = None) -> list[list[str]]:
+    """The domains of each client under the ``domain`` partition (cross-domain data): one
+    domain per client (``clients`` None or the number of domains), else dealt round-robin
+    (:func:`~fedrec.data.partition.partition_domains`)."""
+    if not split.domains:
+        raise ConfigError("partition 'domain' needs multi-domain data (e.g. cdr:DIR)")
+    return partition_domains(split.domains, num_clients=clients)
+
+
+def cut_domains(dataset: Dataset, domains: list[str], *, name: str) -> Dataset:
+    """The part of ``dataset`` a node holding ``domains`` has: those domains' interaction rows
+    (in the source's order) and the features of the users that have any."""
+    frame = dataset.interactions.frame
+    if "domain" not in frame.columns:
+        raise ConfigError("partition 'domain' needs multi-domain data (rows with a domain)")
+    keep = frame["domain"].isin(domains).to_numpy()
+    rows = frame.loc[keep].reset_index(drop=True)
+    raw_users = rows["user"].unique()
+    users = None
+    if dataset.user_features is not None:
+        users = dataset.user_features.loc[dataset.user_features.index.isin(raw_users)]
+    groups = None
+    if dataset.user_groups is not None:
+        groups = dataset.user_groups.loc[dataset.user_groups.index.isin(raw_users)]
+    return Dataset(name, Interactions(rows, name), user_features=users, user_groups=groups,
+                   meta={"cut-from": dataset.name, "domains": list(domains)})
 
 
 def cut_dataset(dataset: Dataset, raw_users: np.ndarray, *, name: str) -> Dataset:
@@ -105,7 +136,14 @@ def write_federation(spec: str, out: str | Path, *, clients: int, partition: str
     dataset = load_dataset(spec)
     config = SplitConfig()
     split = split_dataset(dataset, config)
-    parts = partition_split(split, clients=clients, partition=partition, alpha=alpha, seed=seed)
+    if partition == "domain":
+        domains = domain_clients(split, clients=clients)
+        parts = [np.unique(split.seq_user[np.isin(split.seq_domain, [split.domains.index(d) for d in ds])])
+                 for ds in domains]
+        cuts = [cut_domains(dataset, ds, name=f"{dataset.name}#client-{k}") for k, ds in enumerate(domains)]
+    else:
+        parts = partition_split(split, clients=clients, partition=partition, alpha=alpha, seed=seed)
+        cuts = client_datasets(dataset, split, parts)
     catalogue = Catalogue.from_split(split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -115,7 +153,7 @@ def write_federation(spec: str, out: str | Path, *, clients: int, partition: str
     try:
         catalogue.save(tmp / CATALOGUE_FILE)
         entries = []
-        iterator = enumerate(client_datasets(dataset, split, parts))
+        iterator = enumerate(cuts)
         if progress:
             from tqdm.auto import tqdm
 
@@ -129,8 +167,10 @@ def write_federation(spec: str, out: str | Path, *, clients: int, partition: str
                 users_file = f"client-{k}.users.parquet"
                 part.user_features.rename_axis("user").reset_index().to_parquet(tmp / users_file, index=False)
                 data += f"?user_features={users_file}"
-            entries.append({"client": k, "file": file, "data": data, "users": int(len(parts[k])),
-                            "rows": int(len(frame))})
+            entry = {"client": k, "file": file, "data": data, "users": int(len(parts[k])), "rows": int(len(frame))}
+            if partition == "domain":
+                entry["domains"] = list(domains[k])
+            entries.append(entry)
         manifest = {
             "kind": _KIND, "version": _VERSION, "source": spec, "clients": entries,
             "population": int(split.n_users), "items": int(catalogue.n_items), "catalogue": CATALOGUE_FILE,

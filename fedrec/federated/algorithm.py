@@ -200,6 +200,10 @@ class Upload:
     privacy: dict[str, float] | None = None
     group_changed: torch.Tensor | None = None
     routed_before: int = 0
+    #: aligned tables (see :class:`~fedrec.federated.layout.Layout`): name -> ``(rows,
+    #: weights)``, the rows sent (int64) and their weights (float64); ``sums[name]`` then
+    #: holds ``weight * row`` for those rows only, ``(len(rows), ...)``
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 # -- the algorithm -----------------------------------------------------------------------
@@ -767,7 +771,9 @@ def _negative_seed(seed: int, round: int, shard: Shard) -> int:
 
 def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:
     """The server's step, which needs only the layout: public = sum / weight; each group =
-    sum / members (unchanged when it has none). Sums run in float64 in upload order.
+    sum / members (unchanged when it has none); each row of an aligned table = its weighted
+    sum / its total weight over the clients that sent it (unchanged when none did). Sums run
+    in float64 in upload order.
 
     Returns the new parameters, the ``(layers, G)`` group counts and round metrics.
     """
@@ -783,6 +789,20 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
         c = float(counts[layer, g])
         if c > 0:
             new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(c).to(global_params[n].dtype)
+    for n in layout.aligned:  # row by row, over the clients that sent the row
+        acc = torch.zeros(global_params[n].shape, dtype=torch.float64)
+        total = torch.zeros(global_params[n].shape[0], dtype=torch.float64)
+        for u in uploads:
+            if u.rows is None or n not in u.rows:
+                continue
+            rows, w = u.rows[n]
+            acc.index_add_(0, rows.long(), u.sums[n].to(torch.float64))
+            total.index_add_(0, rows.long(), w.to(torch.float64))
+        sent = total > 0
+        if sent.any():
+            shape = (-1,) + (1,) * (acc.dim() - 1)
+            new[n] = torch.where(sent.view(shape), acc / total.clamp(min=1e-300).view(shape),
+                                 global_params[n].to(torch.float64)).to(global_params[n].dtype)
     users = sum(u.users for u in uploads)
     metrics = {"users": float(users), "loss": sum(u.loss_sum for u in uploads) / users if users else float("nan")}
     before = sum(u.routed_before for u in uploads if u.group_changed is not None)

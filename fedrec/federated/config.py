@@ -53,6 +53,11 @@ class FederatedConfig:
         1 / ``population``; ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
         ``dp_noise_seed`` >= 0 makes the noise reproducible (experiments only), -1 keeps it
         secret.
+    ``batch_size`` / ``weight_decay``
+        Silo algorithms (``unicdr``: one client per domain, holding many users): each client
+        trains ``local_steps`` epochs over its whole training data per round, in minibatches
+        of ``batch_size``, with a fresh Adam (``lr``, L2 ``weight_decay``); the
+        one-client-per-user engine ignores them.
     ``population``
         The number of users in the whole federation (0: unknown). No node can count it from
         its own data: ``fedrec simulate`` sets it, a federation folder's manifest carries it,
@@ -81,6 +86,8 @@ class FederatedConfig:
     accountant: str = "rdp"
     dp_noise_seed: int = -1
     population: int = 0
+    batch_size: int = 1024
+    weight_decay: float = 0.0
 
     @property
     def dp(self) -> bool:
@@ -88,7 +95,7 @@ class FederatedConfig:
         return self.noise_multiplier > 0 or self.target_epsilon > 0
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_steps", "chunk_size", "eval_every", "negatives", "auc_bins"):
+        for name in ("rounds", "local_steps", "chunk_size", "eval_every", "negatives", "auc_bins", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"federated option '{name}' must be >= 1 (got {getattr(self, name)})")
         if self.population < 0:
@@ -103,7 +110,7 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"federated option 'fraction' must be in (0, 1] (got {self.fraction})")
-        for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta"):
+        for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"federated option '{name}' must be >= 0 (got {getattr(self, name)})")
         if not self.max_grad_norm > 0:

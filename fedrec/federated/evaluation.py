@@ -167,8 +167,30 @@ def ranking_summary(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[
 
 
 def combine_ranking(summaries: Iterable[Mapping]) -> dict[str, float | None]:
-    """Pooled means of the ranking metrics from client summaries."""
+    """Pooled means of the ranking metrics from client summaries.
+
+    Cross-domain summaries (keys ``NAME/...-sum`` with their own ``NAME/n``, and
+    ``NAME/cold/...``) are pooled per prefix; the unprefixed metrics are then the means over
+    the domains (each domain once), as :func:`fedrec.metrics.domain_ranking_metrics` gives
+    them centrally."""
     summaries = list(summaries)
+    prefixes = sorted({k.rsplit("/", 1)[0] for s in summaries for k in s if "/" in k and k.endswith("/n")})
+    if prefixes:
+        out: dict[str, float | None] = {}
+        for prefix in prefixes:
+            cut = len(prefix) + 1
+            part = [{k[cut:]: v for k, v in s.items() if k.startswith(prefix + "/") and "/" not in k[cut:]}
+                    for s in summaries]
+            pooled = combine_ranking([p for p in part if p])
+            out.update({f"{prefix}/{k}": v for k, v in pooled.items()})
+        domains = [p for p in prefixes if "/" not in p]
+        keys = [k[len(domains[0]) + 1:] for k in out if k.startswith(domains[0] + "/") and k.count("/") == 1
+                and not k.endswith("/n")]
+        mean = {k: (float(np.mean([out[f"{d}/{k}"] for d in domains])) if all(out.get(f"{d}/{k}") is not None
+                                                                                 for d in domains) else None)
+                for k in keys}
+        mean["n"] = sum(int(s.get("n", 0)) for s in summaries)
+        return {**mean, **out}
     n = sum(int(s["n"]) for s in summaries)
     keys = sorted({k[:-4] for s in summaries for k in s if k.endswith("-sum")},
                   key=lambda k: (k == "mrr", not k.startswith("hr"), int(k.split("@")[1]) if "@" in k else 0))

@@ -47,10 +47,13 @@ from fedrec.federated.spec import RunSpec, parse_run_config
 
 __all__ = ["client_train", "client_evaluate", "client_query", "node_spec", "node_of", "build_node",
            "params_to_record", "record_to_params", "replies_to_uploads", "combine_evaluation", "layout_from_record",
-           "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod"]
+           "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod",
+           "psi_query", "align_nodes"]
 
 _PRIVATE = "fedrec.private"
 _META = "fedrec.meta"
+_PSI = "fedrec.psi"
+_ALIGN = "fedrec.align"
 _lock = threading.Lock()
 _cache: dict[str, Any] = {}
 
@@ -71,14 +74,15 @@ def _layout_record(layout: Layout) -> ConfigRecord:
     return ConfigRecord({"shared": list(layout.shared), "group-names": names,
                          "group-layer": [layout.groups[n][0] for n in names],
                          "group-index": [layout.groups[n][1] for n in names],
-                         "layers": layout.layers, "groups": layout.n_groups})
+                         "layers": layout.layers, "groups": layout.n_groups, "aligned": list(layout.aligned)})
 
 
 def layout_from_record(record: ConfigRecord) -> Layout:
     """The server's view of the layout (shared and group names) from a client's reply."""
     names = list(record.get("group-names", []))
     groups = {n: (int(layer), int(g)) for n, layer, g in zip(names, record["group-layer"], record["group-index"], strict=True)}
-    return Layout(tuple(record.get("shared", [])), groups, (), (), int(record["layers"]), int(record["groups"]))
+    return Layout(tuple(record.get("shared", [])), groups, (), (), int(record["layers"]), int(record["groups"]),
+                  tuple(record.get("aligned", [])))
 
 
 # -- client side -------------------------------------------------------------------------
@@ -103,7 +107,8 @@ def node_spec(context: Context) -> RunSpec:
 def node_of(context: Context, spec: RunSpec | None = None) -> _Node:
     """This node's data, algorithm and shard (built once per run and node config, see
     :mod:`fedrec.federated.nodedata`): the algorithm is built on the node's own split, with
-    the run's ``population`` completed from what the node knows."""
+    the run's ``population`` completed from what the node knows. An algorithm that shares
+    rows of common users gets the node's alignment (:func:`psi_query`) from its state."""
     spec = spec or node_spec(context)
     key = "node:" + spec.key() + json.dumps(dict(context.node_config), sort_keys=True, default=str)
     with _lock:
@@ -111,7 +116,10 @@ def node_of(context: Context, spec: RunSpec | None = None) -> _Node:
             if not any(k.startswith("node:" + spec.key()) for k in _cache):
                 _cache.clear()  # one run at a time per process: drop the previous run's nodes
             _cache[key] = build_node(spec, context.node_config)
-        return _cache[key]
+        node = _cache[key]
+    if getattr(node.alg, "needs_alignment", False) and _ALIGN in context.state:
+        node.alg.set_alignment(context.state[_ALIGN].to_torch_state_dict()["rows"].numpy())
+    return node
 
 
 def build_node(spec: RunSpec, node_config: dict[str, Any]) -> _Node:
@@ -120,7 +128,20 @@ def build_node(spec: RunSpec, node_config: dict[str, Any]) -> _Node:
     config = dataclasses.replace(spec.federated, population=spec.federated.population or nd.population)
     alg = create_algorithm(spec.algorithm, nd.split, task=spec.task, model=spec.model or None,
                            model_options=spec.model_options, config=config)
+    check_transport(spec, alg.layout, alg.name)
     return _Node(nd, alg, alg.make_shard(np.arange(1, nd.split.n_users + 1)))
+
+
+def check_transport(spec: RunSpec, layout: Layout, algorithm: str) -> None:
+    """Refuse what the transport cannot do for this layout: secure aggregation (fixed-length
+    vectors) and central DP (clipping whole-model updates) with aligned tables, whose rows
+    sent depend on each client's users."""
+    if layout.aligned and spec.secure_aggregation:
+        raise ConfigError(f"algorithm '{algorithm}': secure aggregation is not supported (each client sends the rows "
+                          "of its own common users, not a fixed-length vector)")
+    if layout.aligned and spec.central_dp:
+        raise ConfigError(f"algorithm '{algorithm}': central DP is not supported (it clips whole-model updates; the "
+                          "aligned rows differ per client)")
 
 
 def _meta(context: Context) -> dict[str, int]:
@@ -188,13 +209,17 @@ def _save_model(node: _Node, spec: RunSpec, context: Context, best_round: int) -
 def client_info(node: _Node) -> ConfigRecord:
     """What a node tells the server about its data (for the run's record)."""
     info = {k: v for k, v in node.data.info.items() if isinstance(v, (int, float, str, bool))}
+    if getattr(node.alg, "needs_alignment", False):
+        info["align"] = True  # the server runs the private set intersection first
     return ConfigRecord(info)
 
 
 def client_query(msg: Message, context: Context) -> RecordDict:
     """Reply to the server's queries (``config`` record ``kind``): ``init`` (default) — the
     initial global parameters, the layout and the node's info; ``info`` — the info only;
-    ``save-model`` — save the model of ``best-round`` (see :func:`_save_model`)."""
+    ``save-model`` — save the model of ``best-round`` (see :func:`_save_model`);
+    ``psi-blind`` / ``psi-raise`` / ``psi-finish`` — the steps of the private set
+    intersection (:func:`psi_query`)."""
     spec = node_spec(context)
     node = node_of(context, spec)
     config = msg.content.config_records.get("config", ConfigRecord({}))
@@ -204,10 +229,101 @@ def client_query(msg: Message, context: Context) -> RecordDict:
         return RecordDict({"info": client_info(node)})
     if kind == "info":
         return RecordDict({"info": client_info(node)})
+    if kind.startswith("psi-"):
+        return psi_query(node, kind, msg, context)
     if kind != "init":
         raise ConfigError(f"unknown query kind {kind!r}")
     return RecordDict({"arrays": params_to_record(node.alg.initial_global()), "layout": _layout_record(node.alg.layout),
                        "info": client_info(node)})
+
+
+def psi_query(node: _Node, kind: str, msg: Message, context: Context) -> RecordDict:
+    """A node's steps of the private set intersection (:mod:`fedrec.federated.psi`):
+
+    ``psi-blind``
+        draw a secret key (kept in the node's own state) and reply with the node's users'
+        hashed ids raised to it, in a secret random order (``arrays["set"]``);
+    ``psi-raise``
+        raise the other node's blinded set (``arrays["set"]``) to the node's key, in the
+        order received;
+    ``psi-finish``
+        from its own set raised by the other node (``arrays["own"]``, in its own order) and
+        the other node's set raised by itself (``arrays["other"]``), find its users held by
+        both, number them by raw id and keep that alignment in its state; reply with the
+        number of common users (``info["common"]``).
+    """
+    from fedrec.federated import psi
+
+    alg = node.alg
+    if not getattr(alg, "needs_alignment", False):
+        raise ConfigError(f"query {kind!r}: algorithm '{alg.name}' shares no rows of common users")
+    if kind == "psi-blind":
+        key = psi.new_key()
+        order = psi.shuffle(len(alg.raw_users()))
+        blinded = psi.blind(psi.hash_users(alg.raw_users()[order]), key)
+        context.state[_PSI] = ConfigRecord({"key": str(psi.key_to_int(key))})
+        context.state[_PSI + ".order"] = ArrayRecord({"order": torch.from_numpy(order)})
+        return RecordDict({"arrays": ArrayRecord({"set": torch.from_numpy(psi.to_array(blinded))})})
+    if _PSI not in context.state:
+        raise ConfigError(f"query {kind!r} before 'psi-blind': this node has no key for the intersection")
+    key = psi.key_from_int(int(context.state[_PSI]["key"]))
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is None:
+        raise ConfigError(f"query {kind!r}: the message has no arrays")
+    sets = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
+    if kind == "psi-raise":
+        raised = psi.blind(psi.from_array(sets["set"]), key)
+        return RecordDict({"arrays": ArrayRecord({"set": torch.from_numpy(psi.to_array(raised))})})
+    if kind != "psi-finish":
+        raise ConfigError(f"unknown query kind {kind!r}")
+    order = context.state[_PSI + ".order"].to_torch_state_dict()["order"].numpy()
+    own, other = psi.from_array(sets["own"]), psi.from_array(sets["other"])
+    if len(own) != len(order):
+        raise ConfigError(f"psi-finish: {len(own)} values for this node's {len(order)} users")
+    common = order[psi.intersect(own, other)]
+    rows = psi.shared_rows(alg.raw_users(), common)
+    del context.state[_PSI]  # the key and the order are not needed any more
+    del context.state[_PSI + ".order"]
+    context.state[_ALIGN] = ArrayRecord({"rows": torch.from_numpy(rows)})
+    alg.set_alignment(rows)
+    return RecordDict({"info": ConfigRecord({"common": int(len(common)), "users": int(len(order))})})
+
+
+def align_nodes(grid, node_ids: list[int], *, timeout: float | None = None) -> dict[str, int]:
+    """Run the private set intersection between two nodes (the server only relays: it sees
+    blinded values, the set sizes and the size of the intersection). Returns ``common``
+    (users both nodes hold) and each node's ``users``. Errors are one line."""
+    if len(node_ids) != 2:
+        raise FedrecError(f"the private set intersection of users runs between two nodes ({len(node_ids)} connected)")
+
+    def ask(kind: str, per_node: dict[int, dict[str, np.ndarray]] | None = None) -> dict[int, Message]:
+        messages = []
+        for n in node_ids:
+            content = RecordDict({"config": ConfigRecord({"kind": kind})})
+            if per_node is not None:
+                content["arrays"] = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v))
+                                                 for k, v in per_node[n].items()})
+            messages.append(Message(content, dst_node_id=int(n), message_type="query"))
+        replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages, timeout=timeout)}
+        for n in node_ids:
+            if n not in replies:
+                raise FedrecError(f"private set intersection ({kind}): node {n} did not reply")
+            if replies[n].has_error():
+                raise FedrecError(f"private set intersection ({kind}): node {n} failed: {replies[n].error.reason}")
+        return replies
+
+    def array(reply: Message, name: str) -> np.ndarray:
+        return reply.content["arrays"].to_torch_state_dict()[name].numpy()
+
+    a, b = node_ids
+    blinded = {n: array(r, "set") for n, r in ask("psi-blind").items()}
+    raised = {n: array(r, "set") for n, r in ask("psi-raise", {a: {"set": blinded[b]}, b: {"set": blinded[a]}}).items()}
+    # raised[a] = b's set raised by a (in b's order); raised[b] = a's set raised by b
+    done = ask("psi-finish", {a: {"own": raised[b], "other": raised[a]}, b: {"own": raised[a], "other": raised[b]}})
+    common = {n: int(r.content["info"]["common"]) for n, r in done.items()}
+    if common[a] != common[b]:  # pragma: no cover - the protocol is symmetric
+        raise FedrecError(f"private set intersection: the nodes found {common[a]} and {common[b]} common users")
+    return {"common": common[a], **{f"users-{n}": int(done[n].content["info"]["users"]) for n in node_ids}}
 
 
 def _train_round(node: _Node, spec: RunSpec, context: Context, global_params: Params, rnd: int,
@@ -241,7 +357,10 @@ def client_train(msg: Message, context: Context) -> RecordDict:
     upload = _train_round(node, spec, context, global_params, int(config["round"]), counts,
                           int(config.get("best-round", 0)))
     extra = {k: float(v) for k, v in (upload.privacy or {}).items()}
-    arrays = upload.sums
+    arrays = dict(upload.sums)
+    for name, (rows, weights) in (upload.rows or {}).items():  # aligned tables: only the rows sent
+        arrays[f"{name}@rows"] = rows
+        arrays[f"{name}@weights"] = weights
     if spec.central_dp:
         # Flower's central-DP wrapper clips each client's (model - global): send the means,
         # with equal weights (num-examples 1) as its noise calibration assumes
@@ -403,10 +522,13 @@ def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Uploa
         m = r.content["metrics"]
         counts = torch.tensor(list(m["group-counts"]), dtype=torch.float64).reshape(layout.layers, layout.n_groups)
         changed = (torch.tensor(list(m["group-changed"]), dtype=torch.float64) if "group-changed" in m else None)
-        uploads.append(Upload(record_to_params(r.content["arrays"]), float(m["weight"]), counts, int(m["users"]),
+        arrays = record_to_params(r.content["arrays"])
+        rows = {n: (arrays.pop(f"{n}@rows"), arrays.pop(f"{n}@weights")) for n in layout.aligned
+                if f"{n}@rows" in arrays}
+        uploads.append(Upload(arrays, float(m["weight"]), counts, int(m["users"]),
                               int(m["examples"]), float(m["loss-sum"]),
                               {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None,
-                              changed, int(m.get("routed-before", 0))))
+                              changed, int(m.get("routed-before", 0)), rows or None))
     return uploads
 
 

@@ -76,13 +76,18 @@ def whole_dataset_view(data: str, *, shards: int, partition: str, alpha: float, 
     from fedrec.data import load_dataset
     from fedrec.data.federation import partition_split
 
+    from fedrec.data.federation import domain_clients
+
     key = (data, shards, partition, float(alpha), int(seed))
     with _lock:
         if key not in _views:
             _views.clear()  # one run at a time per process
             dataset = load_dataset(data)
             split = split_dataset(dataset)
-            parts = partition_split(split, clients=shards, partition=partition, alpha=alpha, seed=seed)
+            if partition == "domain":  # each part: the domains of one client
+                parts = domain_clients(split, clients=shards)
+            else:
+                parts = partition_split(split, clients=shards, partition=partition, alpha=alpha, seed=seed)
             _views[key] = (dataset, split, Catalogue.from_split(split), parts)
         return _views[key]
 
@@ -99,7 +104,7 @@ def node_data(spec, node_config: Mapping[str, Any]) -> NodeData:
     """The data of the node with ``node_config`` in the run ``spec`` (see the module
     docstring)."""
     from fedrec.data import load_dataset
-    from fedrec.data.federation import client_entry, cut_dataset
+    from fedrec.data.federation import client_entry, cut_dataset, cut_domains
 
     client = node_client_id(node_config)
     population = int(spec.federated.population)
@@ -127,6 +132,9 @@ def node_data(spec, node_config: Mapping[str, Any]) -> NodeData:
                                                           alpha=spec.partition_alpha, seed=spec.partition_seed)
     if len(parts) != shards:  # pragma: no cover - partition_users guarantees it
         raise ConfigError(f"partition gave {len(parts)} shards, not {shards}")
-    own = cut_dataset(dataset, split.user_raw[parts[shard]], name=f"{data}#shard-{shard}")
+    if spec.partition == "domain":
+        own = cut_domains(dataset, parts[shard], name=f"{data}#shard-{shard}")
+    else:
+        own = cut_dataset(dataset, split.user_raw[parts[shard]], name=f"{data}#shard-{shard}")
     return _local(own, catalogue, client=shard, population=population or int(split.n_users),
                   info={"data": data, "shard": shard, "shards": shards, "mode": "one-dataset"})

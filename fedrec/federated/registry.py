@@ -12,12 +12,13 @@ from fedrec.federated.fedmf import FedMF
 from fedrec.federated.local import LocalOnly
 from fedrec.federated.mrff import FedMRFF, FedMRFFNoGroups
 from fedrec.federated.pfedrec import PFedRec
+from fedrec.federated.unicdr import FedUniCDR
 from fedrec.registry import Registry
 
 __all__ = ["ALGORITHMS", "create_algorithm", "algorithm_names"]
 
 ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
-for _cls in (FedMRFF, FedMRFFNoGroups, FedAvg, LocalOnly, FedMF, PFedRec):
+for _cls in (FedMRFF, FedMRFFNoGroups, FedAvg, LocalOnly, FedMF, PFedRec, FedUniCDR):
     ALGORITHMS.register(_cls.name)(lambda cls=_cls: cls)
 
 

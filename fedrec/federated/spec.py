@@ -7,7 +7,7 @@ Keys
 ``data`` (``synthetic:``), ``federation`` (a folder of ``fedrec data partition``: each node
 reads only its own client file; instead of ``data``), ``task`` (``ctr``), ``algorithm`` (``mrff``), ``model`` (the
 algorithm's default), ``shards`` (clients; in a Flower simulation the number of SuperNodes),
-``partition`` (``iid`` | ``dirichlet``), ``partition-alpha``, ``partition-seed``, ``out``
+``partition`` (``iid`` | ``dirichlet`` | ``domain``: one client per domain of cross-domain data), ``partition-alpha``, ``partition-seed``, ``out``
 (write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
 (:mod:`fedrec.federated.checkpoint`), ``central-dp`` with ``central-noise-multiplier`` or
 ``central-target-epsilon``, ``central-clipping-norm`` and ``central-delta`` (client-level DP
@@ -41,7 +41,7 @@ from fedrec.federated.config import FederatedConfig
 
 __all__ = ["RunSpec", "parse_run_config"]
 
-_PARTITIONS = ("iid", "dirichlet")
+_PARTITIONS = ("iid", "dirichlet", "domain")
 
 
 @dataclass
@@ -75,8 +75,8 @@ class RunSpec:
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in ("ctr", "next_item"):
-            raise ConfigError(f"run config 'task' must be ctr or next_item (got {self.task!r})")
+        if self.task not in ("ctr", "next_item", "cdr"):
+            raise ConfigError(f"run config 'task' must be ctr, next_item or cdr (got {self.task!r})")
         if self.partition not in _PARTITIONS:
             raise ConfigError(f"run config 'partition' must be one of {', '.join(_PARTITIONS)} (got {self.partition!r})")
         if self.shards < 0:

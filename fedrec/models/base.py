@@ -7,6 +7,10 @@ Parameter roles (read by aggregation, upload size, DP clipping and checkpointing
     Averaged over all participants.
 ``group(layer, g)``
     Averaged over the users routed to group ``g`` at ``layer``; untouched when nobody chose it.
+``aligned``
+    A table indexed by users that several clients hold (cross-domain transfer: the shared
+    user table): each client uploads the rows of its common users, each with its own
+    weight, and the server averages every row over the clients that sent it.
 ``private``
     Never leaves the client. Per-user private tensors are stacked with the user index as
     their first dimension (row 0 = padding user), so a shard of many users is one tensor.
@@ -23,12 +27,12 @@ from torch import nn
 
 from fedrec.data.split import SplitData
 
-__all__ = ["ParamRole", "PUBLIC", "PRIVATE", "PRIVATE_PER_USER", "group_role", "ModelData", "RecModel"]
+__all__ = ["ParamRole", "PUBLIC", "PRIVATE", "PRIVATE_PER_USER", "ALIGNED", "group_role", "ModelData", "RecModel"]
 
 
 @dataclass(frozen=True)
 class ParamRole:
-    """The role of one parameter: ``kind`` in {public, group, private}; ``layer``/``group``
+    """The role of one parameter: ``kind`` in {public, group, aligned, private}; ``layer``/``group``
     for group parameters; ``per_user`` for private tensors stacked by user index."""
 
     kind: str
@@ -45,6 +49,7 @@ class ParamRole:
 PUBLIC = ParamRole("public")
 PRIVATE = ParamRole("private")
 PRIVATE_PER_USER = ParamRole("private", per_user=True)
+ALIGNED = ParamRole("aligned")
 
 
 def group_role(layer: int, g: int) -> ParamRole:
@@ -68,6 +73,10 @@ class ModelData:
     item_features: torch.Tensor | None
     user_cardinalities: tuple[int, ...]
     item_cardinalities: tuple[int, ...]
+    #: domain names (empty on single-domain data) and ``(n_items + 1,)`` domain index of
+    #: every item (-1 for padding; None on single-domain data)
+    domains: tuple[str, ...] = ()
+    item_domain: torch.Tensor | None = None
 
     @classmethod
     def from_split(cls, split: SplitData) -> "ModelData":
@@ -82,7 +91,8 @@ class ModelData:
         itf, ic = table(split.item_features)
         if split.user_cardinalities is not None:  # a node's split: the catalogue's schema
             uc = tuple(split.user_cardinalities)
-        return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic)
+        item_domain = torch.from_numpy(np.asarray(split.item_domain, dtype=np.int64)) if split.domains else None
+        return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic, tuple(split.domains), item_domain)
 
 
 class RecModel(nn.Module):

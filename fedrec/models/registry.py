@@ -16,6 +16,7 @@ from fedrec.models.mf import MF, MFConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
 from fedrec.models.sasrec import SASRec, SASRecConfig
+from fedrec.models.unicdr import UniCDR, UniCDRConfig
 from fedrec.models.user_ctr import UserCTR
 from fedrec.registry import Registry
 
@@ -37,6 +38,7 @@ MODELS.register("bert4rec")(lambda: ModelSpec(SASRec, SASRecConfig, (("bidirecti
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
+MODELS.register("unicdr")(lambda: ModelSpec(UniCDR, UniCDRConfig))
 MODELS.register("user_ctr")(lambda: ModelSpec(UserCTR, None))
 
 

@@ -18,7 +18,10 @@ every id is shared, as in DisenCDR's fully overlapping Sport–Cloth; CDRIB's Ga
 Options: ``shared_users`` (``all`` or an integer), ``test`` (``test`` or
 ``test_original``: which file is the test split; DisenCDR's ``test.txt`` keeps only users
 whose held-out item occurs in training), ``valid`` (``file``: ``valid.txt``, required when
-present; ``test``: reuse the test file as validation, as UniCDR does for dual-user-intra).
+present; ``test``: reuse the test file as validation, as UniCDR's code does for dual-user-intra,
+i.e. model selection on the test set: only to reproduce it; ``holdout``: each (user, domain)
+with at least two training rows gives its last training row in file order to validation;
+``auto``, the default: ``valid.txt`` when the folder has one, else ``holdout``).
 """
 
 from __future__ import annotations
@@ -65,11 +68,11 @@ def _read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @SOURCES.register("cdr")
 def load_cdr(spec: SourceSpec, options: Options) -> Dataset:
-    """Load a two-domain CDR directory (options: ``shared_users``, ``test``, ``valid``)."""
+    """Load a multi-domain CDR directory (options: ``shared_users``, ``test``, ``valid``)."""
     directory = require_dir(spec.path)
     shared_raw = options.str("shared_users", "all")
     test_name = options.choice("test", ("test", "test_original"), "test")
-    valid_mode = options.choice("valid", ("file", "test"), "file")
+    valid_mode = options.choice("valid", ("auto", "file", "test", "holdout"), "auto")
     options.finish()
     if shared_raw == "all":
         shared: int | None = None
@@ -87,14 +90,26 @@ def load_cdr(spec: SourceSpec, options: Options) -> Dataset:
         files = [("train", find_in_dir(folder, ["train.txt"]))]
         valid = find_in_dir(folder, ["valid.txt"], required=False)
         test = find_in_dir(folder, [f"{test_name}.txt"])
-        if valid_mode == "file" and valid is not None:
+        if valid_mode == "file" and valid is None:
+            raise DataError("option valid=file: no valid.txt (use valid=holdout or valid=auto)", file=folder)
+        holdout = valid_mode == "holdout" or (valid_mode == "auto" and valid is None)
+        if valid_mode in ("file", "auto") and valid is not None:
             files.append(("valid", valid))
         elif valid_mode == "test":
             files.append(("valid", test))
         files.append(("test", test))
         for split, path in files:
             users, items = _read_pairs(path)
-            parts.append(pd.DataFrame({"user": users, "item": items, "domain": domain, "split": split}))
+            frame = pd.DataFrame({"user": users, "item": items, "domain": domain, "split": split})
+            if split == "train" and holdout:
+                # the last training row (file order) of every user with at least two becomes validation
+                last = ~frame.duplicated("user", keep="last").to_numpy()
+                several = frame.groupby("user")["user"].transform("size").to_numpy() >= 2
+                frame.loc[last & several, "split"] = "valid"
+                # validation rows go after the training rows (time follows the file order)
+                frame = pd.concat([frame[frame["split"] == "train"], frame[frame["split"] == "valid"]],
+                                  ignore_index=True)
+            parts.append(frame)
     table = pd.concat(parts, ignore_index=True)
     names = list(pd.unique(table["domain"]))
     if len(names) != len(set(names)) or len(names) < 2:

@@ -1,0 +1,386 @@
+"""UniCDR — universal cross-domain recommendation, and its single-domain and pooled baselines.
+
+Jiangxia Cao, Shaoshuai Li, Bowen Yu, Xiaobo Guo, Tingwen Liu, Bin Wang. "Towards Universal
+Cross-Domain Recommendation", WSDM 2023 (code: ``cjx96/UniCDR``, read for facts only). The
+UniCDR+ options follow "A Unified Framework for Cross-Domain Recommendation" (arXiv
+2409.04540), whose body could not be read: where it is silent the choice is ours and is
+named below.
+
+One example is ``(user u, domain d, positive item i)`` with ``n`` sampled negatives of the
+same domain (:mod:`fedrec.data.batching`, task ``cdr``). The user's vector in domain ``d``::
+
+    u_spec   = dropout(A_d(U_d[u],  V[own-domain context]))          domain-specific
+    u_shared = dropout(A_s(S[u],    V[shared context]))               domain-shared
+    score(u, i) = (u_spec + u_shared) . V[i]
+
+``U_d`` (``user_spec.<k>``) is domain ``k``'s user table, ``S`` (``user_shared``) the table
+shared by all domains, ``V`` (``items``) the item table (item indices are per domain on
+cross-domain data, so each domain trains only its own rows), ``A_d`` / ``A_s`` behaviour
+aggregators::
+
+    A(e, X) = lam * e + (1 - lam) * W . pool(X)        (lam = ``lambda-agg``, W bias-free)
+
+with ``pool`` = ``aggregator``: ``mean`` (masked mean), ``user_attention`` (keys
+``tanh(W_k x + b)``, score ``key . e``, masked softmax, dropout), or ``item_similarity``
+(the context items weighted by a softmax over their EASE scores for the user, EASE fitted
+once on each domain's training matrix, ``lambda`` = ``ease-lambda``; a dense
+``items x items`` inverse per domain, so a domain above ``ease-max-items`` items, 15,000 by
+default, is refused with an error instead of running out of memory: 15k items is a 0.9 GB
+float32 matrix, Sport-Cloth's 32k / 41k would be 4.2 / 6.8 GB. UniCDR also appends the
+top EASE-scored unseen items to the context; not done here).
+
+``shared-context`` chooses what ``A_s`` reads: ``other`` (UniCDR: the user's training items
+in the *other* domains, each embedded with its own rows of ``V``) or ``own`` (the user's own
+domain context, read through the shared aggregator: the only choice in a federation, where a
+domain never sees another domain's interactions; centrally it measures what that costs).
+
+Interaction masking: at training, each context entry is dropped with probability
+``mask-rate`` (0.1), on top of the context sampling of the batches (a random subset of at
+most ``max-len`` = 10 training items, never the positive itself).
+
+Loss, per domain ``d`` present in the batch: ``rec-weight * rec_d + (1 - rec-weight) *
+contrastive_d`` (UniCDR: 0.4 / 0.6), summed over domains. ``rec_d``: binary cross-entropy of
+the positive (label 1) and its negatives (label 0), mean over the ``1 + n`` scores.
+``contrastive``: ``hard`` (UniCDR) — a bilinear discriminator ``D_d(u_spec, u_shared)``
+scores the same user's pair as 1 and a mismatched pair (``u_shared`` of the user a random
+cyclic shift away in the batch's domain-``d`` rows) as 0, BCE; ``soft`` (UniCDR+; our
+choice of form) — the same discriminator's scores of every pair in the domain's rows
+against a soft target, the softmax (temperature ``temperature``) of the users'
+specific-vector similarities, so users alike in a domain count as partly matched; ``none``.
+
+``structure`` (baselines on the same data, training and protocol):
+
+``unicdr``
+    the model above;
+``single``
+    no transfer: ``u_spec`` only (no shared table, no shared aggregator, no discriminator),
+    each domain its own model;
+``pooled``
+    one user table and one aggregator for every domain, over the union of the user's
+    contexts in all domains; items keep their rows (one table), no domain structure.
+
+Cold-start users (no training rows in a domain) have an empty own context and a row of
+``U_d`` that was never trained: at evaluation their ``u_spec`` is 0, and the knowledge comes
+through ``S[u]`` and the other domain's context (the ``single`` structure cannot rank for
+them at all: every item scores 0).
+
+Differences from the reference code (``cjx96/UniCDR``), on purpose: the reference selects
+its dual-user-intra model on the test file (here: the validation split; ``cdr:DIR?valid=test``
+reproduces the reference); its contrastive shuffle calls ``.cuda()`` unconditionally (here
+the batch's device); one model is selected on the mean over domains of validation NDCG@10
+(the reference keeps each domain's best epoch separately); an epoch is one pass over the
+training examples (the reference: 500 random batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrec.errors import ConfigError
+from fedrec.models.base import PUBLIC, ModelData, ParamRole, RecModel
+from fedrec.models.layers import mask_dropout
+
+__all__ = ["UniCDR", "UniCDRConfig", "AGGREGATORS", "STRUCTURES"]
+
+AGGREGATORS = ("mean", "user_attention", "item_similarity")
+STRUCTURES = ("unicdr", "single", "pooled")
+CONTRASTIVE = ("hard", "soft", "none")
+SHARED_CONTEXT = ("other", "own")
+
+
+@dataclass
+class UniCDRConfig:
+    """Options of :class:`UniCDR` (see the module docstring)."""
+
+    dim: int = 128
+    aggregator: str = "mean"
+    structure: str = "unicdr"
+    shared_context: str = "other"
+    contrastive: str = "hard"
+    lambda_agg: float = 0.5
+    rec_weight: float = 0.4
+    temperature: float = 0.5
+    dropout: float = 0.3
+    mask_rate: float = 0.1
+    max_len: int = 10
+    eval_len: int = 50
+    ease_lambda: float = 50.0
+    ease_max_items: int = 15000
+    task: str = "cdr"
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "max_len", "eval_len", "ease_max_items"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model option '{name.replace('_', '-')}' must be a positive integer (got {value!r})")
+        for name, known in (("aggregator", AGGREGATORS), ("structure", STRUCTURES), ("contrastive", CONTRASTIVE),
+                            ("shared_context", SHARED_CONTEXT)):
+            if getattr(self, name) not in known:
+                raise ConfigError(f"model option '{name.replace('_', '-')}' must be one of {', '.join(known)} "
+                                  f"(got {getattr(self, name)!r})")
+        for name in ("lambda_agg", "rec_weight", "mask_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
+                raise ConfigError(f"model option '{name.replace('_', '-')}' must be in [0, 1] (got {value!r})")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"model option 'dropout' must be in [0, 1) (got {self.dropout!r})")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"model option 'temperature' must be > 0 (got {self.temperature!r})")
+        if not (np.isfinite(self.ease_lambda) and self.ease_lambda > 0):
+            raise ConfigError(f"model option 'ease-lambda' must be > 0 (got {self.ease_lambda!r})")
+        if self.task != "cdr":
+            raise ConfigError(f"model 'unicdr' supports the cdr task only (got {self.task!r})")
+
+
+class Aggregator(nn.Module):
+    """``lam * e + (1 - lam) * W . pool(X)`` over a padded item set (see the module docstring)."""
+
+    def __init__(self, dim: int, kind: str, lam: float, dropout: float) -> None:
+        super().__init__()
+        self.kind, self.lam, self.p = kind, float(lam), float(dropout)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim) if kind == "user_attention" else None
+
+    def forward(self, e: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        """``e`` (B, D) id vectors; ``x`` (B, T, D) item vectors; ``mask`` (B, T) real
+        entries; ``prior`` (B, T) EASE scores (``item_similarity``)."""
+        m = mask.to(x.dtype)
+        if self.kind == "mean":
+            pooled = (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
+        else:
+            if self.kind == "user_attention":
+                logits = (torch.tanh(self.key(x)) * e.unsqueeze(1)).sum(-1)
+            else:
+                logits = prior if prior is not None else torch.zeros_like(m)
+            logits = logits.masked_fill(~mask, -1e9)
+            w = torch.softmax(logits, dim=1) * m  # an empty set gets weight 0, not 1/T
+            w = mask_dropout(w, self.p, self.training) if self.kind == "user_attention" else w
+            pooled = (w.unsqueeze(-1) * x).sum(1)
+        return self.lam * e + (1.0 - self.lam) * self.proj(pooled)
+
+
+class UniCDR(RecModel):
+    """UniCDR and its ``single`` / ``pooled`` baselines (see the module docstring)."""
+
+    tasks = ("cdr",)
+
+    def __init__(self, data: ModelData, cfg: UniCDRConfig) -> None:
+        super().__init__()
+        if not data.domains:
+            raise ConfigError("model 'unicdr' needs multi-domain data (e.g. cdr:DIR)")
+        self.cfg, self.data = cfg, data
+        self.n_domains = len(data.domains)
+        D = cfg.dim
+        std = D**-0.5
+        pooled = cfg.structure == "pooled"
+        # sparse tables: a step moves only the rows its batch reads (SparseAdam in the trainers)
+        self.items = nn.Embedding(data.n_items + 1, D, sparse=True)
+        tables = 1 if pooled else self.n_domains
+        self.user_spec = nn.ModuleList(nn.Embedding(data.n_users + 1, D, sparse=True) for _ in range(tables))
+        self.agg = nn.ModuleList(Aggregator(D, cfg.aggregator, cfg.lambda_agg, cfg.dropout) for _ in range(tables))
+        transfer = cfg.structure == "unicdr"
+        self.user_shared = nn.Embedding(data.n_users + 1, D, sparse=True) if transfer else None
+        self.agg_shared = Aggregator(D, cfg.aggregator, cfg.lambda_agg, cfg.dropout) if transfer else None
+        self.disc = (nn.ModuleList(nn.Bilinear(D, D, 1) for _ in range(self.n_domains))
+                     if transfer and cfg.contrastive != "none" else None)
+        with torch.no_grad():
+            for table in [self.items, *self.user_spec] + ([self.user_shared] if transfer else []):
+                table.weight.normal_(0.0, std)
+                table.weight[0].zero_()
+        # item -> domain (plain tensors, not buffers: no buffers in trainable modules)
+        self._item_domain = data.item_domain.clone().long()
+        self._ease: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    #: the context length of evaluation examples (the trainers build them with it)
+    @property
+    def eval_max_len(self) -> int:
+        return self.cfg.eval_len
+
+    # -- EASE prior (item_similarity) -----------------------------------------------------
+    def prepare(self, split) -> None:
+        """Fit what the ``item_similarity`` aggregator reads: an EASE item-item matrix per
+        domain, on that domain's training interactions (called by the trainers before the
+        first step; other aggregators need nothing)."""
+        if self.cfg.aggregator != "item_similarity":
+            return
+        from fedrec.data.split import TRAIN
+
+        self._ease = []
+        keep = split.part == TRAIN
+        users, items = split.row_user[keep], split.item[keep]
+        for k, name in enumerate(self.data.domains):
+            dom_items = np.flatnonzero(split.item_domain == k)
+            if len(dom_items) > self.cfg.ease_max_items:
+                raise ConfigError(f"aggregator 'item_similarity': domain {name!r} has {len(dom_items):,} items, above "
+                                  f"ease-max-items {self.cfg.ease_max_items:,} (EASE inverts a dense items x items "
+                                  f"matrix: {len(dom_items) ** 2 * 4 / 2**30:.1f} GB here); use 'mean' or "
+                                  f"'user_attention', or raise ease-max-items if the memory is there")
+            local = np.full(split.n_items + 1, -1, dtype=np.int64)
+            local[dom_items] = np.arange(len(dom_items))
+            sel = local[items] >= 0
+            X = torch.zeros(split.n_users + 1, len(dom_items))
+            X[torch.from_numpy(users[sel]), torch.from_numpy(local[items[sel]])] = 1.0
+            G = X.T @ X + self.cfg.ease_lambda * torch.eye(len(dom_items))
+            P = torch.linalg.inv(G.double())
+            B = (-P / torch.diag(P)).float()
+            B.fill_diagonal_(0.0)
+            self._ease.append((torch.from_numpy(dom_items), B))
+
+    def _prior(self, items: torch.Tensor, mask: torch.Tensor, domain: int) -> torch.Tensor | None:
+        """``(B, T)`` EASE scores of each context item given the rest of the context."""
+        if self.cfg.aggregator != "item_similarity":
+            return None
+        if self._ease is None:
+            raise ConfigError("aggregator 'item_similarity' needs prepare(split) before use")
+        dom_items, B = self._ease[domain]
+        local = torch.searchsorted(dom_items, items.clamp(min=1))
+        local = local.clamp(max=len(dom_items) - 1)
+        valid = mask & (dom_items[local] == items)
+        sub = B[local.unsqueeze(-1), local.unsqueeze(-2)]  # (B, T, T): B[j, i]
+        score = (sub * valid.unsqueeze(-1).to(sub.dtype)).sum(1)  # sum over context j
+        return score
+
+    # -- pieces ---------------------------------------------------------------------------
+    def _context(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item vectors and mask of a padded context, with interaction masking in training."""
+        mask = items > 0
+        if self.training and self.cfg.mask_rate > 0:
+            mask = mask & (torch.rand(items.shape, device=items.device) >= self.cfg.mask_rate)
+        return self.items(items), mask
+
+    def user_vectors(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``user`` (B, D) — the vector scored against items; ``spec`` / ``shared`` — its
+        two parts (``shared`` absent without transfer)."""
+        cfg = self.cfg
+        user, dom = batch["user"], batch["domain"]
+        own, other = batch["own_items"], batch["other_items"]
+        B = user.shape[0]
+        if cfg.structure == "pooled":
+            ctx = torch.cat([own, other], dim=1)
+            x, m = self._context(ctx)
+            spec = self.agg[0](self.user_spec[0](user), x, m, None)
+            return {"user": mask_dropout(spec, cfg.dropout, self.training), "spec": spec}
+        x_own, m_own = self._context(own)
+        spec = torch.zeros(B, cfg.dim, dtype=self.items.weight.dtype, device=user.device)
+        for k in range(self.n_domains):
+            rows = torch.nonzero(dom == k).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            prior = self._prior(own[rows], m_own[rows], k)
+            spec = spec.index_copy(0, rows, self.agg[k](self.user_spec[k](user[rows]), x_own[rows], m_own[rows], prior))
+        if not self.training:
+            # a user with no training item in the domain (cold-start): its row of U_d was
+            # never trained, so it contributes nothing
+            spec = spec * (own > 0).any(1, keepdim=True).to(spec.dtype)
+        spec = mask_dropout(spec, cfg.dropout, self.training)
+        out = {"spec": spec}
+        if self.user_shared is None:
+            out["user"] = spec
+            return out
+        if cfg.shared_context == "own":
+            x_sh, m_sh, ctx = x_own, m_own, own
+        else:
+            x_sh, m_sh = self._context(other)
+            ctx = other
+        prior = None
+        if cfg.aggregator == "item_similarity":  # each item's EASE score within its own domain
+            prior = torch.zeros(ctx.shape, dtype=x_sh.dtype, device=ctx.device)
+            item_dom = self._item_domain.to(ctx.device)[ctx]
+            for k in range(self.n_domains):
+                mk = m_sh & (item_dom == k)
+                prior = torch.where(mk, self._prior(ctx, mk, k), prior)
+        shared = mask_dropout(self.agg_shared(self.user_shared(user), x_sh, m_sh, prior), cfg.dropout, self.training)
+        out["shared"] = shared
+        out["user"] = spec + shared
+        return out
+
+    def _score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of ``items`` (B, C) for user vectors (B, D)."""
+        v = mask_dropout(self.items(items), self.cfg.dropout, self.training)
+        return (v * user.unsqueeze(1)).sum(-1)
+
+    # -- the model interface -------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """User vectors and the logits of the positive (B,) and negatives (B, n)."""
+        vec = self.user_vectors(batch)
+        out = dict(vec)
+        out["logits"] = self._score(vec["user"], batch["target_items"][:, :1]).squeeze(1)
+        if "negatives" in batch:
+            out["neg_logits"] = self._score(vec["user"], batch["negatives"])
+        return out
+
+    def _contrastive(self, spec: torch.Tensor, shared: torch.Tensor, k: int) -> torch.Tensor:
+        n = spec.shape[0]
+        disc = self.disc[k]
+        pos = disc(spec, shared).squeeze(-1)
+        if self.cfg.contrastive == "hard":
+            if n < 2:
+                return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+            shift = int(torch.randint(1, n, (1,)).item())
+            neg = disc(spec, torch.roll(shared, shifts=shift, dims=0)).squeeze(-1)
+            logits = torch.cat([pos, neg])
+            labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        # soft: every pair (i, j) of the domain's rows, target = how alike users i and j are
+        D = spec.shape[1]
+        a = spec.unsqueeze(1).expand(n, n, D).reshape(n * n, D)
+        b = shared.unsqueeze(0).expand(n, n, D).reshape(n * n, D)
+        scores = disc(a, b).view(n, n)
+        with torch.no_grad():
+            unit = F.normalize(spec.detach(), dim=-1)
+            target = torch.softmax(unit @ unit.T / self.cfg.temperature, dim=1)
+        return -(target * torch.log_softmax(scores, dim=1)).sum(1).mean()
+
+    def loss(self, batch: dict[str, torch.Tensor], out: dict[str, Any]) -> torch.Tensor:
+        """``sum_d rec-weight * rec_d + (1 - rec-weight) * contrastive_d`` (see the module
+        docstring); without transfer (or ``contrastive = none``) the recommendation loss
+        alone, per domain, summed."""
+        if "neg_logits" not in out:
+            raise ConfigError("model 'unicdr' trains against sampled negatives (the batch has none)")
+        cfg = self.cfg
+        dom = batch["domain"]
+        logits = torch.cat([out["logits"].unsqueeze(1), out["neg_logits"]], dim=1)
+        labels = torch.zeros_like(logits)
+        labels[:, 0] = 1.0
+        per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+        total = logits.new_zeros(())
+        contrast = self.disc is not None and "shared" in out
+        for k in range(self.n_domains):
+            rows = torch.nonzero(dom == k).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            rec = per_row[rows].mean()
+            if contrast:
+                con = self._contrastive(out["spec"][rows], out["shared"][rows], k)
+                total = total + cfg.rec_weight * rec + (1.0 - cfg.rec_weight) * con
+            else:
+                total = total + rec
+        return total
+
+    def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` scores of candidate items of each row's domain."""
+        user = self.user_vectors(batch)["user"]
+        if not self.training and candidates.shape[1] > 64:
+            # many candidates: one matmul over the catalogue, then a gather (the same numbers,
+            # without materialising (B, C, D) item vectors)
+            return torch.gather(user @ self.items.weight.T, 1, candidates)
+        return self._score(user, candidates)
+
+    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, n_items + 1)`` scores; items of other domains than the row's get ``-inf``
+        (ranking is within the domain's catalogue), column 0 is padding."""
+        user = self.user_vectors(batch)["user"]
+        scores = user @ self.items.weight.T
+        other = self._item_domain.to(user.device).unsqueeze(0) != batch["domain"].unsqueeze(1)
+        return scores.masked_fill(other, float("-inf"))
+
+    def parameter_roles(self) -> dict[str, ParamRole]:
+        """All public centrally (the federated algorithm assigns its own roles)."""
+        return {name: PUBLIC for name, _ in self.named_parameters()}
