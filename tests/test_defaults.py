@@ -102,7 +102,11 @@ def test_defaults_set_only_options_the_model_accepts_and_build():
                     parse_run_config(keys)
     assert "model.dim" not in defaults("seq:x", runtime="centralised", model="popularity")
     assert defaults("kuaisar:x", runtime="centralised", model="user_ctr") == {"task": "ctr"}
-    assert defaults("cdr:x", runtime="federated", model="mrff") == {}
+    assert defaults("parquet:x", runtime="federated", model="mrff") == {"task": "ctr"}
+    # cross-domain files: UniCDR's protocol, one client per domain
+    fed = defaults("cdr:x", runtime="federated", model="unicdr")
+    assert fed["task"] == "cdr" and fed["algorithm"] == "unicdr" and fed["partition"] == "domain"
+    assert defaults("cdr:x", runtime="centralised", model="unicdr")["protocol"] == "sampled-999"
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         defaults("seq:x", runtime="centralised", model="nope")
 

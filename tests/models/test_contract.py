@@ -21,8 +21,20 @@ SMALL = {"dim": 16, "field-dim": 4, "layers": 2, "max-len": 8, "dropout": 0.1}
 
 
 @pytest.fixture(scope="module")
-def split():
+def single_domain():
     return split_dataset(load_dataset("synthetic:users=40,items=60,groups=2,min_len=6,max_len=12,seed=1"))
+
+
+@pytest.fixture(scope="module")
+def two_domains():
+    return split_dataset(load_dataset("synthetic:users=40,items=60,groups=2,min_len=6,max_len=12,seed=1,"
+                                      "domains=2,overlap=0.5"))
+
+
+@pytest.fixture()
+def split(request, single_domain, two_domains):
+    """The data of the case's task: cross-domain (``cdr``) needs two domains."""
+    return two_domains if request.node.callspec.params.get("task") == "cdr" else single_domain
 
 
 def cases():
@@ -43,7 +55,7 @@ def _options(name):
 def _batch(split, task, stage="train"):
     ex = build_examples(split, task=task, stage=stage, max_len=8)
     sampler = UniformNegativeSampler(split, seed=0)
-    negatives = 2 if task == "next_item" else 0
+    negatives = 2 if task in ("next_item", "cdr") else 0
     return next(iterate_batches(ex, batch_size=16, num_negatives=negatives, sampler=sampler))
 
 
@@ -93,7 +105,8 @@ def test_same_seed_same_result(split, name, task):
     assert all(np.isfinite(v) for v in a["test"].values() if v is not None)
 
 
-def test_id_embeddings_start_small_so_first_scores_are_order_one(split):
+def test_id_embeddings_start_small_so_first_scores_are_order_one(single_domain):
+    split = single_domain
     # PyTorch's default N(0, 1) ids made initial next-item logits ~dim and stalled SASRec at
     # popularity level on LastFM; ids start at N(0, 1/dim) with a zero padding row
     torch.manual_seed(0)
