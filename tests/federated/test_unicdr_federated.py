@@ -1,0 +1,209 @@
+"""Federated cross-domain UniCDR: the private set intersection, row-wise aggregation of the
+aligned table, what a domain uploads, a run through the Flower apps with one client per
+domain, and what is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.data import load_dataset
+from fedrec.data.catalogue import Catalogue
+from fedrec.data.federation import cut_domains, domain_clients
+from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
+from fedrec.federated import FederatedConfig, create_algorithm, psi
+from fedrec.federated.algorithm import Upload, aggregate_uploads
+from fedrec.federated.layout import Layout
+
+DATA = "synthetic:users=120,items=200,domains=2,overlap=0.5,groups=2,seed=4"
+SMALL = {"dim": 8, "max-len": 5, "eval-len": 10}
+
+
+# -- private set intersection ------------------------------------------------------------
+def test_psi_finds_exactly_the_common_users_and_numbers_them_alike():
+    a = np.array([10, 3, 7, 99, 42, 5])
+    b = np.array([42, 8, 3, 77, 10, 1000, 6])
+    rows_a, rows_b = psi.run_two_party(a, b)
+    common = sorted(set(a) & set(b))  # 3, 10, 42
+    assert sorted(a[rows_a > 0]) == common and sorted(b[rows_b > 0]) == common
+    for raw in common:  # the same row on both sides, in raw-id order
+        ra, rb = rows_a[list(a).index(raw)], rows_b[list(b).index(raw)]
+        assert ra == rb == common.index(raw) + 1
+    assert rows_a[list(a).index(99)] == 0 and rows_b[list(b).index(1000)] == 0
+
+
+def test_psi_blinding_commutes_and_hides_ids():
+    ka, kb = psi.new_key(), psi.new_key()
+    h = psi.hash_users(np.array([1, 2, 3]))
+    assert psi.blind(psi.blind(h, ka), kb) == psi.blind(psi.blind(h, kb), ka)
+    assert not set(psi.blind(h, ka)) & set(h)  # what travels is not the hash of the id
+    assert psi.blind(h, ka) != psi.blind(h, kb)  # nor the same under two keys
+    again = psi.key_from_int(psi.key_to_int(ka))
+    assert psi.blind(h, again) == psi.blind(h, ka)
+    assert psi.from_array(psi.to_array(h)) == h
+    with pytest.raises(ConfigError, match=r"\(n, 32\)"):
+        psi.from_array(np.zeros((2, 5), dtype=np.uint8))
+    not_on_curve = next(x for x in (bytes([i]) * 32 for i in range(256)) if _not_a_point(x))
+    with pytest.raises(ConfigError, match="not a point"):
+        psi.blind([not_on_curve], ka)
+
+
+def _not_a_point(x: bytes) -> bool:
+    try:
+        psi._to_point(x)
+        return False
+    except ValueError:
+        return True
+
+
+# -- aggregation -------------------------------------------------------------------------
+def test_aligned_rows_are_averaged_over_the_clients_that_sent_them():
+    layout = Layout(("w",), {}, (), (), 0, 0, ("s",))
+    glob = {"w": torch.zeros(2), "s": torch.full((4, 2), 9.0)}
+    # client 1 sends rows 1, 2 (weights 1, 3); client 2 sends rows 2, 3 (weights 1, 1)
+    u1 = Upload({"w": torch.ones(2) * 2.0, "s": torch.tensor([[1.0, 1.0], [3 * 2.0, 3 * 2.0]])}, 2.0,
+                torch.zeros(0, 0), 1, 2, 0.0, rows={"s": (torch.tensor([1, 2]), torch.tensor([1.0, 3.0]))})
+    u2 = Upload({"w": torch.ones(2) * 6.0, "s": torch.tensor([[6.0, 6.0], [5.0, 5.0]])}, 2.0,
+                torch.zeros(0, 0), 1, 2, 0.0, rows={"s": (torch.tensor([2, 3]), torch.tensor([1.0, 1.0]))})
+    new, _, _ = aggregate_uploads(layout, glob, [u1, u2])
+    torch.testing.assert_close(new["w"], torch.full((2,), 2.0))  # (2 + 6) / 4
+    torch.testing.assert_close(new["s"][0], torch.full((2,), 9.0))  # nobody sent row 0: kept
+    torch.testing.assert_close(new["s"][1], torch.full((2,), 1.0))
+    torch.testing.assert_close(new["s"][2], torch.full((2,), (6.0 + 6.0) / 4))  # (3 * 2 + 1 * 6) / (3 + 1)
+    torch.testing.assert_close(new["s"][3], torch.full((2,), 5.0))
+
+
+# -- the algorithm on two domain nodes ---------------------------------------------------
+@pytest.fixture(scope="module")
+def nodes():
+    """Two domain nodes, each with only its domain's rows, aligned by the PSI."""
+    ds = load_dataset(DATA)
+    full = split_dataset(ds)
+    cat = Catalogue.from_split(full)
+    cfg = FederatedConfig(lr=0.01, negatives=4, protocol="sampled-99", batch_size=64)
+    out = []
+    for k, doms in enumerate(domain_clients(full)):
+        sp = split_dataset(cut_domains(ds, doms, name=f"c{k}"), catalogue=cat)
+        out.append(create_algorithm("unicdr", sp, task="cdr", model_options=SMALL, config=cfg))
+    rows = psi.run_two_party(out[0].raw_users(), out[1].raw_users())
+    for alg, r in zip(out, rows, strict=True):
+        alg.set_alignment(r)
+    return full, out
+
+
+def test_domain_nodes_hold_only_their_domain_and_share_rows_of_common_users(nodes):
+    full, (a, b) = nodes
+    for alg, k in ((a, 0), (b, 1)):
+        assert set(np.unique(alg.split.seq_domain)) == {k}
+    both = {int(u) for u in a.raw_users()} & {int(u) for u in b.raw_users()}
+    assert a.n_shared == b.n_shared == len(both) > 0
+    assert a.layout.aligned == ("user_shared.weight",) and a.layout.shared == ("agg_shared.proj.weight",)
+    g = a.initial_global()
+    assert g["user_shared.weight"].shape[0] == len(both) + 1
+    assert set(g) == set(a.layout.global_names)
+
+
+def test_an_upload_holds_only_the_rows_of_common_users_it_trained(nodes):
+    _, (a, b) = nodes
+    g = a.initial_global()
+    users = np.arange(1, a.split.n_users + 1)
+    state, shard = a.initial_local(users), a.make_shard(users)
+    up, new_state, metrics = a.client_update(g, state, shard, round=1)
+    rows, weights = up.rows["user_shared.weight"]
+    trained = np.bincount(shard.train.users, minlength=a.split.n_users + 1)
+    common_trained = np.flatnonzero((a._rows > 0) & (trained > 0))
+    assert sorted(rows.tolist()) == sorted(a._rows[common_trained].tolist())
+    assert weights.tolist() == trained[common_trained].astype(float).tolist()
+    assert up.sums["user_shared.weight"].shape == (len(rows), SMALL["dim"])
+    # private tables never travel; they changed locally
+    assert not any(n.startswith(("items", "user_spec", "disc", "agg.")) for n in up.sums)
+    assert not torch.equal(new_state.tensors["items.weight"], state.tensors["items.weight"])
+    # the row a domain sends is its trained row, weighted
+    first = int(common_trained[0])  # rows are sent in local-user order
+    torch.testing.assert_close(up.sums["user_shared.weight"][0].float(),
+                               (new_state.tensors["user_shared.weight"][first] * weights[0]).float())
+
+
+def test_rounds_learn_and_report_each_domain(nodes):
+    _, algs = nodes
+    g = algs[0].initial_global()
+    users = [np.arange(1, a.split.n_users + 1) for a in algs]
+    states = [a.initial_local(u) for a, u in zip(algs, users, strict=True)]
+    shards = [a.make_shard(u) for a, u in zip(algs, users, strict=True)]
+
+    def valid():
+        return algs[0].combine([a.client_evaluate(g, s, sh, stage="valid") for a, s, sh in zip(algs, states, shards,
+                                                                                                 strict=True)])
+
+    before = valid()
+    for r in range(1, 6):
+        ups = []
+        for i, a in enumerate(algs):
+            up, states[i], _ = a.client_update(g, states[i], shards[i], round=r)
+            ups.append(up)
+        g, _, metrics = algs[0].aggregate(g, ups)
+    after = valid()
+    assert {"d0/hr@10", "d1/hr@10", "hr@10", "ndcg@10"} <= set(after)
+    assert after["ndcg@10"] > before["ndcg@10"]
+    assert after["ndcg@10"] == pytest.approx((after["d0/ndcg@10"] + after["d1/ndcg@10"]) / 2)
+
+
+def test_refused_configurations(nodes):
+    full, (a, _) = nodes
+    sp = a.split
+    for kwargs, needle in [
+        ({"task": "next_item"}, "cdr task"),
+        ({"task": "cdr", "model": "mf"}, "trains the 'unicdr' model"),
+        ({"task": "cdr", "model_options": {"shared-context": "other"}}, "must be 'own'"),
+        ({"task": "cdr", "config": FederatedConfig(noise_multiplier=1.0, population=10)}, "differential privacy"),
+        ({"task": "cdr", "config": FederatedConfig(fraction=0.5)}, "fraction must be 1"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            create_algorithm("unicdr", sp, **kwargs)
+    three = split_dataset(load_dataset("synthetic:users=60,items=40,domains=3,seed=1"))
+    with pytest.raises(ConfigError, match="two domains"):
+        create_algorithm("unicdr", three, task="cdr")
+    fresh = create_algorithm("unicdr", sp, task="cdr", model_options=SMALL)
+    with pytest.raises(ConfigError, match="not known yet"):
+        fresh.initial_global()
+
+
+# -- through the Flower apps -------------------------------------------------------------
+RUN = {"data": DATA, "task": "cdr", "algorithm": "unicdr", "partition": "domain", "shards": 2, "rounds": 2,
+       "lr": 0.01, "negatives": 4, "protocol": "sampled-99", "batch-size": 64,
+       **{f"model.{k}": v for k, v in SMALL.items()}}
+
+
+def test_a_run_through_the_flower_apps_aligns_trains_and_saves_a_usable_model(tmp_path):
+    from fedrec.data.federation import write_federation
+    from fedrec.federated.model import evaluate_federated
+    from fedrec.federated.runner import run_in_process
+    from fedrec.federated.spec import parse_run_config
+
+    result = run_in_process(parse_run_config({**RUN, "model-dir": str(tmp_path / "model")}))
+    frame = load_dataset(DATA).interactions.frame
+    per_domain = [set(frame.loc[frame["domain"] == d, "user"]) for d in ("d0", "d1")]
+    assert result["alignment"]["common_users"] == len(per_domain[0] & per_domain[1])
+    assert [h["round"] for h in result["history"]] == [1, 2]
+    assert {"d0/hr@10", "d1/ndcg@10", "ndcg@10"} <= set(result["test"])
+    # the saved model scores as the run did, with no intersection run again
+    saved = evaluate_federated(tmp_path / "model")
+    assert saved["test"] == result["test"] and saved["round"] == result["best_round"]
+    # node-local: a federation folder (one file per domain) gives the same run
+    write_federation(DATA, tmp_path / "fed", clients=2, partition="domain")
+    again = run_in_process(parse_run_config({**{k: v for k, v in RUN.items() if k != "data"},
+                                             "federation": str(tmp_path / "fed")}))
+    assert again["history"] == result["history"]
+
+
+def test_secure_aggregation_and_central_dp_are_refused_with_aligned_rows():
+    from fedrec.federated.node import build_node
+    from fedrec.federated.spec import parse_run_config
+
+    for extra, needle in [({"secure-aggregation": True, "population": 120}, "secure aggregation is not supported"),
+                          ({"central-dp": True, "central-noise-multiplier": 1.0}, "central DP is not supported")]:
+        spec = parse_run_config({**RUN, **extra})
+        with pytest.raises(ConfigError, match=needle):
+            build_node(spec, {"shard": 0, "shards": 2})

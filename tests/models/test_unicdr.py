@@ -1,0 +1,170 @@
+"""UniCDR (centralised): the aggregators by hand, the structures' parameters, cold-start
+users, ranking within a domain, per-domain metrics, training that learns, and bad options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.data import load_dataset
+from fedrec.data.batching import build_examples, iterate_batches
+from fedrec.data.samplers import UniformNegativeSampler
+from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
+from fedrec.metrics import domain_ranking_metrics, ranking_metrics
+from fedrec.models.base import ModelData
+from fedrec.models.registry import create_model
+from fedrec.models.unicdr import Aggregator
+from fedrec.train import TrainConfig, train
+
+SMALL = {"dim": 16, "max-len": 6, "eval-len": 12}
+DATA = "synthetic:users=200,items=150,domains=2,overlap=0.5,groups=2,seed=3"
+
+
+@pytest.fixture(scope="module")
+def split():
+    return split_dataset(load_dataset(DATA))
+
+
+def _batch(split, stage="train", n=4, size=64):
+    ex = build_examples(split, task="cdr", stage=stage, max_len=6)
+    return next(iterate_batches(ex, batch_size=size, num_negatives=n, sampler=UniformNegativeSampler(split, seed=0)))
+
+
+def test_mean_aggregator_by_hand():
+    torch.manual_seed(0)
+    agg = Aggregator(3, "mean", 0.5, 0.0)
+    e = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    x = torch.tensor([[[1.0, 1.0, 1.0], [3.0, 3.0, 3.0]], [[5.0, 0.0, 0.0], [9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    out = agg(e, x, mask)
+    W = agg.proj.weight
+    expected = 0.5 * e + 0.5 * torch.stack([W @ torch.tensor([2.0, 2.0, 2.0]), W @ torch.tensor([5.0, 0.0, 0.0])])
+    torch.testing.assert_close(out, expected)
+    # an empty set contributes nothing: lam * e
+    torch.testing.assert_close(agg(e, x, torch.zeros(2, 2, dtype=torch.bool)), 0.5 * e)
+
+
+def test_attention_aggregator_weights_only_real_entries():
+    torch.manual_seed(0)
+    agg = Aggregator(4, "user_attention", 0.5, 0.0).eval()
+    e, x = torch.randn(2, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    out = agg(e, x, mask)
+    changed = x.clone()
+    changed[0, 1] = 100.0  # a padded entry: no effect
+    torch.testing.assert_close(agg(e, changed, mask), out)
+    torch.testing.assert_close(out[1], 0.5 * e[1])  # empty set
+
+
+def test_structures_have_the_parameters_they_name(split):
+    data = ModelData.from_split(split)
+    full = dict(create_model("unicdr", data, SMALL, task="cdr").named_parameters())
+    single = dict(create_model("unicdr", data, {**SMALL, "structure": "single"}, task="cdr").named_parameters())
+    pooled = dict(create_model("unicdr", data, {**SMALL, "structure": "pooled"}, task="cdr").named_parameters())
+    assert "user_shared.weight" in full and any(n.startswith("disc.") for n in full)
+    assert {"user_spec.0.weight", "user_spec.1.weight"} <= set(full)
+    assert not any(n.startswith(("user_shared", "agg_shared", "disc")) for n in single)
+    assert "user_spec.1.weight" not in pooled and "agg.1.proj.weight" not in pooled
+    none = create_model("unicdr", data, {**SMALL, "contrastive": "none"}, task="cdr")
+    assert none.disc is None
+
+
+def test_full_ranking_is_within_the_row_domain(split):
+    model = create_model("unicdr", ModelData.from_split(split), SMALL, task="cdr").eval()
+    batch = _batch(split, "test")
+    with torch.no_grad():
+        scores = model.score_all(batch)
+    item_domain = torch.from_numpy(split.item_domain)
+    other = item_domain.unsqueeze(0) != batch["domain"].unsqueeze(1)
+    assert torch.isinf(scores[other]).all() and torch.isfinite(scores[~other]).all()
+    # many candidates go through one matmul: the same numbers as the per-candidate path
+    cands = batch["candidates"]
+    with torch.no_grad():
+        fast = model.score_candidates(batch, cands)
+        slow = model._score(model.user_vectors(batch)["user"], cands)
+    torch.testing.assert_close(fast, slow)
+
+
+def test_cold_start_users_get_no_domain_specific_part_at_evaluation(split):
+    model = create_model("unicdr", ModelData.from_split(split), SMALL, task="cdr").eval()
+    batch = dict(_batch(split, "test"))
+    batch["own_items"] = torch.zeros_like(batch["own_items"])  # no training item in the domain
+    with torch.no_grad():
+        vec = model.user_vectors(batch)
+    assert torch.all(vec["spec"] == 0)
+    torch.testing.assert_close(vec["user"], vec["shared"])
+
+
+def test_loss_weights_recommendation_and_contrastive_terms(split):
+    torch.manual_seed(0)
+    data = ModelData.from_split(split)
+    batch = _batch(split)
+    for contrastive in ("hard", "soft"):
+        model = create_model("unicdr", data, {**SMALL, "contrastive": contrastive, "dropout": 0.0, "mask-rate": 0.0},
+                             task="cdr")
+        torch.manual_seed(1)
+        out = model(batch)
+        torch.manual_seed(2)
+        loss = model.loss(batch, out)
+        assert torch.isfinite(loss) and loss.ndim == 0
+        loss.backward()
+        assert model.disc[0].weight.grad.abs().sum() > 0  # the discriminator learns
+    # rec-weight 1: the recommendation loss alone, summed over the domains
+    model = create_model("unicdr", data, {**SMALL, "rec-weight": 1.0, "dropout": 0.0, "mask-rate": 0.0}, task="cdr")
+    out = model(batch)
+    logits = torch.cat([out["logits"], out["neg_logits"]], 1)
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1
+    per_row = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+    expected = sum(per_row[batch["domain"] == k].mean() for k in (0, 1))
+    torch.testing.assert_close(model.loss(batch, out), expected)
+
+
+def test_bad_options_are_one_line_errors(split):
+    data = ModelData.from_split(split)
+    for options, needle in [({"aggregator": "max"}, "aggregator"), ({"structure": "x"}, "structure"),
+                            ({"rec-weight": 2.0}, "rec-weight"), ({"dim": 0}, "dim"),
+                            ({"temperature": 0.0}, "temperature"), ({"shared-context": "both"}, "shared-context")]:
+        with pytest.raises(ConfigError, match=needle):
+            create_model("unicdr", data, {**SMALL, **options}, task="cdr")
+    single = split_dataset(load_dataset("synthetic:users=30,items=40,seed=0"))
+    with pytest.raises(ConfigError, match="multi-domain"):
+        create_model("unicdr", ModelData.from_split(single), SMALL, task="cdr")
+    with pytest.raises(ConfigError, match="does not support task"):
+        create_model("unicdr", data, SMALL, task="next_item")
+
+
+def test_item_similarity_refuses_domains_above_the_dense_limit(split):
+    model = create_model("unicdr", ModelData.from_split(split), {**SMALL, "aggregator": "item_similarity",
+                                                                   "ease-max-items": 50}, task="cdr")
+    with pytest.raises(ConfigError, match=r"domain 'd0' has \d+ items, above ease-max-items 50"):
+        model.prepare(split)
+    ok = create_model("unicdr", ModelData.from_split(split), {**SMALL, "aggregator": "item_similarity"}, task="cdr")
+    ok.prepare(split)
+    out = ok(_batch(split))
+    assert torch.isfinite(out["logits"]).all()
+
+
+def test_domain_metrics_by_hand():
+    ranks = np.array([0, 20, 3, 50, 1])
+    domains = np.array([0, 0, 1, 1, 1])
+    cold = np.array([False, True, False, False, True])
+    m = domain_ranking_metrics(ranks, domains, ["a", "b"], cold)
+    assert m["a/hr@10"] == 0.5 and m["b/hr@10"] == pytest.approx(2 / 3)
+    assert m["hr@10"] == pytest.approx((0.5 + 2 / 3) / 2)  # each domain counts once
+    assert m["a/cold/hr@10"] == 0.0 and m["b/cold/hr@10"] == 1.0
+    assert m["b/ndcg@10"] == pytest.approx(ranking_metrics(ranks[2:])["ndcg@10"])
+
+
+def test_training_learns_and_reports_each_domain(split):
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=0.01, negatives=4, protocol="sampled-99", progress=False, seed=0)
+    pop = train("popularity", split, task="cdr", config=cfg)
+    res = train("unicdr", split, task="cdr", model_options=SMALL, config=cfg)
+    for key in ("d0/hr@10", "d1/ndcg@10", "hr@10", "ndcg@10"):
+        assert key in res["test"]
+    first, best = res["history"][0]["valid"]["ndcg@10"], max(h["valid"]["ndcg@10"] for h in res["history"])
+    assert best > first  # it learns
+    assert res["test"]["hr@10"] > 0.1  # 99 negatives: random would be 0.1 +- noise
+    assert pop["test"]["hr@10"] is not None
