@@ -91,7 +91,7 @@ def data_describe(
 def data_partition(
     spec: str = typer.Argument(..., metavar="SPEC", help="The whole dataset, FORMAT:PATH[?key=value&...]."),
     clients: int = typer.Option(..., "--clients", "-n", help="Number of clients (shards of users)."),
-    partition: str = typer.Option("iid", "--partition", help="iid, or dirichlet (non-IID by true group or dominant category)."),
+    partition: str = typer.Option("iid", "--partition", help="iid, dirichlet (non-IID by true group or dominant category), or domain (cross-domain data: one client per domain, each file holding that domain's rows)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Dirichlet concentration (dirichlet only; small = more skewed)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the partition."),
     out: Path = typer.Option(..., "--out", help="The federation folder to write (must not exist, or be empty)."),
@@ -103,8 +103,8 @@ def data_partition(
     from fedrec.data.federation import write_federation
 
     try:
-        if partition not in ("iid", "dirichlet"):
-            raise FedrecError(f"--partition must be iid or dirichlet (got {partition!r})")
+        if partition not in ("iid", "dirichlet", "domain"):
+            raise FedrecError(f"--partition must be iid, dirichlet or domain (got {partition!r})")
         if partition != "dirichlet" and alpha != 0.5:
             raise FedrecError("--alpha applies only to --partition dirichlet")
         manifest = write_federation(spec, out, clients=clients, partition=partition, alpha=alpha, seed=seed,

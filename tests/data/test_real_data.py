@@ -114,7 +114,8 @@ def test_pfedrec_amazon_video_csv(shared_data):
 
 
 def test_disencdr_sport_cloth(shared_data):
-    s = stats_of(f"cdr:{shared_data}/DisenCDR-sport_cloth")
+    # the files' own training rows (valid=test: validation reuses the test file, as UniCDR's code)
+    s = stats_of(f"cdr:{shared_data}/DisenCDR-sport_cloth?valid=test")
     sport, cloth = s["domains"]["sport"], s["domains"]["cloth"]
     assert list(s["domains"]) == ["sport", "cloth"]
     assert (sport["splits"]["train"]["interactions"], sport["splits"]["train"]["users"],
@@ -127,6 +128,11 @@ def test_disencdr_sport_cloth(shared_data):
     original = stats_of(f"cdr:{shared_data}/DisenCDR-sport_cloth?test=test_original")
     assert original["domains"]["sport"]["splits"]["test"]["interactions"] == 9928
     assert original["domains"]["cloth"]["splits"]["test"]["interactions"] == 9928
+    # the default (no valid.txt): each (user, domain) with >= 2 training rows gives its last one
+    # to validation
+    held = stats_of(f"cdr:{shared_data}/DisenCDR-sport_cloth")["domains"]["sport"]["splits"]
+    assert held["train"]["interactions"] + held["valid"]["interactions"] == 92612
+    assert held["valid"]["interactions"] == held["valid"]["users"] == 9928
 
 
 def test_cdrib_game_video_cold_start(shared_data):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedrec.data import known_formats, load_dataset
-from fedrec.errors import SpecError
+from fedrec.errors import DataError, SpecError
 
 
 def write(path, text):
@@ -144,3 +144,20 @@ def test_min_user_and_min_item_filters(tmp_path):
     assert sorted(frame.user.unique()) == [1, 3]
     frame = load_dataset(f"seq:{f}?min_item=2").interactions.frame
     assert set(frame.item) == {5, 6}
+
+
+def test_cdr_validation_holdout_when_the_folder_has_no_valid_file(tmp_path):
+    # two domain folders without valid.txt: each (user, domain) with >= 2 training rows gives
+    # its last training row (file order) to validation; valid=test reuses the test file
+    for name in ("a_b", "b_a"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt").write_text("0\t1\n0\t2\n0\t3\n1\t4\n")
+        (tmp_path / name / "test.txt").write_text("0\t5\n1\t6\n")
+    frame = load_dataset(f"cdr:{tmp_path}").interactions.frame
+    a = frame[frame["domain"] == "a"]
+    assert a.loc[a["split"] == "valid", ["user", "item"]].values.tolist() == [[0, 3]]
+    assert sorted(a.loc[a["split"] == "train", "item"]) == [1, 2, 4]  # user 1 has one row: kept
+    same = load_dataset(f"cdr:{tmp_path}?valid=test").interactions.frame
+    assert (same["split"] == "valid").sum() == (same["split"] == "test").sum() == 4
+    with pytest.raises(DataError, match="valid=file: no valid.txt"):
+        load_dataset(f"cdr:{tmp_path}?valid=file")

@@ -207,3 +207,22 @@ def test_secure_aggregation_and_central_dp_are_refused_with_aligned_rows():
         spec = parse_run_config({**RUN, **extra})
         with pytest.raises(ConfigError, match=needle):
             build_node(spec, {"shard": 0, "shards": 2})
+
+
+def test_data_partition_by_domain_writes_one_domain_per_client(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "fed"
+    proc = subprocess.run([sys.executable, "-m", "fedrec.cli", "data", "partition", DATA, "--clients", "2",
+                           "--partition", "domain", "--out", str(out), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    assert [c["domains"] for c in manifest["clients"]] == [["d0"], ["d1"]]
+    for c in manifest["clients"]:
+        frame = load_dataset(f"parquet:{out / c['file']}").interactions.frame
+        assert set(frame["domain"]) == set(c["domains"])
+    bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "data", "partition", "synthetic:users=20", "--clients",
+                          "2", "--partition", "domain", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "multi-domain" in bad.stderr and "Traceback" not in bad.stderr
