@@ -137,3 +137,21 @@ def test_group_discovery_script_central_and_federated(tmp_path):
     assert module.main(["--users", "60", "--epochs", "1", "--rounds", "2", "--seeds", "0",
                         "--variants", "default", "--out", str(out), "--resume"]) == 0
     assert len(json.loads(out.read_text())) == 2
+
+
+def test_bench_cdr_measures_epoch_round_psi_and_upload(tmp_path, capsys):
+    import bench_cdr
+
+    out = tmp_path / "bench.json"
+    assert bench_cdr.main(["--data", "synthetic:users=80,domains=2,overlap=0.5,items=120,seed=2", "--json",
+                           "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads(out.read_text())
+    assert result["epoch_seconds"] > 0 and result["round_seconds"] > 0 and result["psi_seconds"] > 0
+    assert result["round_over_epoch"] > 0  # (rounded seconds: no exact ratio on tiny data)
+    for domain in result["per_domain"].values():
+        # a domain sends only the rows of common users, fewer than its whole table
+        assert 0 < domain["rows_sent"] <= result["common_users"] < domain["users"]
+        assert domain["rows_bytes"] < domain["full_table_bytes"]
+        assert domain["upload_bytes"] == domain["rows_bytes"] + domain["aggregator_bytes"]
+    assert bench_cdr.main(["--data", "synthetic:users=20,items=30"]) == 2  # one domain: a one-line error

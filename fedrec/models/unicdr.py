@@ -112,6 +112,7 @@ class UniCDRConfig:
     eval_len: int = 50
     ease_lambda: float = 50.0
     ease_max_items: int = 15000
+    item_bias: bool = False
     task: str = "cdr"
 
     def __post_init__(self) -> None:
@@ -196,6 +197,9 @@ class UniCDR(RecModel):
             for table in [self.items, *self.user_spec] + ([self.user_shared] if transfer else []):
                 table.weight.normal_(0.0, std)
                 table.weight[0].zero_()
+        self.item_bias = nn.Embedding(data.n_items + 1, 1, sparse=True) if cfg.item_bias else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)
         # item -> domain (plain tensors, not buffers: no buffers in trainable modules)
         self._item_domain = data.item_domain.clone().long()
         self._ease: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -306,7 +310,10 @@ class UniCDR(RecModel):
     def _score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of ``items`` (B, C) for user vectors (B, D)."""
         v = mask_dropout(self.items(items), self.cfg.dropout, self.training)
-        return (v * user.unsqueeze(1)).sum(-1)
+        out = (v * user.unsqueeze(1)).sum(-1)
+        if self.item_bias is not None:
+            out = out + self.item_bias(items).squeeze(-1)
+        return out
 
     # -- the model interface -------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -373,7 +380,10 @@ class UniCDR(RecModel):
         if not self.training and candidates.shape[1] > 64:
             # many candidates: one matmul over the catalogue, then a gather (the same numbers,
             # without materialising (B, C, D) item vectors)
-            return torch.gather(user @ self.items.weight.T, 1, candidates)
+            scores = torch.gather(user @ self.items.weight.T, 1, candidates)
+            if self.item_bias is not None:
+                scores = scores + self.item_bias.weight[candidates, 0]
+            return scores
         return self._score(user, candidates)
 
     def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -381,6 +391,8 @@ class UniCDR(RecModel):
         (ranking is within the domain's catalogue), column 0 is padding."""
         user = self.user_vectors(batch)["user"]
         scores = user @ self.items.weight.T
+        if self.item_bias is not None:
+            scores = scores + self.item_bias.weight[:, 0].unsqueeze(0)
         other = self._item_domain.to(user.device).unsqueeze(0) != batch["domain"].unsqueeze(1)
         return scores.masked_fill(other, float("-inf"))
 

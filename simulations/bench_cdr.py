@@ -1,0 +1,165 @@
+"""Cross-domain costs, measured side by side in one run: a centralised UniCDR epoch, a federated
+round with one client per domain, the private set intersection, and what a domain uploads.
+
+Usage::
+
+    python simulations/bench_cdr.py [--data SPEC] [--data-root ../shared/data] [--json] [--out FILE]
+
+(a) ``epoch_seconds``: one centralised UniCDR epoch (the ``cdr`` defaults: batch 1024, 10
+    negatives), after one warm-up epoch;
+(b) ``round_seconds``: one federated round (both domains' local epoch, one after the other as
+    a single machine runs them, plus the server's aggregation), after a warm-up round;
+    ``round_over_epoch`` = (b) / (a);
+(c) ``psi_seconds``: the private set intersection of the two domains' users (hashing,
+    blinding, raising and intersecting, both parties in this process);
+(d) per domain, ``upload_bytes`` = ``rows_bytes`` (the shared rows sent, with their row
+    indices and weights) + ``aggregator_bytes`` (the shared aggregator), against
+    ``full_table_bytes``: the domain's whole shared user table (a row for each of its users)
+    at the same precision, what averaging the full table would send; ``rows_sent`` /
+    ``common_users``.
+
+Evaluation is not timed. Default data: DisenCDR's Sport-Cloth under ``--data-root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def measure(data: str) -> dict:
+    """Run the four measurements on ``data`` (a ``cdr:`` spec); see the module docstring."""
+    import numpy as np
+    import torch
+
+    from fedrec.data import load_dataset
+    from fedrec.data.batching import build_examples, iterate_batches
+    from fedrec.data.catalogue import Catalogue
+    from fedrec.data.federation import cut_domains, domain_clients
+    from fedrec.data.samplers import UniformNegativeSampler
+    from fedrec.data.split import split_dataset
+    from fedrec.defaults import defaults
+    from fedrec.federated import FederatedConfig, create_algorithm, psi
+    from fedrec.models.base import ModelData
+    from fedrec.models.registry import create_model
+    from fedrec.train import TrainConfig, _optimizers
+
+    central = defaults("cdr:", runtime="centralised", model="unicdr")  # the cdr budget, whatever the format
+    batch, negatives, lr = int(central["batch-size"]), int(central["negatives"]), float(central["lr"])
+    dataset = load_dataset(data)
+    split = split_dataset(dataset)
+
+    # (a) a centralised epoch
+    torch.manual_seed(0)
+    model = create_model("unicdr", ModelData.from_split(split), {}, task="cdr")
+    opts = _optimizers(model, TrainConfig(lr=lr, weight_decay=float(central["weight-decay"])))
+    examples = build_examples(split, task="cdr", stage="train", max_len=model.cfg.max_len)
+    sampler = UniformNegativeSampler.for_training(split, seed=0)
+
+    def epoch(seed: int) -> float:
+        start = time.perf_counter()
+        model.train()
+        for b in iterate_batches(examples, batch_size=batch, shuffle=True, seed=seed, num_negatives=negatives,
+                                 sampler=sampler):
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            model.loss(b, model(b)).backward()
+            for o in opts:
+                o.step()
+        return time.perf_counter() - start
+
+    epoch(1)
+    epoch_seconds = epoch(2)
+
+    # (b), (c), (d) one client per domain
+    catalogue = Catalogue.from_split(split)
+    cfg = FederatedConfig(lr=lr, negatives=negatives, batch_size=batch, protocol="sampled-999",
+                          weight_decay=float(central["weight-decay"]))
+    algs = []
+    for k, doms in enumerate(domain_clients(split)):
+        node_split = split_dataset(cut_domains(dataset, doms, name=f"domain-{k}"), catalogue=catalogue)
+        algs.append(create_algorithm("unicdr", node_split, task="cdr", config=cfg))
+    start = time.perf_counter()
+    rows = psi.run_two_party(algs[0].raw_users(), algs[1].raw_users())
+    psi_seconds = time.perf_counter() - start
+    for alg, r in zip(algs, rows, strict=True):
+        alg.set_alignment(r)
+    g = algs[0].initial_global()
+    users = [np.arange(1, a.split.n_users + 1) for a in algs]
+    states = [a.initial_local(u) for a, u in zip(algs, users, strict=True)]
+    shards = [a.make_shard(u) for a, u in zip(algs, users, strict=True)]
+
+    def one_round(rnd: int):
+        nonlocal g
+        start = time.perf_counter()
+        ups = []
+        for i, a in enumerate(algs):
+            up, states[i], _ = a.client_update(g, states[i], shards[i], round=rnd)
+            ups.append(up)
+        g, _, _ = algs[0].aggregate(g, ups)
+        return time.perf_counter() - start, ups
+
+    one_round(1)
+    round_seconds, ups = one_round(2)
+    table = g["user_shared.weight"]
+    per_domain = {}
+    for a, up in zip(algs, ups, strict=True):
+        name = a.split.domains[int(a.split.seq_domain[0])]
+        rows_part = [up.sums["user_shared.weight"], *up.rows["user_shared.weight"]]
+        rest = [v for k, v in up.sums.items() if k != "user_shared.weight"]
+        # the domain's whole shared user table (all its users) at the upload's precision: what
+        # averaging the full table, as plain FedAvg would, sends
+        full = (a.split.n_users + 1) * table.shape[1] * up.sums["user_shared.weight"].element_size()
+        per_domain[name] = {"upload_bytes": _bytes(rows_part + rest), "rows_bytes": _bytes(rows_part),
+                            "aggregator_bytes": _bytes(rest), "full_table_bytes": int(full),
+                            "rows_sent": int(len(up.rows["user_shared.weight"][0])), "users": int(a.split.n_users),
+                            "rows_over_full_table": round(_bytes(rows_part) / full, 4)}
+    return {"data": data, "epoch_seconds": round(epoch_seconds, 2), "round_seconds": round(round_seconds, 2),
+            "round_over_epoch": round(round_seconds / epoch_seconds, 3), "psi_seconds": round(psi_seconds, 2),
+            "common_users": int(algs[0].n_shared), "train_examples": int(len(examples)), "batch_size": batch,
+            "per_domain": per_domain, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+                        help="folder holding DisenCDR-sport_cloth (for the default --data)")
+    parser.add_argument("--data", default="", help="a cdr: data spec (default: Sport-Cloth under --data-root)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", default="", help="also write the JSON here (atomically)")
+    args = parser.parse_args(argv)
+    data = args.data or f"cdr:{args.data_root}/DisenCDR-sport_cloth"
+    from fedrec.errors import FedrecError
+
+    try:
+        result = measure(data)
+    except FedrecError as exc:
+        print(f"bench_cdr: error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=None if args.json else 1)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
