@@ -462,6 +462,7 @@ def recommend_command(
     node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config (repeatable)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Users scored together."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table a centralised run used."),
+    domain: Optional[str] = typer.Option(None, "--domain", help="Cross-domain models: recommend items of this domain (centralised; a federated domain client recommends in its own domain)."),
 ) -> None:
     """Top-k items per user from a saved model (centralised, or a federated client's view:
     global + its private parameters, for its own users), written as CSV, Parquet or JSON lines."""
@@ -487,6 +488,11 @@ def recommend_command(
                                   "(use --node-config)")
             _, models = load_federated_model(saved, clients=list(clients) if clients else None,
                                              node_config=parse_assignments(node_config) if node_config else None)
+            if domain is not None:  # cross-domain: the clients of that domain
+                models = [m for m in models if m.split.domains and
+                          m.split.domains[int(m.split.seq_domain[0])] == domain]
+                if not models:
+                    raise FedrecError(f"--domain {domain}: no client of this model holds that domain")
             served = []
             for m in models:
                 chosen = users_from_file(users, m.split, unknown="skip") if users else None
@@ -508,7 +514,7 @@ def recommend_command(
             split = _centralised_split(data, config, federated_options=bool(clients or node_config))
             model, task, max_len, _ = load_centralised(saved, split)
             chosen = users_from_file(users, split) if users else None
-            frames.append(recommend(split, centralised_scorer(model, split, task, max_len), users=chosen, k=k,
+            frames.append(recommend(split, centralised_scorer(model, split, task, max_len, domain=domain), users=chosen, k=k,
                                     exclude_seen=exclude_seen, batch_size=batch_size, progress=progress))
         frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["user", "rank", "item", "score"])
         write_recommendations(frame, out)

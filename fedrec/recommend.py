@@ -186,6 +186,7 @@ def recommend(
                 offsets = np.cumsum(counts) - counts
                 idx = np.repeat(first - offsets, counts) + np.arange(int(counts.sum()))
                 allowed[np.repeat(np.arange(len(batch)), counts), seen_item[idx]] = False
+            allowed &= ~np.isneginf(scores)  # -inf: not a candidate (e.g. another domain's item)
             nan = np.isnan(scores) & allowed
             if nan.any():
                 r, c = np.argwhere(nan)[0]
@@ -289,8 +290,41 @@ def serving_batch(split: SplitData, users: np.ndarray, max_len: int, *, task: st
     return next(iterate_batches(examples, batch_size=max(1, len(users))))
 
 
+def cdr_batch(split: SplitData, users: np.ndarray, domain: int, *, eval_len: int) -> dict[str, torch.Tensor]:
+    """The cross-domain model input of ``users`` (indices) in ``domain`` (index): own-domain
+    context = the user's latest ``eval_len`` training items there, other-domain context = its
+    latest ``eval_len`` training items in the other domains (rows in time order)."""
+    from fedrec.data.split import TRAIN
+
+    users = _user_indices(split, users)
+    train = split.part == TRAIN
+    row_domain = np.repeat(split.seq_domain, np.diff(split.indptr))
+    own = np.zeros((len(users), eval_len), dtype=np.int64)
+    other = np.zeros((len(users), eval_len), dtype=np.int64)
+    for i, u in enumerate(users):
+        mine = train & (split.row_user == u)
+        here = split.item[mine & (row_domain == domain)][-eval_len:]
+        there = split.item[mine & (row_domain != domain)][-eval_len:]
+        own[i, : len(here)], other[i, : len(there)] = here, there
+    return {"user": torch.from_numpy(users), "domain": torch.full((len(users),), int(domain), dtype=torch.long),
+            "own_items": torch.from_numpy(own), "other_items": torch.from_numpy(other)}
+
+
+def domain_index(split: SplitData, domain: str | None) -> int:
+    """The index of ``domain`` on cross-domain data (a one-line error naming the domains
+    when it is missing or unknown)."""
+    if not split.domains:
+        raise ConfigError("--domain applies to cross-domain data only")
+    if domain is None:
+        raise ConfigError(f"cross-domain data: choose the domain to recommend in with --domain "
+                          f"({', '.join(split.domains)})")
+    if domain not in split.domains:
+        raise ConfigError(f"unknown domain {domain!r} (the data has {', '.join(split.domains)})")
+    return split.domains.index(domain)
+
+
 def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: int, *,
-                       chunk_elements: int = 1 << 24) -> Callable[[np.ndarray], torch.Tensor]:
+                       chunk_elements: int = 1 << 24, domain: str | None = None) -> Callable[[np.ndarray], torch.Tensor]:
     """A ``score_fn`` for :func:`recommend` from a trained centralised ``model``.
 
     ``next_item``: the model's own all-item scores (``score_all``) at the position after
@@ -298,10 +332,22 @@ def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: in
     probability of every item as the next impression after the whole history
     (``predict_ctr_candidates``: what ``predict_ctr`` gives with that item as the held-out
     target; the CTR head runs on item chunks of at most ``chunk_elements`` input values).
+    ``cdr``: the model's scores of the items of ``domain`` (name; the others get ``-inf``,
+    so they are never recommended) from the user's training items (:func:`cdr_batch`).
     The model is put in eval mode and scored without gradients.
     """
+    if task == "cdr":
+        d = domain_index(split, domain)
+        model.eval()
+        eval_len = int(getattr(model, "eval_max_len", max_len))
+
+        @torch.no_grad()
+        def score_domain(users: np.ndarray) -> torch.Tensor:
+            return model.score_all(cdr_batch(split, users, d, eval_len=eval_len))
+
+        return score_domain
     if task not in ("ctr", "next_item"):
-        raise ConfigError(f"recommendations are for the ctr and next_item tasks (got {task!r})")
+        raise ConfigError(f"recommendations are for the ctr, next_item and cdr tasks (got {task!r})")
     serving_history(split, task=task, max_len=max_len)  # checks the data and the length now
     model.eval()
     all_items = torch.arange(split.n_items + 1)

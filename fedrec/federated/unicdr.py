@@ -59,7 +59,7 @@ import torch
 
 from fedrec.data.batching import ExampleSet, build_examples, iterate_batches
 from fedrec.data.samplers import UniformNegativeSampler
-from fedrec.data.split import TRAIN, SplitData
+from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
 from fedrec.federated.algorithm import LocalState, Params, Shard, Upload, aggregate_uploads
 from fedrec.federated.config import FederatedConfig
@@ -348,23 +348,24 @@ class FedUniCDR:
         return domain_ranking_summary(ranks, examples.domains, list(self.split.domains), cold_start_mask(examples))
 
     def score_items(self, global_params: Params, state: LocalState, users: np.ndarray, *,
-                    group_counts: torch.Tensor | None = None, domain: int | None = None) -> torch.Tensor:
-        """``(len(users), n_items + 1)`` scores of every item of the client's domain after each
-        user's whole training history (for ``fedrec recommend``)."""
+                    group_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """``(len(users), n_items + 1)`` scores of the items of the client's domain after each
+        user's training items there (other domains' items get ``-inf``; for ``fedrec
+        recommend``)."""
+        from fedrec.recommend import cdr_batch
+
         model, _ = self._working_model(global_params, state)
         model.eval()
-        sp = self.split
-        users = np.asarray(users, dtype=np.int64)
-        dom = int(sp.seq_domain[0]) if domain is None else int(domain)
-        keep = sp.part == TRAIN
-        own = np.zeros((len(users), self.eval_len), dtype=np.int64)
-        for i, u in enumerate(users):
-            items = sp.item[keep & (sp.row_user == u)][-self.eval_len:]
-            own[i, : len(items)] = items
-        batch = {"user": torch.from_numpy(users), "domain": torch.full((len(users),), dom, dtype=torch.long),
-                 "own_items": torch.from_numpy(own), "other_items": torch.zeros((len(users), 1), dtype=torch.long)}
         with torch.no_grad():
-            return model.score_all(batch)
+            return model.score_all(cdr_batch(self.split, users, self.domain, eval_len=self.eval_len))
+
+    @property
+    def domain(self) -> int:
+        """The index of this client's domain (the domain of its rows)."""
+        doms = np.unique(self.split.seq_domain)
+        if len(doms) != 1:
+            raise ConfigError(f"algorithm 'unicdr': a client holds one domain (this one has {len(doms)})")
+        return int(doms[0])
 
     def combine(self, summaries: list[dict[str, Any]]) -> dict[str, float | None]:
         """Pooled metrics from the clients' summaries."""

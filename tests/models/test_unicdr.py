@@ -168,3 +168,36 @@ def test_training_learns_and_reports_each_domain(split):
     assert best > first  # it learns
     assert res["test"]["hr@10"] > 0.1  # 99 negatives: random would be 0.1 +- noise
     assert pop["test"]["hr@10"] is not None
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fedrec.cli", *args], capture_output=True, text=True)
+
+
+def test_train_and_recommend_within_a_domain_from_the_cli(tmp_path):
+    import json
+
+    import pandas as pd
+
+    ckpt, out = tmp_path / "m.pt", tmp_path / "r.json"
+    sets = [x for k, v in {**SMALL, "dim": 8}.items() for x in ("--set", f"{k}={v}")]
+    proc = _cli("train", "--model", "unicdr", "--data", DATA, "--task", "cdr", "--epochs", "1", "--protocol", "sampled-99",
+                "--checkpoint", str(ckpt), "--out", str(out), "--json", *sets)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["task"] == "cdr" and result["protocol"] == "sampled-99" and "d1/hr@10" in result["test"]
+    recs = tmp_path / "recs.csv"
+    proc = _cli("recommend", str(ckpt), "--data", DATA, "--domain", "d1", "--k", "5", "--out", str(recs))
+    assert proc.returncode == 0, proc.stderr
+    frame = pd.read_csv(recs)
+    data = load_dataset(DATA).interactions.frame
+    d1_items = set(data.loc[data["domain"] == "d1", "item"])
+    assert len(frame) == 5 * data["user"].nunique() and set(frame["item"]) <= d1_items
+    seen = set(zip(data.loc[data["domain"] == "d1", "user"], data.loc[data["domain"] == "d1", "item"]))
+    assert not any((u, i) in seen for u, i in zip(frame["user"], frame["item"]))
+    for args, needle in [((), "choose the domain"), (("--domain", "d7"), "unknown domain 'd7'")]:
+        bad = _cli("recommend", str(ckpt), "--data", DATA, "--out", str(tmp_path / "x.csv"), *args)
+        assert bad.returncode != 0 and needle in bad.stderr and "Traceback" not in bad.stderr
