@@ -27,8 +27,9 @@ left-padded, so the most recent interaction is always in the last column):
     same domain, an own-domain context ``own_items`` ``(B, T)`` (a random subset of the
     user's other training items in that domain, never the positive item) and an
     other-domain context ``other_items`` ``(B, T)`` (a random subset of the user's training
-    items in the other domains). Contexts are unordered sets, padded with 0 on the right,
-    re-drawn each time a batch is built (UniCDR's interaction masking).
+    items in the other domains). Contexts are subsets in time order (the domains one after
+    the other in ``other_items``), padded with 0 on the right, re-drawn each time a batch is
+    built (UniCDR's interaction masking).
 
 Evaluation histories: see :func:`history_parts` (on the files' own split, training rows
 only). :meth:`ExampleSet.subset` restricts examples to a client's users.
@@ -281,7 +282,11 @@ def _sample_context(
     pick = np.argsort(keys, axis=1, kind="stable")[:, :width]
     chosen = np.take_along_axis(rows, pick, axis=1)
     ok = np.take_along_axis(valid, pick, axis=1)
-    out[:, : chosen.shape[1]] = np.where(ok, chosen, -1)
+    # the chosen rows in row order (time order within a sequence), padding last, so that a
+    # sequential aggregator reads the subset as it happened
+    big = np.iinfo(np.int64).max
+    chosen = np.sort(np.where(ok, chosen, big), axis=1)
+    out[:, : chosen.shape[1]] = np.where(chosen == big, -1, chosen)
     return out
 
 

@@ -29,6 +29,17 @@ default, is refused with an error instead of running out of memory: 15k items is
 float32 matrix, Sport-Cloth's 32k / 41k would be 4.2 / 6.8 GB. UniCDR also appends the
 top EASE-scored unseen items to the context; not done here).
 
+UniCDR+ options (arXiv 2409.04540; its body could not be read, so each form is our choice,
+each off by default and ablated in ``simulations/configs/cdr_sport_cloth_plus.toml``):
+``aggregator = sequential`` — the context in time order through a GRU, its state after the
+last item the summary (the contexts are drawn as subsets in time order); ``item-hops`` = 1 or
+2 — an item's vector is the mean of its id row and the mean rows of its ``item-neighbours``
+(10) strongest 1-hop (and 2-hop) neighbours in the domain's training co-occurrence graph
+(item-item multi-hop signals, computed on the training rows only); ``side-features`` — one
+table per user / item feature field, added to the id rows (data with features only);
+``contrastive = soft`` (below). ``item-bias`` (off; ours, not UniCDR's) adds a learned
+per-item bias to every score.
+
 ``shared-context`` chooses what ``A_s`` reads: ``other`` (UniCDR: the user's training items
 in the *other* domains, each embedded with its own rows of ``V``) or ``own`` (the user's own
 domain context, read through the shared aggregator: the only choice in a federation, where a
@@ -88,7 +99,7 @@ from fedrec.models.layers import mask_dropout
 
 __all__ = ["UniCDR", "UniCDRConfig", "AGGREGATORS", "STRUCTURES"]
 
-AGGREGATORS = ("mean", "user_attention", "item_similarity")
+AGGREGATORS = ("mean", "user_attention", "item_similarity", "sequential")
 STRUCTURES = ("unicdr", "single", "pooled")
 CONTRASTIVE = ("hard", "soft", "none")
 SHARED_CONTEXT = ("other", "own")
@@ -113,10 +124,13 @@ class UniCDRConfig:
     ease_lambda: float = 50.0
     ease_max_items: int = 15000
     item_bias: bool = False
+    item_hops: int = 0
+    item_neighbours: int = 10
+    side_features: bool = False
     task: str = "cdr"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "max_len", "eval_len", "ease_max_items"):
+        for name in ("dim", "max_len", "eval_len", "ease_max_items", "item_neighbours"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model option '{name.replace('_', '-')}' must be a positive integer (got {value!r})")
@@ -135,6 +149,8 @@ class UniCDRConfig:
             raise ConfigError(f"model option 'temperature' must be > 0 (got {self.temperature!r})")
         if not (np.isfinite(self.ease_lambda) and self.ease_lambda > 0):
             raise ConfigError(f"model option 'ease-lambda' must be > 0 (got {self.ease_lambda!r})")
+        if self.item_hops not in (0, 1, 2):
+            raise ConfigError(f"model option 'item-hops' must be 0, 1 or 2 (got {self.item_hops!r})")
         if self.task != "cdr":
             raise ConfigError(f"model 'unicdr' supports the cdr task only (got {self.task!r})")
 
@@ -147,12 +163,23 @@ class Aggregator(nn.Module):
         self.kind, self.lam, self.p = kind, float(lam), float(dropout)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim) if kind == "user_attention" else None
+        self.gru = nn.GRU(dim, dim, batch_first=True) if kind == "sequential" else None
 
     def forward(self, e: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
                 prior: torch.Tensor | None = None) -> torch.Tensor:
         """``e`` (B, D) id vectors; ``x`` (B, T, D) item vectors; ``mask`` (B, T) real
         entries; ``prior`` (B, T) EASE scores (``item_similarity``)."""
         m = mask.to(x.dtype)
+        if self.kind == "sequential":
+            # the context in time order (left-aligned, padding after): a GRU, whose state
+            # after the last real item is the summary; an empty context gives 0
+            lengths = mask.sum(1)
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real entries first
+            xs = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
+            out, _ = self.gru(xs)
+            last = (lengths - 1).clamp(min=0)
+            pooled = out[torch.arange(x.shape[0]), last] * (lengths > 0).unsqueeze(-1).to(x.dtype)
+            return self.lam * e + (1.0 - self.lam) * self.proj(pooled)
         if self.kind == "mean":
             pooled = (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
         else:
@@ -197,6 +224,18 @@ class UniCDR(RecModel):
             for table in [self.items, *self.user_spec] + ([self.user_shared] if transfer else []):
                 table.weight.normal_(0.0, std)
                 table.weight[0].zero_()
+        # UniCDR+ side features: one table per item (and user) feature field, added to the id vector
+        if cfg.side_features and data.item_features is None and data.user_features is None:
+            raise ConfigError("model option 'side-features': the data has no user or item features")
+        self.item_fields = nn.ModuleList(nn.Embedding(c, D, sparse=True) for c in data.item_cardinalities) \
+            if cfg.side_features and data.item_features is not None else nn.ModuleList()
+        self.user_fields = nn.ModuleList(nn.Embedding(c, D, sparse=True) for c in data.user_cardinalities) \
+            if cfg.side_features and data.user_features is not None else nn.ModuleList()
+        for table in [*self.item_fields, *self.user_fields]:
+            nn.init.normal_(table.weight, 0.0, std)
+        self._item_codes = data.item_features.long() if len(self.item_fields) else None
+        self._user_codes = data.user_features.long() if len(self.user_fields) else None
+        self._neighbours: list[torch.Tensor] = []  # item_hops: (n_items + 1, k) neighbour lists per hop
         self.item_bias = nn.Embedding(data.n_items + 1, 1, sparse=True) if cfg.item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
@@ -211,9 +250,12 @@ class UniCDR(RecModel):
 
     # -- EASE prior (item_similarity) -----------------------------------------------------
     def prepare(self, split) -> None:
-        """Fit what the ``item_similarity`` aggregator reads: an EASE item-item matrix per
-        domain, on that domain's training interactions (called by the trainers before the
-        first step; other aggregators need nothing)."""
+        """Fit what the model reads besides its parameters, on the training interactions
+        (called by the trainers before the first step): the item neighbour lists of
+        ``item-hops`` and the EASE item-item matrices of the ``item_similarity``
+        aggregator (per domain)."""
+        if self.cfg.item_hops:
+            self._neighbours = _item_neighbours(split, self.cfg.item_neighbours, self.cfg.item_hops)
         if self.cfg.aggregator != "item_similarity":
             return
         from fedrec.data.split import TRAIN
@@ -254,12 +296,42 @@ class UniCDR(RecModel):
         return score
 
     # -- pieces ---------------------------------------------------------------------------
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """``(..., D)`` vectors of item indices: the id row, plus (``side-features``) the
+        item's feature rows, averaged (``item-hops``) with the mean vector of its 1-hop (and
+        2-hop) neighbours in the training co-occurrence graph of its domain."""
+        v = self._item_base(items)
+        if self._neighbours:
+            parts = [v]
+            for hop in self._neighbours:
+                nb = hop.to(items.device)[items]  # (..., k), 0 = none
+                m = (nb > 0).to(v.dtype).unsqueeze(-1)
+                parts.append((self._item_base(nb) * m).sum(-2) / m.sum(-2).clamp(min=1.0))
+            v = torch.stack(parts).mean(0)
+        return v
+
+    def _item_base(self, items: torch.Tensor) -> torch.Tensor:
+        v = self.items(items)
+        if self._item_codes is not None:
+            codes = self._item_codes.to(items.device)[items]  # (..., F)
+            for f, table in enumerate(self.item_fields):
+                v = v + table(codes[..., f])
+        return v
+
+    def _user_id(self, table: nn.Embedding, user: torch.Tensor) -> torch.Tensor:
+        e = table(user)
+        if self._user_codes is not None:
+            codes = self._user_codes.to(user.device)[user]
+            for f, field_table in enumerate(self.user_fields):
+                e = e + field_table(codes[..., f])
+        return e
+
     def _context(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item vectors and mask of a padded context, with interaction masking in training."""
         mask = items > 0
         if self.training and self.cfg.mask_rate > 0:
             mask = mask & (torch.rand(items.shape, device=items.device) >= self.cfg.mask_rate)
-        return self.items(items), mask
+        return self.item_vectors(items), mask
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``user`` (B, D) — the vector scored against items; ``spec`` / ``shared`` — its
@@ -271,7 +343,7 @@ class UniCDR(RecModel):
         if cfg.structure == "pooled":
             ctx = torch.cat([own, other], dim=1)
             x, m = self._context(ctx)
-            spec = self.agg[0](self.user_spec[0](user), x, m, None)
+            spec = self.agg[0](self._user_id(self.user_spec[0], user), x, m, None)
             return {"user": mask_dropout(spec, cfg.dropout, self.training), "spec": spec}
         x_own, m_own = self._context(own)
         spec = torch.zeros(B, cfg.dim, dtype=self.items.weight.dtype, device=user.device)
@@ -280,7 +352,8 @@ class UniCDR(RecModel):
             if rows.numel() == 0:
                 continue
             prior = self._prior(own[rows], m_own[rows], k)
-            spec = spec.index_copy(0, rows, self.agg[k](self.user_spec[k](user[rows]), x_own[rows], m_own[rows], prior))
+            spec = spec.index_copy(0, rows, self.agg[k](self._user_id(self.user_spec[k], user[rows]), x_own[rows],
+                                                        m_own[rows], prior))
         if not self.training:
             # a user with no training item in the domain (cold-start): its row of U_d was
             # never trained, so it contributes nothing
@@ -302,14 +375,15 @@ class UniCDR(RecModel):
             for k in range(self.n_domains):
                 mk = m_sh & (item_dom == k)
                 prior = torch.where(mk, self._prior(ctx, mk, k), prior)
-        shared = mask_dropout(self.agg_shared(self.user_shared(user), x_sh, m_sh, prior), cfg.dropout, self.training)
+        shared = mask_dropout(self.agg_shared(self._user_id(self.user_shared, user), x_sh, m_sh, prior), cfg.dropout,
+                              self.training)
         out["shared"] = shared
         out["user"] = spec + shared
         return out
 
     def _score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Scores of ``items`` (B, C) for user vectors (B, D)."""
-        v = mask_dropout(self.items(items), self.cfg.dropout, self.training)
+        v = mask_dropout(self.item_vectors(items), self.cfg.dropout, self.training)
         out = (v * user.unsqueeze(1)).sum(-1)
         if self.item_bias is not None:
             out = out + self.item_bias(items).squeeze(-1)
@@ -377,7 +451,7 @@ class UniCDR(RecModel):
     def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` scores of candidate items of each row's domain."""
         user = self.user_vectors(batch)["user"]
-        if not self.training and candidates.shape[1] > 64:
+        if not self.training and candidates.shape[1] > 64 and self._plain_items:
             # many candidates: one matmul over the catalogue, then a gather (the same numbers,
             # without materialising (B, C, D) item vectors)
             scores = torch.gather(user @ self.items.weight.T, 1, candidates)
@@ -390,12 +464,62 @@ class UniCDR(RecModel):
         """``(B, n_items + 1)`` scores; items of other domains than the row's get ``-inf``
         (ranking is within the domain's catalogue), column 0 is padding."""
         user = self.user_vectors(batch)["user"]
-        scores = user @ self.items.weight.T
+        table = self.items.weight if self._plain_items else self.item_vectors(
+            torch.arange(self.data.n_items + 1, device=user.device))
+        scores = user @ table.T
         if self.item_bias is not None:
             scores = scores + self.item_bias.weight[:, 0].unsqueeze(0)
         other = self._item_domain.to(user.device).unsqueeze(0) != batch["domain"].unsqueeze(1)
         return scores.masked_fill(other, float("-inf"))
 
+    @property
+    def _plain_items(self) -> bool:
+        """Whether an item's vector is its id row alone (then scoring uses the table as is)."""
+        return not self._neighbours and self._item_codes is None
+
     def parameter_roles(self) -> dict[str, ParamRole]:
         """All public centrally (the federated algorithm assigns its own roles)."""
         return {name: PUBLIC for name, _ in self.named_parameters()}
+
+
+def _item_neighbours(split, k: int, hops: int) -> list[torch.Tensor]:
+    """Per hop, ``(n_items + 1, k)`` neighbour lists (0 = none): the ``k`` items most often
+    interacted with by the same users in training, within the item's domain (1 hop), and the
+    ``k`` strongest of the two-step co-occurrence (2 hops, ``C @ C`` without the item
+    itself). Computed on the split's training rows only (a node: its own users)."""
+    import scipy.sparse as sps
+
+    from fedrec.data.split import TRAIN
+
+    keep = split.part == TRAIN
+    users, items = split.row_user[keep], split.item[keep]
+    n = split.n_items + 1
+    X = sps.csr_matrix((np.ones(len(items), dtype=np.float32), (users, items)), shape=(split.n_users + 1, n))
+    X.data[:] = 1.0
+    C = (X.T @ X).tocsr()
+    C.setdiag(0)
+    same = split.item_domain  # never link items of different domains
+    C = C.tocoo()
+    ok = same[C.row] == same[C.col]
+    C = sps.csr_matrix((C.data[ok], (C.row[ok], C.col[ok])), shape=(n, n))
+    C.eliminate_zeros()
+    out = [_top_k_rows(C, k)]
+    if hops >= 2:
+        C2 = (C @ C).tocsr()
+        C2.setdiag(0)
+        C2.eliminate_zeros()
+        out.append(_top_k_rows(C2, k))
+    return out
+
+
+def _top_k_rows(M, k: int) -> torch.Tensor:
+    """The column indices of each row's ``k`` largest entries (0-padded, ties by index)."""
+    out = np.zeros((M.shape[0], k), dtype=np.int64)
+    for r in range(M.shape[0]):
+        start, stop = M.indptr[r], M.indptr[r + 1]
+        if stop == start:
+            continue
+        cols, vals = M.indices[start:stop], M.data[start:stop]
+        order = np.lexsort((cols, -vals))[:k]
+        out[r, : len(order)] = cols[order]
+    return torch.from_numpy(out)

@@ -201,3 +201,63 @@ def test_train_and_recommend_within_a_domain_from_the_cli(tmp_path):
     for args, needle in [((), "choose the domain"), (("--domain", "d7"), "unknown domain 'd7'")]:
         bad = _cli("recommend", str(ckpt), "--data", DATA, "--out", str(tmp_path / "x.csv"), *args)
         assert bad.returncode != 0 and needle in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sequential_aggregator_reads_the_order_and_ignores_padding():
+    torch.manual_seed(0)
+    agg = Aggregator(4, "sequential", 0.5, 0.0).eval()
+    e, x = torch.randn(1, 4), torch.randn(1, 3, 4)
+    mask = torch.tensor([[True, True, False]])
+    out = agg(e, x, mask)
+    swapped = x[:, [1, 0, 2]]
+    assert not torch.allclose(agg(e, swapped, mask), out)  # order matters
+    padded = x.clone()
+    padded[0, 2] = 50.0
+    torch.testing.assert_close(agg(e, padded, mask), out)  # padding does not
+    torch.testing.assert_close(agg(e, x, torch.zeros_like(mask)), 0.5 * e)
+
+
+def test_item_neighbours_stay_within_the_domain_and_follow_co_occurrence(split):
+    from fedrec.models.unicdr import _item_neighbours
+
+    one, two = _item_neighbours(split, 5, 2)
+    assert one.shape == two.shape == (split.n_items + 1, 5)
+    dom = torch.from_numpy(split.item_domain)
+    real = one > 0
+    assert torch.all(dom[one][real] == dom.unsqueeze(1).expand_as(one)[real])
+    assert not torch.any((one == torch.arange(split.n_items + 1).unsqueeze(1)) & real)  # never the item itself
+    assert real[1:].any(1).float().mean() > 0.5  # most items have neighbours
+    model = create_model("unicdr", ModelData.from_split(split), {**SMALL, "item-hops": 2, "item-neighbours": 5},
+                         task="cdr")
+    model.prepare(split)
+    items = torch.tensor([[1, 2]])
+    base = model._item_base(items)
+    expected = []
+    for i in (1, 2):
+        parts = [base[0, i - 1]]
+        for hop in (one, two):
+            nb = hop[i][hop[i] > 0]
+            parts.append(model._item_base(nb).mean(0) if len(nb) else torch.zeros(SMALL["dim"]))
+        expected.append(torch.stack(parts).mean(0))
+    torch.testing.assert_close(model.item_vectors(items)[0], torch.stack(expected))
+    model.eval()
+    batch = _batch(split, "test")
+    with torch.no_grad():  # scoring all items and candidates agree with the item vectors
+        all_scores = model.score_all(batch)
+        torch.testing.assert_close(model.score_candidates(batch, batch["candidates"]),
+                                   torch.gather(all_scores, 1, batch["candidates"]))
+
+
+def test_side_features_and_item_bias(split):
+    data = ModelData.from_split(split)
+    if data.item_features is None and data.user_features is None:
+        with pytest.raises(ConfigError, match="no user or item features"):
+            create_model("unicdr", data, {**SMALL, "side-features": True}, task="cdr")
+    model = create_model("unicdr", data, {**SMALL, "item-bias": True}, task="cdr").eval()
+    with torch.no_grad():
+        model.item_bias.weight[5] = 100.0
+    batch = _batch(split, "test")
+    with torch.no_grad():
+        scores = model.score_all(batch)
+    rows = batch["domain"] == int(split.item_domain[5])
+    assert torch.all(scores[rows].argmax(1) == 5)
