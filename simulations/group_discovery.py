@@ -133,6 +133,38 @@ def run_federated(split, options: dict, *, seed: int, rounds: int, groups: int, 
     return report
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The README's table, rendered from the reports of the JSON (mean over seeds where a
+    (mode, variant) has several): NMI per layer and its chance level (the largest over
+    layers), the largest group's share per layer at evaluation, the federated rounds from 5
+    on in which some layer had more than 90% of the users in one group, the mean share of
+    users changing group per round, and the test AUC."""
+    keys = list(dict.fromkeys((r["mode"], r["variant"]) for r in results))
+    lines = ["| setting | variant | options | seeds | NMI layer 0 | NMI layer 1 | chance | largest group (layers) "
+             "| rounds >= 5 with a layer > 90% in one group | users changing group per round | test AUC |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    for mode, variant in keys:
+        rows = [r for r in results if r["mode"] == mode and r["variant"] == variant]
+        nmi = np.array([r["summary"]["nmi"] for r in rows]).mean(0)
+        chance = max(max(r["summary"]["nmi_chance"]) for r in rows)
+        largest = np.array([r["summary"]["largest_share"] for r in rows]).mean(0)
+        budget = rows[0]["budget"]
+        setting = f"centralised, {budget['epochs']} epochs" if mode == "central" else f"federated, {budget['rounds']} rounds"
+        collapsed, churn = "–", "–"
+        if mode == "federated":
+            late = [h for h in rows[0]["history"] if h["round"] >= 5]
+            hit = sum(any(max(layer) > 0.9 for layer in h["share"]) for h in late)
+            collapsed = f"{hit} of {len(late)}"
+            changed = np.array([h["changed"] for r in rows for h in r["history"] if h.get("changed")])
+            if changed.size:
+                churn = " / ".join(f"{100 * c:.0f}%" for c in changed.mean(0))
+        options = ", ".join(f"{k}={v}" for k, v in rows[0]["options"].items() if k not in ("groups", "max-len")) or "defaults"
+        auc = np.mean([r["test"]["auc"] for r in rows])
+        lines.append(f"| {setting} | {variant} | {options} | {len(rows)} | {nmi[0]:.3f} | {nmi[1]:.3f} | {chance:.3f} | "
+                     + " / ".join(f"{x:.2f}" for x in largest) + f" | {collapsed} | {churn} | {auc:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -145,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resume", action="store_true", help="keep the reports already in the JSON, skip their cells")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the JSON (--out) and exit")
     parser.add_argument("--out", type=Path, default=OUT, help="result JSON (PNGs beside it)")
     args = parser.parse_args(argv)
     if args.list:
         for name, opts in VARIANTS.items():
             print(f"{name:20s} {opts or '(the model defaults)'}{'  [centralised only]' if name in CENTRAL_ONLY else ''}")
+        return 0
+    if args.table:
+        if not args.out.is_file():
+            parser.error(f"{args.out}: no results to render")
+        print(markdown_table(json.loads(args.out.read_text())), end="")
         return 0
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

@@ -155,3 +155,10 @@ def test_bench_cdr_measures_epoch_round_psi_and_upload(tmp_path, capsys):
         assert domain["rows_bytes"] < domain["full_table_bytes"]
         assert domain["upload_bytes"] == domain["rows_bytes"] + domain["aggregator_bytes"]
     assert bench_cdr.main(["--data", "synthetic:users=20,items=30"]) == 2  # one domain: a one-line error
+
+
+def test_readme_group_routing_table_is_rendered_from_the_json():
+    import group_discovery
+
+    results = json.loads((ROOT / "simulations" / "results" / "group_discovery.json").read_text())
+    assert group_discovery.markdown_table(results) in (ROOT / "README.md").read_text()
