@@ -399,8 +399,8 @@ def compare_command(
                                  "--config keys always win over these; each run's JSON records both under 'resolved'.")
 def defaults_command(
     data: str = typer.Argument(..., metavar="SPEC", help="Data spec FORMAT:PATH (only the format is read; no file is opened)."),
-    model: str = typer.Option("mrff", "--model", "-m", help="The model of `fedrec train` (see `fedrec models`)."),
-    algorithm: str = typer.Option("mrff", "--algorithm", "-a", help="The algorithm of `fedrec simulate` (it trains its own model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model of `fedrec train` (see `fedrec models`; default: the format's default algorithm's model, unicdr on cdr:, else mrff)."),
+    algorithm: Optional[str] = typer.Option(None, "--algorithm", "-a", help="The algorithm of `fedrec simulate` (it trains its own model; default: the format's, unicdr on cdr:, else mrff)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="A model option KEY=VALUE (as --set of `fedrec train`), to see how it resolves in both commands (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: {train: resolved, simulate: resolved}."),
 ) -> None:
@@ -413,6 +413,10 @@ def defaults_command(
     from fedrec.train import TrainConfig
 
     try:
+        from fedrec.defaults import algorithm_model, default_algorithm
+
+        algorithm = algorithm or default_algorithm(data)
+        model = model or algorithm_model(default_algorithm(data))
         train_resolved, _ = _train_resolve(model, data, None, sets)
         _, sim_resolved = _simulate_resolve(data, None, [f"model.{s}" for s in sets or []], algorithm=algorithm)
         # the options must build (as `fedrec train` would build them, before reading any data)
