@@ -212,11 +212,14 @@ class FedUniCDR:
         self._require_alignment()
         params = dict(self.model.named_parameters())
         out = {n: params[n].detach().clone() for n in self.layout.shared}
-        common = np.flatnonzero(self._rows > 0)
-        for n in self.layout.aligned:
+        for k, n in enumerate(self.layout.aligned):
+            # the same on every node (whichever the server asks): drawn from the seed alone,
+            # as the model draws its user rows (N(0, 1/dim), padding row 0)
             table = params[n].detach()
-            g = torch.zeros((self.n_shared + 1,) + tuple(table.shape[1:]), dtype=table.dtype)
-            g[torch.from_numpy(self._rows[common])] = table[torch.from_numpy(common)]
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 17 + k)
+            g = torch.randn((self.n_shared + 1,) + tuple(table.shape[1:]), generator=gen, dtype=table.dtype)
+            g *= table.shape[-1] ** -0.5
+            g[0] = 0.0
             out[n] = g
         return out
 

@@ -226,3 +226,12 @@ def test_data_partition_by_domain_writes_one_domain_per_client(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "data", "partition", "synthetic:users=20", "--clients",
                           "2", "--partition", "domain", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode != 0 and "multi-domain" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_node_gives_the_same_initial_global_parameters(nodes):
+    # the server asks whichever node it likes first: the answer must not depend on it
+    _, (a, b) = nodes
+    ga, gb = a.initial_global(), b.initial_global()
+    assert set(ga) == set(gb)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n])
