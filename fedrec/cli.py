@@ -493,7 +493,7 @@ def recommend_command(
             _, models = load_federated_model(saved, clients=list(clients) if clients else None,
                                              node_config=parse_assignments(node_config) if node_config else None)
             if domain is not None:  # cross-domain: the clients of that domain
-                models = [m for m in models if m.split.domains and
+                models = [m for m in models if m.split.domains and len(m.split.seq_domain) and
                           m.split.domains[int(m.split.seq_domain[0])] == domain]
                 if not models:
                     raise FedrecError(f"--domain {domain}: no client of this model holds that domain")

@@ -56,6 +56,8 @@ class FormatDefaults:
     per_model: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     #: the recorded runs (simulations/configs/<name>.toml) the values come from
     recorded: tuple[str, ...] = ()
+    #: the federated algorithm of a bare ``fedrec simulate`` on this format
+    algorithm: str = "mrff"
 
 
 # next item on S3-Rec-style files (one user per line / one pair per line): model widths of the
@@ -170,9 +172,6 @@ FORMATS: dict[str, FormatDefaults] = {
             "negatives": 10,  # UniCDR
         },
         federated={
-            "algorithm": "unicdr",  # each domain one client
-            "partition": "domain",  # one client per domain
-            "shards": 2,  # the two domains of a cdr:DIR pair
             "rounds": 40,  # one local epoch per round: the centralised budget
             "patience": 3,  # as centralised
             "eval-every": 1,
@@ -180,7 +179,14 @@ FORMATS: dict[str, FormatDefaults] = {
             "weight-decay": 1e-5,  # as centralised
             "negatives": 10,  # as centralised
         },
+        per_model={
+            "unicdr": {"federated": {
+                "partition": "domain",  # one client per domain
+                "shards": 2,  # the two domains of a cdr:DIR pair
+            }},
+        },
         recorded=("cdr_sport_cloth", "cdr_game_video"),
+        algorithm="unicdr",  # each domain one client
     ),
 }
 
@@ -245,7 +251,7 @@ def default_algorithm(data: str) -> str:
     """The federated algorithm of a bare ``fedrec simulate --data SPEC``: the format's own
     (``unicdr`` on ``cdr:``), else ``mrff``."""
     entry = FORMATS.get(format_of(data))
-    return str(entry.federated.get("algorithm", "mrff")) if entry is not None else "mrff"
+    return entry.algorithm if entry is not None else "mrff"
 
 
 def defaults_for(data: str) -> dict[str, Any]:

@@ -298,13 +298,20 @@ def cdr_batch(split: SplitData, users: np.ndarray, domain: int, *, eval_len: int
 
     users = _user_indices(split, users)
     train = split.part == TRAIN
-    row_domain = np.repeat(split.seq_domain, np.diff(split.indptr))
+    # the sequences of each user: one per (user, domain), rows indptr[s]:indptr[s + 1]
+    seqs_of = split.cached("seqs_by_user", lambda: np.split(np.argsort(split.seq_user, kind="stable"),
+                                                          np.cumsum(np.bincount(split.seq_user,
+                                                                                minlength=split.n_users + 1))[:-1]))
     own = np.zeros((len(users), eval_len), dtype=np.int64)
     other = np.zeros((len(users), eval_len), dtype=np.int64)
     for i, u in enumerate(users):
-        mine = train & (split.row_user == u)
-        here = split.item[mine & (row_domain == domain)][-eval_len:]
-        there = split.item[mine & (row_domain != domain)][-eval_len:]
+        here, there = [], []
+        for s in seqs_of[u]:
+            rows = np.arange(split.indptr[s], split.indptr[s + 1])
+            items = split.item[rows[train[rows]]]
+            (here if split.seq_domain[s] == domain else there).append(items)
+        here = np.concatenate(here)[-eval_len:] if here else np.zeros(0, dtype=np.int64)
+        there = np.concatenate(there)[-eval_len:] if there else np.zeros(0, dtype=np.int64)
         own[i, : len(here)], other[i, : len(there)] = here, there
     return {"user": torch.from_numpy(users), "domain": torch.full((len(users),), int(domain), dtype=torch.long),
             "own_items": torch.from_numpy(own), "other_items": torch.from_numpy(other)}
@@ -336,6 +343,8 @@ def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: in
     so they are never recommended) from the user's training items (:func:`cdr_batch`).
     The model is put in eval mode and scored without gradients.
     """
+    if task != "cdr" and domain is not None:
+        raise ConfigError(f"--domain applies to cross-domain models (this one is a {task} model)")
     if task == "cdr":
         d = domain_index(split, domain)
         model.eval()

@@ -105,7 +105,11 @@ def test_defaults_set_only_options_the_model_accepts_and_build():
     assert defaults("parquet:x", runtime="federated", model="mrff") == {"task": "ctr"}
     # cross-domain files: UniCDR's protocol, one client per domain
     fed = defaults("cdr:x", runtime="federated", model="unicdr")
-    assert fed["task"] == "cdr" and fed["algorithm"] == "unicdr" and fed["partition"] == "domain"
+    assert fed["task"] == "cdr" and fed["partition"] == "domain" and fed["shards"] == 2
+    # the domain partition is UniCDR's, not every algorithm's on these files
+    assert "partition" not in defaults("cdr:x", runtime="federated", model="mrff")
+    from fedrec.defaults import default_algorithm
+    assert default_algorithm("cdr:x") == "unicdr" and default_algorithm("seq:x") == "mrff"
     assert defaults("cdr:x", runtime="centralised", model="unicdr")["protocol"] == "sampled-999"
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         defaults("seq:x", runtime="centralised", model="nope")

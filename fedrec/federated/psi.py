@@ -16,18 +16,23 @@ Points are written as 33-byte compressed encodings; "raising" is elliptic-curve 
 multiplication, done with the ``cryptography`` package's ECDH (which returns the x
 coordinate; ``x(k P) = x(k (-P))``, so working on x coordinates keeps the maps commutative).
 
-**What each party learns** (semi-honest parties, P-256's decisional Diffie-Hellman
-assumption): each node learns the size of the other's user set and which of its own users
-the other holds, i.e. the intersection, and nothing about the other's remaining users. The
-server learns the two set sizes and the size of the intersection (it relays both doubly
-blinded sets and can match them), not who is in them. A dishonest node can probe for chosen
-users by putting them in its own set (inherent to any PSI whose inputs are unchecked); the
-set sizes it sends are visible to the server. Keys are fresh per run and never leave their
-node.
+**What each party learns** (semi-honest parties, that is parties that follow the protocol;
+P-256's decisional Diffie-Hellman assumption): each node learns the size of the other's user
+set and which of its own users the other holds, i.e. the intersection, and nothing about the
+other's remaining users. The server learns the two set sizes and the size of the
+intersection (it relays both doubly blinded sets and can match them), not who is in them.
+Not covered: a dishonest node can probe for chosen users by putting them in its own set
+(inherent to any PSI whose inputs are unchecked; the set sizes are visible to the server);
+a dishonest *server* could ask a node to raise points of its own choosing (e.g. the hashes
+of every possible id) and so recover the node's users — a node raises one set per key, but
+nothing authenticates that set as the other node's (authenticated channels between the
+domains are not implemented). Keys are fresh per run and never leave their node.
 
 The shared rows are then numbered the same way on both sides without exchanging anything
-more: the intersection users sorted by raw id (both hold those ids), so a resumed run, whose
-new keys give new blinded values, numbers them the same.
+more: the common users in the order of their doubly blinded values, which both nodes hold
+and which the server cannot link to users (numbering by raw id would let it, on dense id
+spaces). A new run draws new keys and so a new numbering; a resumed run keeps each node's
+numbering from its checkpointed private state.
 """
 
 from __future__ import annotations
@@ -119,13 +124,14 @@ def intersect(own_double: list[bytes], other_double: list[bytes]) -> np.ndarray:
     return np.flatnonzero(np.fromiter((x in other for x in own_double), dtype=bool, count=len(own_double)))
 
 
-def shared_rows(raw_users: np.ndarray, common: np.ndarray) -> np.ndarray:
-    """Row of every user in the shared table: ``0`` for users outside the intersection,
-    ``1..m`` for the ``m`` common users in the order of their raw ids (the same numbering
-    on both sides). ``common``: positions of the common users in ``raw_users``."""
-    raw = np.asarray(raw_users, dtype=np.int64)
-    rows = np.zeros(len(raw), dtype=np.int64)
-    order = common[np.argsort(raw[common], kind="stable")]
+def shared_rows(n_users: int, common: np.ndarray, double: list[bytes]) -> np.ndarray:
+    """Row of every one of ``n_users`` users in the shared table: ``0`` for users outside the
+    intersection, ``1..m`` for the ``m`` common users (positions ``common``) in the order of
+    their doubly blinded values ``double`` (aligned with ``common``): the same numbering on
+    both sides, and one the server, which sees those values but cannot link them to users,
+    learns nothing from."""
+    rows = np.zeros(int(n_users), dtype=np.int64)
+    order = np.asarray(common, dtype=np.int64)[np.argsort(np.array(double, dtype=object), kind="stable")]
     rows[order] = np.arange(1, len(order) + 1)
     return rows
 
@@ -144,6 +150,6 @@ def run_two_party(raw_a: np.ndarray, raw_b: np.ndarray) -> tuple[np.ndarray, np.
     xa = blind(hash_users(np.asarray(raw_a)[pa]), ka)
     xb = blind(hash_users(np.asarray(raw_b)[pb]), kb)
     xb_a, xa_b = blind(xb, ka), blind(xa, kb)  # step 2 at a and at b
-    common_a = pa[intersect(xa_b, xb_a)]
-    common_b = pb[intersect(xb_a, xa_b)]
-    return shared_rows(raw_a, common_a), shared_rows(raw_b, common_b)
+    hit_a, hit_b = intersect(xa_b, xb_a), intersect(xb_a, xa_b)
+    return (shared_rows(len(raw_a), pa[hit_a], [xa_b[i] for i in hit_a]),
+            shared_rows(len(raw_b), pb[hit_b], [xb_a[i] for i in hit_b]))

@@ -106,6 +106,15 @@ class RunSpec:
                               "each client's update to clip it); use local DP with secure aggregation")
         if not self.secagg_clipping_range > 0:
             raise ConfigError(f"run config 'secagg-clipping-range' must be > 0 (got {self.secagg_clipping_range})")
+        if self.secure_aggregation or self.central_dp:
+            from fedrec.federated.registry import ALGORITHMS
+
+            limits = getattr(ALGORITHMS.create(self.algorithm), "unsupported_transport", ()) \
+                if self.algorithm in ALGORITHMS.names() else ()
+            for key, on in (("secure-aggregation", self.secure_aggregation), ("central-dp", self.central_dp)):
+                if on and key in limits:
+                    raise ConfigError(f"algorithm '{self.algorithm}' does not support '{key}' (each client sends the "
+                                      "rows of its own common users, not a fixed set of parameters)")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
 

@@ -32,9 +32,12 @@ aggregator. Rows of users only one domain holds stay private to it.
 
 Common users are found by a private set intersection before the first round
 (:mod:`fedrec.federated.psi`): each domain learns which of its users the other holds, the
-server only the set sizes. The shared table's rows are the common users in raw-id order, the
-same on both sides. Cold-start users of a domain (no training interaction there) are scored
-with the shared row learned in the other domain.
+server only the set sizes and the size of the intersection. The shared table's rows are the
+common users in the order of their doubly blinded ids, the same on both sides and not
+linkable to users by the server. What the server does learn per shared row (a pseudonym):
+each round, which domains sent it and with what weight (the user's training interactions in
+that domain). Cold-start users of a domain (no training interaction there) are scored with
+the shared row learned in the other domain.
 
 Structures (model option ``structure``): ``unicdr`` (the default); ``pooled`` — one user
 table and one aggregator for every domain, each domain training them on its own context,
@@ -105,8 +108,9 @@ class FedUniCDR:
 
     name = "unicdr"
     default_model = "unicdr"
-    #: the server runs a private set intersection of the nodes' users before the first round
-    needs_alignment = True
+    #: what the transport cannot carry for this algorithm (checked on the run spec, before
+    #: any node is contacted): the rows a domain sends depend on its users
+    unsupported_transport = ("secure-aggregation", "central-dp")
 
     def __init__(self, split: SplitData, *, task: str, model: str | None = None,
                  model_options: dict[str, Any] | None = None, config: FederatedConfig | None = None) -> None:
@@ -139,10 +143,16 @@ class FedUniCDR:
         self.privacy = None
 
     # -- options and roles ----------------------------------------------------------------
+    @property
+    def needs_alignment(self) -> bool:
+        """Whether the server runs a private set intersection of the nodes' users before the
+        first round: when some table is aligned (``unicdr`` and ``pooled``; not ``single``)."""
+        return bool(self.layout.aligned)
+
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The federated variant reads its own domain's context through the shared
-        aggregator (``shared-context = own``, set when not given); ``other`` and the
-        ``pooled`` structure need another domain's rows and are refused."""
+        aggregator (``shared-context = own``, set when not given); ``other`` needs another
+        domain's rows and is refused."""
         norm = {k.replace("_", "-"): v for k, v in options.items()}
         if str(norm.get("shared-context", "own")) != "own":
             raise ConfigError("algorithm 'unicdr': model option 'shared-context' must be 'own' (a domain cannot read "
@@ -199,6 +209,8 @@ class FedUniCDR:
         return int(self._rows.max()) if len(self._rows) else 0
 
     def _require_alignment(self) -> None:
+        if self._rows is None and not self.layout.aligned:  # nothing shared row-wise: no alignment
+            self._rows = np.zeros(self.split.n_users + 1, dtype=np.int64)
         if self._rows is None:
             raise ConfigError("algorithm 'unicdr': the users common to the domains are not known yet (the server "
                               "runs the private set intersection before the first round)")
@@ -212,14 +224,19 @@ class FedUniCDR:
         self._require_alignment()
         params = dict(self.model.named_parameters())
         out = {n: params[n].detach().clone() for n in self.layout.shared}
+        common = np.flatnonzero(self._rows > 0)
+        raw = self.split.user_raw[common]
         for k, n in enumerate(self.layout.aligned):
-            # the same on every node (whichever the server asks): drawn from the seed alone,
-            # as the model draws its user rows (N(0, 1/dim), padding row 0)
+            # the same on every node (whichever the server asks) and whatever the numbering (fresh
+            # keys number the rows anew each run): each common user's row is drawn from the seed
+            # and the user's id, which both nodes hold, as the model draws its rows (N(0, 1/dim))
             table = params[n].detach()
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 17 + k)
-            g = torch.randn((self.n_shared + 1,) + tuple(table.shape[1:]), generator=gen, dtype=table.dtype)
-            g *= table.shape[-1] ** -0.5
-            g[0] = 0.0
+            dim = int(np.prod(table.shape[1:]))
+            g = torch.zeros((self.n_shared + 1,) + tuple(table.shape[1:]), dtype=table.dtype)
+            values = np.stack([np.random.default_rng([self.config.seed, k, int(r) % 2**63]).standard_normal(dim)
+                               for r in raw]) if len(raw) else np.zeros((0, dim))
+            g[torch.from_numpy(self._rows[common])] = torch.from_numpy(
+                values * dim**-0.5).to(table.dtype).view((-1,) + tuple(table.shape[1:]))
             out[n] = g
         return out
 
@@ -245,7 +262,10 @@ class FedUniCDR:
                                      lambda stage=stage, width=width: build_examples(self.split, task="cdr",
                                                                                       stage=stage, max_len=width))
             stages[stage] = full.subset(users)
-        key = int(self.split.user_raw[users[0]]) % 2**62 if users.size else 0
+        # random draws keyed on the shard's first user and its domain (two domains holding the
+        # same users must not draw the same negatives and dropout masks)
+        first = int(self.split.user_raw[users[0]]) if users.size else 0
+        key = (first * 1_000_003 + 7919 * (self.domain + 1)) % 2**62
         return _Shard(users, stages["train"], stages["valid"], stages["test"], {}, key, self.eval_len)
 
     # -- training -------------------------------------------------------------------------
@@ -254,7 +274,7 @@ class FedUniCDR:
         global rows of its common users written into its shared table."""
         rows = state.tensors.get(_ALIGN_KEY)
         if rows is None:
-            raise ConfigError("algorithm 'unicdr': the client's state has no alignment")
+            raise ConfigError("algorithm 'unicdr': the client's state has no alignment (the state of another algorithm?)")
         rows = rows.numpy() if torch.is_tensor(rows) else np.asarray(rows)
         self._rows = rows
         model = copy.deepcopy(self.model)

@@ -28,10 +28,15 @@ def test_psi_finds_exactly_the_common_users_and_numbers_them_alike():
     rows_a, rows_b = psi.run_two_party(a, b)
     common = sorted(set(a) & set(b))  # 3, 10, 42
     assert sorted(a[rows_a > 0]) == common and sorted(b[rows_b > 0]) == common
-    for raw in common:  # the same row on both sides, in raw-id order
-        ra, rb = rows_a[list(a).index(raw)], rows_b[list(b).index(raw)]
-        assert ra == rb == common.index(raw) + 1
+    # the same row on both sides, rows 1..m
+    assert {int(rows_a[list(a).index(raw)]) for raw in common} == {1, 2, 3}
+    for raw in common:
+        assert rows_a[list(a).index(raw)] == rows_b[list(b).index(raw)]
     assert rows_a[list(a).index(99)] == 0 and rows_b[list(b).index(1000)] == 0
+    # the numbering follows the (fresh) keys, not the raw ids the server might guess
+    orders = {tuple(int(rows_a[list(a).index(raw)]) for raw in common) for _ in range(6)
+              for rows_a in [psi.run_two_party(a, b)[0]]}
+    assert len(orders) > 1
 
 
 def test_psi_blinding_commutes_and_hides_ids():
@@ -202,11 +207,18 @@ def test_secure_aggregation_and_central_dp_are_refused_with_aligned_rows():
     from fedrec.federated.node import build_node
     from fedrec.federated.spec import parse_run_config
 
-    for extra, needle in [({"secure-aggregation": True, "population": 120}, "secure aggregation is not supported"),
-                          ({"central-dp": True, "central-noise-multiplier": 1.0}, "central DP is not supported")]:
-        spec = parse_run_config({**RUN, **extra})
+    # refused from the run config alone, before any node is contacted
+    for extra, needle in [({"secure-aggregation": True, "population": 120}, "does not support 'secure-aggregation'"),
+                          ({"central-dp": True, "central-noise-multiplier": 1.0}, "does not support 'central-dp'")]:
         with pytest.raises(ConfigError, match=needle):
-            build_node(spec, {"shard": 0, "shards": 2})
+            parse_run_config({**RUN, **extra})
+    # and by the node, from the layout (any algorithm with aligned tables)
+    import dataclasses
+
+    spec = dataclasses.replace(parse_run_config(RUN), algorithm="unicdr")
+    object.__setattr__(spec, "secure_aggregation", True)
+    with pytest.raises(ConfigError, match="secure aggregation is not supported"):
+        build_node(spec, {"shard": 0, "shards": 2})
 
 
 def test_data_partition_by_domain_writes_one_domain_per_client(tmp_path):
@@ -235,3 +247,50 @@ def test_every_node_gives_the_same_initial_global_parameters(nodes):
     assert set(ga) == set(gb)
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n])
+
+
+def test_psi_steps_refuse_out_of_order_or_repeated_queries(nodes):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from fedrec.federated.node import _Node, psi_query
+
+    _, (a, _) = nodes
+    node = _Node(None, a, None)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def ask(kind, arrays=None):
+        content = RecordDict({"config": ConfigRecord({"kind": kind})})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+        return psi_query(node, kind, Message(content, dst_node_id=1, message_type="query"), context)
+
+    with pytest.raises(ConfigError, match="before 'psi-blind'"):
+        ask("psi-raise", {"set": np.zeros((1, 32), dtype=np.uint8)})
+    blinded = ask("psi-blind")["arrays"].to_torch_state_dict()["set"].numpy()
+    assert blinded.shape == (a.split.n_users, 32)
+    with pytest.raises(ConfigError, match=r"\(n, 32\)"):
+        ask("psi-raise", {"set": np.zeros((2, 7), dtype=np.uint8)})
+    ask("psi-raise", {"set": blinded[:3]})
+    with pytest.raises(ConfigError, match="already raised"):  # no second batch of chosen points
+        ask("psi-raise", {"set": blinded[:3]})
+    with pytest.raises(ConfigError, match="no arrays"):
+        ask("psi-finish")
+
+
+def test_cross_domain_summaries_pool_per_domain_then_average_the_domains():
+    from fedrec.federated.evaluation import combine_ranking
+
+    from fedrec.federated.unicdr import domain_ranking_summary
+    from fedrec.metrics import domain_ranking_metrics
+
+    ranks = np.array([0, 20, 3, 50, 1, 7])
+    doms = np.array([0, 0, 1, 1, 1, 0])
+    cold = np.array([False, True, False, False, True, False])
+    # two clients holding parts of the examples, domain 0 split across both
+    parts = [np.array([0, 1, 2]), np.array([3, 4, 5])]
+    summaries = [domain_ranking_summary(ranks[p], doms[p], ["x", "y"], cold[p]) for p in parts]
+    pooled = combine_ranking(summaries)
+    central = domain_ranking_metrics(ranks, doms, ["x", "y"], cold)
+    for key, value in central.items():
+        assert pooled[key] == pytest.approx(value), key
+    assert pooled["x/n"] == 3 and pooled["y/n"] == 3 and pooled["n"] == 6
