@@ -312,6 +312,8 @@ def resolve(data: str, *, runtime: str, user: Mapping[str, Any], model: str | No
             raise ConfigError("resolve: a centralised run needs its model")
         model = str(given.get("model") or algorithm_model(str(given.get("algorithm") or default_algorithm(data))))
     base = defaults(data, runtime=runtime, model=model)
+    if runtime == "federated" and default_algorithm(data) != "mrff":
+        base = {"algorithm": default_algorithm(data), **base}  # the format's own algorithm (unicdr on cdr:)
     taken = {k: v for k, v in base.items() if k not in given}
     return Resolved(format=format_of(data), runtime=runtime, model=model, options={**taken, **given}, defaults=taken,
                     user=given)

@@ -110,6 +110,10 @@ def test_defaults_set_only_options_the_model_accepts_and_build():
     assert "partition" not in defaults("cdr:x", runtime="federated", model="mrff")
     from fedrec.defaults import default_algorithm
     assert default_algorithm("cdr:x") == "unicdr" and default_algorithm("seq:x") == "mrff"
+    # a bare `fedrec simulate --data cdr:DIR` runs UniCDR with one client per domain
+    bare = resolve("cdr:x", runtime="federated", user={})
+    assert bare.model == "unicdr" and bare.options["algorithm"] == "unicdr" and bare.options["partition"] == "domain"
+    assert resolve("cdr:x", runtime="federated", user={"algorithm": "fedavg"}).options["algorithm"] == "fedavg"
     assert defaults("cdr:x", runtime="centralised", model="unicdr")["protocol"] == "sampled-999"
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         defaults("seq:x", runtime="centralised", model="nope")

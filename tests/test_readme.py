@@ -3,6 +3,7 @@ of per-dataset defaults is the one fedrec.defaults renders."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from conftest import ROOT
@@ -43,3 +44,18 @@ def test_readme_defaults_table_is_the_modules():
     assert table.startswith(markdown_table() + "\n"), "re-render the table with fedrec.defaults.markdown_table()"
     for command in ("fedrec defaults SPEC", "`resolved`", "win"):
         assert command in section
+
+
+def test_readme_cross_domain_tables_are_rendered_from_the_results(tmp_path):
+    """The README's cross-domain tables are the ones `fedrec compare` renders from the
+    recorded JSON (no hand-typed numbers)."""
+    from fedrec.compare import load_comparison, write_outputs
+
+    text = (ROOT / "README.md").read_text()
+    for stem in ("cdr_sport_cloth", "cdr_game_video", "cdr_sport_cloth_plus"):
+        path = ROOT / "simulations" / "results" / f"{stem}.json"
+        assert path.is_file(), f"{path} missing: run fedrec compare simulations/configs/{stem}.toml"
+        cfg = load_comparison(ROOT / "simulations" / "configs" / f"{stem}.toml", data_root="../shared/data")
+        write_outputs(cfg, json.loads(path.read_text()), tmp_path, curves=False)
+        rows = [line for line in (tmp_path / f"{stem}.md").read_text().splitlines() if line.startswith("| ")]
+        assert rows and all(row in text for row in rows), stem
