@@ -235,7 +235,7 @@ class _SparseAdamL2(torch.optim.SparseAdam):
                     g = p.grad.coalesce()
                     rows = g.indices()[0]
                     p.grad = torch.sparse_coo_tensor(g.indices(), g.values() + self.weight_decay * p[rows],
-                                                     g.shape).coalesce()
+                                                     g.shape, check_invariants=False).coalesce()
         return super().step(closure)
 
 
