@@ -143,8 +143,8 @@ class RoleAwareStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Role-aware aggregation of the uploads of the nodes that replied."""
         replies = list(replies)
-        if self._global is None:
-            return None, None
+        if self._global is None or (self.history.stopped and not replies):
+            return None, None  # stopped early: the remaining rounds send nothing
         replies, nodes = self._check(replies, "train", server_round + self.round_offset)
         uploads = replies_to_uploads(replies, self.layout)
         new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)

@@ -144,3 +144,13 @@ def test_cli_simulate_bad_input_is_one_line(args, needle, tmp_path):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_early_stopping_ends_the_run_without_an_error():
+    # lr so small that validation never improves after the first evaluation: with patience 1
+    # the run stops after round 2; the remaining rounds send nothing (this used to fail with
+    # "0 node(s) replied")
+    result = run_in_process(parse_run_config({**TINY, "rounds": 5, "eval-every": 1, "patience": 1, "lr": 1e-12}))
+    rounds = [h["round"] for h in result["history"]]
+    assert rounds == [1, 2]
+    assert result["best_round"] == 1
