@@ -49,12 +49,23 @@ def _pids_of(needle: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def test_flwr_run_matches_in_process(tmp_path):
+CASES = {
+    "mrff": ("synthetic:users=24,items=40,seed=2", "iid",
+             {"rounds": 2, "shards": 2, "model.dim": 16, "model.max-len": 20}),
+    # cross-domain: one SuperNode per domain, the private set intersection through the SuperLink
+    "unicdr": ("synthetic:users=120,items=200,domains=2,overlap=0.5,groups=2,seed=4", "domain",
+               {"rounds": 2, "shards": 2, "task": "cdr", "algorithm": "unicdr", "partition": "domain", "lr": 0.01,
+                "negatives": 4, "protocol": "sampled-99", "batch-size": 64, "model.dim": 8, "model.max-len": 5,
+                "model.eval-len": 10}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flwr_run_matches_in_process(tmp_path, case):
     """Each Ray SuperNode reads only its client file of a federation folder; the result equals
     the in-process simulation from the whole dataset."""
-    data = "synthetic:users=24,items=40,seed=2"
-    write_federation(data, tmp_path / "fed", clients=2)
-    common = {"rounds": 2, "shards": 2, "model.dim": 16, "model.max-len": 20}
+    data, partition, common = CASES[case]
+    write_federation(data, tmp_path / "fed", clients=2, partition=partition)
     spec = parse_run_config({**common, "federation": str(tmp_path / "fed"), "out": str(tmp_path / "flwr.json")})
     home = tmp_path / "flwr-home"
     home.mkdir()
