@@ -189,6 +189,9 @@ def test_train_and_recommend_within_a_domain_from_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["task"] == "cdr" and result["protocol"] == "sampled-99" and "d1/hr@10" in result["test"]
+    again = _cli("evaluate", str(ckpt), "--data", DATA, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["by_protocol"]["sampled-99"]["test"] == result["test"]
     recs = tmp_path / "recs.csv"
     proc = _cli("recommend", str(ckpt), "--data", DATA, "--domain", "d1", "--k", "5", "--out", str(recs))
     assert proc.returncode == 0, proc.stderr
