@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except FedrecError as exc:
         print(f"bench_cdr: error: {exc}", file=sys.stderr)
         return 2
+    if not args.data:  # no machine paths in results
+        result["data"] = "cdr:{data_root}/DisenCDR-sport_cloth"
     text = json.dumps(result, indent=None if args.json else 1)
     if args.out:
         out = Path(args.out)
