@@ -4,6 +4,7 @@ round with one client per domain, the private set intersection, and what a domai
 Usage::
 
     python simulations/bench_cdr.py [--data SPEC] [--data-root ../shared/data] [--json] [--out FILE]
+    python simulations/bench_cdr.py --table simulations/results/bench_cdr.json   # its Markdown table
 
 (a) ``epoch_seconds``: one centralised UniCDR epoch (the ``cdr`` defaults: batch 1024, 10
     negatives), after one warm-up epoch;
@@ -131,17 +132,36 @@ def measure(data: str) -> dict:
             "per_domain": per_domain, "threads": torch.get_num_threads()}
 
 
+def markdown_table(result: dict) -> str:
+    """The README's table of a bench result (rendered from its JSON)."""
+    lines = ["| domain | users | common users | rows sent | upload (bytes) | of which rows | whole shared table (bytes) "
+             "| rows / whole table |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, d in result["per_domain"].items():
+        lines.append(f"| {name} | {d['users']:,} | {result['common_users']:,} | {d['rows_sent']:,} | "
+                     f"{d['upload_bytes']:,} | {d['rows_bytes']:,} | {d['full_table_bytes']:,} | "
+                     f"{d['rows_over_full_table']:.3f} |")
+    lines += ["", f"Centralised epoch {result['epoch_seconds']} s, federated round {result['round_seconds']} s "
+                  f"(round / epoch {result['round_over_epoch']}), private set intersection {result['psi_seconds']} s "
+                  f"({result['threads']} thread{'s' if result['threads'] != 1 else ''})."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
                         help="folder holding DisenCDR-sport_cloth (for the default --data)")
-    parser.add_argument("--data", default="", help="a cdr: data spec (default: Sport-Cloth under --data-root)")
+    parser.add_argument("--data", default="", help="a cdr: data spec, {data_root} replaced by --data-root (default: "
+                        "Sport-Cloth under --data-root)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", default="", help="also write the JSON here (atomically)")
+    parser.add_argument("--table", default="", metavar="JSON", help="print the Markdown table of a result file and exit")
     args = parser.parse_args(argv)
-    data = args.data or f"cdr:{args.data_root}/DisenCDR-sport_cloth"
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())), end="")
+        return 0
+    data = (args.data or "cdr:{data_root}/DisenCDR-sport_cloth").replace("{data_root}", args.data_root)
     from fedrec.errors import FedrecError
 
     try:
@@ -149,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedrecError as exc:
         print(f"bench_cdr: error: {exc}", file=sys.stderr)
         return 2
-    if not args.data:  # no machine paths in results
-        result["data"] = "cdr:{data_root}/DisenCDR-sport_cloth"
+    result["data"] = data.replace(args.data_root, "{data_root}")  # no machine paths in results
     text = json.dumps(result, indent=None if args.json else 1)
     if args.out:
         out = Path(args.out)

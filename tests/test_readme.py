@@ -59,3 +59,15 @@ def test_readme_cross_domain_tables_are_rendered_from_the_results(tmp_path):
         write_outputs(cfg, json.loads(path.read_text()), tmp_path, curves=False)
         rows = [line for line in (tmp_path / f"{stem}.md").read_text().splitlines() if line.startswith("| ")]
         assert rows and all(row in text for row in rows), stem
+
+
+def test_readme_cross_domain_bench_tables_are_rendered_from_the_results():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "simulations"))
+    import bench_cdr
+
+    text = (ROOT / "README.md").read_text()
+    for name in ("bench_cdr", "bench_cdr_game_video"):
+        result = json.loads((ROOT / "simulations" / "results" / f"{name}.json").read_text())
+        assert bench_cdr.markdown_table(result) in text, name
