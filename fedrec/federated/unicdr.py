@@ -215,9 +215,6 @@ class FedUniCDR:
             raise ConfigError("algorithm 'unicdr': the users common to the domains are not known yet (the server "
                               "runs the private set intersection before the first round)")
 
-    def _aligned_names(self) -> tuple[str, ...]:
-        return self.layout.aligned
-
     # -- state ----------------------------------------------------------------------------
     def initial_global(self) -> Params:
         """Shared aggregator and the shared rows of the common users (row 0: padding)."""
