@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps(result, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is for everyone
         os.replace(tmp, out)
     print(text)
     return 0
