@@ -44,7 +44,8 @@ from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ra
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
-__all__ = ["TrainConfig", "train", "evaluate", "evaluate_saved", "load_saved", "model_max_len", "selection_metric",
+__all__ = ["TrainConfig", "train", "train_epoch", "evaluate", "evaluate_saved", "load_saved", "model_max_len",
+           "selection_metric",
            "PROTOCOLS"]
 
 PROTOCOLS = ("full", "sampled-99", "sampled-999")
@@ -464,16 +465,9 @@ def train(
         bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress, initial=first - 1)
         for epoch in range(first, 0 if finished else cfg.epochs + 1):
             model.train()
-            losses = []
-            for batch in iterate_batches(train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                                         num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler):
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss = model.loss(batch, model(batch))
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                losses.append(float(loss.detach()))
+            losses = train_epoch(model, opts, iterate_batches(
+                train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
+                num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler))
             scores = evaluate(model, valid, **eval_args)
             record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
             routed = routing_stats(model, valid, last_routes)
@@ -529,6 +523,21 @@ def train(
         "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
         "model_state": best_state,
     }
+
+
+def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], batches) -> list[float]:
+    """One pass of ``model`` (in train mode) over ``batches``: a step of every optimiser per
+    batch; returns the batch losses."""
+    losses = []
+    for batch in batches:
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss = model.loss(batch, model(batch))
+        loss.backward()
+        for opt in opts:
+            opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def model_max_len(model: nn.Module) -> int:

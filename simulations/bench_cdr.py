@@ -54,7 +54,7 @@ def measure(data: str) -> dict:
     from fedrec.federated import FederatedConfig, create_algorithm, psi
     from fedrec.models.base import ModelData
     from fedrec.models.registry import create_model
-    from fedrec.train import TrainConfig, _optimizers
+    from fedrec.train import TrainConfig, _optimizers, train_epoch
 
     central = defaults("cdr:", runtime="centralised", model="unicdr")  # the cdr budget, whatever the format
     batch, negatives, lr = int(central["batch-size"]), int(central["negatives"]), float(central["lr"])
@@ -71,13 +71,8 @@ def measure(data: str) -> dict:
     def epoch(seed: int) -> float:
         start = time.perf_counter()
         model.train()
-        for b in iterate_batches(examples, batch_size=batch, shuffle=True, seed=seed, num_negatives=negatives,
-                                 sampler=sampler):
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            model.loss(b, model(b)).backward()
-            for o in opts:
-                o.step()
+        train_epoch(model, opts, iterate_batches(examples, batch_size=batch, shuffle=True, seed=seed,
+                                                 num_negatives=negatives, sampler=sampler))
         return time.perf_counter() - start
 
     epoch(1)

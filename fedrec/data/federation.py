@@ -87,33 +87,27 @@ def cut_domains(dataset: Dataset, domains: list[str], *, name: str) -> Dataset:
     if "domain" not in frame.columns:
         raise ConfigError("partition 'domain' needs multi-domain data (rows with a domain)")
     keep = frame["domain"].isin(domains).to_numpy()
-    rows = frame.loc[keep].reset_index(drop=True)
-    raw_users = rows["user"].unique()
-    users = None
-    if dataset.user_features is not None:
-        users = dataset.user_features.loc[dataset.user_features.index.isin(raw_users)]
-    groups = None
-    if dataset.user_groups is not None:
-        groups = dataset.user_groups.loc[dataset.user_groups.index.isin(raw_users)]
-    return Dataset(name, Interactions(rows, name), user_features=users, user_groups=groups,
-                   meta={"cut-from": dataset.name, "domains": list(domains)})
+    return _cut(dataset, keep, frame.loc[keep, "user"].unique(), name=name,
+                meta={"cut-from": dataset.name, "domains": list(domains)})
 
 
 def cut_dataset(dataset: Dataset, raw_users: np.ndarray, *, name: str) -> Dataset:
     """The part of ``dataset`` a node holding ``raw_users`` has: their interaction rows (in
     the source's order) and their user features. Item features are not a node's: they come
     from the catalogue."""
-    frame = dataset.interactions.frame
-    keep = frame["user"].isin(raw_users).to_numpy()
-    rows = frame.loc[keep].reset_index(drop=True)
-    users = None
+    keep = dataset.interactions.frame["user"].isin(raw_users).to_numpy()
+    return _cut(dataset, keep, raw_users, name=name, meta={"cut-from": dataset.name})
+
+
+def _cut(dataset: Dataset, keep: np.ndarray, raw_users: np.ndarray, *, name: str, meta: dict) -> Dataset:
+    """The rows ``keep`` of ``dataset`` and the user features / groups of ``raw_users``."""
+    rows = dataset.interactions.frame.loc[keep].reset_index(drop=True)
+    users = groups = None
     if dataset.user_features is not None:
         users = dataset.user_features.loc[dataset.user_features.index.isin(raw_users)]
-    groups = None
     if dataset.user_groups is not None:
         groups = dataset.user_groups.loc[dataset.user_groups.index.isin(raw_users)]
-    return Dataset(name, Interactions(rows, name), user_features=users, user_groups=groups,
-                   meta={"cut-from": dataset.name})
+    return Dataset(name, Interactions(rows, name), user_features=users, user_groups=groups, meta=meta)
 
 
 def client_datasets(dataset: Dataset, split: SplitData, parts: list[np.ndarray], *, name: str = "") -> list[Dataset]:

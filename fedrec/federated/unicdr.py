@@ -296,7 +296,7 @@ class FedUniCDR:
         """``local-steps`` epochs over the domain's training examples; the upload holds the
         shared aggregator (times the domain's examples) and, for every common user trained,
         its shared rows times its training interactions in the domain."""
-        from fedrec.train import TrainConfig, _optimizers
+        from fedrec.train import TrainConfig, _optimizers, train_epoch
 
         cfg = self.config
         model, rows = self._working_model(global_params, state)
@@ -308,15 +308,9 @@ class FedUniCDR:
         losses = []
         n_examples = len(shard.train)
         for epoch in range(cfg.local_steps):
-            for batch in iterate_batches(shard.train, batch_size=cfg.batch_size, shuffle=True,
-                                         seed=seed + epoch, num_negatives=cfg.negatives, sampler=sampler):
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss = model.loss(batch, model(batch))
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                losses.append(float(loss.detach()))
+            losses += train_epoch(model, opts, iterate_batches(shard.train, batch_size=cfg.batch_size, shuffle=True,
+                                                               seed=seed + epoch, num_negatives=cfg.negatives,
+                                                               sampler=sampler))
         params = dict(model.named_parameters())
         weight = float(n_examples)
         sums = {n: params[n].detach().to(torch.float64) * weight for n in self.layout.shared}

@@ -253,7 +253,9 @@ def test_psi_steps_refuse_out_of_order_or_repeated_queries(nodes):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from fedrec.federated.node import _Node, psi_query
+    from fedrec.federated.runner import _set_identity
 
+    _set_identity(1, 1)  # Flower messages need a run id (set by the runtime otherwise)
     _, (a, _) = nodes
     node = _Node(None, a, None)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})

@@ -252,10 +252,22 @@ def test_item_neighbours_stay_within_the_domain_and_follow_co_occurrence(split):
 
 
 def test_side_features_and_item_bias(split):
+    import dataclasses
+
     data = ModelData.from_split(split)
-    if data.item_features is None and data.user_features is None:
-        with pytest.raises(ConfigError, match="no user or item features"):
-            create_model("unicdr", data, {**SMALL, "side-features": True}, task="cdr")
+    assert data.item_features is not None and data.user_features is not None  # the synthetic data has both
+    torch.manual_seed(0)
+    with_features = create_model("unicdr", data, {**SMALL, "side-features": True}, task="cdr")
+    assert len(with_features.item_fields) == len(data.item_cardinalities) > 0
+    assert len(with_features.user_fields) == len(data.user_cardinalities) > 0
+    items = torch.tensor([[1, 2]])
+    codes = data.item_features[items].long()
+    expected = with_features.items(items) + sum(t(codes[..., f]) for f, t in enumerate(with_features.item_fields))
+    torch.testing.assert_close(with_features.item_vectors(items), expected)
+    bare = dataclasses.replace(data, item_features=None, user_features=None, item_cardinalities=(),
+                               user_cardinalities=())
+    with pytest.raises(ConfigError, match="no user or item features"):
+        create_model("unicdr", bare, {**SMALL, "side-features": True}, task="cdr")
     model = create_model("unicdr", data, {**SMALL, "item-bias": True}, task="cdr").eval()
     with torch.no_grad():
         model.item_bias.weight[5] = 100.0
