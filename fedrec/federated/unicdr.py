@@ -45,10 +45,15 @@ the user table aligned and the aggregator averaged: **FedAvg of the single-domai
 across domains** (centrally, ``pooled`` reads the union of both domains' contexts); and
 ``single`` — everything private: each domain alone, no federation.
 
+The one-user engine's ``weighting`` and ``chunk-size`` do not apply here: the shared
+aggregator is always weighted by each domain's training examples, and a domain trains in
+minibatches of ``batch-size``.
+
 Not supported yet, each refused with a one-line error: differential privacy and secure
 aggregation of the uploads (the MRFF path's user-level DP clips per-user updates of the
 one-user engine; SecAgg+ needs fixed-length vectors, and the rows a domain sends depend on its
-users), more than two domains (the intersection is pairwise), and ``fraction`` < 1.
+users), more than two domains (the intersection is pairwise), ``fraction`` < 1, and an
+optimizer other than Adam.
 """
 
 from __future__ import annotations
@@ -130,6 +135,9 @@ class FedUniCDR:
             raise ConfigError("algorithm 'unicdr': differential privacy of the shared rows is not supported yet")
         if cfg.fraction < 1.0:
             raise ConfigError("algorithm 'unicdr': every domain trains every round (fraction must be 1)")
+        if cfg.optimizer != "adam":
+            raise ConfigError("algorithm 'unicdr': each domain trains with Adam (sparse tables: SparseAdam); "
+                              f"optimizer {cfg.optimizer!r} is not supported")
         self.model_options = self.check_options(dict(model_options or {}))
         data = ModelData.from_split(split)
         torch.manual_seed(cfg.seed)

@@ -164,6 +164,7 @@ def test_refused_configurations(nodes):
         ({"task": "cdr", "model_options": {"shared-context": "other"}}, "must be 'own'"),
         ({"task": "cdr", "config": FederatedConfig(noise_multiplier=1.0, population=10)}, "differential privacy"),
         ({"task": "cdr", "config": FederatedConfig(fraction=0.5)}, "fraction must be 1"),
+        ({"task": "cdr", "config": FederatedConfig(optimizer="sgd")}, "optimizer 'sgd' is not supported"),
     ]:
         with pytest.raises(ConfigError, match=needle):
             create_algorithm("unicdr", sp, **kwargs)
