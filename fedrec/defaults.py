@@ -95,6 +95,11 @@ _NEXT_ITEM = FormatDefaults(
     recorded=("beauty_next", "lastfm_next"),
 )
 
+# UniCDR's settings on cross-domain data (the ``cdr`` format's, from its sweep below), also
+# given to ``unicdr`` on multi-domain synthetic data (cdr_synthetic_behaviour)
+_UNICDR_MODEL = {"rec-weight": 0.8, "item-bias": True}
+_UNICDR_TRAIN = {"batch-size": 1024, "lr": 0.01, "weight-decay": 1e-5, "negatives": 10}
+
 FORMATS: dict[str, FormatDefaults] = {
     # the embedded default: small enough to finish in a few minutes on 2 cores
     "synthetic": FormatDefaults(
@@ -108,7 +113,18 @@ FORMATS: dict[str, FormatDefaults] = {
             "shards": 4,  # fed_synthetic [federated]
             "eval-every": 5,  # fed_synthetic [federated]
         },
-        recorded=("fed_synthetic",),
+        per_model={
+            # multi-domain synthetic data (domains=2): the cdr task and UniCDR's settings, one
+            # client per domain (cdr_synthetic_behaviour)
+            "unicdr": {
+                "data": {"task": "cdr"},
+                "model": _UNICDR_MODEL,
+                "centralised": {**_UNICDR_TRAIN, "patience": 3},
+                "federated": {**_UNICDR_TRAIN, "partition": "domain", "shards": 2, "eval-every": 1,
+                              "patience": 3, "rounds": 20},
+            },
+        },
+        recorded=("fed_synthetic", "cdr_synthetic_behaviour"),
     ),
     "kuaisar": FormatDefaults(
         data={"task": "ctr"},  # kuaisar_ctr, fed_kuaisar: MRFF's protocol

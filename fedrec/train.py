@@ -136,19 +136,42 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
         labels_all, users_all = np.concatenate(labels), np.concatenate(users)
         several = np.bincount(users_all).max() > 1
         return _clean(ctr_metrics(labels_all, np.concatenate(probs), users_all if several else None))
-    ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives)
     if task == "cdr":
-        return _clean(cdr_metrics(examples, ranks))
+        behaviours = ("main", "like") if examples.split.rating is not None else ("main",)
+        ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed,
+                       negatives=negatives, behaviours=behaviours)
+        return _clean(cdr_metrics(examples, ranks["main"], ranks.get("like")))
+    ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives)
     return _clean(ranking_metrics(ranks))
 
 
-def cdr_metrics(examples: ExampleSet, ranks: np.ndarray) -> dict[str, float]:
+def cdr_metrics(examples: ExampleSet, ranks: np.ndarray, like_ranks: np.ndarray | None = None) -> dict[str, float]:
     """Cross-domain metrics of ``ranks`` (one per example of ``examples``): per domain
     ``DOMAIN/hr@K``, ``DOMAIN/ndcg@K``, ``DOMAIN/mrr``, and ``DOMAIN/cold/...`` over the
     examples whose user has no training interaction in that domain (cold-start users),
     where there are any; unprefixed keys are the mean over domains (the selection metric
-    reads ``ndcg@10``)."""
-    return domain_ranking_metrics(ranks, examples.domains, examples.split.domains, cold_start_mask(examples))
+    reads ``ndcg@10``). With ``like_ranks`` (data with ratings: the ranks under the like
+    behaviour's score), ``DOMAIN/like/...`` over the examples whose held-out item the user
+    liked (:func:`liked_mask`)."""
+    out = domain_ranking_metrics(ranks, examples.domains, examples.split.domains, cold_start_mask(examples))
+    if like_ranks is not None:
+        liked = liked_mask(examples)
+        names = examples.split.domains
+        per = domain_ranking_metrics(like_ranks[liked], examples.domains[liked], names)
+        out.update({f"{k.split('/', 1)[0]}/like/{k.split('/', 1)[1]}": v for k, v in per.items() if "/" in k})
+    return out
+
+
+def liked_mask(examples: ExampleSet) -> np.ndarray:
+    """Whether each example's held-out item was rated at least
+    :data:`~fedrec.data.batching.LIKE_THRESHOLD` (False without a rating)."""
+    from fedrec.data.batching import LIKE_THRESHOLD
+
+    rating = examples.split.rating
+    if rating is None:
+        return np.zeros(len(examples), dtype=bool)
+    r = rating[examples.target_rows[:, -1]]
+    return np.isfinite(r) & (r >= LIKE_THRESHOLD)
 
 
 def cold_start_mask(examples: ExampleSet) -> np.ndarray:
@@ -161,24 +184,44 @@ def cold_start_mask(examples: ExampleSet) -> np.ndarray:
 
 
 def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: int, eval_seed: int,
-           negatives: FixedNegatives | None = None) -> np.ndarray:
-    """0-based rank of every example's held-out item under ``protocol`` (ranking tasks)."""
-    ranks = []
+           negatives: FixedNegatives | None = None, behaviours: tuple[str, ...] | None = None):
+    """0-based rank of every example's held-out item under ``protocol`` (ranking tasks).
+
+    With ``behaviours`` (cross-domain data with ratings: ``("main", "like")``), a dict of
+    ranks per behaviour from one pass; a model without a score of its own for a behaviour
+    (no ``behaviours`` attribute naming it) ranks it with its main score."""
+    wanted = behaviours or ("main",)
+    own = set(getattr(model, "behaviours", ("main",)))
+    ranks: dict[str, list] = {b: [] for b in wanted}
     if protocol == "full":
         indptr, indices = examples.exclusions()
         for start, batch in zip(range(0, len(examples), batch_size), iterate_batches(examples, batch_size=batch_size)):
-            scores = model.score_all(batch).double().numpy()
-            stop = start + scores.shape[0]
-            sub_ptr = indptr[start : stop + 1] - indptr[start]
-            ranks.append(full_ranking_ranks(scores, batch["target_items"][:, -1].numpy(),
-                                            exclude=(sub_ptr, indices[indptr[start] : indptr[stop]])))
+            main = None
+            for b in wanted:
+                if b == "main" or b not in own:
+                    main = model.score_all(batch).double().numpy() if main is None else main
+                    scores = main
+                else:
+                    scores = model.score_all(batch, behaviour=b).double().numpy()
+                stop = start + scores.shape[0]
+                sub_ptr = indptr[start : stop + 1] - indptr[start]
+                ranks[b].append(full_ranking_ranks(scores, batch["target_items"][:, -1].numpy(),
+                                                   exclude=(sub_ptr, indices[indptr[start] : indptr[stop]])))
     else:
         n = int(protocol.split("-")[1])
         sampler = negatives if negatives is not None else UniformNegativeSampler(examples.split, seed=eval_seed)
         for batch in iterate_batches(examples, batch_size=batch_size, num_negatives=n, sampler=sampler):
-            scores = model.score_candidates(batch, batch["candidates"]).double().numpy()
-            ranks.append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
-    return np.concatenate(ranks)
+            main = None
+            for b in wanted:
+                if b == "main" or b not in own:
+                    if main is None:
+                        main = model.score_candidates(batch, batch["candidates"]).double().numpy()
+                    scores = main
+                else:
+                    scores = model.score_candidates(batch, batch["candidates"], behaviour=b).double().numpy()
+                ranks[b].append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
+    out = {b: np.concatenate(r) for b, r in ranks.items()}
+    return out if behaviours else out["main"]
 
 
 def _fixed_negatives(path: str, split: SplitData, task: str, protocols: list[str],

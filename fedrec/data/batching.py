@@ -29,7 +29,9 @@ left-padded, so the most recent interaction is always in the last column):
     other-domain context ``other_items`` ``(B, T)`` (a random subset of the user's training
     items in the other domains). Contexts are subsets in time order (the domains one after
     the other in ``other_items``), padded with 0 on the right, re-drawn each time a batch is
-    built (UniCDR's interaction masking).
+    built (UniCDR's interaction masking). On data with a ``rating`` column the batches also
+    carry ``target_ratings`` ``(B,)`` (the positive's rating, NaN where it has none): the
+    second behaviour (:data:`LIKE_THRESHOLD`) of the multi-behaviour head and metrics.
 
 Evaluation histories: see :func:`history_parts` (on the files' own split, training rows
 only). :meth:`ExampleSet.subset` restricts examples to a client's users.
@@ -49,10 +51,14 @@ from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
-__all__ = ["TASKS", "STAGES", "ExampleSet", "build_examples", "evaluation_population", "history_parts",
+__all__ = ["TASKS", "STAGES", "LIKE_THRESHOLD", "ExampleSet", "build_examples", "evaluation_population", "history_parts",
            "iterate_batches"]
 
 TASKS = ("ctr", "next_item", "cdr")
+#: on data with ratings, an interaction whose rating is at least this is the second
+#: behaviour ("like", on the usual 1-5 scale) of cross-domain multi-behaviour training and
+#: of the ``DOMAIN/like/...`` metrics
+LIKE_THRESHOLD = 4.0
 STAGES = ("train", "valid", "test")
 _STAGE_PART = {"train": TRAIN, "valid": VALID, "test": TEST}
 
@@ -355,6 +361,8 @@ def iterate_batches(
                                     row_domain=row_domain, order=user_rows)
             batch["own_items"] = torch.from_numpy(_take(sp.item, own))
             batch["other_items"] = torch.from_numpy(_take(sp.item, other))
+            if sp.rating is not None:
+                batch["target_ratings"] = torch.from_numpy(_take(sp.rating, tgt[:, 0], fill=np.nan).astype(np.float32))
             if num_negatives and examples.stage == "train":
                 batch["negatives"] = torch.from_numpy(sampler.sample(users, num_negatives, domains=domains if sp.domains else None))
             elif num_negatives:

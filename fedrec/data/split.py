@@ -117,6 +117,9 @@ class SplitData:
     user_cardinalities: tuple[int, ...] | None = None
     #: rows dropped because the catalogue lacks their item (0 without a catalogue)
     out_of_catalogue: int = 0
+    #: per row, the explicit rating (float32, NaN where the source has none), or None when
+    #: the data has no rating column (the second behaviour of the multi-behaviour head)
+    rating: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -208,6 +211,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     user_raw_rows, dom, time = user_raw_rows[order], dom[order], time[order]
     item_raw_rows = frame["item"].to_numpy()[order]
     label = frame["label"].to_numpy()[order].astype(np.int8) if inter.has_labels else np.ones(len(frame), dtype=np.int8)
+    rating = frame["rating"].to_numpy(dtype=np.float32)[order] if "rating" in frame.columns else None
 
     # sequence boundaries
     new_seq = np.ones(len(order), dtype=bool)
@@ -234,6 +238,8 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     user_raw_rows, item_raw_rows, dom, time, label, part = (
         a[keep] for a in (user_raw_rows, item_raw_rows, dom, time, label, part)
     )
+    if rating is not None:
+        rating = rating[keep]
     if len(user_raw_rows) == 0:
         raise DataError("no interactions left after splitting", file=dataset.name)
 
@@ -293,6 +299,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
         method=method,
         user_cardinalities=user_cards,
         out_of_catalogue=out_of_catalogue,
+        rating=rating,
     )
 
 

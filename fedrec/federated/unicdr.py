@@ -83,10 +83,12 @@ _ALIGN_KEY = "align.rows"
 
 
 def domain_ranking_summary(ranks: np.ndarray, domains: np.ndarray, names: list[str], cold: np.ndarray,
-                           ks=(5, 10, 20)) -> dict[str, float | int]:
+                           ks=(5, 10, 20), *, like_ranks: np.ndarray | None = None,
+                           liked: np.ndarray | None = None) -> dict[str, float | int]:
     """One client's summary of cross-domain ranks: per domain (``NAME/``) and per domain's
     cold-start examples (``NAME/cold/``) the sums of HR@K, NDCG@K and reciprocal rank and
-    the count ``n`` (pooled by :func:`fedrec.federated.evaluation.combine_ranking`)."""
+    the count ``n`` (pooled by :func:`fedrec.federated.evaluation.combine_ranking`); with
+    ``like_ranks`` and ``liked`` (data with ratings), ``NAME/like/`` over the liked examples."""
     from fedrec.federated.evaluation import ranking_summary
 
     out: dict[str, float | int] = {"n": int(len(ranks))}
@@ -97,6 +99,8 @@ def domain_ranking_summary(ranks: np.ndarray, domains: np.ndarray, names: list[s
         out.update({f"{name}/{key}": v for key, v in ranking_summary(ranks[sel], ks).items()})
         if (sel & cold).any():
             out.update({f"{name}/cold/{key}": v for key, v in ranking_summary(ranks[sel & cold], ks).items()})
+        if like_ranks is not None and (sel & liked).any():
+            out.update({f"{name}/like/{key}": v for key, v in ranking_summary(like_ranks[sel & liked], ks).items()})
     return out
 
 
@@ -347,11 +351,13 @@ class FedUniCDR:
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def _ranks(self, model, examples: ExampleSet) -> np.ndarray:
+    def _ranks(self, model, examples: ExampleSet) -> dict[str, np.ndarray]:
+        """Ranks per behaviour (``main``; also ``like`` on data with ratings)."""
         from fedrec.train import _ranks
 
-        protocol = self.config.protocol
-        return _ranks(model, examples, protocol=protocol, batch_size=512, eval_seed=self.config.eval_seed)
+        behaviours = ("main", "like") if examples.split.rating is not None else ("main",)
+        return _ranks(model, examples, protocol=self.config.protocol, batch_size=512,
+                      eval_seed=self.config.eval_seed, behaviours=behaviours)
 
     def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str,
                         group_counts: torch.Tensor | None = None) -> dict[str, Any]:
@@ -366,8 +372,12 @@ class FedUniCDR:
             return {"n": 0}
         model, _ = self._working_model(global_params, state)
         model.eval()
+        from fedrec.train import liked_mask
+
         ranks = self._ranks(model, examples)
-        return domain_ranking_summary(ranks, examples.domains, list(self.split.domains), cold_start_mask(examples))
+        return domain_ranking_summary(ranks["main"], examples.domains, list(self.split.domains),
+                                      cold_start_mask(examples), like_ranks=ranks.get("like"),
+                                      liked=liked_mask(examples))
 
     def score_items(self, global_params: Params, state: LocalState, users: np.ndarray, *,
                     group_counts: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,8 +37,17 @@ last item the summary (the contexts are drawn as subsets in time order); ``item-
 (10) strongest 1-hop (and 2-hop) neighbours in the domain's training co-occurrence graph
 (item-item multi-hop signals, computed on the training rows only); ``side-features`` — one
 table per user / item feature field, added to the id rows (data with features only);
-``contrastive = soft`` (below). ``item-bias`` (off; ours, not UniCDR's) adds a learned
-per-item bias to every score.
+``contrastive = soft`` (below); ``behaviour-head = mmoe`` — a multi-behaviour head on data
+with ratings: the main behaviour is an interaction (what every metric ranks), the second a
+*like*, an interaction rated at least 4 (:data:`~fedrec.data.batching.LIKE_THRESHOLD`). One
+MMoE per domain (``experts`` = 4 two-layer experts shared by the behaviours, a softmax gate
+per behaviour; :class:`BehaviourHead`) maps the user vector to one vector per behaviour, so
+both stay dot-product scores (retrievable); the like behaviour has its own item bias (with
+``item-bias``). Its loss, the same BCE of the positive against the negatives with the
+positive labelled 1 only when liked, is added to ``rec_d`` with weight ``behaviour-weight``
+(0.5); rows without a rating do not train it. Where the paper puts the head (over the user
+vector, not over each user-item pair) is our choice: it keeps scoring a matmul. ``item-bias``
+(off; ours, not UniCDR's) adds a learned per-item bias to every score.
 
 ``shared-context`` chooses what ``A_s`` reads: ``other`` (UniCDR: the user's training items
 in the *other* domains, each embedded with its own rows of ``V``) or ``own`` (the user's own
@@ -97,12 +106,16 @@ from fedrec.errors import ConfigError
 from fedrec.models.base import PUBLIC, ModelData, ParamRole, RecModel
 from fedrec.models.layers import mask_dropout
 
-__all__ = ["UniCDR", "UniCDRConfig", "AGGREGATORS", "STRUCTURES"]
+__all__ = ["UniCDR", "UniCDRConfig", "BehaviourHead", "AGGREGATORS", "STRUCTURES", "BEHAVIOURS"]
 
 AGGREGATORS = ("mean", "user_attention", "item_similarity", "sequential")
 STRUCTURES = ("unicdr", "single", "pooled")
 CONTRASTIVE = ("hard", "soft", "none")
 SHARED_CONTEXT = ("other", "own")
+BEHAVIOUR_HEADS = ("none", "mmoe")
+#: the behaviours a model scores: ``main`` (an interaction: what every metric ranks) and
+#: ``like`` (an interaction rated at least :data:`~fedrec.data.batching.LIKE_THRESHOLD`)
+BEHAVIOURS = ("main", "like")
 
 
 @dataclass
@@ -127,19 +140,22 @@ class UniCDRConfig:
     item_hops: int = 0
     item_neighbours: int = 10
     side_features: bool = False
+    behaviour_head: str = "none"
+    experts: int = 4
+    behaviour_weight: float = 0.5
     task: str = "cdr"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "max_len", "eval_len", "ease_max_items", "item_neighbours"):
+        for name in ("dim", "max_len", "eval_len", "ease_max_items", "item_neighbours", "experts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model option '{name.replace('_', '-')}' must be a positive integer (got {value!r})")
         for name, known in (("aggregator", AGGREGATORS), ("structure", STRUCTURES), ("contrastive", CONTRASTIVE),
-                            ("shared_context", SHARED_CONTEXT)):
+                            ("shared_context", SHARED_CONTEXT), ("behaviour_head", BEHAVIOUR_HEADS)):
             if getattr(self, name) not in known:
                 raise ConfigError(f"model option '{name.replace('_', '-')}' must be one of {', '.join(known)} "
                                   f"(got {getattr(self, name)!r})")
-        for name in ("lambda_agg", "rec_weight", "mask_rate"):
+        for name in ("lambda_agg", "rec_weight", "mask_rate", "behaviour_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
                 raise ConfigError(f"model option '{name.replace('_', '-')}' must be in [0, 1] (got {value!r})")
@@ -194,6 +210,27 @@ class Aggregator(nn.Module):
         return self.lam * e + (1.0 - self.lam) * self.proj(pooled)
 
 
+class BehaviourHead(nn.Module):
+    """MMoE over a user vector (Ma et al., KDD 2018): ``experts`` two-layer experts shared by
+    the behaviours, one softmax gate per behaviour; behaviour ``b``'s vector is ``u + sum_e
+    g_b(u)_e * expert_e(u)``. The experts' last layers start at zero, so an untrained head
+    is the identity."""
+
+    def __init__(self, dim: int, experts: int, behaviours: int = 2) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+                                     for _ in range(experts))
+        for expert in self.experts:
+            nn.init.zeros_(expert[2].weight)
+            nn.init.zeros_(expert[2].bias)
+        self.gates = nn.ModuleList(nn.Linear(dim, experts) for _ in range(behaviours))
+
+    def forward(self, u: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(B, D)`` vector per behaviour."""
+        ex = torch.stack([expert(u) for expert in self.experts], dim=1)  # (B, E, D)
+        return [u + (torch.softmax(gate(u), dim=-1).unsqueeze(-1) * ex).sum(1) for gate in self.gates]
+
+
 class UniCDR(RecModel):
     """UniCDR and its ``single`` / ``pooled`` baselines (see the module docstring)."""
 
@@ -239,9 +276,21 @@ class UniCDR(RecModel):
         self.item_bias = nn.Embedding(data.n_items + 1, 1, sparse=True) if cfg.item_bias else None
         if self.item_bias is not None:
             nn.init.zeros_(self.item_bias.weight)
+        # UniCDR+ multi-behaviour head: one MMoE per domain (per table), and the like
+        # behaviour's own item bias
+        mmoe = cfg.behaviour_head == "mmoe"
+        self.head = nn.ModuleList(BehaviourHead(D, cfg.experts) for _ in range(tables)) if mmoe else None
+        self.like_bias = nn.Embedding(data.n_items + 1, 1, sparse=True) if mmoe and cfg.item_bias else None
+        if self.like_bias is not None:
+            nn.init.zeros_(self.like_bias.weight)
         # item -> domain (plain tensors, not buffers: no buffers in trainable modules)
         self._item_domain = data.item_domain.clone().long()
         self._ease: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def behaviours(self) -> tuple[str, ...]:
+        """The behaviours with a score of their own (``like`` with the multi-behaviour head)."""
+        return BEHAVIOURS if self.head is not None else ("main",)
 
     #: the context length of evaluation examples (the trainers build them with it)
     @property
@@ -254,6 +303,10 @@ class UniCDR(RecModel):
         (called by the trainers before the first step): the item neighbour lists of
         ``item-hops`` and the EASE item-item matrices of the ``item_similarity``
         aggregator (per domain)."""
+        if self.cfg.behaviour_head != "none" and getattr(split, "rating", None) is None:
+            raise ConfigError("model option 'behaviour-head': the data has no ratings, so no second behaviour "
+                              "(a rating >= 4 is a like; e.g. synthetic:domains=2,behaviours=2, or a csv with a "
+                              "rating column)")
         if self.cfg.item_hops:
             self._neighbours = _item_neighbours(split, self.cfg.item_neighbours, self.cfg.item_hops)
         if self.cfg.aggregator != "item_similarity":
@@ -335,7 +388,24 @@ class UniCDR(RecModel):
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``user`` (B, D) — the vector scored against items; ``spec`` / ``shared`` — its
-        two parts (``shared`` absent without transfer)."""
+        two parts (``shared`` absent without transfer); with the multi-behaviour head,
+        ``user`` is the main behaviour's vector and ``like`` the like behaviour's."""
+        out = self._user_parts(batch)
+        if self.head is None:
+            return out
+        u, dom = out["user"], batch["domain"]
+        main, like = torch.zeros_like(u), torch.zeros_like(u)
+        for k, head in enumerate(self.head):
+            rows = torch.arange(u.shape[0], device=u.device) if len(self.head) == 1 else \
+                torch.nonzero(dom == k).squeeze(1)
+            if rows.numel() == 0:
+                continue
+            m, l = head(u[rows])
+            main, like = main.index_copy(0, rows, m), like.index_copy(0, rows, l)
+        out["user"], out["like"] = main, like
+        return out
+
+    def _user_parts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         user, dom = batch["user"], batch["domain"]
         own, other = batch["own_items"], batch["other_items"]
@@ -381,22 +451,37 @@ class UniCDR(RecModel):
         out["user"] = spec + shared
         return out
 
-    def _score(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _bias(self, behaviour: str) -> nn.Embedding | None:
+        return self.like_bias if behaviour == "like" and self.head is not None else self.item_bias
+
+    def _vector(self, vec: dict[str, torch.Tensor], behaviour: str) -> torch.Tensor:
+        if behaviour not in BEHAVIOURS:
+            raise ConfigError(f"unknown behaviour {behaviour!r} (known: {', '.join(BEHAVIOURS)})")
+        # without the head, one score serves both behaviours
+        return vec["like"] if behaviour == "like" and "like" in vec else vec["user"]
+
+    def _score(self, user: torch.Tensor, items: torch.Tensor, behaviour: str = "main") -> torch.Tensor:
         """Scores of ``items`` (B, C) for user vectors (B, D)."""
         v = mask_dropout(self.item_vectors(items), self.cfg.dropout, self.training)
         out = (v * user.unsqueeze(1)).sum(-1)
-        if self.item_bias is not None:
-            out = out + self.item_bias(items).squeeze(-1)
+        bias = self._bias(behaviour)
+        if bias is not None:
+            out = out + bias(items).squeeze(-1)
         return out
 
     # -- the model interface -------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """User vectors and the logits of the positive (B, 1) and negatives (B, n)."""
+        """User vectors and the logits of the positive (B, 1) and negatives (B, n) (with the
+        multi-behaviour head also ``like_logits`` / ``like_neg_logits``)."""
         vec = self.user_vectors(batch)
         out = dict(vec)
         out["logits"] = self._score(vec["user"], batch["target_items"][:, :1])  # (B, 1)
         if "negatives" in batch:
             out["neg_logits"] = self._score(vec["user"], batch["negatives"])
+        if "like" in vec:
+            out["like_logits"] = self._score(vec["like"], batch["target_items"][:, :1], "like")
+            if "negatives" in batch:
+                out["like_neg_logits"] = self._score(vec["like"], batch["negatives"], "like")
         return out
 
     def _contrastive(self, spec: torch.Tensor, shared: torch.Tensor, k: int) -> torch.Tensor:
@@ -434,6 +519,18 @@ class UniCDR(RecModel):
         labels = torch.zeros_like(logits)
         labels[:, 0] = 1.0
         per_row = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+        like_row = like_ok = None
+        if "like_logits" in out:
+            if "target_ratings" not in batch:
+                raise ConfigError("model option 'behaviour-head': the batch has no ratings (data without a rating column)")
+            from fedrec.data.batching import LIKE_THRESHOLD
+
+            rating = batch["target_ratings"]
+            like_ok = torch.isfinite(rating)  # rows without a rating do not train the like behaviour
+            like_logits = torch.cat([out["like_logits"], out["like_neg_logits"]], dim=1)
+            like_labels = torch.zeros_like(like_logits)
+            like_labels[:, 0] = (rating >= LIKE_THRESHOLD).to(like_logits.dtype)
+            like_row = F.binary_cross_entropy_with_logits(like_logits, like_labels, reduction="none").mean(1)
         total = logits.new_zeros(())
         contrast = self.disc is not None and "shared" in out
         for k in range(self.n_domains):
@@ -441,6 +538,8 @@ class UniCDR(RecModel):
             if rows.numel() == 0:
                 continue
             rec = per_row[rows].mean()
+            if like_row is not None and bool(like_ok[rows].any()):
+                rec = rec + cfg.behaviour_weight * like_row[rows][like_ok[rows]].mean()
             if contrast:
                 con = self._contrastive(out["spec"][rows], out["shared"][rows], k)
                 total = total + cfg.rec_weight * rec + (1.0 - cfg.rec_weight) * con
@@ -448,27 +547,31 @@ class UniCDR(RecModel):
                 total = total + rec
         return total
 
-    def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor) -> torch.Tensor:
-        """``(B, C)`` scores of candidate items of each row's domain."""
-        user = self.user_vectors(batch)["user"]
+    def score_candidates(self, batch: dict[str, torch.Tensor], candidates: torch.Tensor,
+                         behaviour: str = "main") -> torch.Tensor:
+        """``(B, C)`` scores of candidate items of each row's domain, for ``behaviour``
+        (``main`` or ``like``; without the multi-behaviour head both are the same score)."""
+        user = self._vector(self.user_vectors(batch), behaviour)
+        bias = self._bias(behaviour)
         if not self.training and candidates.shape[1] > 64 and self._plain_items:
             # many candidates: one matmul over the catalogue, then a gather (the same numbers,
             # without materialising (B, C, D) item vectors)
             scores = torch.gather(user @ self.items.weight.T, 1, candidates)
-            if self.item_bias is not None:
-                scores = scores + self.item_bias.weight[candidates, 0]
+            if bias is not None:
+                scores = scores + bias.weight[candidates, 0]
             return scores
-        return self._score(user, candidates)
+        return self._score(user, candidates, behaviour)
 
-    def score_all(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, n_items + 1)`` scores; items of other domains than the row's get ``-inf``
-        (ranking is within the domain's catalogue), column 0 is padding."""
-        user = self.user_vectors(batch)["user"]
+    def score_all(self, batch: dict[str, torch.Tensor], behaviour: str = "main") -> torch.Tensor:
+        """``(B, n_items + 1)`` scores for ``behaviour``; items of other domains than the
+        row's get ``-inf`` (ranking is within the domain's catalogue), column 0 is padding."""
+        user = self._vector(self.user_vectors(batch), behaviour)
+        bias = self._bias(behaviour)
         table = self.items.weight if self._plain_items else self.item_vectors(
             torch.arange(self.data.n_items + 1, device=user.device))
         scores = user @ table.T
-        if self.item_bias is not None:
-            scores = scores + self.item_bias.weight[:, 0].unsqueeze(0)
+        if bias is not None:
+            scores = scores + bias.weight[:, 0].unsqueeze(0)
         other = self._item_domain.to(user.device).unsqueeze(0) != batch["domain"].unsqueeze(1)
         return scores.masked_fill(other, float("-inf"))
 

@@ -297,3 +297,20 @@ def test_cross_domain_summaries_pool_per_domain_then_average_the_domains():
     for key, value in central.items():
         assert pooled[key] == pytest.approx(value), key
     assert pooled["x/n"] == 3 and pooled["y/n"] == 3 and pooled["n"] == 6
+
+
+def test_the_multi_behaviour_head_stays_in_its_domain_and_reports_likes(tmp_path):
+    from fedrec.federated.model import evaluate_federated
+    from fedrec.federated.runner import run_in_process
+    from fedrec.federated.spec import parse_run_config
+
+    data = DATA.replace("seed=4", "behaviours=2,seed=4")
+    sp = split_dataset(load_dataset(data))
+    alg = create_algorithm("unicdr", sp, task="cdr", model_options={**SMALL, "behaviour-head": "mmoe"})
+    travels = set(alg.layout.shared) | set(alg.layout.aligned)
+    assert any(n.startswith("head.") for n, _ in alg.model.named_parameters())
+    assert not any(n.startswith("head.") for n in travels)  # each domain keeps its head
+    result = run_in_process(parse_run_config({**RUN, "data": data, "rounds": 1, "model.behaviour-head": "mmoe",
+                                              "model-dir": str(tmp_path / "model")}))
+    assert {"d0/like/hr@10", "d1/like/ndcg@10", "d0/hr@10"} <= set(result["test"])
+    assert evaluate_federated(tmp_path / "model")["test"] == result["test"]

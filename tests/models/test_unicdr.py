@@ -276,3 +276,115 @@ def test_side_features_and_item_bias(split):
         scores = model.score_all(batch)
     rows = batch["domain"] == int(split.item_domain[5])
     assert torch.all(scores[rows].argmax(1) == 5)
+
+
+BEHAVIOUR_DATA = DATA.replace("seed=3", "behaviours=2,seed=3")
+
+
+def test_second_behaviour_leaves_the_rest_of_the_data_unchanged_and_reaches_the_batches():
+    plain, rated = load_dataset(DATA).interactions.frame, load_dataset(BEHAVIOUR_DATA).interactions.frame
+    assert "rating" not in plain.columns
+    assert plain.equals(rated.drop(columns="rating"))  # its own random stream
+    assert set(rated["rating"].unique()) <= {1.0, 2.0, 3.0, 4.0, 5.0} and rated["rating"].nunique() == 5
+    sp = split_dataset(load_dataset(BEHAVIOUR_DATA))
+    assert sp.rating is not None and split_dataset(load_dataset(DATA)).rating is None
+    batch = _batch(sp, "test")
+    ex = build_examples(sp, task="cdr", stage="test", max_len=6)
+    expected = sp.rating[ex.target_rows[:64, 0]]
+    np.testing.assert_array_equal(batch["target_ratings"].numpy(), expected)
+
+
+def test_mmoe_head_by_hand_and_starts_as_the_identity():
+    from fedrec.models.unicdr import BehaviourHead
+
+    torch.manual_seed(0)
+    head = BehaviourHead(4, experts=3)
+    u = torch.randn(5, 4)
+    for out in head(u):  # zero-initialised expert outputs: both behaviours start at u
+        torch.testing.assert_close(out, u)
+    with torch.no_grad():
+        for expert in head.experts:
+            expert[2].weight.normal_()
+    main, like = head(u)
+    ex = torch.stack([e(u) for e in head.experts], 1)
+    for gate, out in zip(head.gates, (main, like)):
+        g = torch.softmax(gate(u), -1)
+        torch.testing.assert_close(out, u + torch.einsum("be,bed->bd", g, ex))
+    assert not torch.allclose(main, like)  # one gate per behaviour
+
+
+def test_mmoe_head_trains_the_like_behaviour_and_is_refused_without_ratings(split):
+    rated = split_dataset(load_dataset(BEHAVIOUR_DATA))
+    opts = {**SMALL, "behaviour-head": "mmoe", "item-bias": True}
+    torch.manual_seed(0)
+    model = create_model("unicdr", ModelData.from_split(rated), opts, task="cdr")
+    model.prepare(rated)
+    assert model.behaviours == ("main", "like") and len(model.head) == 2 and model.like_bias is not None
+    batch = _batch(rated, "train")
+    out = model(batch)
+    assert out["like_logits"].shape == (64, 1) and out["like_neg_logits"].shape == (64, 4)
+    # the like loss, by hand: the BCE of the like scores with the positive labelled 1 only when
+    # liked, per domain, added to the recommendation term with weight behaviour-weight
+    liked = (batch["target_ratings"] >= 4).float()
+    assert liked.min() == 0 and liked.max() == 1
+    without = {k: v for k, v in out.items() if not k.startswith("like_")}
+    logits = torch.cat([out["like_logits"], out["like_neg_logits"]], 1)
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = liked
+    row = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+    extra = sum(row[batch["domain"] == k].mean() for k in range(2))
+    cfg = model.cfg
+    torch.manual_seed(1)
+    full = model.loss(batch, out)
+    torch.manual_seed(1)  # the same contrastive shuffle
+    torch.testing.assert_close(full - model.loss(batch, without), cfg.rec_weight * cfg.behaviour_weight * extra)
+    model.eval()
+    test = _batch(rated, "test")
+    with torch.no_grad():  # (untrained, the head is the identity: give its experts weights)
+        for head in model.head:
+            for expert in head.experts:
+                expert[2].weight.normal_(0.0, 0.3)
+    with torch.no_grad():  # like scores differ from main ones, and candidates agree with score_all
+        main = model.score_candidates(test, test["candidates"])
+        like = model.score_candidates(test, test["candidates"], behaviour="like")
+        torch.testing.assert_close(like, torch.gather(model.score_all(test, behaviour="like"), 1, test["candidates"]))
+    with torch.no_grad():
+        model.like_bias.weight[7] = 100.0
+        ranked = model.score_all(test, behaviour="like")
+    rows = test["domain"] == int(rated.item_domain[7])
+    assert torch.all(ranked[rows].argmax(1) == 7)
+    assert main.shape == like.shape and not torch.allclose(main, like)
+    with pytest.raises(ConfigError, match="unknown behaviour"):
+        model.score_all(test, behaviour="buy")
+    bare = create_model("unicdr", ModelData.from_split(split), opts, task="cdr")
+    with pytest.raises(ConfigError, match="no ratings"):
+        bare.prepare(split)
+    with pytest.raises(ConfigError, match="behaviour-head"):
+        create_model("unicdr", ModelData.from_split(split), {**SMALL, "behaviour-head": "moe"}, task="cdr")
+
+
+def test_like_metrics_rank_the_liked_held_out_items_with_the_like_score():
+    from fedrec.train import _ranks, cdr_metrics, liked_mask
+
+    rated = split_dataset(load_dataset(BEHAVIOUR_DATA))
+    ex = build_examples(rated, task="cdr", stage="test", max_len=6)
+    liked = liked_mask(ex)
+    np.testing.assert_array_equal(liked, rated.rating[ex.target_rows[:, -1]] >= 4)
+    assert 0 < liked.mean() < 1
+
+    class ByIndex:  # no score of its own for likes: ranks them with its main score
+        def score_candidates(self, batch, candidates):
+            return -candidates.float()
+
+    ranks = _ranks(ByIndex(), ex, protocol="sampled-99", batch_size=50, eval_seed=1, behaviours=("main", "like"))
+    np.testing.assert_array_equal(ranks["main"], ranks["like"])
+    m = cdr_metrics(ex, ranks["main"], ranks["like"])
+    by_hand = domain_ranking_metrics(ranks["main"][liked], ex.domains[liked], rated.domains)
+    for d in rated.domains:
+        assert m[f"{d}/like/hr@10"] == pytest.approx(by_hand[f"{d}/hr@10"])
+        assert m[f"{d}/hr@10"] != m[f"{d}/like/hr@10"]  # a subset, not the same examples
+    assert "like/hr@10" not in m and m["hr@10"] == pytest.approx(np.mean([m[f"{d}/hr@10"] for d in rated.domains]))
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.01, negatives=4, protocol="sampled-99", progress=False, seed=0)
+    res = train("unicdr", rated, task="cdr", model_options={**SMALL, "behaviour-head": "mmoe"}, config=cfg)
+    assert {"d0/like/hr@10", "d1/like/ndcg@10", "d0/hr@10"} <= set(res["test"])
+    assert res["test"]["d0/like/hr@10"] != res["test"]["d0/hr@10"]

@@ -26,9 +26,16 @@ category means); a user's taste is shared across domains, so interactions in one
 carry information about another. A fraction ``overlap`` of users is active in every domain;
 the rest are active in one domain each. Rows carry ``domain`` (``d0``, ``d1``, ...).
 
+Second behaviour (``behaviours=2``): every row also gets a ``rating`` 1..5, a behaviour that
+follows the click taste only in part: a second taste ``w2_u = sqrt(0.5) * w_u + sqrt(0.5) *
+eps2_u`` and an item quality ``q_i ~ N(0, 0.7^2)``, ``rating = clip(round(2.7 + 1.5 * w2_u . v_i
+/ sqrt(dim) + q_i + N(0, 0.5^2)), 1, 5)``; a rating of 4 or more is a "like" (the
+multi-behaviour head of UniCDR+, :data:`fedrec.data.batching.LIKE_THRESHOLD`). Drawn from a
+stream of its own, so the rest of the data is the same as with ``behaviours=1``.
+
 Options (defaults): ``users=2000, items=1000, groups=4, categories=20, dim=16,
 group_weight=0.8, min_len=10, max_len=60, explore=0.3, sharpness=3.0, profile_signal=0.5,
-domains=1, overlap=1.0, seed=0``.
+domains=1, overlap=1.0, behaviours=1, seed=0``.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
         profile_signal=options.float("profile_signal", 0.5, minimum=0.0, maximum=1.0),
         domains=options.int("domains", 1, minimum=1),
         overlap=options.float("overlap", 1.0, minimum=0.0, maximum=1.0),
+        behaviours=int(options.choice("behaviours", ("1", "2"), "1")),
         seed=options.int("seed", 0),
     )
     options.finish()
@@ -86,6 +94,7 @@ def generate(
     profile_signal: float = 0.5,
     domains: int = 1,
     overlap: float = 1.0,
+    behaviours: int = 1,
     seed: int = 0,
 ) -> Dataset:
     """Generate a synthetic :class:`Dataset` (parameters as in the module docstring)."""
@@ -94,6 +103,9 @@ def generate(
     group = rng.integers(groups, size=users)
     taste = np.sqrt(group_weight) * theta[group] + np.sqrt(1.0 - group_weight) * rng.standard_normal((users, dim))
     propensity = 0.5 * rng.standard_normal(users)
+    # the second behaviour: its own stream, so behaviours=1 data is unchanged
+    rng2 = np.random.default_rng([seed, 2])
+    taste2 = np.sqrt(0.5) * taste + np.sqrt(0.5) * rng2.standard_normal((users, dim))
 
     # which users are active in which domain
     active = np.ones((users, domains), dtype=bool)
@@ -137,6 +149,11 @@ def generate(
         # per-user clock: the user's own cumulative gaps after a common start
         time = 1_700_000_000 + cum - np.repeat((cum - gaps)[first], lengths)
         frame = pd.DataFrame({"user": uid + 1, "item": chosen + 1 + d * items, "time": time, "label": click.astype(np.int8)})
+        if behaviours > 1:
+            quality = 0.7 * rng2.standard_normal(items)
+            aff2 = np.einsum("nd,nd->n", taste2[uid], vec[chosen]) / np.sqrt(dim)
+            raw = 2.7 + 1.5 * aff2 + quality[chosen] + 0.5 * rng2.standard_normal(n)
+            frame["rating"] = np.clip(np.round(raw), 1, 5).astype(np.float64)
         if domains > 1:
             frame["domain"] = f"d{d}"
         frames.append(frame)
@@ -165,6 +182,6 @@ def generate(
             "params": dict(users=users, items=items, groups=groups, categories=categories, dim=dim,
                            group_weight=group_weight, min_len=min_len, max_len=max_len, explore=explore,
                            sharpness=sharpness, profile_signal=profile_signal, domains=domains,
-                           overlap=overlap, seed=seed),
+                           overlap=overlap, behaviours=behaviours, seed=seed),
         },
     )
