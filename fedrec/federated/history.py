@@ -99,7 +99,10 @@ class RunHistory:
                 privacy.update({"kind": "central (client level)", "clipping-norm": self.spec.central_clipping_norm,
                                 "target-epsilon": self.spec.central_target_epsilon or None})
             else:
-                privacy.update({"kind": "local (user level)", "max-grad-norm": self.spec.federated.max_grad_norm,
+                from fedrec.federated.registry import ALGORITHMS
+
+                kind = getattr(ALGORITHMS.create(self.spec.algorithm), "dp_kind", "local (user level)")
+                privacy.update({"kind": kind, "max-grad-norm": self.spec.federated.max_grad_norm,
                                 "target-epsilon": self.spec.federated.target_epsilon or None})
         out = {
             "algorithm": self.spec.algorithm,

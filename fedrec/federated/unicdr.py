@@ -49,11 +49,28 @@ The one-user engine's ``weighting`` and ``chunk-size`` do not apply here: the sh
 aggregator is always weighted by each domain's training examples, and a domain trains in
 minibatches of ``batch-size``.
 
-Not supported yet, each refused with a one-line error: differential privacy and secure
-aggregation of the uploads (the MRFF path's user-level DP clips per-user updates of the
-one-user engine; SecAgg+ needs fixed-length vectors, and the rows a domain sends depend on its
-users), more than two domains (the intersection is pairwise), ``fraction`` < 1, and an
-optimizer other than Adam.
+Differential privacy of the uploads (``noise-multiplier`` or ``target-epsilon``, with
+``max-grad-norm`` and ``delta`` as on the MRFF path, :class:`~fedrec.federated.privacy.UserLevelDP`):
+each round, a domain clips every shared row it sends, *per row*, to a change of at most
+``max-grad-norm`` from the row's global value (in pseudo-gradient units, change / ``lr``),
+clips the shared aggregator's change, as one vector, the same way, and adds Gaussian noise
+``lr * noise-multiplier * max-grad-norm`` to every coordinate of both. The accountant
+(Opacus RDP or PRV, sampling rate 1) counts two releases per round, and ``target-epsilon``
+is calibrated for ``2 * rounds`` of them. **What the guarantee says, exactly** (``privacy.kind``
+= row level): for one common user, the sequence of released values of *that user's shared
+row*, and of the domain's shared aggregator, is (epsilon, delta)-DP with respect to that
+row's change being present or not (the row staying at its global value), and to the whole
+domain's aggregator change being present or not. It is **not** user-level DP of the whole
+upload: a user's interactions also move the domain's private item table, which every other
+user's row is trained against, so each other released row moves by up to its clipping
+bound too, and over all rows those contributions compose. What stays unprotected: which
+rows a domain sends and their weights (the users' interaction counts), as without DP.
+Training losses are not reported under DP. A user-level guarantee needs per-user clipping of
+every step of the domain's local training (DP-SGD over the item table): not built.
+
+Not supported, each refused with a one-line error: secure aggregation and central DP (SecAgg+
+needs fixed-length vectors, and the rows a domain sends depend on its users), more than two
+domains (the intersection is pairwise), ``fraction`` < 1, and an optimizer other than Adam.
 """
 
 from __future__ import annotations
@@ -73,6 +90,7 @@ from fedrec.federated.algorithm import LocalState, Params, Shard, Upload, aggreg
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.evaluation import combine_ranking
 from fedrec.federated.layout import Layout
+from fedrec.federated.privacy import UserLevelDP, calibrate_noise
 from fedrec.models.base import ALIGNED, PRIVATE, PUBLIC, ModelData, ParamRole
 from fedrec.models.registry import create_model
 
@@ -135,8 +153,6 @@ class FedUniCDR:
         if len(split.domains) != 2:
             raise ConfigError(f"algorithm 'unicdr': the user intersection is pairwise, so two domains are supported "
                               f"(the data has {len(split.domains)}: {', '.join(split.domains)})")
-        if cfg.dp:
-            raise ConfigError("algorithm 'unicdr': differential privacy of the shared rows is not supported yet")
         if cfg.fraction < 1.0:
             raise ConfigError("algorithm 'unicdr': every domain trains every round (fraction must be 1)")
         if cfg.optimizer != "adam":
@@ -152,7 +168,30 @@ class FedUniCDR:
         self.eval_len = self.model.cfg.eval_len
         self.model.prepare(split)
         self._rows: np.ndarray | None = None  # shared row of every local user (0: not common)
-        self.privacy = None
+        self.privacy = self._make_privacy()
+
+    #: what the DP guarantee protects (the result JSON's ``privacy.kind``)
+    dp_kind = "local (row level: each shared row, and each domain's shared aggregator)"
+    #: Gaussian releases per round under DP: each shared row and the shared aggregator
+    RELEASES_PER_ROUND = 2
+
+    def _make_privacy(self) -> UserLevelDP | None:
+        """The clipping, noise and accounting of the shared rows and the shared aggregator
+        (None without DP; see the module docstring): calibrated, when ``target_epsilon`` is
+        given, for :attr:`RELEASES_PER_ROUND` releases per round."""
+        cfg = self.config
+        if not cfg.dp:
+            return None
+        if not cfg.delta and not cfg.population:
+            raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
+                              "the whole federation, which a node cannot count): set 'population' or 'delta'")
+        delta = cfg.delta or 1.0 / cfg.population
+        sigma = cfg.noise_multiplier
+        if cfg.target_epsilon:
+            sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta,
+                                    rounds=cfg.rounds * self.RELEASES_PER_ROUND, accountant=cfg.accountant)
+        return UserLevelDP(max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, delta=delta, lr=cfg.lr,
+                           accountant=cfg.accountant, noise_seed=cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else None)
 
     # -- options and roles ----------------------------------------------------------------
     @property
@@ -325,15 +364,19 @@ class FedUniCDR:
                                                                sampler=sampler))
         params = dict(model.named_parameters())
         weight = float(n_examples)
-        sums = {n: params[n].detach().to(torch.float64) * weight for n in self.layout.shared}
         # common users trained this round, weighted by their training interactions here
         counts = np.bincount(shard.train.users, minlength=self.split.n_users + 1)
         sent = np.flatnonzero((rows > 0) & (counts > 0))
+        shared = {n: params[n].detach().to(torch.float64).clone() for n in self.layout.shared}
+        values = {n: params[n].detach()[torch.from_numpy(sent)].to(torch.float64) for n in self.layout.aligned}
+        privacy = None
+        if self.privacy is not None:
+            privacy = self._privatise(shared, values, global_params, rows[sent], state.privacy, round=round, key=shard.key)
+        sums = {n: v * weight for n, v in shared.items()}
         upload_rows = {}
         for n in self.layout.aligned:
             w = torch.from_numpy(counts[sent].astype(np.float64))
-            values = params[n].detach()[torch.from_numpy(sent)].to(torch.float64)
-            sums[n] = values * w.view((-1,) + (1,) * (values.dim() - 1))
+            sums[n] = values[n] * w.view((-1,) + (1,) * (values[n].dim() - 1))
             upload_rows[n] = (torch.from_numpy(rows[sent]), w)
         new_state = LocalState(state.users, {**{n: p.detach().clone() for n, p in params.items()
                                                  if n not in self.layout.shared},
@@ -341,9 +384,35 @@ class FedUniCDR:
                                raw_users=state.raw_users)
         users = int((counts > 0).sum())
         mean_loss = float(np.mean(losses)) if losses else float("nan")
+        metrics = {"loss": mean_loss, "users": float(users), "rows-sent": float(len(sent))}
+        if privacy is not None:
+            new_state.privacy, report = privacy
+            mean_loss = float("nan")  # data-dependent: not reported under DP
+            metrics = {"users": float(users), "rows-sent": float(len(sent)), **report}
         upload = Upload(sums, weight, torch.zeros(0, 0, dtype=torch.float64), users, n_examples,
-                        mean_loss * users, rows=upload_rows)
-        return upload, new_state, {"loss": mean_loss, "users": float(users), "rows-sent": float(len(sent))}
+                        mean_loss * users, privacy=privacy[1] if privacy is not None else None, rows=upload_rows)
+        return upload, new_state, metrics
+
+    def _privatise(self, shared: Params, values: Params, global_params: Params, global_rows: np.ndarray,
+                   history: torch.Tensor, *, round: int, key: int):
+        """Clip and noise, in place, what a domain uploads (see the module docstring): each
+        sent shared row's change from its global value, per row, and the shared aggregator's
+        change, as one vector; two Gaussian releases per round in the accountant. Returns
+        the new accountant history and the privacy report."""
+        dp = self.privacy
+        gen = dp.generator(seed=self.config.seed, round=round, shard_key=key)
+        idx = torch.from_numpy(np.asarray(global_rows, dtype=np.int64))
+        for n, v in values.items():  # (R, ...): one user per row, clipped on its own
+            dp.clip_({n: v}, {n: global_params[n][idx].to(v.dtype)}, {n: None})
+            dp.add_noise(values, [n], gen)
+        if shared:  # the aggregator: one vector for the whole domain
+            batch = {n: v.unsqueeze(0) for n, v in shared.items()}
+            dp.clip_(batch, {n: global_params[n].to(torch.float64).unsqueeze(0) for n in shared}, {n: None for n in shared})
+            dp.add_noise(shared, list(shared), gen)
+        for _ in range(self.RELEASES_PER_ROUND):
+            history = dp.step(history)
+        report = {"epsilon": dp.epsilon(history), "noise-multiplier": dp.noise_multiplier, "delta": dp.delta}
+        return history, report
 
     def aggregate(self, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:
         """Role-aware aggregation (:func:`~fedrec.federated.algorithm.aggregate_uploads`)."""

@@ -162,7 +162,7 @@ def test_refused_configurations(nodes):
         ({"task": "next_item"}, "cdr task"),
         ({"task": "cdr", "model": "mf"}, "trains the 'unicdr' model"),
         ({"task": "cdr", "model_options": {"shared-context": "other"}}, "must be 'own'"),
-        ({"task": "cdr", "config": FederatedConfig(noise_multiplier=1.0, population=10)}, "differential privacy"),
+        ({"task": "cdr", "config": FederatedConfig(noise_multiplier=1.0)}, "population"),
         ({"task": "cdr", "config": FederatedConfig(fraction=0.5)}, "fraction must be 1"),
         ({"task": "cdr", "config": FederatedConfig(optimizer="sgd")}, "optimizer 'sgd' is not supported"),
     ]:
@@ -314,3 +314,34 @@ def test_the_multi_behaviour_head_stays_in_its_domain_and_reports_likes(tmp_path
                                               "model-dir": str(tmp_path / "model")}))
     assert {"d0/like/hr@10", "d1/like/ndcg@10", "d0/hr@10"} <= set(result["test"])
     assert evaluate_federated(tmp_path / "model")["test"] == result["test"]
+
+
+def test_dp_clips_each_shared_row_and_the_aggregator_and_accounts_two_releases_a_round(nodes):
+    from fedrec.federated.privacy import epsilon_of
+
+    _, (a, _) = nodes
+    C, lr = 0.01, 0.01
+    cfg = FederatedConfig(lr=lr, negatives=4, protocol="sampled-99", batch_size=64, noise_multiplier=1e-9,
+                          max_grad_norm=C, population=120, dp_noise_seed=0)
+    dp = create_algorithm("unicdr", a.split, task="cdr", model_options=SMALL, config=cfg)
+    dp.set_alignment(a._rows[1:])
+    g = dp.initial_global()
+    users = np.arange(1, dp.split.n_users + 1)
+    state, shard = dp.initial_local(users), dp.make_shard(users)
+    for r in (1, 2):
+        up, state, metrics = dp.client_update(g, state, shard, round=r)
+        rows, weights = up.rows["user_shared.weight"]
+        sent = up.sums["user_shared.weight"] / weights.view(-1, 1)
+        change = (sent - g["user_shared.weight"][rows].double()).norm(dim=1) / lr
+        assert change.max() <= C * (1 + 1e-6) and change.max() > 0.5 * C  # clipped, per row
+        agg = torch.cat([(up.sums[n] / up.weight - g[n].double()).flatten() for n in dp.layout.shared])
+        assert agg.norm() / lr <= C * (1 + 1e-6)  # the aggregator, as one vector
+        expected = epsilon_of(torch.tensor([[1e-9, 1.0, 2.0 * r]], dtype=torch.float64), delta=1 / 120)
+        assert metrics["epsilon"] == pytest.approx(expected) and up.privacy["epsilon"] == metrics["epsilon"]
+        assert "loss" not in metrics and np.isnan(up.loss_sum)
+    # target-epsilon is met after all rounds, two releases each
+    cal = create_algorithm("unicdr", a.split, task="cdr", model_options=SMALL,
+                           config=FederatedConfig(target_epsilon=8.0, rounds=5, population=120))
+    sigma = cal.privacy.noise_multiplier
+    spent = epsilon_of(torch.tensor([[sigma, 1.0, 10.0]], dtype=torch.float64), delta=1 / 120)
+    assert spent <= 8.0 and spent > 7.5
