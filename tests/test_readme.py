@@ -52,7 +52,7 @@ def test_readme_cross_domain_tables_are_rendered_from_the_results(tmp_path):
     from fedrec.compare import load_comparison, write_outputs
 
     text = (ROOT / "README.md").read_text()
-    for stem in ("cdr_sport_cloth", "cdr_game_video", "cdr_sport_cloth_plus"):
+    for stem in ("cdr_sport_cloth", "cdr_game_video", "cdr_sport_cloth_plus", "cdr_synthetic_behaviour"):
         path = ROOT / "simulations" / "results" / f"{stem}.json"
         assert path.is_file(), f"{path} missing: run fedrec compare simulations/configs/{stem}.toml"
         cfg = load_comparison(ROOT / "simulations" / "configs" / f"{stem}.toml", data_root="../shared/data")
