@@ -137,9 +137,8 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
         several = np.bincount(users_all).max() > 1
         return _clean(ctr_metrics(labels_all, np.concatenate(probs), users_all if several else None))
     if task == "cdr":
-        behaviours = ("main", "like") if examples.split.rating is not None else ("main",)
         ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed,
-                       negatives=negatives, behaviours=behaviours)
+                       negatives=negatives, behaviours=cdr_behaviours(examples.split))
         return _clean(cdr_metrics(examples, ranks["main"], ranks.get("like")))
     ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives)
     return _clean(ranking_metrics(ranks))
@@ -160,6 +159,11 @@ def cdr_metrics(examples: ExampleSet, ranks: np.ndarray, like_ranks: np.ndarray 
         per = domain_ranking_metrics(like_ranks[liked], examples.domains[liked], names)
         out.update({f"{k.split('/', 1)[0]}/like/{k.split('/', 1)[1]}": v for k, v in per.items() if "/" in k})
     return out
+
+
+def cdr_behaviours(split: SplitData) -> tuple[str, ...]:
+    """The behaviours cross-domain evaluation ranks: ``main``, and ``like`` on data with ratings."""
+    return ("main", "like") if split.rating is not None else ("main",)
 
 
 def liked_mask(examples: ExampleSet) -> np.ndarray:

@@ -59,7 +59,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, ranking_summary
 from fedrec.federated.layout import Layout
-from fedrec.federated.privacy import UserLevelDP, calibrate_noise
+from fedrec.federated.privacy import UserLevelDP, privacy_from_config
 from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks
 from fedrec.models.base import ModelData, ParamRole, RecModel
 from fedrec.models.layers import MaskDropout, SelfAttention
@@ -297,17 +297,7 @@ class Algorithm:
             return None
         if not self.layout.global_names:
             raise ConfigError(f"differential privacy: algorithm '{self.name}' uploads no parameters to protect")
-        if not cfg.delta and not cfg.population:
-            raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
-                              "the whole federation, which a node cannot count): set 'population' or 'delta' "
-                              "(fedrec simulate and a federation folder's manifest set the population)")
-        delta = cfg.delta or 1.0 / cfg.population
-        sigma = cfg.noise_multiplier
-        if cfg.target_epsilon:
-            sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta, rounds=cfg.rounds,
-                                    accountant=cfg.accountant)
-        return UserLevelDP(max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, delta=delta, lr=cfg.lr,
-                           accountant=cfg.accountant, noise_seed=cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else None)
+        return privacy_from_config(cfg)
 
     # -- hooks for subclasses ----------------------------------------------------------
     def check_options(self, options: dict[str, Any]) -> dict[str, Any]:

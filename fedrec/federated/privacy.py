@@ -48,7 +48,8 @@ import torch
 
 from fedrec.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "central_epsilon", "client_means", "epsilon_of"]
+__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "central_epsilon", "client_means", "epsilon_of",
+           "privacy_from_config"]
 
 ACCOUNTANTS = ("rdp", "prv")
 
@@ -173,6 +174,25 @@ class UserLevelDP:
         if history.numel() and self.noise_multiplier == 0:
             return math.inf
         return epsilon_of(history, delta=self.delta, accountant=self.accountant)
+
+
+def privacy_from_config(cfg, *, releases_per_round: int = 1) -> UserLevelDP | None:
+    """The :class:`UserLevelDP` of a federated config (None when DP is off): ``delta``
+    defaults to 1 / ``population``; with ``target_epsilon`` the noise is calibrated, the same
+    on every client, for ``rounds * releases_per_round`` releases."""
+    if not cfg.dp:
+        return None
+    if not cfg.delta and not cfg.population:
+        raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
+                          "the whole federation, which a node cannot count): set 'population' or 'delta' "
+                          "(fedrec simulate and a federation folder's manifest set the population)")
+    delta = cfg.delta or 1.0 / cfg.population
+    sigma = cfg.noise_multiplier
+    if cfg.target_epsilon:
+        sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta, rounds=cfg.rounds * releases_per_round,
+                                accountant=cfg.accountant)
+    return UserLevelDP(max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, delta=delta, lr=cfg.lr,
+                       accountant=cfg.accountant, noise_seed=cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else None)
 
 
 # -- central (client-level) DP -------------------------------------------------------------

@@ -90,7 +90,7 @@ from fedrec.federated.algorithm import LocalState, Params, Shard, Upload, aggreg
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.evaluation import combine_ranking
 from fedrec.federated.layout import Layout
-from fedrec.federated.privacy import UserLevelDP, calibrate_noise
+from fedrec.federated.privacy import UserLevelDP, privacy_from_config
 from fedrec.models.base import ALIGNED, PRIVATE, PUBLIC, ModelData, ParamRole
 from fedrec.models.registry import create_model
 
@@ -179,19 +179,7 @@ class FedUniCDR:
         """The clipping, noise and accounting of the shared rows and the shared aggregator
         (None without DP; see the module docstring): calibrated, when ``target_epsilon`` is
         given, for :attr:`RELEASES_PER_ROUND` releases per round."""
-        cfg = self.config
-        if not cfg.dp:
-            return None
-        if not cfg.delta and not cfg.population:
-            raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
-                              "the whole federation, which a node cannot count): set 'population' or 'delta'")
-        delta = cfg.delta or 1.0 / cfg.population
-        sigma = cfg.noise_multiplier
-        if cfg.target_epsilon:
-            sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta,
-                                    rounds=cfg.rounds * self.RELEASES_PER_ROUND, accountant=cfg.accountant)
-        return UserLevelDP(max_grad_norm=cfg.max_grad_norm, noise_multiplier=sigma, delta=delta, lr=cfg.lr,
-                           accountant=cfg.accountant, noise_seed=cfg.dp_noise_seed if cfg.dp_noise_seed >= 0 else None)
+        return privacy_from_config(self.config, releases_per_round=self.RELEASES_PER_ROUND)
 
     # -- options and roles ----------------------------------------------------------------
     @property
@@ -424,15 +412,16 @@ class FedUniCDR:
         """Ranks per behaviour (``main``; also ``like`` on data with ratings)."""
         from fedrec.train import _ranks
 
-        behaviours = ("main", "like") if examples.split.rating is not None else ("main",)
+        from fedrec.train import cdr_behaviours
+
         return _ranks(model, examples, protocol=self.config.protocol, batch_size=512,
-                      eval_seed=self.config.eval_seed, behaviours=behaviours)
+                      eval_seed=self.config.eval_seed, behaviours=cdr_behaviours(examples.split))
 
     def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str,
                         group_counts: torch.Tensor | None = None) -> dict[str, Any]:
         """The domain's ranking summary for ``stage``, per domain and for its cold-start
         users (see :func:`domain_ranking_summary`)."""
-        from fedrec.train import cold_start_mask
+        from fedrec.train import cold_start_mask, liked_mask
 
         if stage not in ("valid", "test"):
             raise ConfigError(f"stage must be valid or test (got {stage!r})")
@@ -441,8 +430,6 @@ class FedUniCDR:
             return {"n": 0}
         model, _ = self._working_model(global_params, state)
         model.eval()
-        from fedrec.train import liked_mask
-
         ranks = self._ranks(model, examples)
         return domain_ranking_summary(ranks["main"], examples.domains, list(self.split.domains),
                                       cold_start_mask(examples), like_ranks=ranks.get("like"),
