@@ -629,8 +629,7 @@ def models_command() -> None:
 
     for name in MODELS.names():
         spec = MODELS.create(name)
-        doc = (sys.modules[spec.model.__module__].__doc__ or "").strip().splitlines()
-        typer.echo(f"{name:12s} tasks: {', '.join(spec.model.tasks):16s} {doc[0] if doc else ''}")
+        typer.echo(f"{name:14s} tasks: {', '.join(spec.model.tasks):16s} {spec.summary()}")
 
 
 @app.command("app")

@@ -24,8 +24,8 @@ every real target position; next item — ``h_t . item(target)`` with BCE agains
 negatives (``next_loss="bce"``, SASRec) or cross-entropy over all items (``"ce"``).
 
 A bidirectional encoder (``bidirectional=True``, BERT4Rec-style attention) trains on the
-last position of each window only: elsewhere a position would see its own target. (No cloze
-task yet.)
+last position of each window only: elsewhere a position would see its own target
+(``bert4rec-last``); :mod:`fedrec.models.bert4rec` gives it BERT4Rec's cloze task instead.
 """
 
 from __future__ import annotations
@@ -218,6 +218,8 @@ class SequenceModel(RecModel):
         self.users = UserEncoder(data, cfg)
         self.positions = nn.Embedding(cfg.max_len, cfg.dim)
         self.label_embedding = nn.Embedding(3, cfg.dim) if cfg.label_tokens else None  # 0 pad, 1 non-click, 2 click
+        #: the [mask] token of a cloze-trained encoder (BERT4Rec; None otherwise)
+        self.mask_embedding: nn.Embedding | None = None
         self.drop = nn.Dropout(cfg.dropout)
         self.attn_norms = nn.ModuleList(nn.LayerNorm(cfg.dim) for _ in range(cfg.layers))
         self.attns = nn.ModuleList(
@@ -239,10 +241,14 @@ class SequenceModel(RecModel):
         T = items.shape[1]
         if T > self.cfg.max_len:
             raise ConfigError(f"sequence length {T} exceeds the model's max_len {self.cfg.max_len}")
-        padding = items == 0
+        cloze = batch.get("cloze_mask")  # BERT4Rec: positions whose item is replaced by [mask]
+        padding = items == 0 if cloze is None else (items == 0) & ~cloze
         keep = (~padding).unsqueeze(-1).float()
         maps = batch.get("item_maps")
-        h = self.items(items, maps) * math.sqrt(self.cfg.dim)
+        h = self.items(items, maps)
+        if cloze is not None:
+            h = torch.where(cloze.unsqueeze(-1), self.mask_embedding.weight[0], h)
+        h = h * math.sqrt(self.cfg.dim)
         if self.label_embedding is not None:
             tokens = torch.where(padding, torch.zeros_like(items), batch["labels"].long() + 1)
             h = h + self.label_embedding(tokens)
@@ -309,8 +315,10 @@ class SequenceModel(RecModel):
         Written with masked sums rather than boolean indexing, so that it also runs under
         ``torch.func.vmap`` (one user per slice) in the federated engine.
         """
-        mask = batch["target_mask"]
-        if self.cfg.bidirectional:
+        # a model may train other positions/targets than the batch's (BERT4Rec's cloze)
+        mask = out.get("loss_mask", batch["target_mask"])
+        targets = out.get("loss_targets", batch["target_items"])
+        if self.cfg.bidirectional and "loss_mask" not in out:
             # position t of a bidirectional encoder sees item t+1 (its own target): train on
             # the last position only, whose target is not in the input
             last = torch.zeros_like(mask)
@@ -334,14 +342,14 @@ class SequenceModel(RecModel):
             table = self.items(torch.arange(self.data.n_items + 1, device=out["h"].device))
             all_logits = out["h"][mask] @ table.T
             all_logits[:, 0] = float("-inf")
-            return F.cross_entropy(all_logits, batch["target_items"][mask]) + self.auxiliary_loss(out)
+            return F.cross_entropy(all_logits, targets[mask]) + self.auxiliary_loss(out)
         else:
             table = self.items(torch.arange(self.data.n_items + 1, device=out["h"].device))
             all_logits = out["h"] @ table.T  # (B, T, n_items + 1)
             pad = torch.zeros(all_logits.shape[-1], dtype=torch.bool, device=all_logits.device)
             pad[0] = True
             all_logits = all_logits.masked_fill(pad, float("-inf"))
-            per_pos = F.cross_entropy(all_logits.flatten(0, -2), batch["target_items"].flatten(),
+            per_pos = F.cross_entropy(all_logits.flatten(0, -2), targets.flatten(),
                                       reduction="none", ignore_index=0).view_as(logits)
         task = (per_pos * weight).sum() / count
         return task + self.auxiliary_loss(out)

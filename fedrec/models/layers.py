@@ -89,9 +89,13 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, padding: torch.Tensor, *, query: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding: torch.Tensor, *, query: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend ``query`` (default ``x``) over ``x``; ``padding`` is ``(B, T)``, True = pad.
 
+        ``mask`` (boolean, broadcastable to ``(B, 1, T, T)``, True = may attend) replaces the
+        mask built from ``padding`` and ``causal`` (e.g. KuaiFormer's query tokens, each group
+        of which sees its own prefix); it must let every query attend to at least one key.
         Returns ``(B, T, dim)``.
         """
         B, T, _ = x.shape
@@ -101,7 +105,8 @@ class SelfAttention(nn.Module):
         q = self.query(q_in).view(B, T, h, d).transpose(1, 2)
         k = self.key(x).view(B, T, h, d).transpose(1, 2)
         v = self.value(x).view(B, T, h, d).transpose(1, 2)
-        mask = attention_mask(padding, causal=self.causal)
+        if mask is None:
+            mask = attention_mask(padding, causal=self.causal)
         if self.explicit:
             # the same computation in plain ops: torch.func.vmap has batching rules for
             # these, not for the fused CPU attention kernel

@@ -12,6 +12,10 @@ from typing import Any, Mapping
 from fedrec.config import build_config
 from fedrec.errors import ConfigError
 from fedrec.models.base import ModelData, RecModel
+from fedrec.models.bert4rec import BERT4Rec, BERT4RecConfig
+from fedrec.models.dimerec import DimeRec, DimeRecConfig
+from fedrec.models.elastic import Elastic, ElasticConfig
+from fedrec.models.kuaiformer import KuaiFormer, KuaiFormerConfig
 from fedrec.models.mf import MF, MFConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
@@ -25,16 +29,33 @@ __all__ = ["MODELS", "ModelSpec", "create_model", "model_names"]
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its class, its config class (None: no options), fixed options."""
+    """A registered model: its class, its config class (None: no options), fixed options,
+    and a one-line description (default: the first line of the class's module docstring)."""
 
     model: type[RecModel]
     config: type | None
     fixed: tuple[tuple[str, Any], ...] = ()
+    description: str = ""
+
+    def summary(self) -> str:
+        """The one-line description of the model."""
+        if self.description:
+            return self.description
+        import sys
+
+        doc = (sys.modules[self.model.__module__].__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
 MODELS.register("sasrec")(lambda: ModelSpec(SASRec, SASRecConfig))
-MODELS.register("bert4rec")(lambda: ModelSpec(SASRec, SASRecConfig, (("bidirectional", True),)))
+MODELS.register("bert4rec")(lambda: ModelSpec(BERT4Rec, BERT4RecConfig))
+MODELS.register("bert4rec-last")(lambda: ModelSpec(
+    SASRec, SASRecConfig, (("bidirectional", True),),
+    "BERT4Rec's bidirectional encoder trained on each window's last position only (no cloze task)."))
+MODELS.register("kuaiformer")(lambda: ModelSpec(KuaiFormer, KuaiFormerConfig))
+MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig))
+MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))

@@ -286,7 +286,8 @@ def test_compact_tables_read_exactly_the_rows_the_full_tables_would():
 @pytest.mark.parametrize("task,algorithm,model,extra", [
     ("next_item", "fedavg", None, {}),
     ("ctr", "mrff", None, {}),
-    ("next_item", "fedavg", "bert4rec", {"weighting": "examples"}),  # bidirectional; weights = target positions
+    ("next_item", "fedavg", "bert4rec-last", {"weighting": "examples"}),  # bidirectional; weights = target positions
+    ("next_item", "fedavg", "kuaiformer", {}),  # in-batch softmax over the user's own targets and negatives
     ("ctr", "mrff", None, {"weighting": "examples", "local_steps": 1}),
 ])
 def test_compact_item_tables_equal_full_per_user_copies(task, algorithm, model, extra, float64):

@@ -120,3 +120,38 @@ def test_id_embeddings_start_small_so_first_scores_are_order_one(single_domain):
     with torch.no_grad():
         logits = model(batch)["logits"][batch["target_mask"]]
     assert float(logits.abs().mean()) < 3.0
+
+
+def _federated_cases():
+    for name in MODELS.names():
+        spec = MODELS.create(name)
+        if name in ("popularity", "user_ctr"):  # nothing to train
+            continue
+        for task in spec.model.tasks:
+            if task == "cdr":  # one client per domain, rows aligned by PSI: tests/federated/test_unicdr_federated.py
+                continue
+            yield pytest.param(name, task, id=f"{name}-{task}")
+
+
+@pytest.mark.parametrize("name, task", list(_federated_cases()))
+def test_one_federated_round(split, name, task):
+    """Every trainable model also federates: one round of the vectorised engine (``fedrec
+    simulate --algorithm fedavg --model NAME``), an upload
+    that moves the global parameters and stays finite, then each user's own model scores
+    its test item."""
+    from fedrec.federated import FederatedConfig, create_algorithm
+
+    cfg = FederatedConfig(lr=0.01, negatives=2, chunk_size=16, seed=0)
+    alg = create_algorithm("fedavg", split, task=task, model=name, model_options=_options(name), config=cfg)
+    users = np.arange(1, split.n_users + 1)
+    g = alg.initial_global()
+    state = alg.initial_local(users)
+    shard = alg.make_shard(users)
+    upload, state, metrics = alg.client_update(g, state, shard, round=1)
+    assert np.isfinite(metrics["loss"])
+    g2, _, _ = alg.aggregate(g, [upload])
+    assert all(torch.isfinite(v).all() for v in g2.values())
+    assert max(float((g2[n] - g[n]).abs().max()) for n in g) > 0
+    out = alg.predict(g2, state, shard.test)
+    key = "probs" if task == "ctr" else "ranks"
+    assert len(out[key]) == len(shard.test) and np.isfinite(out[key]).all()
