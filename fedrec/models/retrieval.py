@@ -129,7 +129,8 @@ def softmax_loss(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tenso
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if alpha:
             nll = (1 - alpha) * nll - alpha * logp[..., 1:].mean(-1)
-        return (nll * weight).sum() / count
+        # padded targets (item 0) have log-probability -inf: zero them, not 0 * inf
+        return torch.where(weight > 0, nll * weight, torch.zeros_like(nll)).sum() / count
     if softmax != "in-batch":
         raise ValueError(f"unknown softmax {softmax!r}")
     ids = [targets.reshape(-1)]
@@ -164,7 +165,7 @@ def softmax_loss(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tenso
         n_neg = (~hit).sum(-1)
         neg_mean = logp[..., 1:].masked_fill(hit, 0.0).sum(-1) / n_neg.clamp(min=1).to(logp.dtype)
         nll = torch.where(n_neg > 0, (1 - alpha) * nll - alpha * neg_mean, nll)
-    return (nll * weight).sum() / count
+    return torch.where(weight > 0, nll * weight, torch.zeros_like(nll)).sum() / count
 
 
 class RetrievalModel(RecModel):
