@@ -22,15 +22,18 @@ bank grows as ``n^2`` at a cost of ``O(n)`` per position.
 
 Choices where the paper is silent (documented):
 
-* **Causal dispatch.** A next-item model must not let position t see items after t. Each
-  position's experts therefore summarise its own prefix: the dispatch weights of expert e
-  are ``a_{t,e} = exp(softcap(<q_e, k_t>))`` and the compressed token at t is
-  ``sum_{j<=t} a_{j,e} v_j / sum_{j<=t} a_{j,e}``, computed with cumulative sums in
-  ``O(N k d)`` (the expert queries do not depend on t, so no running maximum is needed:
-  the scores are soft-capped to ``+-cap`` and ``exp(s - cap)`` never overflows). Steps 2
-  and 3 then run per position over its own ``k (+ memory-top)`` tokens.
+* **Causal, chunked dispatch.** A next-item model must not let position t see items after
+  t, and a per-position summary would repeat steps 2 and 3 for every position. The sequence
+  is cut into chunks of ``chunk`` positions (16): the experts' tokens of a chunk summarise
+  every item *before* the chunk (dispatch weights ``a_{j,e} = exp(softcap(<q_e, k_j>))``,
+  summed per chunk and accumulated over chunks: ``O(N k d)``; the scores are soft-capped to
+  ``+-cap`` so ``exp(s - cap)`` never overflows and no running maximum is needed); the
+  chunk's k tokens interact once (step 2, ``O(N/chunk k^2 d)``); and each position
+  attends over its chunk's k tokens, its retrieved memory slots and the earlier positions of
+  its own chunk (step 3, ``O(N (k + m + chunk) d)``). Linear in N for a fixed chunk.
 * The memory query is the position's (normalised) state before the block; retrieved slots
-  are values only (no keys of their own).
+  are values only, and join the position's keys in step 3 (not the experts' interaction,
+  which runs once per chunk).
 * A single user vector per position (``interests = 1``); SASRec-like learned positions and
   the in-batch softmax of :mod:`fedrec.models.retrieval` (default), or the full softmax.
 """
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedrec.errors import ConfigError
@@ -62,6 +66,8 @@ class ElasticConfig(RetrievalConfig):
     memory_top: int = 4
     #: dispatch scores are soft-capped to +-cap
     cap: float = 10.0
+    #: positions per chunk: a chunk's experts summarise everything before it
+    chunk: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +79,8 @@ class ElasticConfig(RetrievalConfig):
             raise ConfigError(f"model option 'memory' must be a non-negative integer (got {self.memory!r})")
         if self.memory and not 1 <= self.memory_top <= self.memory:
             raise ConfigError(f"model option 'memory-top' must be in [1, memory = {self.memory}] (got {self.memory_top})")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ConfigError(f"model option 'chunk' must be a positive integer (got {self.chunk!r})")
         if not self.cap > 0:
             raise ConfigError(f"model option 'cap' must be positive (got {self.cap})")
 
@@ -104,12 +112,12 @@ class ProductKeyMemory(nn.Module):
 
 
 class LinearDispatcherAttention(nn.Module):
-    """Causal LDA over ``(B, T, dim)`` (module docstring); ``extra`` ``(B, T, m, dim)``
-    tokens (the retrieved memory) join each position's experts."""
+    """Causal, chunked LDA over ``(B, T, dim)`` (module docstring); ``extra`` ``(B, T, m,
+    dim)`` tokens (the retrieved memory) join each position's keys."""
 
-    def __init__(self, dim: int, heads: int, experts: int, dropout: float, cap: float) -> None:
+    def __init__(self, dim: int, heads: int, experts: int, dropout: float, cap: float, chunk: int) -> None:
         super().__init__()
-        self.dim, self.heads, self.cap, self.dropout = dim, heads, cap, dropout
+        self.dim, self.heads, self.cap, self.dropout, self.chunk = dim, heads, cap, dropout, chunk
         self.experts = nn.Embedding(experts, dim)
         nn.init.normal_(self.experts.weight, 0.0, dim**-0.5)
         self.key = nn.Linear(dim, dim)
@@ -127,37 +135,67 @@ class LinearDispatcherAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``(B, T, dim)``, ``keep`` ``(B, T, 1)`` (0 at padding) -> ``(B, T, dim)``."""
-        d = self.dim // self.heads
-        # 1. dispatch: expert e at position t summarises positions <= t
-        k = self._heads(self.key(x))  # (B, T, h, d)
-        v = self._heads(self.value(x))
-        e = self._heads(self.experts.weight)  # (k, h, d)
-        s = torch.einsum("bthd,ehd->bteh", k, e) / math.sqrt(d)  # (B, T, k, h)
+        B, T, D = x.shape
+        c, h, d = self.chunk, self.heads, self.dim // self.heads
+        pad = (-T) % c  # left-pad to whole chunks (the sequences are left-padded already)
+        if pad:
+            x = F.pad(x, (0, 0, pad, 0))
+            keep = F.pad(keep, (0, 0, pad, 0))
+            if extra is not None:
+                extra = F.pad(extra, (0, 0, 0, 0, pad, 0))
+        n = (T + pad) // c
+        neg = torch.finfo(x.dtype).min
+        # 1. dispatch: the experts summarise every chunk; chunk i's tokens are the sums over
+        # chunks before it (exclusive prefix), normalised
+        k = self._heads(self.key(x)).view(B, n, c, h, d)
+        v = self._heads(self.value(x)).view(B, n, c, h, d)
+        e = self._heads(self.experts.weight)  # (E, h, d)
+        s = torch.einsum("bnchd,ehd->bnceh", k, e) / math.sqrt(d)
         s = self.cap * torch.tanh(s / self.cap)
-        a = torch.exp(s - self.cap) * keep.unsqueeze(-1)  # padding dispatches nothing
-        num = torch.cumsum(a.unsqueeze(-1) * v.unsqueeze(2), dim=1)  # (B, T, k, h, d)
-        den = torch.cumsum(a, dim=1).unsqueeze(-1)
-        tokens = (num / den.clamp(min=1e-30)).flatten(-2)  # (B, T, k, dim)
+        a = torch.exp(s - self.cap) * keep.view(B, n, c, 1, 1)  # padding dispatches nothing
+        num = torch.einsum("bnceh,bnchd->bnehd", a, v)  # (B, n, E, h, d)
+        den = a.sum(2)  # (B, n, E, h)
+        num = torch.cumsum(num, 1) - num
+        den = torch.cumsum(den, 1) - den
+        valid = den[..., 0] > 0  # (B, n, E): the chunk has a real item before it
+        tokens = (num / den.clamp(min=1e-30).unsqueeze(-1)).flatten(-2)  # (B, n, E, dim)
+        # 2. the chunk's expert tokens interact
+        q2, k2, v2 = (self._heads(f(tokens)) for f in (self.mix_q, self.mix_k, self.mix_v))  # (B, n, E, h, d)
+        sc = torch.einsum("bnihd,bnjhd->bnhij", q2, k2) / math.sqrt(d)
+        sc = sc.masked_fill(~valid[:, :, None, None, :], neg)
+        w = mask_dropout(torch.softmax(sc, dim=-1), self.dropout, self.training)
+        mixed = torch.einsum("bnhij,bnjhd->bnihd", w, v2).flatten(-2)
+        tokens = tokens + mixed * valid.unsqueeze(-1).to(x.dtype)
+        # 3. distribute: each position attends over its chunk's expert tokens, its own
+        # retrieved memory slots and the earlier positions of its chunk
+        q3 = self._heads(self.dist_q(x)).view(B, n, c, h, d)
+        kt, vt = self._heads(self.dist_k(tokens)), self._heads(self.dist_v(tokens))  # (B, n, E, h, d)
+        kl = self._heads(self.dist_k(x)).view(B, n, c, h, d)
+        vl = self._heads(self.dist_v(x)).view(B, n, c, h, d)
+        s_tok = torch.einsum("bnchd,bnehd->bnche", q3, kt).masked_fill(~valid[:, :, None, None, :], neg)
+        local = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()[None, None, :, None, :]
+        local = (local & (keep.view(B, n, 1, 1, c) > 0)) | torch.eye(c, dtype=torch.bool, device=x.device)[None, None, :, None, :]
+        s_loc = torch.einsum("bnchd,bnjhd->bnchj", q3, kl).masked_fill(~local, neg)
+        parts = [s_tok, s_loc]
         if extra is not None:
-            tokens = torch.cat([tokens, extra], dim=2)  # (B, T, k + m, dim)
-        # 2. the position's tokens interact
-        q2, k2, v2 = (self._heads(f(tokens)) for f in (self.mix_q, self.mix_k, self.mix_v))  # (B, T, n, h, d)
-        w = torch.softmax(torch.einsum("btihd,btjhd->bthij", q2, k2) / math.sqrt(d), dim=-1)
+            m = extra.shape[2]
+            km = self._heads(self.dist_k(extra)).view(B, n, c, m, h, d)
+            vm = self._heads(self.dist_v(extra)).view(B, n, c, m, h, d)
+            parts.append(torch.einsum("bnchd,bncmhd->bnchm", q3, km))
+        w = torch.softmax(torch.cat(parts, dim=-1) / math.sqrt(d), dim=-1)
         w = mask_dropout(w, self.dropout, self.training)
-        tokens = tokens + torch.einsum("bthij,btjhd->btihd", w, v2).flatten(-2)
-        # 3. distribute: the position attends over its tokens
-        q3 = self._heads(self.dist_q(x))  # (B, T, h, d)
-        k3, v3 = self._heads(self.dist_k(tokens)), self._heads(self.dist_v(tokens))  # (B, T, n, h, d)
-        w = torch.softmax(torch.einsum("bthd,btnhd->bthn", q3, k3) / math.sqrt(d), dim=-1)
-        w = mask_dropout(w, self.dropout, self.training)
-        return self.out(torch.einsum("bthn,btnhd->bthd", w, v3).flatten(-2))
+        E = kt.shape[2]
+        ctx = torch.einsum("bnche,bnehd->bnchd", w[..., :E], vt) + torch.einsum("bnchj,bnjhd->bnchd", w[..., E:E + c], vl)
+        if extra is not None:
+            ctx = ctx + torch.einsum("bnchm,bncmhd->bnchd", w[..., E + c:], vm)
+        return self.out(ctx.reshape(B, n * c, D)[:, pad:])
 
 
 class _Block(nn.Module):
     def __init__(self, cfg: ElasticConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.lda = LinearDispatcherAttention(cfg.dim, cfg.heads, cfg.experts, cfg.dropout, cfg.cap)
+        self.lda = LinearDispatcherAttention(cfg.dim, cfg.heads, cfg.experts, cfg.dropout, cfg.cap, cfg.chunk)
         self.memory = ProductKeyMemory(cfg.dim, cfg.memory, cfg.memory_top) if cfg.memory else None
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.ffn = PositionwiseFFN(cfg.dim, cfg.dim, dropout=cfg.dropout)

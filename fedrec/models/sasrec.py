@@ -5,8 +5,9 @@ Wang-Cheng Kang, Julian McAuley. "Self-Attentive Sequential Recommendation", ICD
 The plain backbone of :mod:`fedrec.models.backbone`: causal self-attention blocks with a
 residual position-wise FFN, the next-item head (BCE against one sampled negative per
 position, as in the paper) or the CTR head of the MRFF reference. Registered as ``sasrec``;
-``bert4rec`` is the same model with bidirectional attention (BERT4Rec's encoder, Sun et al.,
-CIKM 2019), trained on each window's last position (no cloze task).
+``bert4rec-last`` is the same model with bidirectional attention (BERT4Rec's encoder, Sun et al.,
+CIKM 2019), trained on each window's last position (``bert4rec`` has the cloze task,
+:mod:`fedrec.models.bert4rec`).
 """
 
 from __future__ import annotations
