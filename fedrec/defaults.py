@@ -91,8 +91,11 @@ _NEXT_ITEM = FormatDefaults(
     per_model={
         # beauty_next "MRFF hard" row: MRFF leaves its early plateau after ~40 epochs
         "mrff": {"centralised": {"patience": 40}},
+        # lastfm_seed_models: with patience 20 BERT4Rec (cloze) stopped at epoch 53 on the
+        # popularity-level plateau (valid NDCG@10 ~0.185) that SASRec leaves after ~30 epochs
+        "bert4rec": {"centralised": {"patience": 40}},
     },
-    recorded=("beauty_next", "lastfm_next"),
+    recorded=("beauty_next", "lastfm_next", "lastfm_seed_models"),
 )
 
 # UniCDR's settings on cross-domain data (the ``cdr`` format's, from its sweep below), also
