@@ -94,6 +94,9 @@ _NEXT_ITEM = FormatDefaults(
         # lastfm_seed_models: with patience 20 BERT4Rec (cloze) stopped at epoch 53 on the
         # popularity-level plateau (valid NDCG@10 ~0.185) that SASRec leaves after ~30 epochs
         "bert4rec": {"centralised": {"patience": 40}},
+        # lastfm_seed_models: DimeRec likewise stopped at epoch 58 on that plateau (valid
+        # NDCG@10 ~0.178) with patience 20
+        "dimerec": {"centralised": {"patience": 40}},
     },
     recorded=("beauty_next", "lastfm_next", "lastfm_seed_models"),
 )

@@ -136,7 +136,10 @@ class DimeRec(RetrievalModel):
         B, T = items.shape
         pad = items == 0
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=items.device)
-        H = self.drop(self.items(items, batch.get("item_maps")) + self.positions(pos).unsqueeze(0))  # (B, T, d)
+        # item embeddings scaled by sqrt(d) as in SASRec: they start at norm ~1, the
+        # positions at ~sqrt(d), which would otherwise drown the items
+        H = self.items(items, batch.get("item_maps")) * math.sqrt(self.cfg.dim)
+        H = self.drop(H + self.positions(pos).unsqueeze(0))  # (B, T, d)
         s = self.gem_scores(torch.tanh(self.gem_hidden(H)))  # (B, T, K)
         # prefix t attends over positions j <= t that are not padding
         allowed = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()[None] & ~pad[:, None, :]
