@@ -53,8 +53,8 @@ import numpy as np
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
 
-__all__ = ["load_comparison", "row_options", "run_comparison", "comparison_table", "write_outputs", "plot_curves",
-           "auc_cell", "SHOWN_BOUND"]
+__all__ = ["load_comparison", "row_options", "run_comparison", "comparison_table", "test_metric", "write_outputs",
+           "plot_curves", "auc_cell", "SHOWN_BOUND"]
 
 _KINDS = ("federated", "centralised")
 #: AUC error bounds above this are shown next to the AUC
@@ -242,6 +242,16 @@ def auc_cell(mean: float | None, std: float | None, bound: float | None) -> str:
     return text
 
 
+def test_metric(run: dict[str, Any], metric: str) -> float | None:
+    """A run's test ``metric``: from ``test``, or, for ``PROTOCOL/NAME`` (e.g. ``full/hr@10``,
+    a protocol of ``also-test``), from ``test_by_protocol``; None when the run has neither."""
+    value = run["test"].get(metric)
+    if value is None and "/" in metric:
+        protocol, name = metric.split("/", 1)
+        value = run.get("test_by_protocol", {}).get(protocol, {}).get(name)
+    return value
+
+
 def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per configuration: mean and std over seeds of each test metric (and, for
     ``auc``, ``test auc bound``: the mean of the seeds' ``auc-error-bound``, None when the
@@ -255,7 +265,7 @@ def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[
         runs = rows[name]
         entry = {"row": name, "kind": runs[0]["kind"], "seeds": len(runs)}
         for m in _metrics(cfg):
-            vals = [r["test"].get(m) for r in runs if r["test"].get(m) is not None]
+            vals = [v for v in (test_metric(r, m) for r in runs) if v is not None]
             entry[f"test {m}"] = float(np.mean(vals)) if vals else None
             entry[f"test {m} std"] = float(np.std(vals)) if vals else None
             if m == "auc":

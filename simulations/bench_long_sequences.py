@@ -24,7 +24,7 @@ The two retrieval models' in-batch pool is capped at 8 items here (their default
 so that their loss costs about what SASRec's one-negative BCE does and the step time
 compares the sequence encoders.
 
-With ``--json`` prints one object: per model ``step_s`` and ``peak_mb`` per length and
+Prints the README's table (:func:`markdown_table`); with ``--json`` one object instead: per model ``step_s`` and ``peak_mb`` per length and
 ``growth_2000_over_200`` (step time at the longest over the second length, named for the
 default lengths), plus ``dimerec_sampling``: milliseconds per user to score every item with
 the guidance module alone and with 1, 5 and 20 reverse diffusion steps. Full attention's
@@ -138,6 +138,25 @@ def dimerec_sampling(users: int = 256, length: int = 50) -> dict:
     return out
 
 
+LABELS = {"sasrec": "SASRec (full causal attention)",
+          "elastic": "ELASTIC (8 experts, chunks of 16, memory 16 x 16)",
+          "kuaiformer": "KuaiFormer (4 queries, compression)"}
+
+
+def markdown_table(report: dict) -> str:
+    """The README's table of a report (step time per length, growth, peak memory)."""
+    lengths = [str(n) for n in report["lengths"]]
+    lo, hi = (str(n) for n in report["growth_lengths"])
+    head = ("| model | " + " | ".join(f"step {int(n):,}" for n in lengths) + f" | {int(hi):,} / {int(lo):,} | "
+            f"peak MB at {int(lo):,} / {int(hi):,} |")
+    lines = [head, "| --- |" + " ---: |" * (len(lengths) + 2)]
+    for name, entry in report["models"].items():
+        cells = " | ".join(f"{entry['step_s'][n]:.3f} s" for n in lengths)
+        lines.append(f"| {LABELS.get(name, name)} | {cells} | {entry['growth_2000_over_200']:.1f}x | "
+                     f"{entry['peak_mb'][lo]:.0f} / {entry['peak_mb'][hi]:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run every (model, length) in its own subprocess and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,10 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{'model':12s} " + " ".join(f"{'len ' + str(n):>16s}" for n in lengths) + "   growth")
-        for name, entry in report["models"].items():
-            cells = " ".join(f"{entry['step_s'][str(n)]:8.4f}s {entry['peak_mb'][str(n)]:6.0f}MB" for n in lengths)
-            print(f"{name:12s} {cells}   {entry['growth_2000_over_200']:.2f}x ({hi}/{lo})")
+        print(markdown_table(report))
         print("DimeRec, ms per user to score every item:", report["dimerec_sampling_ms_per_user"])
     return report
 

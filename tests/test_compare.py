@@ -118,6 +118,23 @@ def test_table_shows_the_auc_error_bound_where_it_exceeds_0001(tmp_path):
     assert "hist." not in (tmp_path / "t.md").read_text()
 
 
+def test_metrics_of_an_extra_test_protocol_come_from_test_by_protocol(tmp_path):
+    """``metrics = ["hr@10", "full/hr@10"]``: the second is read from the run's
+    ``test_by_protocol["full"]`` (the ``also-test`` protocols); cross-domain names such as
+    ``sport/hr@10`` stay in ``test``."""
+    from fedrec.compare import test_metric, write_outputs
+
+    run = {"row": "a", "kind": "centralised", "test": {"hr@10": 0.5, "sport/hr@10": 0.4},
+           "test_by_protocol": {"sampled-99": {"hr@10": 0.5}, "full": {"hr@10": 0.06}}, "best_epoch": 3,
+           "seconds": 1.0}
+    assert test_metric(run, "full/hr@10") == 0.06 and test_metric(run, "sport/hr@10") == 0.4
+    assert test_metric(run, "full/mrr") is None and test_metric(run, "other/hr@10") is None
+    cfg = {"stem": "t", "title": "t", "data_display": "seq:x", "task": "next_item",
+           "metrics": ["hr@10", "full/hr@10"], "runs": [{"name": "a", "kind": "centralised", "model": "sasrec"}]}
+    write_outputs(cfg, {"a/seed0": run}, tmp_path, curves=False)
+    assert "| a | centralised | 0.5000 ± 0.0000 | 0.0600 ± 0.0000 |" in (tmp_path / "t.md").read_text()
+
+
 def test_rows_take_the_per_dataset_defaults_and_record_them(tmp_path):
     """What a row leaves out comes from fedrec.defaults (synthetic: fed_synthetic's
     eval-every 5 and patience 5) and is recorded; the row's own keys win."""

@@ -71,3 +71,18 @@ def test_readme_cross_domain_bench_tables_are_rendered_from_the_results():
     for name in ("bench_cdr", "bench_cdr_game_video"):
         result = json.loads((ROOT / "simulations" / "results" / f"{name}.json").read_text())
         assert bench_cdr.markdown_table(result) in text, name
+
+
+def test_readme_long_sequence_bench_table_is_rendered_from_the_results():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "simulations"))
+    import bench_long_sequences
+
+    text = (ROOT / "README.md").read_text()
+    result = json.loads((ROOT / "simulations" / "results" / "bench_long_sequences.json").read_text())
+    assert bench_long_sequences.markdown_table(result) in text
+    # the compression windows of the bench cover exactly what is not kept raw
+    for length in (50, 200, 800, 2000):
+        windows = bench_long_sequences.kuaiformer_windows(length)
+        assert sum(int(w) for w in windows.split(",") if w) == max(0, length - 50)
