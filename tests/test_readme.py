@@ -86,3 +86,24 @@ def test_readme_long_sequence_bench_table_is_rendered_from_the_results():
     for length in (50, 200, 800, 2000):
         windows = bench_long_sequences.kuaiformer_windows(length)
         assert sum(int(w) for w in windows.split(",") if w) == max(0, length - 50)
+
+
+def test_readme_seed_model_table_is_rendered_from_the_results(tmp_path):
+    """The README's LastFM table of the seed retrieval models is what `fedrec compare`
+    renders from the recorded JSON."""
+    from fedrec.compare import load_comparison, write_outputs
+
+    text = (ROOT / "README.md").read_text()
+    stem = "lastfm_seed_models"
+    cfg = load_comparison(ROOT / "simulations" / "configs" / f"{stem}.toml", data_root="../shared/data")
+    write_outputs(cfg, json.loads((ROOT / "simulations" / "results" / f"{stem}.json").read_text()), tmp_path,
+                  curves=False)
+    rows = [line for line in (tmp_path / f"{stem}.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) >= 4 and all(row in text for row in rows)
+    # every recorded row is the configuration (and defaults) of today: a resumed compare keeps it
+    from fedrec.compare import _fingerprint
+
+    recorded = json.loads((ROOT / "simulations" / "results" / f"{stem}.json").read_text())
+    for run in cfg["runs"]:
+        prints = {r["fingerprint"] for r in recorded.values() if r["row"] == run["name"]}
+        assert prints <= {_fingerprint(cfg, run)}, run["name"]
