@@ -27,9 +27,9 @@ Enhanced Sequential Recommendation via Generative Diffusion Models", WSDM 2025
   once from seed 0, so a user's recommendations do not change from call to call), then at
   each step predict ``x^_0`` and move back along the geodesic from ``x^_0`` towards
   ``x_t`` to the next, smaller noise angle; items are scored against the final ``x^_0``.
-  The default is one step (``x^_0 = f(x_T, T, g)``): in 10-epoch pilots on LastFM more
-  reverse steps made validation worse epoch after epoch while one step kept improving; the
-  recorded comparison (``simulations/configs/lastfm_seed_models.toml``) has a 5-step row.
+  The default is one step (``x^_0 = f(x_T, T, g)``): on LastFM 5 reverse steps give test
+  HR@10 0.3376 against 0.5138 for one (``simulations/results/lastfm_seed_models.json``,
+  seed 0).
   The cost grows linearly with ``sample-steps`` (measured per user in
   ``simulations/bench_long_sequences.py``). ``diffusion = false`` serves with the guidance
   module alone (max over interests): the paper's "GEM only" comparison.
