@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrec.compare import test_metric
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
@@ -58,14 +59,6 @@ def _merge(path: Path, key: str, run: dict) -> dict:
     return results
 
 
-def _test_value(run: dict, metric: str) -> float | None:
-    """A test metric; ``"full/hr@10"`` reads an extra protocol from ``test_by_protocol``."""
-    if "/" in metric:
-        protocol, name = metric.split("/", 1)
-        return run.get("test_by_protocol", {}).get(protocol, {}).get(name)
-    return run["test"].get(metric)
-
-
 def population_note(results: dict) -> str:
     """`` Evaluated: N of U users at test (rule).`` from the runs' ``population`` (empty for
     results recorded before it existed)."""
@@ -86,7 +79,7 @@ def markdown(results: dict, metrics: list[str], header: str) -> str:
     for row, runs in rows.items():
         cells = []
         for m in metrics:
-            vals = [v for v in (_test_value(r, m) for r in runs) if v is not None]
+            vals = [v for v in (test_metric(r, m) for r in runs) if v is not None]
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
         epochs = ", ".join(str(r["best_epoch"]) for r in runs)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} | {epochs} |")

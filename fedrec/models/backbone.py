@@ -42,7 +42,7 @@ from fedrec.errors import ConfigError
 from fedrec.models.base import PRIVATE_PER_USER, PUBLIC, ModelData, ParamRole, RecModel
 from fedrec.models.layers import PositionwiseFFN, SelfAttention
 
-__all__ = ["BackboneConfig", "SequenceModel", "ResidualFFN"]
+__all__ = ["BackboneConfig", "SequenceModel", "ResidualFFN", "check_widths"]
 
 _ITEM_REPR = ("auto", "attributes", "id", "both")
 
@@ -67,22 +67,28 @@ class BackboneConfig:
     task: str = "ctr"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "field_dim", "layers", "heads", "max_len", "ctr_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model option '{name}' must be a positive integer (got {value!r})")
-        if self.dim % self.heads:
-            raise ConfigError(f"model option 'dim' ({self.dim}) must be divisible by 'heads' ({self.heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model option 'dropout' must be in [0, 1) (got {self.dropout})")
-        if self.item_repr not in _ITEM_REPR:
-            raise ConfigError(f"model option 'item_repr' must be one of {', '.join(_ITEM_REPR)} (got {self.item_repr!r})")
+        check_widths(self, ("dim", "field_dim", "layers", "heads", "max_len", "ctr_hidden"))
         if self.next_loss not in ("bce", "ce"):
             raise ConfigError(f"model option 'next_loss' must be bce or ce (got {self.next_loss!r})")
         if self.task not in ("ctr", "next_item"):
             raise ConfigError(f"task must be ctr or next_item (got {self.task!r})")
         if self.bidirectional and self.label_tokens:
             raise ConfigError("label_tokens with a bidirectional encoder would show each target's label: not allowed")
+
+
+def check_widths(cfg: Any, positive: tuple[str, ...]) -> None:
+    """The checks every sequence model's config shares: the ``positive`` integer options,
+    ``dim`` divisible by ``heads``, ``dropout`` in [0, 1) and a known ``item_repr``."""
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"model option '{name.replace('_', '-')}' must be a positive integer (got {value!r})")
+    if cfg.dim % cfg.heads:
+        raise ConfigError(f"model option 'dim' ({cfg.dim}) must be divisible by 'heads' ({cfg.heads})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"model option 'dropout' must be in [0, 1) (got {cfg.dropout})")
+    if cfg.item_repr not in _ITEM_REPR:
+        raise ConfigError(f"model option 'item-repr' must be one of {', '.join(_ITEM_REPR)} (got {cfg.item_repr!r})")
 
 
 def _small_init(embedding: nn.Embedding, dim: int) -> None:

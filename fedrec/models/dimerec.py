@@ -34,6 +34,9 @@ Enhanced Sequential Recommendation via Generative Diffusion Models", WSDM 2025
   ``simulations/bench_long_sequences.py``). ``diffusion = false`` serves with the guidance
   module alone (max over interests): the paper's "GEM only" comparison.
 
+DimeRec has no Transformer: the shared options ``layers`` and ``heads`` are accepted (the
+per-dataset defaults set them for every sequence model) but change nothing.
+
 Choices where the paper (read through its abstract and second-hand notes) is silent: the
 linear angle schedule, the attention pooling of the guidance, a 2-layer MLP denoiser, and
 the uniform timestep sampling in training.
@@ -193,13 +196,12 @@ class DimeRec(RetrievalModel):
         noise = self._start_noise.to(g.device, g.dtype).expand_as(start)
         timesteps = torch.linspace(cfg.steps, 1, cfg.sample_steps).round().long().tolist()
         x = sphere_step(start, noise, self.sigma(torch.full((B,), cfg.steps, device=g.device)))
-        x_hat = start
         for i, t in enumerate(timesteps):
             x_hat = self.denoise(x, torch.full((B,), t, dtype=torch.long, device=g.device), g)
             if i + 1 < len(timesteps):
                 nxt = timesteps[i + 1]
                 x = slerp_towards(x_hat, x, nxt / t)
-        return x_hat
+        return x_hat  # sample_steps >= 1: the loop ran
 
     def serving_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, 1, d)`` the sampled next-item vector (``(B, K, d)`` guidance with

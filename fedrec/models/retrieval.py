@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedrec.errors import ConfigError
-from fedrec.models.backbone import ItemEncoder
+from fedrec.models.backbone import ItemEncoder, check_widths
 from fedrec.models.base import PUBLIC, ModelData, ParamRole, RecModel
 
 __all__ = ["RetrievalConfig", "RetrievalModel", "softmax_loss", "SwiGLU"]
@@ -70,22 +70,13 @@ class RetrievalConfig:
     task: str = "next_item"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "field_dim", "layers", "heads", "max_len", "interests", "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model option '{name.replace('_', '-')}' must be a positive integer (got {value!r})")
-        if self.dim % self.heads:
-            raise ConfigError(f"model option 'dim' ({self.dim}) must be divisible by 'heads' ({self.heads})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model option 'dropout' must be in [0, 1) (got {self.dropout})")
+        check_widths(self, ("dim", "field_dim", "layers", "heads", "max_len", "interests", "pool"))
         if self.softmax not in _SOFTMAX:
             raise ConfigError(f"model option 'softmax' must be one of {', '.join(_SOFTMAX)} (got {self.softmax!r})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"model option 'label-smoothing' must be in [0, 1) (got {self.label_smoothing})")
         if not self.temperature > 0.0 or self.temperature != self.temperature or self.temperature == float("inf"):
             raise ConfigError(f"model option 'temperature' must be a positive finite number (got {self.temperature})")
-        if self.item_repr not in ("auto", "attributes", "id", "both"):
-            raise ConfigError(f"model option 'item-repr' must be one of auto, attributes, id, both (got {self.item_repr!r})")
         if self.task != "next_item":
             raise ConfigError(f"retrieval models support the next_item task only (got {self.task!r})")
 
