@@ -715,6 +715,9 @@ def _print_stats(stats: dict) -> None:
     if stats["rating"]:
         r = stats["rating"]
         rows.append(("rating", f"{r['min']:g}..{r['max']:g}, mean {r['mean']:.3f}"))
+    if stats.get("value"):
+        v = stats["value"]
+        rows.append(("value", f"{v['min']:g}..{v['max']:g}, mean {v['mean']:.3f}"))
     sl = stats["sequence_length"]
     rows.append(
         ("interactions per user",

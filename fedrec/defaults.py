@@ -166,7 +166,13 @@ FORMATS: dict[str, FormatDefaults] = {
             "shards": 1,  # fed_ml100k [federated]
             "eval-every": 5,  # fed_ml100k [federated]
         },
-        recorded=("ml100k_ctr", "fed_ml100k"),
+        per_model={
+            # CRM retrieves the next item conditioned on its rating (issue 17): next item, with
+            # the next-item budget of seq: (ml100k_crm)
+            "crm": {"data": {"task": "next_item"},
+                    "centralised": {"epochs": 200, "patience": 20, "batch-size": 128}},
+        },
+        recorded=("ml100k_ctr", "fed_ml100k", "ml100k_crm"),
     ),
     "csv": FormatDefaults(data={"task": "ctr"}),  # labelled logs; no recorded run
     "parquet": FormatDefaults(data={"task": "ctr"}),  # labelled logs; no recorded run

@@ -33,6 +33,11 @@ left-padded, so the most recent interaction is always in the last column):
     carry ``target_ratings`` ``(B,)`` (the positive's rating, NaN where it has none): the
     second behaviour (:data:`LIKE_THRESHOLD`) of the multi-behaviour head and metrics.
 
+Per-row values: on data with a ``rating`` (``value``) column, ``ctr`` and ``next_item``
+batches also carry ``ratings`` / ``target_ratings`` (``values`` / ``target_values``)
+``(B, T)`` float tensors, the history's and the targets' values (NaN on padding): CRM's
+condition.
+
 Evaluation histories: see :func:`history_parts` (on the files' own split, training rows
 only). :meth:`ExampleSet.subset` restricts examples to a client's users.
 """
@@ -374,6 +379,10 @@ def iterate_batches(
             inp = examples.input_rows[idx]
             batch["items"] = torch.from_numpy(_take(sp.item, inp))
             batch["labels"] = torch.from_numpy(_take(sp.label, inp).astype(np.int64))
+            for key, column in (("ratings", sp.rating), ("values", sp.value)):
+                if column is not None:  # per-row values of history and targets (NaN = padding)
+                    batch[key] = torch.from_numpy(_take(column, inp, fill=np.nan).astype(np.float32))
+                    batch["target_" + key] = torch.from_numpy(_take(column, tgt, fill=np.nan).astype(np.float32))
             if num_negatives:
                 dom = domains if sp.domains else None
                 if examples.stage == "train":

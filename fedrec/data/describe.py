@@ -28,7 +28,7 @@ def describe(dataset: Dataset) -> dict[str, Any]:
     """Statistics of ``dataset`` as a JSON-ready dict.
 
     Keys: ``data``, ``users``, ``items``, ``interactions``, ``density``, ``label_rate``
-    (None without labels), ``rating`` (min/max/mean, or None), ``sequence_length``
+    (None without labels), ``rating`` (min/max/mean, or None), ``value`` (min/max/mean, only when the data has it), ``sequence_length``
     (percentiles and mean of interactions per user), ``repeated_pairs`` (rows whose
     (user, item) pair occurred before), ``time`` (min/max), ``domains`` (per-domain counts,
     None for single-domain data), ``splits`` (per-split counts when the files carry a split,
@@ -43,6 +43,9 @@ def describe(dataset: Dataset) -> dict[str, Any]:
         stats["rating"] = {"min": float(r.min()), "max": float(r.max()), "mean": round(float(r.mean()), 6)}
     else:
         stats["rating"] = None
+    if "value" in frame.columns:
+        v = frame["value"]
+        stats["value"] = {"min": float(v.min()), "max": float(v.max()), "mean": round(float(v.mean()), 6)}
     lengths = frame.groupby("user").size().to_numpy()
     pct = np.percentile(lengths, _PERCENTILES)
     stats["sequence_length"] = {f"p{p}": float(v) for p, v in zip(_PERCENTILES, pct)}

@@ -6,8 +6,8 @@
     the shared item catalogue (:class:`~fedrec.data.catalogue.Catalogue`): items are public;
 ``client-<k>.parquet``
     client ``k``'s users' interactions only, raw ids, canonical column names (``user``,
-    ``item``, ``time`` and, when the source has them, ``label``, ``rating``, ``domain``,
-    ``split``), rows in the source's order, readable as ``parquet:client-<k>.parquet``;
+    ``item``, ``time`` and, when the source has them, ``label``, ``rating``, ``value``,
+    ``domain``, ``split``), rows in the source's order, readable as ``parquet:client-<k>.parquet``;
 ``client-<k>.users.parquet``
     (when the source has user features) those users' feature codes (``user`` + one column
     per field), read with ``parquet:client-<k>.parquet?user_features=client-<k>.users.parquet``;

@@ -11,6 +11,8 @@ time      int64 or  timestamp, or the position within the user's file order
           float64   when the source has no time
 label     int8      optional: 1 click / positive, 0 non-click / negative exposure
 rating    float64   optional: explicit rating
+value     float64   optional: a per-interaction regression target, e.g. a watch time
+                    (CRM's condition; RecFlow's ``playing_time``)
 domain    object    optional: domain name (cross-domain data)
 split     object    optional: the files' own split, "train" / "valid" / "test"
 ========  ========  ==========================================================
@@ -33,7 +35,7 @@ from fedrec.errors import DataError
 __all__ = ["Interactions", "Dataset", "REQUIRED", "OPTIONAL", "SPLITS"]
 
 REQUIRED = ("user", "item", "time")
-OPTIONAL = ("label", "rating", "domain", "split")
+OPTIONAL = ("label", "rating", "value", "domain", "split")
 SPLITS = ("train", "valid", "test")
 
 
@@ -84,6 +86,14 @@ class Interactions:
             rating = pd.to_numeric(frame["rating"], errors="coerce")
             _no_nan(rating, "rating", source)
             out["rating"] = rating.to_numpy(dtype=np.float64)
+        if "value" in frame.columns:
+            value = pd.to_numeric(frame["value"], errors="coerce")
+            _no_nan(value, "value", source)
+            bad = ~np.isfinite(value.to_numpy(dtype=np.float64))
+            if bad.any():
+                raise DataError("value must be finite", file=source, column="value",
+                                value=value.iloc[int(np.flatnonzero(bad)[0])])
+            out["value"] = value.to_numpy(dtype=np.float64)
         if "domain" in frame.columns:
             out["domain"] = frame["domain"].astype(str).to_numpy()
         if "split" in frame.columns:

@@ -120,6 +120,9 @@ class SplitData:
     #: per row, the explicit rating (float32, NaN where the source has none), or None when
     #: the data has no rating column (the second behaviour of the multi-behaviour head)
     rating: np.ndarray | None = None
+    #: per row, the ``value`` column (a regression target such as a watch time, float32),
+    #: or None when the data has none
+    value: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -212,6 +215,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     item_raw_rows = frame["item"].to_numpy()[order]
     label = frame["label"].to_numpy()[order].astype(np.int8) if inter.has_labels else np.ones(len(frame), dtype=np.int8)
     rating = frame["rating"].to_numpy(dtype=np.float32)[order] if "rating" in frame.columns else None
+    value = frame["value"].to_numpy(dtype=np.float32)[order] if "value" in frame.columns else None
 
     # sequence boundaries
     new_seq = np.ones(len(order), dtype=bool)
@@ -240,6 +244,8 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     )
     if rating is not None:
         rating = rating[keep]
+    if value is not None:
+        value = value[keep]
     if len(user_raw_rows) == 0:
         raise DataError("no interactions left after splitting", file=dataset.name)
 
@@ -300,6 +306,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
         user_cardinalities=user_cards,
         out_of_catalogue=out_of_catalogue,
         rating=rating,
+        value=value,
     )
 
 

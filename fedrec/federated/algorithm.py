@@ -372,7 +372,8 @@ class Algorithm:
     def _per_user_batch(self, batch: dict[str, torch.Tensor], users: np.ndarray) -> dict[str, torch.Tensor]:
         """A batch (one example per user) as vmap inputs: users renumbered to 1 (their row
         of the two-row private tables), profile codes passed explicitly."""
-        keep = ("items", "labels", "target_items", "target_labels", "target_mask", "negatives", "candidates")
+        keep = ("items", "labels", "target_items", "target_labels", "target_mask", "negatives", "candidates",
+                "ratings", "target_ratings", "values", "target_values")
         out = {k: v for k, v in batch.items() if k in keep}
         out["user"] = torch.ones(len(users), dtype=torch.long)
         if self._user_codes is not None:

@@ -77,6 +77,9 @@ class ModelData:
     #: every item (-1 for padding; None on single-domain data)
     domains: tuple[str, ...] = ()
     item_domain: torch.Tensor | None = None
+    #: the per-row value columns the data has (``"rating"``, ``"value"``): what batches carry
+    #: as ``ratings`` / ``values`` (CRM's condition)
+    value_columns: tuple[str, ...] = ()
 
     @classmethod
     def from_split(cls, split: SplitData) -> "ModelData":
@@ -92,7 +95,9 @@ class ModelData:
         if split.user_cardinalities is not None:  # a node's split: the catalogue's schema
             uc = tuple(split.user_cardinalities)
         item_domain = torch.from_numpy(np.asarray(split.item_domain, dtype=np.int64)) if split.domains else None
-        return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic, tuple(split.domains), item_domain)
+        columns = tuple(c for c in ("rating", "value") if getattr(split, c, None) is not None)
+        return cls(split.n_users, split.n_items, split.has_labels, uf, itf, uc, ic, tuple(split.domains), item_domain,
+                   columns)
 
 
 class RecModel(nn.Module):

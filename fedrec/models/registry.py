@@ -13,6 +13,7 @@ from fedrec.config import build_config
 from fedrec.errors import ConfigError
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.bert4rec import BERT4Rec, BERT4RecConfig
+from fedrec.models.crm import CRM, CRMConfig
 from fedrec.models.dimerec import DimeRec, DimeRecConfig
 from fedrec.models.elastic import Elastic, ElasticConfig
 from fedrec.models.kuaiformer import KuaiFormer, KuaiFormerConfig
@@ -56,6 +57,7 @@ MODELS.register("bert4rec-last")(lambda: ModelSpec(
 MODELS.register("kuaiformer")(lambda: ModelSpec(KuaiFormer, KuaiFormerConfig))
 MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig))
 MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig))
+MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))

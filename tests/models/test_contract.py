@@ -31,10 +31,23 @@ def two_domains():
                                       "domains=2,overlap=0.5"))
 
 
+@pytest.fixture(scope="module")
+def rated():
+    """Single-domain data whose rows carry a rating (``behaviours=2``): CRM's condition."""
+    return split_dataset(load_dataset("synthetic:users=40,items=60,groups=2,min_len=6,max_len=12,seed=1,behaviours=2"))
+
+
+#: models that need a per-row value (rating) in the data
+NEEDS_RATING = ("crm",)
+
+
 @pytest.fixture()
-def split(request, single_domain, two_domains):
-    """The data of the case's task: cross-domain (``cdr``) needs two domains."""
-    return two_domains if request.node.callspec.params.get("task") == "cdr" else single_domain
+def split(request, single_domain, two_domains, rated):
+    """The data of the case's task: cross-domain (``cdr``) needs two domains, CRM a rating."""
+    params = request.node.callspec.params
+    if params.get("task") == "cdr":
+        return two_domains
+    return rated if params.get("name") in NEEDS_RATING else single_domain
 
 
 def cases():

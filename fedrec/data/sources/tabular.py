@@ -2,8 +2,8 @@
 
 The query maps canonical fields to the file's columns, e.g.
 ``csv:logs.csv?user=uid&item=iid&time=ts&label=click``. ``user`` and ``item`` are required;
-``time`` (default: the row's position within its user), ``label`` (0/1), ``rating`` and
-``domain`` are optional; ``split`` maps a column holding train/valid/test.
+``time`` (default: the row's position within its user), ``label`` (0/1), ``rating``,
+``value`` (a regression target such as a watch time) and ``domain`` are optional; ``split`` maps a column holding train/valid/test.
 
 CSV options: ``sep`` (default ``,``; ``tab`` for a tab), ``header`` (default true; with
 ``header=false`` refer to columns by 0-based position, e.g. ``user=0&item=1``).
@@ -12,7 +12,7 @@ reviewer ids and ASINs) as integers in order of first appearance. ``label_from_r
 derives the label as ``rating >= X`` when the file has ratings but no label.
 
 Without a mapping, a file whose columns carry the canonical names (``user``, ``item`` and
-any of ``time``, ``label``, ``rating``, ``domain``, ``split``: the client files of
+any of ``time``, ``label``, ``rating``, ``value``, ``domain``, ``split``: the client files of
 ``fedrec data partition``) is read as it is, e.g. ``parquet:client-0.parquet``.
 
 ``user_features=FILE`` (``.parquet`` or ``.csv``; a relative path is taken from the data
@@ -31,7 +31,7 @@ from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError, SpecError
 
-_FIELDS = ("user", "item", "time", "label", "rating", "domain", "split")
+_FIELDS = ("user", "item", "time", "label", "rating", "value", "domain", "split")
 
 
 def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
@@ -94,6 +94,8 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
         table["time"] = table.groupby("user").cumcount().to_numpy()
     if "rating" in used:
         table["rating"] = float_column(frame, used["rating"], lines, path)
+    if "value" in used:
+        table["value"] = float_column(frame, used["value"], lines, path)
     if "label" in used:
         table["label"] = int_column(frame, used["label"], lines, path)
         bad = ~np.isin(table["label"].to_numpy(), (0, 1))
