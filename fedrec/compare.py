@@ -107,7 +107,8 @@ def row_options(cfg: dict[str, Any], run: dict[str, Any]):
     """The options of one row: the per-dataset defaults of the data (:mod:`fedrec.defaults`)
     under the shared table (``[federated]`` or ``[train]``), the row's own keys and its
     ``[runs.options]`` (last wins) -> :class:`~fedrec.defaults.Resolved` (flat keys: ``task``,
-    ``model.KEY`` model options and the runtime's keys). Reads no data."""
+    ``model.KEY`` model options and the runtime's keys). A centralised row's ``[runs.train]``
+    table overrides ``[train]`` keys for that row. Reads no data."""
     from fedrec.defaults import resolve
 
     run = dict(run)
@@ -119,14 +120,16 @@ def row_options(cfg: dict[str, Any], run: dict[str, Any]):
         user.update({f"model.{k}": v for k, v in model_options.items()})
         return resolve(cfg["data"], runtime="federated", user=user)
     model = run.pop("model")
+    row_train = dict(run.pop("train", {}))  # [runs.train]: this row's training keys
     if run:
         raise ConfigError(f"centralised run '{name}': unknown key(s) {', '.join(sorted(run))} (put model options in [runs.options])")
     train_table = dict(cfg.get("train", {}))
-    for key in train_table:
+    for key in [*train_table, *row_train]:
         if str(key).replace("_", "-") == "task" or str(key).startswith("model."):
             raise ConfigError(f"[train] has no option '{key}' (the task is the file's 'task'; model options go in "
                               "[runs.options])")
     user.update(train_table)
+    user.update(row_train)
     user.update({f"model.{k}": v for k, v in model_options.items()})
     return resolve(cfg["data"], runtime="centralised", model=model, user=user)
 

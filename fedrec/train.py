@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches
-from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
+from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
 from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
@@ -83,6 +83,11 @@ class TrainConfig:
     #: and test) rank against these instead of uniform draws; another sampled protocol
     #: alongside it is an error.
     negatives_file: str = ""
+    #: next item: of the ``negatives`` per target, this many from the target's own request's
+    #: stage samples (RecFlow's hard negatives; data with stage samples only); 0 = none
+    stage_negatives: int = 0
+    #: the least stage (1 pre-ranking .. 4 re-ranking) a stage sample must have reached
+    stage_min: int = 1
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
@@ -92,6 +97,11 @@ class TrainConfig:
             raise ConfigError(f"train option 'patience' must be >= 0 (got {self.patience})")
         if self.lr <= 0:
             raise ConfigError(f"train option 'lr' must be > 0 (got {self.lr})")
+        if self.stage_negatives < 0 or self.stage_negatives > self.negatives:
+            raise ConfigError(f"train option 'stage-negatives' must be in 0..negatives ({self.negatives}) "
+                              f"(got {self.stage_negatives})")
+        if not 1 <= self.stage_min <= 4:
+            raise ConfigError(f"train option 'stage-min' must be in 1..4 (got {self.stage_min})")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
         for extra in self.extra_protocols():
@@ -475,6 +485,10 @@ def train(
             model.prepare(split)
         opts = _optimizers(model, cfg)
         sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task in ("next_item", "cdr") else None
+        if cfg.stage_negatives:
+            if task != "next_item":
+                raise ConfigError(f"train option 'stage-negatives' is for the next_item task (got {task})")
+            sampler = StageNegativeSampler(split, seed=cfg.seed, stage=cfg.stage_negatives, min_stage=cfg.stage_min)
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
         identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)

@@ -387,8 +387,11 @@ def iterate_batches(
                 dom = domains if sp.domains else None
                 if examples.stage == "train":
                     T = tgt.shape[1]
-                    neg = sampler.sample(np.repeat(users, T), num_negatives,
-                                         domains=None if dom is None else np.repeat(dom, T))
+                    if hasattr(sampler, "sample_rows"):  # stage-aware: from the target's own request
+                        neg = sampler.sample_rows(np.repeat(users, T), tgt.reshape(-1), num_negatives)
+                    else:
+                        neg = sampler.sample(np.repeat(users, T), num_negatives,
+                                             domains=None if dom is None else np.repeat(dom, T))
                     neg = neg.reshape(len(idx), T, num_negatives) * (tgt >= 0)[:, :, None]
                     batch["negatives"] = torch.from_numpy(neg)
                 else:

@@ -153,6 +153,11 @@ class Dataset:
     user_groups:
         Optional true latent group per raw user id (synthetic data), for scoring group
         discovery.
+    stage_samples:
+        Optional candidates a recommender funnel filtered out before exposure (RecFlow):
+        ``user``, ``item`` (raw ids), ``time`` (the request's time, as in the
+        interactions) and ``stage`` (1 pre-ranking .. 4 re-ranking: the deepest stage the
+        item reached). Not interactions: only stage-aware training reads them.
     meta:
         Free-form facts about the source (generative parameters, thresholds, ...).
     """
@@ -163,6 +168,7 @@ class Dataset:
     item_features: pd.DataFrame | None = None
     user_groups: pd.Series | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    stage_samples: pd.DataFrame | None = None
 
 
 def _no_nan(series: pd.Series, column: str, source: str) -> None:

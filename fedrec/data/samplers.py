@@ -17,6 +17,11 @@ Two uses, two exclusions:
   *distinct* items the user never interacted with in any split (so never the held-out
   item), as in the sampled protocols of SASRec / S3-Rec / UniCDR.
 
+:class:`StageNegativeSampler` (stage-aware training on RecFlow-style data) draws some of each
+training target's negatives from the candidates that the recommender funnel filtered out of
+the same request (the split's stage samples of the same user and time): RecFlow's
+hard-negative baseline.
+
 :class:`FixedNegatives` reads a published list of sampled-ranking negatives per user (the
 ``user neg_1 ... neg_N`` format of S3-Rec's ``*_sample.txt``), so a sampled metric can be
 computed on exactly the candidates a paper used. It has the same ``sample`` interface.
@@ -32,7 +37,7 @@ from fedrec.data.io import iter_lines, resolve_file
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError, DataError
 
-__all__ = ["UniformNegativeSampler", "FixedNegatives"]
+__all__ = ["UniformNegativeSampler", "StageNegativeSampler", "FixedNegatives"]
 
 _MAX_ROUNDS = 20
 
@@ -178,6 +183,61 @@ class UniformNegativeSampler:
         """Restore :meth:`state_dict`."""
         self.seed = state["seed"]
         self.rng.bit_generator.state = state["rng"]
+
+
+class StageNegativeSampler(UniformNegativeSampler):
+    """Training negatives of which ``stage`` per target come from the target's own request's
+    stage samples (the items the funnel filtered out of it: same user, same time; drawn
+    uniformly, with replacement, among them), the rest uniform as
+    :meth:`UniformNegativeSampler.for_training`. A target whose request has no stage sample
+    gets uniform negatives only. ``min_stage`` (1..4) keeps only samples that reached at
+    least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
+    """
+
+    def __init__(self, split: SplitData, *, seed: int, stage: int, min_stage: int = 1) -> None:
+        super().__init__(split, seed=seed, exclude_parts=(TRAIN,))
+        if split.stage_user is None:
+            raise ConfigError("stage-negatives needs data with stage samples (recflow:DIR with its all_stage/ "
+                              "folder, or synthetic:kind=recflow)")
+        if stage < 1:
+            raise ConfigError(f"stage-negatives must be >= 1 (got {stage})")
+        keep = split.stage_level >= min_stage
+        self.stage = int(stage)
+        self._stage_items = split.stage_item[keep]
+        times = np.asarray(split.stage_time)[keep]
+        users = split.stage_user[keep]
+        self._t0 = int(min(times.min(), np.min(split.time))) if times.size else 0
+        span = int(max(times.max() if times.size else 0, np.max(split.time))) - self._t0 + 1
+        if span * (split.n_users + 1) >= 2**62:
+            raise ConfigError("stage samples: the time span is too long to index requests by (user, time)")
+        self._span = span
+        self._stage_keys = users.astype(np.int64) * span + (times.astype(np.int64) - self._t0)  # sorted (user, time)
+
+    def _requests(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end of each target row's request in the stage arrays."""
+        sp = self.split
+        safe = np.maximum(rows, 0)
+        keys = sp.row_user[safe].astype(np.int64) * self._span + (np.asarray(sp.time)[safe].astype(np.int64) - self._t0)
+        lo = np.searchsorted(self._stage_keys, keys, side="left")
+        hi = np.searchsorted(self._stage_keys, keys, side="right")
+        hi = np.where(rows >= 0, hi, lo)
+        return lo, hi
+
+    def sample_rows(self, users: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+        """``(len(rows), n)`` negatives for target ``rows`` (split row indices, -1 = none):
+        the first ``min(stage, n)`` columns from each row's request's stage samples (uniform
+        where it has none), the rest uniform."""
+        out = self.sample(users, n)
+        k = min(self.stage, n)
+        if k == 0 or len(rows) == 0:
+            return out
+        lo, hi = self._requests(np.asarray(rows, dtype=np.int64))
+        size = hi - lo
+        has = size > 0
+        if has.any():
+            pick = lo[has, None] + (self.rng.random((int(has.sum()), k)) * size[has, None]).astype(np.int64)
+            out[has, :k] = self._stage_items[pick]
+        return out
 
 
 class FixedNegatives:

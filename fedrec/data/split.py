@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Literal, TypeVar
+from typing import Any, Callable, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -123,6 +123,13 @@ class SplitData:
     #: per row, the ``value`` column (a regression target such as a watch time, float32),
     #: or None when the data has none
     value: np.ndarray | None = None
+    #: the stage samples (:attr:`~fedrec.data.interactions.Dataset.stage_samples`) of this
+    #: split's users and items, sorted by (user, time): ``stage_user`` (user index),
+    #: ``stage_time``, ``stage_item`` (item index), ``stage_level``; None without any
+    stage_user: np.ndarray | None = None
+    stage_time: np.ndarray | None = None
+    stage_item: np.ndarray | None = None
+    stage_level: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -282,6 +289,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
         user_group = np.zeros(len(user_raw) + 1, dtype=np.int64)
         user_group[1:] = dataset.user_groups.reindex(user_raw).fillna(0).to_numpy(dtype=np.int64)
 
+    stages = _stage_samples(dataset, user_raw, item_raw if catalogue is None else None, catalogue)
     return SplitData(
         n_users=len(user_raw),
         n_items=len(item_raw),
@@ -307,7 +315,35 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
         out_of_catalogue=out_of_catalogue,
         rating=rating,
         value=value,
+        **stages,
     )
+
+
+def _stage_samples(dataset: Dataset, user_raw: np.ndarray, item_raw: np.ndarray | None, catalogue) -> dict[str, Any]:
+    """The split's stage-sample arrays. Samples of users outside the split, and of items
+    outside its item space (the interactions' items, or the catalogue's), are dropped: a
+    candidate that was never exposed to anyone has no index."""
+    frame = dataset.stage_samples
+    if frame is None or len(frame) == 0:
+        return {}
+    users = frame["user"].to_numpy(np.int64)
+    pos = np.searchsorted(user_raw, users)
+    known = (pos < len(user_raw)) & (user_raw[np.minimum(pos, len(user_raw) - 1)] == users)
+    raw_items = frame["item"].to_numpy(np.int64)
+    if catalogue is not None:
+        items = catalogue.index(raw_items)
+        known &= items > 0
+    else:
+        ipos = np.searchsorted(item_raw, raw_items)
+        ok = (ipos < len(item_raw)) & (item_raw[np.minimum(ipos, len(item_raw) - 1)] == raw_items)
+        known &= ok
+        items = ipos + 1
+    user_idx = (pos + 1)[known]
+    time = frame["time"].to_numpy()[known]
+    order = np.lexsort((time, user_idx))
+    return {"stage_user": user_idx[order].astype(np.int64), "stage_time": time[order],
+            "stage_item": np.asarray(items)[known][order].astype(np.int64),
+            "stage_level": frame["stage"].to_numpy(np.int8)[known][order]}
 
 
 def _catalogue_user_features(dataset: Dataset, user_raw: np.ndarray, catalogue):

@@ -191,7 +191,9 @@ class CRM(RetrievalModel):
                 c = torch.where(real, values, torch.full_like(values, math.nan)).nanmedian(1).values
             else:  # last: histories are left-padded, the newest value is the last real one
                 c = values[:, -1]
-            out.append(torch.where(n > 0, torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(c)))
+            if not isinstance(term, float):  # a statistic of no history is 0
+                c = torch.where(n > 0, torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(c))
+            out.append(c)
         return torch.stack(out, dim=1)
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:

@@ -28,6 +28,7 @@ from fedrec.data.sources import (  # noqa: E402,F401
     kuaisar,
     movielens,
     pairs,
+    recflow,
     seq,
     synthetic,
     tabular,

@@ -33,6 +33,10 @@ eps2_u`` and an item quality ``q_i ~ N(0, 0.7^2)``, ``rating = clip(round(2.7 + 
 multi-behaviour head of UniCDR+, :data:`fedrec.data.batching.LIKE_THRESHOLD`). Drawn from a
 stream of its own, so the rest of the data is the same as with ``behaviours=1``.
 
+``kind=recflow`` generates a recommender funnel with RecFlow's columns instead (exposures,
+watch times and the stage samples each request filtered out; its options are in
+:mod:`fedrec.data.sources.recflow`).
+
 Options (defaults): ``users=2000, items=1000, groups=4, categories=20, dim=16,
 group_weight=0.8, min_len=10, max_len=60, explore=0.3, sharpness=3.0, profile_signal=0.5,
 domains=1, overlap=1.0, behaviours=1, seed=0``.
@@ -54,7 +58,10 @@ _BRANDS = 50
 
 @SOURCES.register("synthetic")
 def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
-    """Generate the synthetic grouped-users data (see the module docstring for options)."""
+    """Generate the synthetic grouped-users data (see the module docstring for options);
+    ``kind=recflow`` generates a RecFlow funnel instead (:mod:`fedrec.data.sources.recflow`)."""
+    if options.choice("kind", ("groups", "recflow"), "groups") == "recflow":
+        return _load_recflow(spec, options)
     p = dict(
         users=options.int("users", 2000, minimum=1),
         items=options.int("items", 1000, minimum=2),
@@ -76,6 +83,32 @@ def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
     if p["max_len"] < p["min_len"]:
         raise SpecError(f"{spec.text}: max_len ({p['max_len']}) must be >= min_len ({p['min_len']})")
     return generate(name=spec.text, **p)
+
+
+def _load_recflow(spec: SourceSpec, options: Options) -> Dataset:
+    from fedrec.data.sources.recflow import generate_recflow, recflow_dataset
+
+    p = dict(
+        users=options.int("users", 300, minimum=1),
+        items=options.int("items", 500, minimum=2),
+        requests=options.int("requests", 20, minimum=1),
+        candidates=options.int("candidates", 60, minimum=2),
+        groups=options.int("groups", 4, minimum=1),
+        dim=options.int("dim", 16, minimum=1),
+        group_weight=options.float("group_weight", 0.8, minimum=0.0, maximum=1.0),
+        sharpness=options.float("sharpness", 3.0, minimum=0.0),
+        system_noise=options.float("system_noise", 1.0, minimum=0.0),
+        watch_offset=options.float("watch_offset", 1.5),
+        seed=options.int("seed", 0),
+    )
+    label = options.str("label", "effective_view")
+    options.finish()
+    if p["items"] < p["candidates"]:
+        raise SpecError(f"{spec.text}: items ({p['items']}) must be >= candidates ({p['candidates']})")
+    realshow, all_stage = generate_recflow(**p)
+    dataset = recflow_dataset(realshow, all_stage, name=spec.text, label=label)
+    dataset.meta["params"] = {"kind": "recflow", **p}
+    return dataset
 
 
 def generate(
