@@ -18,6 +18,7 @@ A comparison is a TOML file::
     algorithm = "mrff"   # federated keys of this row (override [federated])
     [runs.options]       # model options (both kinds)
     item-repr = "attributes"
+    # [runs.train]       # a centralised row's own TrainConfig keys (override [train])
 
 Every federated row runs through the project's Flower apps in-process
 (:func:`fedrec.federated.runner.run_in_process`); every centralised row through

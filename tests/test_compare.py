@@ -164,3 +164,19 @@ def test_recorded_comparisons_resolve_as_they_were_run():
             assert row_options(cfg, run).defaults == {}, (path.name, run["name"])
             prints = {r["fingerprint"] for r in recorded.values() if r["row"] == run["name"] and "fingerprint" in r}
             assert prints <= {_fingerprint(cfg, run)}, (path.name, run["name"])
+
+
+def test_a_centralised_row_takes_its_own_train_keys(tmp_path):
+    """[runs.train] overrides [train] for that row only, and a model option there is refused."""
+    from fedrec.compare import row_options
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG + '[runs.train]\nepochs = 3\nlr = 0.01\n')
+    cfg = load_comparison(path)
+    central = row_options(cfg, cfg["runs"][1]).options
+    assert central["epochs"] == 3 and central["lr"] == 0.01 and central["model.dim"] == 16
+    results = run_comparison(cfg, seeds=[0], out_dir=tmp_path / "out", only=["central"])
+    assert results["central/seed0"]["train"]["epochs"] == 3 and results["central/seed0"]["train"]["lr"] == 0.01
+    path.write_text(CONFIG + '[runs.train]\n"model.dim" = 8\n')
+    with pytest.raises(ConfigError, match="has no option 'model.dim'"):
+        row_options(load_comparison(path), load_comparison(path)["runs"][1])

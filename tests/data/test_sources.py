@@ -7,6 +7,7 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fedrec.data import known_formats, load_dataset
 from fedrec.errors import DataError, SpecError
@@ -109,6 +110,27 @@ def test_csv_without_header_label_from_rating_and_tab(tmp_path):
     f = write(tmp_path / "r.tsv", "1\t2\t4.5\n1\t3\t2.0\n")
     frame = load_dataset(f"csv:{f}?header=false&sep=tab&user=0&item=1&rating=2&label_from_rating=4").interactions.frame
     assert frame.label.tolist() == [1, 0] and frame.time.tolist() == [0, 1]
+
+
+def test_csv_value_column_reaches_the_split_and_the_batches(tmp_path):
+    """A watch-time-like ``value`` column: canonical, kept per row by the split, carried by
+    next-item batches as ``values`` / ``target_values`` (CRM's condition)."""
+    from fedrec.data.batching import build_examples, iterate_batches
+    from fedrec.data.split import split_dataset
+
+    rows = "".join(f"{u},{i},{t},{w}\n" for u in (1, 2) for t, (i, w) in enumerate([(5, 10.5), (6, 3), (7, 80), (8, 1)]))
+    f = write(tmp_path / "w.csv", "u,i,t,watch\n" + rows)
+    ds = load_dataset(f"csv:{f}?user=u&item=i&time=t&value=watch")
+    assert ds.interactions.frame.value.tolist()[:4] == [10.5, 3.0, 80.0, 1.0]
+    sp = split_dataset(ds)
+    batch = next(iterate_batches(build_examples(sp, task="next_item", stage="train", max_len=3), batch_size=2))
+    assert batch["values"].shape == batch["items"].shape and "ratings" not in batch
+    # train rows of each user: item 5 (10.5) then item 6 (3): history 5 -> target 6; NaN = padding
+    assert batch["values"][0, -1].item() == 10.5 and batch["target_values"][0, -1].item() == 3.0
+    assert torch.isnan(batch["values"][0, :2]).all() and torch.isnan(batch["target_values"][0, :2]).all()
+    bad = write(tmp_path / "bad.csv", "u,i,t,watch\n1,5,0,fast\n")
+    with pytest.raises(DataError, match="watch"):
+        load_dataset(f"csv:{bad}?user=u&item=i&time=t&value=watch")
 
 
 def test_parquet_mapping(tmp_path):

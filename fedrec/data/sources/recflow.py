@@ -1,5 +1,7 @@
-"""``recflow:DIR`` — RecFlow, an industrial full-flow dataset (Liu et al., ICLR 2025,
-arXiv:2410.20868), and ``synthetic:kind=recflow,...``, a funnel generator with its columns.
+"""``recflow:DIR`` — RecFlow, exposures and every funnel stage's filtered candidates.
+
+RecFlow: "An Industrial Full Flow Recommendation Dataset", Liu et al., ICLR 2025,
+arXiv:2410.20868; ``synthetic:kind=recflow,...`` is a funnel generator with its columns.
 
 RecFlow logs every stage of Kuaishou's recommendation funnel for 42K users over 37 days: the
 exposures (``realshow``) and, per request, the items each stage filtered out. The data is a
