@@ -17,6 +17,7 @@ from fedrec.models.crm import CRM, CRMConfig
 from fedrec.models.dimerec import DimeRec, DimeRecConfig
 from fedrec.models.elastic import Elastic, ElasticConfig
 from fedrec.models.kuaiformer import KuaiFormer, KuaiFormerConfig
+from fedrec.models.marm import MARM, MARMConfig
 from fedrec.models.mf import MF, MFConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
@@ -58,6 +59,7 @@ MODELS.register("kuaiformer")(lambda: ModelSpec(KuaiFormer, KuaiFormerConfig))
 MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig))
 MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig))
 MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig))
+MODELS.register("marm")(lambda: ModelSpec(MARM, MARMConfig))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
