@@ -162,3 +162,21 @@ def test_readme_group_routing_table_is_rendered_from_the_json():
 
     results = json.loads((ROOT / "simulations" / "results" / "group_discovery.json").read_text())
     assert group_discovery.markdown_table(results) in (ROOT / "README.md").read_text()
+
+
+def test_bench_marm_measures_hit_rate_memory_and_compute(tmp_path, capsys):
+    import bench_marm
+
+    out = tmp_path / "bench.json"
+    assert bench_marm.main(["--data", "synthetic:users=60,items=80,seed=1", "--epochs", "1", "--layers", "1",
+                            "--layers", "2", "--repeat", "1", "--max-len", "20", "--json", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads(out.read_text())
+    one, two = result["by_layers"]["1"], result["by_layers"]["2"]
+    assert one["hit_rate"] is None and one["entries"] == 0 and one["flops_saved"] == 1.0
+    assert 0.8 < two["hit_rate"] <= 1.0 and two["entries"] > 0
+    assert two["megabytes"] == round(two["entries"] * 32 * 4 / 2**20, 3)  # (L - 1) x dim float32 per entry
+    assert two["flops_recomputed"] > two["flops_cached"] == 2 * one["flops_cached"]
+    assert two["ms_cached"] > 0 and two["ms_recomputed"] > 0
+    assert 0.0 <= two["test_auc_cached"] <= 1.0
+    assert bench_marm.main(["--data", "synthetic:users=20,items=30", "--set", "layers"]) == 2

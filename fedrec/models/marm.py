@@ -74,7 +74,8 @@ class MARMConfig:
     layers: int = 2
     heads: int = 2
     dropout: float = 0.2
-    max_len: int = 50
+    #: the most recent impressions read (65: the backbone's, MRFF's reference)
+    max_len: int = 65
     item_repr: str = "auto"
     user_profile: bool = True
     user_id: bool = False
