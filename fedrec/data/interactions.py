@@ -153,6 +153,9 @@ class Dataset:
     user_groups:
         Optional true latent group per raw user id (synthetic data), for scoring group
         discovery.
+    item_text:
+        Optional item content as text per raw item id (MovieLens: title and genres), what a
+        content encoder reads (QARM).
     stage_samples:
         Optional candidates a recommender funnel filtered out before exposure (RecFlow):
         ``user``, ``item`` (raw ids), ``time`` (the request's time, as in the
@@ -169,6 +172,7 @@ class Dataset:
     user_groups: pd.Series | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     stage_samples: pd.DataFrame | None = None
+    item_text: pd.Series | None = None
 
 
 def _no_nan(series: pd.Series, column: str, source: str) -> None:

@@ -130,6 +130,9 @@ class SplitData:
     stage_time: np.ndarray | None = None
     stage_item: np.ndarray | None = None
     stage_level: np.ndarray | None = None
+    #: per item index, its text (:attr:`~fedrec.data.interactions.Dataset.item_text`; "" for
+    #: the padding item and items without one), or None when the data has none
+    item_text: np.ndarray | None = None
 
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -315,8 +318,17 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
         out_of_catalogue=out_of_catalogue,
         rating=rating,
         value=value,
+        item_text=_item_texts(dataset, item_raw),
         **stages,
     )
+
+
+def _item_texts(dataset: Dataset, item_raw: np.ndarray) -> np.ndarray | None:
+    """``(n_items + 1,)`` object array of item texts ("" where unknown), or None."""
+    if dataset.item_text is None:
+        return None
+    text = dataset.item_text.reindex(np.asarray(item_raw)).fillna("").astype(str).to_numpy(dtype=object)
+    return np.concatenate([np.array([""], dtype=object), text])
 
 
 def _stage_samples(dataset: Dataset, user_raw: np.ndarray, item_raw: np.ndarray | None, catalogue) -> dict[str, Any]:

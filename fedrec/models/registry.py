@@ -21,6 +21,7 @@ from fedrec.models.marm import MARM, MARMConfig
 from fedrec.models.mf import MF, MFConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
+from fedrec.models.qarm import QARM, QARMConfig
 from fedrec.models.sasrec import SASRec, SASRecConfig
 from fedrec.models.unicdr import UniCDR, UniCDRConfig
 from fedrec.models.user_ctr import UserCTR
@@ -62,6 +63,7 @@ MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig))
 MODELS.register("marm")(lambda: ModelSpec(MARM, MARMConfig))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
+MODELS.register("qarm")(lambda: ModelSpec(QARM, QARMConfig))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
 MODELS.register("unicdr")(lambda: ModelSpec(UniCDR, UniCDRConfig))
 MODELS.register("user_ctr")(lambda: ModelSpec(UserCTR, None))

@@ -19,7 +19,9 @@ become integer-coded feature tables (code 0 = padding/unknown):
 
 * users: ``age`` (the MovieLens-1M age bands), ``gender``, ``occupation``, ``zip1`` (first
   zip digit);
-* items: ``genre1``, ``genre2`` (first two listed genres, 0 if absent), ``decade``.
+* items: ``genre1``, ``genre2`` (first two listed genres, 0 if absent), ``decade``; and the
+  item's text, ``"<title>. <genre>, <genre>, ..."`` (:attr:`Dataset.item_text`, what QARM's
+  content encoder reads).
 
 Option ``features=false`` skips them.
 """
@@ -72,6 +74,18 @@ def _user_features(path: Path, dat: bool) -> pd.DataFrame:
     return out
 
 
+#: MovieLens-100K's genre flags, in u.item's column order (u.genre)
+GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+               "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
+               "Western")
+
+
+def _item_text(ids: np.ndarray, titles: pd.Series, genres: list[str]) -> pd.Series:
+    """``"<title>. <genre>, <genre>"`` per item id (the content a text encoder reads)."""
+    text = [f"{str(t).strip()}. {', '.join(g)}" if g else str(t).strip() for t, g in zip(titles.fillna(""), genres)]
+    return pd.Series(text, index=pd.Index(ids, name="item"), name="text")
+
+
 def _item_features_100k(path: Path) -> pd.DataFrame:
     genre_cols = [f"g{i}" for i in range(19)]
     frame, lines = read_table(path, sep="|", header=False, dtype=str, encoding="latin-1",
@@ -80,7 +94,8 @@ def _item_features_100k(path: Path) -> pd.DataFrame:
     unique_ids(ids, lines, path, "item")
     flags = frame[genre_cols].fillna("0").to_numpy() == "1"
     years = frame["release"].fillna("").str.extract(_DATE_YEAR)[0]
-    return _item_table(ids, flags, years)
+    genres = [[GENRES_100K[j] for j in np.flatnonzero(row)] for row in flags]
+    return _item_table(ids, flags, years), _item_text(ids, frame["title"], genres)
 
 
 def _item_features_dat(path: Path) -> pd.DataFrame:
@@ -90,7 +105,8 @@ def _item_features_dat(path: Path) -> pd.DataFrame:
     unique_ids(ids, lines, path, "item")
     flags = frame["genres"].fillna("").str.get_dummies(sep="|").to_numpy().astype(bool)
     years = frame["title"].fillna("").str.extract(_YEAR)[0]
-    return _item_table(ids, flags, years)
+    genres = [[g for g in str(v).split("|") if g] for v in frame["genres"].fillna("")]
+    return _item_table(ids, flags, years), _item_text(ids, frame["title"], genres)
 
 
 def _item_table(ids: np.ndarray, flags: np.ndarray, years: pd.Series) -> pd.DataFrame:
@@ -136,7 +152,7 @@ def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
     if implicit:  # every rating an implicit positive: no label column
         table = table.drop(columns="label")
     interactions = Interactions.from_frame(table, source=str(path))
-    user_features = item_features = None
+    user_features = item_features = item_text = None
     if with_features:
         directory = path.parent
         upath = find_in_dir(directory, ["users.dat" if dat else "u.user"], required=False)
@@ -144,12 +160,13 @@ def load_movielens(spec: SourceSpec, options: Options) -> Dataset:
         if upath is not None:
             user_features = _user_features(upath, dat)
         if ipath is not None:
-            item_features = _item_features_dat(ipath) if dat else _item_features_100k(ipath)
+            item_features, item_text = _item_features_dat(ipath) if dat else _item_features_100k(ipath)
     return Dataset(
         name=spec.text,
         interactions=interactions,
         user_features=user_features,
         item_features=item_features,
+        item_text=item_text,
         meta={"format": "movielens", "threshold": None if implicit else threshold, "implicit": implicit,
               "time_unit": "s"},
     )
