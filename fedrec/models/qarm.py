@@ -134,15 +134,19 @@ class QARM(SequenceModel):
     def __init__(self, data: ModelData, cfg: QARMConfig) -> None:
         super().__init__(data, cfg, make_ffn=lambda layer: ResidualFFN(cfg))
         self.items = _CodedItems(self.items, data, cfg)
-        #: what prepare() found (content source, pairs, codes used); saved with the model
+        #: what prepare() found (content source, pairs, codes used)
         self.content_info: dict[str, Any] = {}
+        self._loaded = False  # codes came with loaded weights: prepare() keeps them
 
     def prepare(self, split) -> None:
         """Content vectors, behaviour alignment and codes from the training split (once,
-        before the first step; the trainer calls it)."""
+        before the first step; the trainer calls it). A model whose codes were loaded with
+        its weights keeps them (they depend on the seed of the run that made them)."""
         from fedrec.models import content as C
 
         cfg = self.cfg
+        if self._loaded:
+            return
         if cfg.content == "none":
             self.content_info = {"content": "none"}
             return
@@ -174,6 +178,8 @@ class QARM(SequenceModel):
         self.items.vq_codes = state["vq_codes"].long()
         self.items.rq_codes = state["rq_codes"].long()
         self.items.aligned = state["aligned"].float()
+        self._loaded = bool((self.items.vq_codes != 0).any() or (self.items.rq_codes != 0).any()
+                            or (self.items.aligned != 0).any())
 
     def item_tables(self) -> None:
         """No compact per-user item tables (the code tables are shared by many items)."""

@@ -143,3 +143,13 @@ def test_on_movielens_100k_marm_learns_and_serves_from_its_cache(shared_data):
     # repeated pairs); a window is the user's last max-len + 1 training impressions
     per_user = np.bincount(split.row_user[split.part == 0], minlength=split.n_users + 1)[1:]
     assert report["entries"] == int(np.sum(np.minimum(per_user, 51) - 1))
+
+
+def test_a_marm_checkpoint_scores_as_the_run_did(split, tmp_path):
+    from fedrec.train import evaluate_saved
+
+    path = tmp_path / "marm.pt"
+    result = train("marm", split, task="ctr", model_options=OPTIONS,
+                   config=TrainConfig(epochs=2, batch_size=16, progress=False, checkpoint=str(path)))
+    again = evaluate_saved(path, split)["by_protocol"]["pooled"]
+    assert again["test"] == result["test"] and again["valid"] == result["valid"]

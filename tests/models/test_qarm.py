@@ -122,6 +122,22 @@ def test_codes_are_saved_with_the_model():
     assert (fresh.items.vq_codes == 0).all()
     fresh.load_state_dict(result["model_state"])
     assert (fresh.items.vq_codes[1:] > 0).all() and (fresh.items.rq_codes[1:] > 0).all()
+    codes = fresh.items.rq_codes.clone()
+    torch.manual_seed(123)  # another seed would give other codes: loaded ones are kept
+    fresh.prepare(sp)
+    assert torch.equal(fresh.items.rq_codes, codes)
+
+
+def test_a_checkpoint_scores_as_the_run_did(tmp_path):
+    from fedrec.train import evaluate_saved
+
+    sp = split_dataset(load_dataset(SPEC))
+    path = tmp_path / "qarm.pt"
+    result = train("qarm", sp, task="ctr", model_options=SMALL,
+                   config=TrainConfig(epochs=2, progress=False, checkpoint=str(path)))
+    again = evaluate_saved(path, sp)
+    assert again["by_protocol"]["pooled"]["test"] == result["test"]
+    assert again["by_protocol"]["pooled"]["valid"] == result["valid"]
 
 
 def test_on_movielens_100k_codes_come_from_titles_and_feed_the_ranker(movielens):
