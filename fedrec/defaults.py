@@ -175,6 +175,9 @@ FORMATS: dict[str, FormatDefaults] = {
         recorded=("ml100k_ctr", "fed_ml100k", "ml100k_crm"),
     ),
     "csv": FormatDefaults(data={"task": "ctr"}),  # labelled logs; no recorded run
+    # exposures labelled by effective views: CTR; the real data is not here, so no recorded
+    # run (recflow_synthetic_stages ran on its generator, synthetic:kind=recflow)
+    "recflow": FormatDefaults(data={"task": "ctr"}),
     "parquet": FormatDefaults(data={"task": "ctr"}),  # labelled logs; no recorded run
     "seq": _NEXT_ITEM,
     "pairs": _NEXT_ITEM,

@@ -19,7 +19,16 @@ def write(path, text):
 
 
 def test_every_documented_format_is_registered():
-    assert known_formats() == ["cdr", "csv", "kuaisar", "movielens", "pairs", "parquet", "seq", "synthetic"]
+    """The README's data table names exactly the registered formats."""
+    import re
+    from pathlib import Path
+
+    assert known_formats() == ["cdr", "csv", "kuaisar", "movielens", "pairs", "parquet", "recflow", "seq", "synthetic"]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| format | spec | what it reads | options |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", table, flags=re.M))
+    names = {n for pair in documented for n in pair if n}
+    assert names == set(known_formats())
 
 
 def test_seq_positions_become_time(tmp_path):
