@@ -143,9 +143,16 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
             probs.append(model.predict_ctr(batch).double().numpy())
             labels.append(batch["target_labels"][:, -1].numpy())
             users.append(batch["user"].numpy())
-        labels_all, users_all = np.concatenate(labels), np.concatenate(users)
+        labels_all, users_all, probs_all = np.concatenate(labels), np.concatenate(users), np.concatenate(probs)
         several = np.bincount(users_all).max() > 1
-        return _clean(ctr_metrics(labels_all, np.concatenate(probs), users_all if several else None))
+        out = ctr_metrics(labels_all, probs_all, users_all if several else None)
+        if examples.split.domains:  # multi-domain data: also each domain's own AUC
+            domains = examples.domains
+            for d, name in enumerate(examples.split.domains):
+                mine = domains == d
+                if len(np.unique(labels_all[mine])) == 2:
+                    out[f"{name}/auc"] = ctr_metrics(labels_all[mine], probs_all[mine])["auc"]
+        return _clean(out)
     if task == "cdr":
         ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed,
                        negatives=negatives, behaviours=cdr_behaviours(examples.split))

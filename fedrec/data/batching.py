@@ -36,7 +36,8 @@ left-padded, so the most recent interaction is always in the last column):
 Per-row values: on data with a ``rating`` (``value``) column, ``ctr`` and ``next_item``
 batches also carry ``ratings`` / ``target_ratings`` (``values`` / ``target_values``)
 ``(B, T)`` float tensors, the history's and the targets' values (NaN on padding): CRM's
-condition.
+condition. They also carry ``target_times`` ``(B, T)`` (float64, NaN on padding): the
+targets' times (Moment&Cross's cross-domain search reads only what came before).
 
 Evaluation histories: see :func:`history_parts` (on the files' own split, training rows
 only). :meth:`ExampleSet.subset` restricts examples to a client's users.
@@ -379,6 +380,7 @@ def iterate_batches(
             inp = examples.input_rows[idx]
             batch["items"] = torch.from_numpy(_take(sp.item, inp))
             batch["labels"] = torch.from_numpy(_take(sp.label, inp).astype(np.int64))
+            batch["target_times"] = torch.from_numpy(_take(np.asarray(sp.time, dtype=np.float64), tgt, fill=np.nan))
             for key, column in (("ratings", sp.rating), ("values", sp.value)):
                 if column is not None:  # per-row values of history and targets (NaN = padding)
                     batch[key] = torch.from_numpy(_take(column, inp, fill=np.nan).astype(np.float32))

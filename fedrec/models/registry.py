@@ -19,6 +19,7 @@ from fedrec.models.elastic import Elastic, ElasticConfig
 from fedrec.models.kuaiformer import KuaiFormer, KuaiFormerConfig
 from fedrec.models.marm import MARM, MARMConfig
 from fedrec.models.mf import MF, MFConfig
+from fedrec.models.moment_cross import MomentCross, MomentCrossConfig
 from fedrec.models.mrff import MRFF, MRFFConfig
 from fedrec.models.popularity import Popularity
 from fedrec.models.qarm import QARM, QARMConfig
@@ -61,6 +62,7 @@ MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig))
 MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig))
 MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig))
 MODELS.register("marm")(lambda: ModelSpec(MARM, MARMConfig))
+MODELS.register("moment_cross")(lambda: ModelSpec(MomentCross, MomentCrossConfig))
 MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
 MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
 MODELS.register("qarm")(lambda: ModelSpec(QARM, QARMConfig))

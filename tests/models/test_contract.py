@@ -37,15 +37,16 @@ def rated():
     return split_dataset(load_dataset("synthetic:users=40,items=60,groups=2,min_len=6,max_len=12,seed=1,behaviours=2"))
 
 
-#: models that need a per-row value (rating) in the data
+#: models that need a per-row value (rating) in the data, and multi-domain data
 NEEDS_RATING = ("crm",)
+NEEDS_DOMAINS = ("moment_cross",)
 
 
 @pytest.fixture()
 def split(request, single_domain, two_domains, rated):
     """The data of the case's task: cross-domain (``cdr``) needs two domains, CRM a rating."""
     params = request.node.callspec.params
-    if params.get("task") == "cdr":
+    if params.get("task") == "cdr" or params.get("name") in NEEDS_DOMAINS:
         return two_domains
     return rated if params.get("name") in NEEDS_RATING else single_domain
 
@@ -147,15 +148,19 @@ def _federated_cases():
 
 
 @pytest.mark.parametrize("name, task", list(_federated_cases()))
-def test_one_federated_round(split, name, task):
+def test_one_federated_round(split, single_domain, name, task):
     """Every trainable model also federates: one round of the vectorised engine (``fedrec
     simulate --algorithm fedavg --model NAME``), an upload
     that moves the global parameters and stays finite, then each user's own model scores
-    its test item."""
+    its test item. Moment&Cross's cross branch reads other domains, which no client may:
+    it federates without it, on one domain."""
     from fedrec.federated import FederatedConfig, create_algorithm
 
     cfg = FederatedConfig(lr=0.01, negatives=2, chunk_size=16, seed=0)
-    alg = create_algorithm("fedavg", split, task=task, model=name, model_options=_options(name), config=cfg)
+    options = _options(name)
+    if name in NEEDS_DOMAINS:
+        split, options = single_domain, {**options, "cross": False}
+    alg = create_algorithm("fedavg", split, task=task, model=name, model_options=options, config=cfg)
     users = np.arange(1, split.n_users + 1)
     g = alg.initial_global()
     state = alg.initial_local(users)

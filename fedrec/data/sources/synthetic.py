@@ -25,6 +25,9 @@ Multi-domain variant (``domains=2`` or more): each domain has its own ``items`` 
 category means); a user's taste is shared across domains, so interactions in one domain
 carry information about another. A fraction ``overlap`` of users is active in every domain;
 the rest are active in one domain each. Rows carry ``domain`` (``d0``, ``d1``, ...).
+``domain_ratio`` scales the sequence lengths of every domain after the first (e.g. 9: a
+live-stream-like ``d0`` beside a short-video-like ``d1`` with nine times its exposures, as in
+Moment&Cross); the rows of ``d0`` are those without it.
 
 Second behaviour (``behaviours=2``): every row also gets a ``rating`` 1..5, a behaviour that
 follows the click taste only in part: a second taste ``w2_u = sqrt(0.5) * w_u + sqrt(0.5) *
@@ -39,7 +42,7 @@ watch times and the stage samples each request filtered out; its options are in
 
 Options (defaults): ``users=2000, items=1000, groups=4, categories=20, dim=16,
 group_weight=0.8, min_len=10, max_len=60, explore=0.3, sharpness=3.0, profile_signal=0.5,
-domains=1, overlap=1.0, behaviours=1, seed=0``.
+domains=1, overlap=1.0, domain_ratio=1, behaviours=1, seed=0``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
         sharpness=options.float("sharpness", 3.0, minimum=0.0),
         profile_signal=options.float("profile_signal", 0.5, minimum=0.0, maximum=1.0),
         domains=options.int("domains", 1, minimum=1),
+        domain_ratio=options.float("domain_ratio", 1.0, minimum=0.01),
         overlap=options.float("overlap", 1.0, minimum=0.0, maximum=1.0),
         behaviours=int(options.choice("behaviours", ("1", "2"), "1")),
         seed=options.int("seed", 0),
@@ -127,6 +131,7 @@ def generate(
     profile_signal: float = 0.5,
     domains: int = 1,
     overlap: float = 1.0,
+    domain_ratio: float = 1.0,
     behaviours: int = 1,
     seed: int = 0,
 ) -> Dataset:
@@ -162,6 +167,8 @@ def generate(
 
         who = np.flatnonzero(active[:, d])
         lengths = rng.integers(min_len, max_len + 1, size=who.size)
+        if d > 0 and domain_ratio != 1.0:  # e.g. short videos: 9x the exposures of live streams
+            lengths = np.maximum(1, np.round(lengths * domain_ratio)).astype(lengths.dtype)
         uid = np.repeat(who, lengths)
         n = uid.size
         # exposures: popularity draws, or a preference pick among popularity candidates
@@ -215,6 +222,6 @@ def generate(
             "params": dict(users=users, items=items, groups=groups, categories=categories, dim=dim,
                            group_weight=group_weight, min_len=min_len, max_len=max_len, explore=explore,
                            sharpness=sharpness, profile_signal=profile_signal, domains=domains,
-                           overlap=overlap, behaviours=behaviours, seed=seed),
+                           overlap=overlap, domain_ratio=domain_ratio, behaviours=behaviours, seed=seed),
         },
     )
