@@ -101,6 +101,9 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
     os.replace(tmp, path)
 
 
@@ -278,6 +281,9 @@ def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[
                 entry["test auc bound"] = float(np.mean(bounds)) if bounds else None
         entry["best"] = ", ".join(str(r.get("best_round", r.get("best_epoch"))) for r in runs)
         entry["seconds"] = float(np.mean([r["seconds"] for r in runs]))
+        # wall time per epoch (centralised) or round (federated); None for what does not train
+        steps = [r["seconds"] / n for r in runs if (n := r.get("epochs_run", r.get("rounds")) or 0) > 0]
+        entry["seconds per step"] = float(np.mean(steps)) if steps else None
         table.append(entry)
     return table
 
@@ -289,13 +295,16 @@ def write_outputs(cfg: dict[str, Any], results: dict[str, Any], out_dir: Path, *
     lines = [f"### {cfg.get('title', cfg['stem'])}", "",
              f"Data `{cfg['data_display']}`, task {cfg['task']}; test at the best validation round (federated) or epoch "
              "(centralised); mean ± std over seeds.", "",
-             "| configuration | kind | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best round/epoch | seconds |",
-             "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- | ---: |"]
+             "| configuration | kind | " + " | ".join(f"test {m}" for m in metrics)
+             + " | seeds | best round/epoch | seconds | s / epoch or round |",
+             "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- | ---: | ---: |"]
     for e in table:
         cells = [auc_cell(e[f"test {m}"], e[f"test {m} std"], e.get("test auc bound")) if m == "auc" else
                  (f"{e[f'test {m}']:.4f} ± {e[f'test {m} std']:.4f}" if e[f"test {m}"] is not None else "-")
                  for m in metrics]
-        lines.append(f"| {e['row']} | {e['kind']} | " + " | ".join(cells) + f" | {e['seeds']} | {e['best']} | {e['seconds']:.0f} |")
+        step = "-" if e["seconds per step"] is None else f"{e['seconds per step']:.2f}"
+        lines.append(f"| {e['row']} | {e['kind']} | " + " | ".join(cells)
+                     + f" | {e['seeds']} | {e['best']} | {e['seconds']:.0f} | {step} |")
     if any((e.get("test auc bound") or 0.0) > SHOWN_BOUND for e in table):
         lines += ["", ("(±b hist.): the federated AUC is pooled from score histograms; b bounds its distance from the "
                        "exact AUC (mean of the seeds' `auc-error-bound`), shown where above 0.001. Centralised AUCs "

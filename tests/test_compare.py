@@ -180,3 +180,22 @@ def test_a_centralised_row_takes_its_own_train_keys(tmp_path):
     path.write_text(CONFIG + '[runs.train]\n"model.dim" = 8\n')
     with pytest.raises(ConfigError, match="has no option 'model.dim'"):
         row_options(load_comparison(path), load_comparison(path)["runs"][1])
+
+
+def test_tables_give_the_time_per_epoch_and_result_files_are_readable(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG)
+    cfg = load_comparison(path)
+    results = run_comparison(cfg, seeds=[0], out_dir=tmp_path / "out", only=["central"])
+    table = (tmp_path / "out" / "tiny.md").read_text()
+    assert "| s / epoch or round |" in table
+    run = results["central/seed0"]
+    row = [line for line in table.splitlines() if line.startswith("| central |")][0]
+    assert row.rstrip(" |").rsplit("| ", 1)[1] == f"{run['seconds'] / run['epochs_run']:.2f}"
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((tmp_path / "out" / "tiny.json").stat().st_mode)
+    assert mode == 0o666 & ~umask
