@@ -1,0 +1,160 @@
+"""Moment's real-time training: first-label streaming against waiting for the final label
+(issue 17, Moment&Cross's *Moment* claim), measured side by side on one stream.
+
+Replays ``--data``'s impressions in time order (:mod:`fedrec.streaming`): clicks arrive
+``Exp(--delay)`` after their exposure, labels are final ``--horizon`` after it, and the model
+is evaluated on each ``--window`` of exposures before it trains on the window's label events.
+Every strategy (``first-label``, ``final-label``, ``fast-slow``) trains a fresh ``--model`` on
+the same stream, per seed. Writes ``<out>/<name>.json`` (per strategy and seed: pooled AUC
+after warmup, per-window AUC, events trained, mean delay from exposure to training; plus mean
+and std over seeds), ``<out>/<name>.md`` and ``<out>/<name>.png`` (AUC per window). Finished
+(strategy, seed) pairs are kept on a rerun.
+
+Example::
+
+    python simulations/streaming_moment.py --seed 0 --seed 1 --seed 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DATA = "synthetic:users=2000,items=500,min_len=20,max_len=60,seed=0"
+
+
+def _write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def summary(runs: dict[str, Any]) -> dict[str, Any]:
+    """Mean and std over seeds of the pooled AUC and the mean training delay, per strategy."""
+    out: dict[str, Any] = {}
+    for key, run in runs.items():
+        out.setdefault(run["strategy"], []).append(run)
+    table = {}
+    for strategy, rows in out.items():
+        aucs = [r["auc"] for r in rows]
+        table[strategy] = {"auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
+                           "seeds": len(rows), "mean_training_delay": float(np.mean([r["mean_training_delay"] for r in rows])),
+                           "trained": float(np.mean([r["trained"] for r in rows])),
+                           "seconds": float(np.mean([r["seconds"] for r in rows]))}
+    return table
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The result table (rendered from the JSON)."""
+    c = doc["config"]
+    lines = [f"Streaming `{doc['model']}` on `{doc['data']}`: window {c['window']:g} s, click delay Exp({c['delay']:g} s), "
+             f"labels final after {c['horizon']:g} s; AUC pooled over the windows after the first {c['warmup']}", "",
+             "| strategy | stream AUC | seeds | events trained | mean delay exposure -> training (s) | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for strategy, m in doc["summary"].items():
+        std = f" ± {m['auc_std']:.4f}" if m["auc_std"] is not None else ""
+        lines.append(f"| {strategy} | {m['auc']:.4f}{std} | {m['seeds']} | {m['trained']:,.0f} | "
+                     f"{m['mean_training_delay']:,.0f} | {m['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """AUC per window, one line per strategy (seed 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, run in sorted(doc["runs"].items()):
+        if run["seed"] != min(r["seed"] for r in doc["runs"].values()):
+            continue
+        pts = [(w["window"], w["auc"]) for w in run["windows"] if w.get("auc") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=run["strategy"])
+    ax.set_xlabel("window")
+    ax.set_ylabel("AUC of the window's exposures")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (module docstring)."""
+    from fedrec.streaming import STRATEGIES, StreamConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=DEFAULT_DATA, help=f"data spec with click labels (default {DEFAULT_DATA})")
+    parser.add_argument("--model", default="sasrec", help="CTR model (default sasrec)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model option (repeatable)")
+    parser.add_argument("--strategy", action="append", choices=STRATEGIES, help="strategies (default all)")
+    parser.add_argument("--seed", type=int, action="append", help="seeds (repeatable; default 0 1 2)")
+    parser.add_argument("--window", type=float, default=1800.0, help="window length, in the data's time unit (1800)")
+    parser.add_argument("--delay", type=float, default=600.0, help="mean click delay (600)")
+    parser.add_argument("--horizon", type=float, default=3600.0, help="labels are final this long after exposure (3600)")
+    parser.add_argument("--warmup", type=int, default=2, help="windows not counted in the stream AUC (2)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default="simulations/results", help="output folder")
+    parser.add_argument("--name", default="streaming_moment", help="output file stem")
+    args = parser.parse_args(argv)
+    from fedrec.data import load_dataset
+    from fedrec.data.split import split_dataset
+    from fedrec.errors import FedrecError
+    from fedrec.streaming import stream_train
+
+    options: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            print(f"error: --set {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+        k, v = item.split("=", 1)
+        options[k.strip()] = v.strip()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.name}.json"
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    try:
+        split = split_dataset(load_dataset(args.data))
+        for seed in args.seed if args.seed is not None else [0, 1, 2]:
+            for strategy in args.strategy or list(STRATEGIES):
+                key = f"{strategy}/seed{seed}"
+                if key in doc["runs"]:
+                    continue
+                cfg = StreamConfig(strategy=strategy, window=args.window, delay=args.delay, horizon=args.horizon,
+                                   warmup=args.warmup, lr=args.lr, batch_size=args.batch_size, seed=seed)
+                run = stream_train(args.model, split, model_options=options, config=cfg, progress=True)
+                run["seed"] = seed
+                doc["runs"][key] = run
+                doc.update(data=args.data, model=args.model, options=options,
+                           config={k: v for k, v in run["config"].items() if k not in ("strategy", "seed")})
+                doc["summary"] = summary(doc["runs"])
+                _write(path, json.dumps(doc, indent=2) + "\n")
+                print(f"{key}: stream AUC {run['auc']:.4f} ({run['seconds']:.0f} s)", flush=True)
+    except FedrecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not doc["runs"]:
+        return 0
+    _write(out / f"{args.name}.md", markdown(doc))
+    plot(doc, out / f"{args.name}.png")
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
