@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 
 from fedrec.data.interactions import Dataset, Interactions
 from fedrec.errors import DataError
 
-__all__ = ["filter_min_counts", "subset_rows"]
+__all__ = ["filter_min_counts", "subset_rows", "add_sampled_negatives"]
 
 
 def subset_rows(dataset: Dataset, keep: np.ndarray) -> Dataset:
@@ -48,3 +49,47 @@ def filter_min_counts(dataset: Dataset, *, min_user: int = 1, min_item: int = 1)
             file=dataset.name,
         )
     return subset_rows(dataset, keep)
+
+
+def add_sampled_negatives(dataset: Dataset, k: int, *, seed: int = 0) -> Dataset:
+    """Implicit feedback cast as CTR: every row becomes a click (label 1) followed by ``k``
+    non-clicks (label 0) of the same user, time, domain and split, each an item drawn
+    uniformly (with replacement across the ``k``) among the items of the row's domain that
+    the user never interacted with in that domain. Data that already has labels is refused."""
+    inter = dataset.interactions
+    if inter.has_labels:
+        raise DataError("the data already has click labels: ctr_negatives is for implicit feedback", file=dataset.name)
+    frame = inter.frame
+    rng = np.random.default_rng(seed)
+    domain = frame["domain"].to_numpy() if inter.has_domains else np.zeros(len(frame), dtype=object)
+    users = frame["user"].to_numpy(np.int64)
+    items = frame["item"].to_numpy(np.int64)
+    negatives = np.zeros((len(frame), k), dtype=np.int64)
+    for d in pd.unique(domain):
+        rows = np.flatnonzero(domain == d)
+        pool = np.unique(items[rows])
+        seen = np.unique(users[rows] * (int(items.max()) + 1) + items[rows])
+        u = np.repeat(users[rows], k)
+        draw = pool[rng.integers(len(pool), size=len(u))]
+        for _ in range(50):
+            bad = np.isin(u * (int(items.max()) + 1) + draw, seen)
+            if not bad.any():
+                break
+            draw[bad] = pool[rng.integers(len(pool), size=int(bad.sum()))]
+        else:
+            who = int(u[np.flatnonzero(bad)[0]])
+            raise DataError(f"ctr_negatives: user {who} has interacted with (nearly) every item of domain {d!r}: "
+                            "no non-click to sample", file=dataset.name)
+        negatives[rows] = draw.reshape(len(rows), k)
+    pos = frame.assign(label=np.ones(len(frame), dtype=np.int8))
+    neg = frame.loc[np.repeat(np.arange(len(frame)), k)].reset_index(drop=True)
+    neg["item"] = negatives.reshape(-1)
+    neg["label"] = np.zeros(len(neg), dtype=np.int8)
+    # each click followed by its non-clicks (the split sorts stably by time: ties keep this order)
+    combined = pd.concat([pos, neg], ignore_index=True)
+    position = np.empty(len(combined), dtype=np.int64)
+    position[: len(frame)] = np.arange(len(frame)) * (k + 1)
+    position[len(frame):] = (np.repeat(np.arange(len(frame)), k) * (k + 1) + 1 + np.tile(np.arange(k), len(frame)))
+    combined = combined.iloc[np.argsort(position, kind="stable")].reset_index(drop=True)
+    meta = {**dataset.meta, "ctr_negatives": k}
+    return replace(dataset, interactions=Interactions.from_frame(combined, source=inter.source), meta=meta)

@@ -192,3 +192,30 @@ def test_cdr_validation_holdout_when_the_folder_has_no_valid_file(tmp_path):
     assert (same["split"] == "valid").sum() == (same["split"] == "test").sum() == 4
     with pytest.raises(DataError, match="valid=file: no valid.txt"):
         load_dataset(f"cdr:{tmp_path}?valid=file")
+
+
+def test_ctr_negatives_cast_implicit_feedback_as_ctr(tmp_path):
+    """Every interaction a click followed by K non-clicks of the same user, time, domain and
+    split, each an item of that domain the user never interacted with."""
+    for folder, rows in {"a_b": ("0\t0\n0\t1\n1\t1\n2\t0\n2\t2\n3\t4\n4\t5\n", "0\t2\n"),
+                         "b_a": ("0\t0\n0\t3\n2\t1\n3\t4\n4\t2\n", "2\t0\n")}.items():
+        (tmp_path / folder).mkdir()
+        write(tmp_path / folder / "train.txt", rows[0])
+        write(tmp_path / folder / "test.txt", rows[1])
+    plain = load_dataset(f"cdr:{tmp_path}").interactions.frame
+    frame = load_dataset(f"cdr:{tmp_path}?ctr_negatives=2&negatives_seed=3").interactions.frame
+    assert len(frame) == 3 * len(plain) and frame.label.tolist()[:3] == [1, 0, 0]
+    clicks = frame[frame.label == 1].reset_index(drop=True)
+    assert clicks.drop(columns="label").equals(plain)
+    seen = set(zip(plain.user, plain.domain, plain.item))
+    for i, neg in frame[frame.label == 0].iterrows():
+        pos = frame.iloc[i - 1] if frame.iloc[i - 1].label == 1 else frame.iloc[i - 2]
+        assert (neg.user, neg.time, neg.domain, neg.split) == (pos.user, pos.time, pos.domain, pos.split)
+        assert (neg.user, neg.domain, neg["item"]) not in seen
+        assert neg["item"] in set(plain[plain.domain == neg.domain]["item"])
+    with pytest.raises(DataError, match="already has click labels"):
+        load_dataset("synthetic:users=10,items=20,seed=0,ctr_negatives=1")
+    full = tmp_path / "full.txt"
+    write(full, "1 1 2\n2 1\n")  # user 1 has every item
+    with pytest.raises(DataError, match="user 1 has interacted with \\(nearly\\) every item"):
+        load_dataset(f"seq:{full}?ctr_negatives=1")
