@@ -131,7 +131,7 @@ def summary(runs: dict[str, Any], serves: tuple[str, ...]) -> dict[str, Any]:
         for key in ("hr@10", "ndcg@10", "top10_value", "hit_value"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
-                out[serve][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                out[serve][key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)) if len(vals) > 1 else None,
                                    "seeds": len(vals)}
     return out
 

@@ -46,7 +46,7 @@ def summary(runs: dict[str, Any]) -> dict[str, Any]:
     table = {}
     for strategy, rows in out.items():
         aucs = [r["auc"] for r in rows]
-        table[strategy] = {"auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None,
+        table[strategy] = {"auc": float(np.mean(aucs)), "auc_std": float(np.std(aucs)) if len(aucs) > 1 else None,
                            "seeds": len(rows), "mean_training_delay": float(np.mean([r["mean_training_delay"] for r in rows])),
                            "trained": float(np.mean([r["trained"] for r in rows])),
                            "seconds": float(np.mean([r["seconds"] for r in rows]))}
