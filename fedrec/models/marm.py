@@ -235,11 +235,13 @@ class MARM(RecModel):
     def _layer(self, l: int, z: torch.Tensor, values: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.norms[l](z + self.attention[l](z, values + label, mask))
 
-    def _window(self, batch: dict[str, torch.Tensor], queries: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _window(self, batch: dict[str, torch.Tensor], queries: torch.Tensor,
+                layers: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every position a request: ``queries`` ``(B, T)`` (position t's scored item, which
         the history item at t + 1 is), the history's layer values from the earlier
         positions' outputs (module docstring). Returns ``z_1 .. z_L`` and the history values
-        each layer read, ``(B, T, d)`` each."""
+        each layer read, ``(B, T, d)`` each (only the first ``layers`` of them: what serving
+        without the store needs)."""
         items, maps = batch["items"], batch.get("item_maps")
         T = items.shape[1]
         pad = items == 0
@@ -256,11 +258,14 @@ class MARM(RecModel):
             stored = stored.view(*items.shape, self.cfg.layers - 1, self.cfg.dim)
             hit = hit & first
         outs, used = [], []
-        for l in range(self.cfg.layers):
+        n = self.cfg.layers if layers is None else layers
+        for l in range(n):
             used.append(values)
+            if l == n - 1 and layers is not None:
+                break  # the values of the last layer asked for are known: its outputs are not needed
             z = self._layer(l, z, values, label, mask)
             outs.append(z)
-            if l < self.cfg.layers - 1:
+            if l < n - 1:
                 shifted = torch.cat([values[:, :1], z[:, :-1]], dim=1)
                 shifted = torch.where(first.unsqueeze(-1), values, shifted)
                 if stored is not None:
@@ -293,7 +298,7 @@ class MARM(RecModel):
             values = self._history_from_store(batch)
         else:  # the history's values computed in the window, as in training
             queries = torch.cat([items[:, 1:], torch.zeros_like(items[:, :1])], dim=1)
-            _, values = self._window(batch, queries)
+            _, values = self._window(batch, queries, layers=self.cfg.layers)
         z = self.items(candidates)
         for l in range(self.cfg.layers):
             z = self._layer(l, z, values[l], label, mask)
