@@ -58,14 +58,23 @@ def text_encoder():
         from wordllama import WordLlama
     except ImportError as exc:  # pragma: no cover - a dependency of the package
         raise ConfigError(f"QARM's text encoder needs the 'wordllama' package ({exc}); pip install wordllama") from None
+    import hashlib
+
     shipped = Path(wordllama.__file__).parent / "tokenizers" / "l2_supercat_tokenizer_config.json"
-    cache = Path(tempfile.gettempdir()) / f"fedrec-wordllama-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    # one folder per installed package (another environment's link could dangle)
+    key = hashlib.sha1(str(shipped.resolve()).encode()).hexdigest()[:12]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    cache = Path(tempfile.gettempdir()) / f"fedrec-wordllama-{uid}-{key}"
     target = cache / "tokenizers" / shipped.name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink():  # dangling
+            target.unlink()
         try:
             target.symlink_to(shipped)
-        except OSError:
+        except FileExistsError:  # another process made it meanwhile
+            pass
+        except OSError:  # no symlinks here: a copy
             shutil.copy(shipped, target)
     _ENCODER = WordLlama.load(cache_dir=cache, disable_download=True)
     return _ENCODER
