@@ -148,20 +148,26 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
     started = clock.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    order = np.lexsort((np.asarray(split.time, dtype=np.float64), split.row_user))
+    # each sequence (a user, or a (user, domain) pair on multi-domain data) in time order
+    order = np.lexsort((np.asarray(split.time, dtype=np.float64), split.row_seq))
     user = split.row_user[order]
+    seq = split.row_seq[order]
     time = np.asarray(split.time, dtype=np.float64)[order]
     item = split.item[order]
     label = split.label[order].astype(np.int64)
     domain = np.repeat(split.seq_domain, np.diff(split.indptr))[order]
     arrival = np.where(label == 1, time + rng.exponential(cfg.delay, size=len(time)) if cfg.delay > 0 else time, np.inf)
     final = ((label == 1) & (arrival <= time + cfg.horizon)).astype(np.float32)
-    hist = _history(user, time, cfg.max_len)
+    hist = _history(seq, time, cfg.max_len)
     events = label_events(time, label, arrival, cfg)
 
     model = create_model(model_name, ModelData.from_split(split), model_options, task="ctr")
-    if hasattr(model, "prepare"):
-        model.prepare(split)
+    if hasattr(model, "prepare") and not (model_name == "moment_cross" and not model.cfg.cross) \
+            and not (model_name == "qarm" and model.cfg.content == "none"):
+        # what prepare() fits reads the whole log, labels included: the stream's future
+        raise ConfigError(f"model '{model_name}' fits state on the whole log before training (prepare), which a "
+                          "stream may not read; stream it without that state (moment_cross: cross=false; "
+                          "qarm: content=none)")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
     def batch(rows: np.ndarray, at: np.ndarray) -> dict[str, torch.Tensor]:
@@ -169,14 +175,18 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
         safe = np.maximum(h, 0)
         known = history_labels(h, label, arrival, at)
         B, L = h.shape
+        # the next impression after each history position, as in training windows (only the
+        # last position counts: target_mask); models such as MARM read the others
+        hist_items = np.where(h >= 0, item[safe], 0)
         targets = np.zeros((B, L), dtype=np.int64)
+        targets[:, :-1] = hist_items[:, 1:]
         targets[:, -1] = item[rows]
         mask = np.zeros((B, L), dtype=bool)
         mask[:, -1] = True
         times = np.full((B, L), np.nan)
         times[:, -1] = time[rows]
         return {"user": torch.from_numpy(user[rows]), "domain": torch.from_numpy(domain[rows]),
-                "items": torch.from_numpy(np.where(h >= 0, item[safe], 0)),
+                "items": torch.from_numpy(hist_items),
                 "labels": torch.from_numpy(known.astype(np.int64)),
                 "target_items": torch.from_numpy(targets), "target_mask": torch.from_numpy(mask),
                 "target_labels": torch.zeros(B, L), "target_times": torch.from_numpy(times)}
@@ -190,10 +200,15 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
     delays = []
     from tqdm.auto import tqdm
 
-    for w in tqdm(range(n_windows), desc=f"stream {cfg.strategy}", disable=not progress, leave=False):
+    # only windows with an exposure or an event (millisecond data has millions of empty ones)
+    busy = np.unique(np.concatenate([window_of_exposure, window_of_event]))
+    by_exposure = np.argsort(window_of_exposure, kind="stable")
+    by_event = np.argsort(window_of_event, kind="stable")
+    exp_sorted, ev_sorted = window_of_exposure[by_exposure], window_of_event[by_event]
+    for w in tqdm(busy.tolist(), desc=f"stream {cfg.strategy}", disable=not progress, leave=False):
         start = t0 + w * cfg.window
         entry: dict[str, Any] = {"window": w, "start": start}
-        shown = np.flatnonzero(window_of_exposure == w)
+        shown = by_exposure[np.searchsorted(exp_sorted, w, "left"):np.searchsorted(exp_sorted, w, "right")]
         if len(shown):
             model.eval()
             with torch.no_grad():
@@ -202,10 +217,10 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
             y = final[shown]
             entry["evaluated"] = int(len(shown))
             entry["auc"] = float(auc_of(y, p)) if 0 < y.sum() < len(y) else None
-            if w >= cfg.warmup:
+            if w >= busy[0] + cfg.warmup:
                 probs_all.append(p)
                 labels_all.append(y)
-        todo = np.flatnonzero(window_of_event == w)
+        todo = np.sort(by_event[np.searchsorted(ev_sorted, w, "left"):np.searchsorted(ev_sorted, w, "right")])
         if len(todo):
             model.train()
             perm = todo[rng.permutation(len(todo))]
@@ -225,7 +240,7 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
         entry["trained"] = int(len(todo))
         windows.append(entry)
     if not probs_all:
-        raise ConfigError(f"the stream has {n_windows} windows: none is evaluated after warmup={cfg.warmup}")
+        raise ConfigError(f"the stream spans {n_windows} windows: none is evaluated after warmup={cfg.warmup}")
     y_all, p_all = np.concatenate(labels_all), np.concatenate(probs_all)
     return {"model": model_name, "strategy": cfg.strategy, "config": dict(vars(cfg)),
             "auc": float(auc_of(y_all, p_all)), "evaluated": int(len(y_all)), "positive_rate": float(y_all.mean()),

@@ -89,3 +89,11 @@ def _seq(tmp_path):
     path = tmp_path / "seq.txt"
     path.write_text("1 1 2 3 4\n2 2 3 4 5\n")
     return path
+
+
+def test_models_that_fit_on_the_whole_log_are_refused():
+    split = split_dataset(load_dataset("synthetic:users=20,items=30,domains=2,min_len=6,max_len=8,seed=1"))
+    with pytest.raises(ConfigError, match="model 'moment_cross' fits state on the whole log"):
+        stream_train("moment_cross", split, model_options={"dim": 16}, config=StreamConfig())
+    with pytest.raises(ConfigError, match="model 'qarm' fits state on the whole log"):
+        stream_train("qarm", split, model_options={"dim": 16}, config=StreamConfig())

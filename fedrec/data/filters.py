@@ -59,6 +59,11 @@ def add_sampled_negatives(dataset: Dataset, k: int, *, seed: int = 0) -> Dataset
     inter = dataset.interactions
     if inter.has_labels:
         raise DataError("the data already has click labels: ctr_negatives is for implicit feedback", file=dataset.name)
+    if not inter.has_split:
+        # leave-last-two-out would hold out the last rows by time: a click's sampled non-clicks
+        raise DataError("ctr_negatives needs data whose files fix their own train/valid/test split (cdr:, or a "
+                        "csv/parquet 'split' column): otherwise the held-out rows would be sampled non-clicks",
+                        file=dataset.name)
     frame = inter.frame
     rng = np.random.default_rng(seed)
     domain = frame["domain"].to_numpy() if inter.has_domains else np.zeros(len(frame), dtype=object)
@@ -69,17 +74,22 @@ def add_sampled_negatives(dataset: Dataset, k: int, *, seed: int = 0) -> Dataset
         rows = np.flatnonzero(domain == d)
         pool = np.unique(items[rows])
         seen = np.unique(users[rows] * (int(items.max()) + 1) + items[rows])
+        stride = int(items.max()) + 1
         u = np.repeat(users[rows], k)
         draw = pool[rng.integers(len(pool), size=len(u))]
         for _ in range(50):
-            bad = np.isin(u * (int(items.max()) + 1) + draw, seen)
+            bad = np.isin(u * stride + draw, seen)
             if not bad.any():
                 break
             draw[bad] = pool[rng.integers(len(pool), size=int(bad.sum()))]
-        else:
-            who = int(u[np.flatnonzero(bad)[0]])
-            raise DataError(f"ctr_negatives: user {who} has interacted with (nearly) every item of domain {d!r}: "
-                            "no non-click to sample", file=dataset.name)
+        bad = np.isin(u * stride + draw, seen)
+        for j in np.flatnonzero(bad):  # users who saw most of the pool: draw from exactly what they did not
+            mine = seen[(seen >= u[j] * stride) & (seen < (u[j] + 1) * stride)] - u[j] * stride
+            unseen = np.setdiff1d(pool, mine)
+            if unseen.size == 0:
+                raise DataError(f"ctr_negatives: user {int(u[j])} has interacted with every item of domain {d!r}: "
+                                "no non-click to sample", file=dataset.name)
+            draw[j] = unseen[rng.integers(unseen.size)]
         negatives[rows] = draw.reshape(len(rows), k)
     pos = frame.assign(label=np.ones(len(frame), dtype=np.int8))
     neg = frame.loc[np.repeat(np.arange(len(frame)), k)].reset_index(drop=True)

@@ -190,8 +190,9 @@ class StageNegativeSampler(UniformNegativeSampler):
     stage samples (the items the funnel filtered out of it: same user, same time; drawn
     uniformly, with replacement, among them), the rest uniform as
     :meth:`UniformNegativeSampler.for_training`. A target whose request has no stage sample
-    gets uniform negatives only. ``min_stage`` (1..4) keeps only samples that reached at
-    least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
+    gets uniform negatives only, and so does a pick that the user consumed in a training
+    request (it is no negative of theirs). ``min_stage`` (1..4) keeps only samples that
+    reached at least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
     """
 
     def __init__(self, split: SplitData, *, seed: int, stage: int, min_stage: int = 1) -> None:
@@ -236,7 +237,11 @@ class StageNegativeSampler(UniformNegativeSampler):
         has = size > 0
         if has.any():
             pick = lo[has, None] + (self.rng.random((int(has.sum()), k)) * size[has, None]).astype(np.int64)
-            out[has, :k] = self._stage_items[pick]
+            chosen = self._stage_items[pick]  # (H, k)
+            # a candidate filtered here but consumed in another training request is no negative:
+            # it keeps its uniform draw
+            seen = self._seen(np.repeat(np.asarray(users, dtype=np.int64)[has], k), chosen.reshape(-1)).reshape(chosen.shape)
+            out[has, :k] = np.where(seen, out[has, :k], chosen)
         return out
 
 

@@ -144,13 +144,15 @@ def behaviour_pairs(split, content: np.ndarray, *, kind: str = "both", window: i
             pairs.append(np.stack([items[:-1], items[1:]], axis=1))
         if kind in ("both", "user2item"):
             vec = content[items]  # (n, c), unit norm
-            sims = vec @ vec.T
             n = len(items)
-            earlier = np.tril(np.ones((n, n), dtype=bool), -1) & (np.arange(n)[None, :] >= np.arange(n)[:, None] - window)
-            sims = np.where(earlier, sims, -np.inf)
-            has = earlier.any(axis=1)
-            best = sims.argmax(axis=1)
-            pairs.append(np.stack([items[best[has]], items[has]], axis=1))
+            w = min(window, n - 1)
+            # similarity of position i to i - k, k = 1..w (a band: O(n w), not O(n^2))
+            sims = np.full((n, w), -np.inf, dtype=np.float32)
+            for k in range(1, w + 1):
+                sims[k:, k - 1] = np.sum(vec[k:] * vec[:-k], axis=1)
+            lag = sims[1:].argmax(axis=1) + 1  # position i >= 1 has at least one earlier item
+            target = np.arange(1, n)
+            pairs.append(np.stack([items[target - lag], items[target]], axis=1))
     if not pairs:
         raise ConfigError("QARM: the training split has no user with two positives to mine item pairs from")
     out = np.concatenate(pairs)

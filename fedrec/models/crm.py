@@ -189,8 +189,10 @@ class CRM(RetrievalModel):
                 c = torch.where(real, values, torch.full_like(values, math.inf)).min(1).values
             elif term == "median":
                 c = torch.where(real, values, torch.full_like(values, math.nan)).nanmedian(1).values
-            else:  # last: histories are left-padded, the newest value is the last real one
-                c = values[:, -1]
+            else:  # last: the newest real value (histories are left-padded)
+                pos = torch.arange(values.shape[1], device=values.device).expand_as(values)
+                idx = torch.where(real, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
+                c = v.gather(1, idx.unsqueeze(1)).squeeze(1)
             if not isinstance(term, float):  # a statistic of no history is 0
                 c = torch.where(n > 0, torch.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(c))
             out.append(c)

@@ -163,13 +163,14 @@ class _CacheStore:
     def put(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``values`` ``(N, width)`` for the pairs ``(N,)`` (later rows win)."""
         keys = (users.long() * self.stride + items.long()).tolist()
-        new = [k for k in dict.fromkeys(keys) if k not in self.slot]
+        last = {k: j for j, k in enumerate(keys)}  # a pair twice in one call: its later row wins
+        new = [k for k in last if k not in self.slot]
         if new:
             start = len(self.values)
             self.values = torch.cat([self.values, torch.zeros(len(new), self.width)])
             self.slot.update({k: start + j for j, k in enumerate(new)})
-        rows = torch.tensor([self.slot[k] for k in keys], dtype=torch.long)
-        self.values[rows] = values.detach().to(self.values.dtype)
+        rows = torch.tensor([self.slot[k] for k in last], dtype=torch.long)
+        self.values[rows] = values.detach().to(self.values.dtype)[torch.tensor(list(last.values()), dtype=torch.long)]
 
     def state(self) -> dict[str, torch.Tensor]:
         keys = torch.tensor(list(self.slot.keys()), dtype=torch.long)
@@ -256,7 +257,10 @@ class MARM(RecModel):
         if self.uses_store and self.training:
             stored, hit = self.store.get(batch["user"], items)  # (B, T, width)
             stored = stored.view(*items.shape, self.cfg.layers - 1, self.cfg.dim)
-            hit = hit & first
+            # an item that is also a later target of this window was stored from a position
+            # whose history holds this window's labels: not read (a stand-in instead)
+            again = (items.unsqueeze(-1) == batch["target_items"].unsqueeze(1)).any(-1)
+            hit = hit & first & ~again
         outs, used = [], []
         n = self.cfg.layers if layers is None else layers
         for l in range(n):

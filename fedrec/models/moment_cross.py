@@ -110,11 +110,12 @@ class MomentCross(RecModel):
         width = (3 if cfg.cross else 2) * d + self.users.width
         self.head = nn.Sequential(nn.Linear(width, cfg.ctr_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
                                   nn.Linear(cfg.ctr_hidden, 1))
-        n_dom = max(1, len(data.domains))
-        # other-domain histories per (domain, user): items, labels, times (data, not parameters)
-        self.long_items = torch.zeros(n_dom, data.n_users + 1, cfg.long_len, dtype=torch.long)
-        self.long_labels = torch.zeros(n_dom, data.n_users + 1, cfg.long_len, dtype=torch.long)
-        self.long_times = torch.zeros(n_dom, data.n_users + 1, cfg.long_len, dtype=torch.float64)
+        # other-domain histories per (domain, user): items, labels, times (data, not parameters;
+        # only with the branch)
+        shape = (len(data.domains), data.n_users + 1, cfg.long_len) if cfg.cross else (0, 0, 0)
+        self.long_items = torch.zeros(shape, dtype=torch.long)
+        self.long_labels = torch.zeros(shape, dtype=torch.long)
+        self.long_times = torch.zeros(shape, dtype=torch.float64)
 
     # -- the other-domain histories -------------------------------------------------------
     def prepare(self, split) -> None:

@@ -215,7 +215,16 @@ def test_ctr_negatives_cast_implicit_feedback_as_ctr(tmp_path):
         assert neg["item"] in set(plain[plain.domain == neg.domain]["item"])
     with pytest.raises(DataError, match="already has click labels"):
         load_dataset("synthetic:users=10,items=20,seed=0,ctr_negatives=1")
-    full = tmp_path / "full.txt"
-    write(full, "1 1 2\n2 1\n")  # user 1 has every item
-    with pytest.raises(DataError, match="user 1 has interacted with \\(nearly\\) every item"):
-        load_dataset(f"seq:{full}?ctr_negatives=1")
+    # without the files' own split the held-out rows would be sampled non-clicks: refused
+    plain_seq = tmp_path / "s.txt"
+    write(plain_seq, "1 1 2 3\n2 1 3\n")
+    with pytest.raises(DataError, match="ctr_negatives needs data whose files fix their own"):
+        load_dataset(f"seq:{plain_seq}?ctr_negatives=1")
+    # a user who has every item of a domain: nothing to sample
+    full = tmp_path / "full"
+    for folder, rows in {"a_b": ("0\t0\n0\t1\n1\t0\n", "0\t1\n"), "b_a": ("0\t0\n1\t1\n", "1\t0\n")}.items():
+        (full / folder).mkdir(parents=True)
+        write(full / folder / "train.txt", rows[0])
+        write(full / folder / "test.txt", rows[1])
+    with pytest.raises(DataError, match="user 0 has interacted with every item of domain 'a'"):
+        load_dataset(f"cdr:{full}?ctr_negatives=1")

@@ -153,3 +153,11 @@ def test_on_movielens_100k_the_served_rating_moves_what_is_retrieved(shared_data
     model = create_model("crm", ModelData.from_split(split), options, task="next_item")
     model.load_state_dict(result["model_state"])
     assert control_metrics(model, test, values)["hr@10"] == pytest.approx(result["test"]["hr@10"], abs=1e-6)
+
+
+def test_last_is_the_newest_real_value():
+    rated = _rated_split(_two_kinds(10))
+    model = create_model("crm", ModelData.from_split(rated), {**SMALL, "serve": "last"}, task="next_item")
+    items = torch.tensor([[0, 3, 4, 5]])
+    ratings = torch.tensor([[math.nan, 2.0, 4.0, math.nan]])  # the newest has no value
+    assert model.serving_conditions({"items": items, "ratings": ratings}).tolist() == [[4.0]]

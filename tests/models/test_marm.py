@@ -153,3 +153,27 @@ def test_a_marm_checkpoint_scores_as_the_run_did(split, tmp_path):
                    config=TrainConfig(epochs=2, batch_size=16, progress=False, checkpoint=str(path)))
     again = evaluate_saved(path, split)["by_protocol"]["pooled"]
     assert again["test"] == result["test"] and again["valid"] == result["valid"]
+
+
+def test_the_store_keeps_a_pairs_later_row_and_skips_first_items_that_come_again(split):
+    from fedrec.models.marm import _CacheStore
+
+    store = _CacheStore(2, 100)
+    store.put(torch.tensor([1, 1]), torch.tensor([5, 5]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
+    values, hit = store.get(torch.tensor([1]), torch.tensor([[5]]))
+    assert hit.all() and torch.equal(values[0, 0], torch.tensor([2.0, 2.0]))
+    # a window whose first item is also a later target: its stored value (written from that
+    # later position, whose history holds this window's labels) is not read
+    data = ModelData.from_split(split)
+    model = create_model("marm", data, {**OPTIONS, "layers": 2}, task="ctr").train()
+    batch = _window(split)
+    first_item = int(batch["items"][0, 0])
+    batch = {k: v.clone() for k, v in batch.items()}
+    batch["target_items"][0, 3] = first_item
+    marker = torch.full((1, model.store.width), 7.0)
+    model.store.put(batch["user"], torch.tensor([first_item]), marker)
+    _, used = model._window(batch, batch["target_items"])
+    assert not torch.allclose(used[1][0, 0], torch.full((OPTIONS["dim"],), 7.0))
+    batch["target_items"][0, 3] = 0  # no repeat: the store's value is read
+    _, used = model._window(batch, batch["target_items"])
+    assert torch.allclose(used[1][0, 0], torch.full((OPTIONS["dim"],), 7.0))

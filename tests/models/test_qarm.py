@@ -151,3 +151,20 @@ def test_on_movielens_100k_codes_come_from_titles_and_feed_the_ranker(movielens)
     result = train("qarm", movielens, task="ctr", model_options=options,
                    config=TrainConfig(epochs=2, progress=False))
     assert result["test"]["auc"] > 0.65
+
+
+def test_user_to_item_pairs_take_the_most_similar_of_the_previous_window():
+    sp = split_dataset(load_dataset(SPEC))
+    rng = np.random.default_rng(1)
+    vec = rng.standard_normal((sp.n_items + 1, 8)).astype(np.float32)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    got = C.behaviour_pairs(sp, vec, kind="user2item", window=3)
+    want = []
+    for s in range(sp.n_sequences):
+        rows = np.arange(sp.indptr[s], sp.indptr[s + 1])
+        items = sp.item[rows[(sp.part[rows] == TRAIN) & (sp.label[rows] == 1)]]
+        for i in range(1, len(items)):
+            earlier = items[max(0, i - 3):i]
+            want.append((int(earlier[np.argmax(vec[earlier] @ vec[items[i]])]), int(items[i])))
+    want = [p for p in want if p[0] != p[1]]
+    assert [tuple(p) for p in got.tolist()] == want
