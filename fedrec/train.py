@@ -88,6 +88,9 @@ class TrainConfig:
     stage_negatives: int = 0
     #: the least stage (1 pre-ranking .. 4 re-ranking) a stage sample must have reached
     stage_min: int = 1
+    #: stage negatives only among items the user did not consume in training (RecFlow's
+    #: baseline keeps them: false = as the paper)
+    stage_unseen: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
@@ -495,7 +498,8 @@ def train(
         if cfg.stage_negatives:
             if task != "next_item":
                 raise ConfigError(f"train option 'stage-negatives' is for the next_item task (got {task})")
-            sampler = StageNegativeSampler(split, seed=cfg.seed, stage=cfg.stage_negatives, min_stage=cfg.stage_min)
+            sampler = StageNegativeSampler(split, seed=cfg.seed, stage=cfg.stage_negatives, min_stage=cfg.stage_min,
+                                           unseen_only=cfg.stage_unseen)
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
         identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)

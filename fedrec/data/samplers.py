@@ -190,12 +190,13 @@ class StageNegativeSampler(UniformNegativeSampler):
     stage samples (the items the funnel filtered out of it: same user, same time; drawn
     uniformly, with replacement, among them), the rest uniform as
     :meth:`UniformNegativeSampler.for_training`. A target whose request has no stage sample
-    gets uniform negatives only, and so does a pick that the user consumed in a training
-    request (it is no negative of theirs). ``min_stage`` (1..4) keeps only samples that
-    reached at least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
+    gets uniform negatives only. A request's candidate may be an item the user consumed in
+    another request (a false negative); RecFlow's baseline keeps it, ``unseen_only`` replaces
+    such picks by their uniform draw. ``min_stage`` (1..4) keeps only samples that reached at
+    least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
     """
 
-    def __init__(self, split: SplitData, *, seed: int, stage: int, min_stage: int = 1) -> None:
+    def __init__(self, split: SplitData, *, seed: int, stage: int, min_stage: int = 1, unseen_only: bool = False) -> None:
         super().__init__(split, seed=seed, exclude_parts=(TRAIN,))
         if split.stage_user is None:
             raise ConfigError("stage-negatives needs data with stage samples (recflow:DIR with its all_stage/ "
@@ -204,6 +205,7 @@ class StageNegativeSampler(UniformNegativeSampler):
             raise ConfigError(f"stage-negatives must be >= 1 (got {stage})")
         keep = split.stage_level >= min_stage
         self.stage = int(stage)
+        self.unseen_only = bool(unseen_only)
         self._stage_items = split.stage_item[keep]
         times = np.asarray(split.stage_time)[keep]
         users = split.stage_user[keep]
@@ -238,10 +240,13 @@ class StageNegativeSampler(UniformNegativeSampler):
         if has.any():
             pick = lo[has, None] + (self.rng.random((int(has.sum()), k)) * size[has, None]).astype(np.int64)
             chosen = self._stage_items[pick]  # (H, k)
-            # a candidate filtered here but consumed in another training request is no negative:
-            # it keeps its uniform draw
-            seen = self._seen(np.repeat(np.asarray(users, dtype=np.int64)[has], k), chosen.reshape(-1)).reshape(chosen.shape)
-            out[has, :k] = np.where(seen, out[has, :k], chosen)
+            if self.unseen_only:
+                # a candidate filtered here but consumed in another training request is no
+                # negative of the user's: it keeps its uniform draw
+                users_h = np.repeat(np.asarray(users, dtype=np.int64)[has], k)
+                seen = self._seen(users_h, chosen.reshape(-1)).reshape(chosen.shape)
+                chosen = np.where(seen, out[has, :k], chosen)
+            out[has, :k] = chosen
         return out
 
 

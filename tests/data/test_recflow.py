@@ -100,8 +100,9 @@ def test_split_keeps_the_stage_samples_of_its_users_and_items():
 def test_stage_negatives_come_from_the_targets_own_request():
     ds = load_dataset(SPEC)
     sp = split_dataset(ds)
-    sampler = StageNegativeSampler(sp, seed=0, stage=2)
     ex = build_examples(sp, task="next_item", stage="train", max_len=8)
+    plain = next(iterate_batches(ex, batch_size=16, num_negatives=4, sampler=StageNegativeSampler(sp, seed=0, stage=2)))
+    sampler = StageNegativeSampler(sp, seed=0, stage=2, unseen_only=True)
     batch = next(iterate_batches(ex, batch_size=16, num_negatives=4, sampler=sampler))
     tgt = ex.target_rows[:16]
     request = {}
@@ -128,6 +129,13 @@ def test_stage_negatives_come_from_the_targets_own_request():
     assert checked > 20
     # the two stage columns come from the request, but for picks the user consumed elsewhere
     assert from_request > 1.5 * checked
+    # RecFlow's baseline (the default) keeps every pick from the request, consumed or not
+    for b in range(16):
+        for t in range(8):
+            row = tgt[b, t]
+            if row >= 0:
+                own = request[(int(sp.row_user[row]), int(sp.time[row]))]
+                assert set(plain["negatives"][b, t, :2].tolist()) <= own
     with pytest.raises(ConfigError, match="stage-negatives needs data with stage samples"):
         StageNegativeSampler(split_dataset(load_dataset("synthetic:users=20,items=30,seed=0")), seed=0, stage=1)
 
