@@ -162,9 +162,9 @@ def stream_train(model_name: str, split, *, model_options: dict[str, Any] | None
     events = label_events(time, label, arrival, cfg)
 
     model = create_model(model_name, ModelData.from_split(split), model_options, task="ctr")
-    if hasattr(model, "prepare") and not (model_name == "moment_cross" and not model.cfg.cross) \
-            and not (model_name == "qarm" and model.cfg.content == "none"):
-        # what prepare() fits reads the whole log, labels included: the stream's future
+    # what prepare() fits reads the whole log, labels included: the stream's future (a model
+    # says whether its prepare() does, ``fits_on_log``; one without the flag is assumed to)
+    if getattr(model, "fits_on_log", hasattr(model, "prepare")):
         raise ConfigError(f"model '{model_name}' fits state on the whole log before training (prepare), which a "
                           "stream may not read; stream it without that state (moment_cross: cross=false; "
                           "qarm: content=none)")

@@ -76,7 +76,6 @@ class MomentCrossConfig:
     temperature: float = 0.1
     ctr_hidden: int = 64
     task: str = "ctr"
-    layers: int = 1  # unused (check_widths reads it): one attention per branch
 
     def __post_init__(self) -> None:
         check_widths(self, ("dim", "field_dim", "heads", "max_len", "long_len", "search_top", "ctr_hidden"))
@@ -149,6 +148,12 @@ class MomentCross(RecModel):
         self.long_items, self.long_labels, self.long_times = items, labels, when
 
     _loaded = False
+
+    @property
+    def fits_on_log(self) -> bool:
+        """Whether :meth:`prepare` reads the training log (the cross branch's histories): a
+        stream, which may not read its future, refuses it."""
+        return bool(self.cfg.cross)
 
     def get_extra_state(self) -> dict[str, torch.Tensor]:
         """The other-domain histories (saved with the weights)."""

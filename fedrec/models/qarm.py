@@ -138,6 +138,11 @@ class QARM(SequenceModel):
         self.content_info: dict[str, Any] = {}
         self._loaded = False  # codes came with loaded weights: prepare() keeps them
 
+    @property
+    def fits_on_log(self) -> bool:
+        """Whether :meth:`prepare` reads the training log (behaviour pairs): a stream refuses it."""
+        return self.cfg.content != "none"
+
     def prepare(self, split) -> None:
         """Content vectors, behaviour alignment and codes from the training split (once,
         before the first step; the trainer calls it). A model whose codes were loaded with

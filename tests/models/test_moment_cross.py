@@ -97,3 +97,9 @@ def test_the_alignment_loss_is_added(split):
         losses[w] = float(model.loss(batch, out).detach())
     assert losses[1.0] > losses[0.0] + 0.5  # an InfoNCE over 16 users starts near log(16)
     assert np.isfinite(list(losses.values())).all()
+
+
+def test_an_option_the_model_does_not_have_is_refused(split):
+    # one attention per branch: there is no 'layers' to set (it used to be accepted and ignored)
+    with pytest.raises(ConfigError, match="layers"):
+        create_model("moment_cross", ModelData.from_split(split), {**SMALL, "layers": 3}, task="ctr")
