@@ -30,6 +30,14 @@ EXIT_USER_ERROR = 2
 DEFAULT_SIMULATION_DATA = "synthetic:users=600"
 
 
+def _checked_device(device: str) -> str:
+    """``device`` if this machine has it (a one-line error otherwise, before any work)."""
+    from fedrec.device import resolve_device
+
+    resolve_device(device)
+    return device
+
+
 def _fail(exc: Exception) -> None:
     typer.echo(f"fedrec: error: {exc}", err=True)
     raise typer.Exit(EXIT_USER_ERROR)
@@ -48,6 +56,9 @@ def main(
     ),
 ) -> None:
     """fedrec: federated, privacy-preserving multifaceted user modelling for recommendation."""
+    from fedrec.logs import configure_cli_logging
+
+    configure_cli_logging()  # one line per epoch / round on stderr when it is not a terminal
 
 
 @data_app.command("describe")
@@ -148,9 +159,70 @@ def _train_resolve(model: str, data: str, config: Optional[Path], sets: Optional
             raise ConfigError(f"{config}: [train] has no option '{key}' (the task is --task; model options go in [model])")
     user: dict = dict(train_table)
     user.update({f"model.{k}": v for k, v in file_cfg.get("model", {}).items()})
-    user.update({f"model.{k}": v for k, v in parse_assignments(sets).items()})
+    split_table = dict(file_cfg.get("split", {}))
+    for key, value in _train_assignments(model, sets).items():
+        if key.startswith("split."):
+            split_table[key[len("split."):]] = value
+        else:
+            user[key] = value
     user.update({k.replace("_", "-"): v for k, v in flags.items() if v is not None})
-    return resolve(data, runtime="centralised", model=model, user=user), file_cfg.get("split", {})
+    return resolve(data, runtime="centralised", model=model, user=user), split_table
+
+
+def _option_names(cls) -> set[str]:
+    """The kebab-case option names of config dataclass ``cls``."""
+    import dataclasses
+
+    return {f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.init}
+
+
+def _model_option_names(model: str) -> set[str]:
+    """The kebab-case option names of registered model ``model`` (empty for one without
+    options, or a name that is not registered: the model's own check reports it)."""
+    from fedrec.models.registry import MODELS
+
+    try:
+        spec = MODELS.create(model)
+    except FedrecError:
+        return set()
+    return _option_names(spec.config) if spec.config is not None else set()
+
+
+def _train_assignments(model: str, sets: Optional[list[str]]) -> dict:
+    """``fedrec train --set`` items as resolved keys: ``model.KEY`` (a model option),
+    ``train.KEY`` or a bare training option (:class:`~fedrec.train.TrainConfig`),
+    ``split.KEY`` (the ``[split]`` table), ``task``; any other bare key is a model option
+    (so ``--set dim=64`` keeps working). A bare key that is both a training and a model
+    option is an error asking for the prefix."""
+    from fedrec.config import parse_assignments
+    from fedrec.train import TrainConfig
+
+    train_keys = _option_names(TrainConfig) - {"progress", "resume"}
+    model_keys = _model_option_names(model)
+    out: dict = {}
+    for key, value in parse_assignments(sets).items():
+        name = str(key)
+        if name.startswith(("model.", "split.")):
+            out[name] = value
+            continue
+        if name.startswith("train."):
+            name = name[len("train."):]
+            if name.replace("_", "-") not in train_keys:
+                raise ConfigError(f"--set {key}: unknown training option '{name}' "
+                                  f"(known: {', '.join(sorted(train_keys))})")
+            out[name.replace("_", "-")] = value
+            continue
+        kebab = name.replace("_", "-")
+        if kebab == "task":
+            out["task"] = value
+        elif kebab in train_keys and kebab in model_keys:
+            raise ConfigError(f"--set {key}: '{name}' is both a training option and an option of model '{model}'; "
+                              f"write train.{name} or model.{name}")
+        elif kebab in train_keys:
+            out[kebab] = value
+        else:
+            out[f"model.{name}"] = value
+    return out
 
 
 @app.command("train", epilog=DEFAULTS_HELP)
@@ -161,8 +233,12 @@ def train_command(
     protocol: Optional[str] = typer.Option(None, "--protocol", help="next_item / cdr: full, sampled-99 or sampled-999 (default: from the data format, else full)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on validation; default: from the data format, else 30)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (training order, init, negatives)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model] and [train] tables."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (repeatable)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (the training option lr)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (the training option batch-size)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (a GPU when present; the default), cpu, cuda, cuda:N or mps."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment log: metrics.jsonl (one line per epoch) and TensorBoard events (when installed) in this folder."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with \\[model], \\[train] and \\[split] tables."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE (repeatable): a training option (lr=0.01, or train.lr=0.01), a model option (model.dim=64; a bare key that is no training option is a model option), or split.KEY."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Training-state file: written after every epoch, and resumed from when it exists (same model, data, options and config), so an interrupted run ends as an uninterrupted one."),
@@ -176,8 +252,13 @@ def train_command(
     from fedrec.train import TrainConfig, train
 
     try:
+        if log_dir is not None:
+            from fedrec.logs import check_log_dir
+
+            check_log_dir(log_dir)  # before any data is read
         resolved, split_table = _train_resolve(
-            model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed,
+            model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed, lr=lr,
+            batch_size=batch_size, device=device, log_dir=None if log_dir is None else str(log_dir),
             checkpoint=None if checkpoint is None else str(checkpoint),
             negatives_file=None if negatives_file is None else str(negatives_file))
         task = resolved.options.get("task", "ctr")
@@ -214,6 +295,7 @@ def evaluate_command(
     negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
+    device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Score a saved model again (its best weights) on valid and test, on any protocol, without
@@ -230,7 +312,8 @@ def evaluate_command(
                 raise FedrecError("a federated model folder is scored on its run's own data and protocol: "
                                   "--data/--protocol/--negatives-file/--config do not apply (use --node-config)")
             result = evaluate_federated(saved, clients=list(clients) if clients else None,
-                                        node_config=parse_assignments(node_config) if node_config else None)
+                                        node_config=parse_assignments(node_config) if node_config else None,
+                                        device=_checked_device(device))
         except FedrecError as exc:
             _fail(exc)
         _report_federated(result, out, as_json, [f"{result['algorithm']} model of round {result['round']}, clients "
@@ -239,7 +322,7 @@ def evaluate_command(
     try:
         split = _centralised_split(data, config, federated_options=bool(clients or node_config))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
-                                negatives_file=negatives_file)
+                                negatives_file=negatives_file, device=_checked_device(device))
     except FedrecError as exc:
         _fail(exc)
     result["data"] = data
@@ -278,7 +361,8 @@ def _simulate_resolve(data: Optional[str], config: Optional[Path], sets: Optiona
     manifest = None
     user: dict = dict(file_cfg)
     user.update({f"model.{k}": v for k, v in model_table.items()})
-    user.update(parse_assignments(sets))
+    user.update(_simulate_assignments(sets, algorithm=given.get("algorithm") or file_cfg.get("algorithm"),
+                                      model=given.get("model") or file_cfg.get("model"), data=data))
     user.update({k: v for k, v in given.items() if v is not None})
     if data:
         user["data"] = data
@@ -306,6 +390,44 @@ def _simulate_resolve(data: Optional[str], config: Optional[Path], sets: Optiona
     return parse_run_config(resolved.options), resolved
 
 
+def _simulate_assignments(sets: Optional[list[str]], *, algorithm: Optional[str], model: Optional[str],
+                          data: Optional[str]) -> dict:
+    """``fedrec simulate --set`` items as run-config keys: a run-config key as it is (or as
+    ``train.KEY``), ``model.KEY`` a model option; a bare key that is no run-config key but an
+    option of the algorithm's model becomes ``model.KEY`` (as in ``fedrec train``). Anything
+    else stays as given, so the run config's check names it with the known keys."""
+    import dataclasses
+
+    from fedrec.config import parse_assignments
+    from fedrec.federated.config import FederatedConfig
+    from fedrec.federated.spec import RunSpec
+
+    run_keys = (_option_names(FederatedConfig) | {f.name.replace("_", "-") for f in dataclasses.fields(RunSpec)}
+                | {"model-options"})
+    out: dict = {}
+    pending = {}
+    for key, value in parse_assignments(sets).items():
+        name = str(key)
+        if name.startswith("train."):
+            name = name[len("train."):]
+        kebab = name.replace("_", "-")
+        if name.startswith("model.") or kebab in run_keys:
+            out[name] = value
+        else:
+            pending[name] = value
+    if pending:
+        from fedrec.defaults import algorithm_model, default_algorithm
+
+        try:
+            name = model or algorithm_model(algorithm or default_algorithm(data or DEFAULT_SIMULATION_DATA))
+        except FedrecError:
+            name = model or ""
+        model_keys = _model_option_names(name) if name else set()
+        for key, value in pending.items():
+            out[f"model.{key}" if key.replace("_", "-") in model_keys else key] = value
+    return out
+
+
 def _simulate_spec(data: Optional[str], config: Optional[Path], sets: Optional[list[str]],
                    federation: Optional[Path] = None, **given):
     """The :class:`~fedrec.federated.spec.RunSpec` of :func:`_simulate_resolve`."""
@@ -326,8 +448,12 @@ def simulate_command(
     delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / population, the number of users of the federation)."),
     noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="User-level DP: noise std / clipping norm (turns DP on; instead of --target-epsilon)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="User-level DP: clip each user's pseudo-gradient to this L2 norm (default 1.0)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Clients' learning rate (the run-config key lr)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Minibatch size of silo algorithms (unicdr: a client per domain); the one-client-per-user engine trains each user on its own sequence and refuses it."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where the clients compute: auto (a GPU when present; the default), cpu, cuda, cuda:N or mps."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment log: metrics.jsonl (one line per round) and TensorBoard events (when installed) in this folder."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help="Run-config KEY=VALUE, model options as model.KEY=VALUE (repeatable)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE (repeatable): a run-config key (lr=0.05, or train.lr=0.05), a model option (model.dim=64; a bare key that is no run-config key is a model option of the algorithm's model)."),
     app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with \\[tool.flwr.app])."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
@@ -338,10 +464,19 @@ def simulate_command(
     from fedrec.federated.runner import run_in_process
 
     try:
+        if log_dir is not None:
+            from fedrec.logs import check_log_dir
+
+            check_log_dir(log_dir)  # before any data is read
         spec, resolved = _simulate_resolve(data, config, sets, federation, algorithm=algorithm, task=task, model=model,
-                                           shards=clients, rounds=rounds, seed=seed,
+                                           shards=clients, rounds=rounds, seed=seed, lr=lr, device=device,
                                            **{"target-epsilon": target_epsilon, "delta": delta,
-                                              "noise-multiplier": noise_multiplier, "max-grad-norm": max_grad_norm})
+                                              "noise-multiplier": noise_multiplier, "max-grad-norm": max_grad_norm,
+                                              "batch-size": batch_size,
+                                              "log-dir": None if log_dir is None else str(log_dir)})
+        if batch_size is not None and spec.algorithm != "unicdr":
+            raise FedrecError(f"--batch-size applies to silo algorithms (unicdr); algorithm '{spec.algorithm}' trains "
+                              "each user's own sequence per step (its vectorised chunk is --set chunk-size=N)")
         result = run_in_process(spec, app_dir=app_dir, progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
         _fail(exc)
@@ -370,25 +505,49 @@ def _report_federated(result: dict, out: Optional[Path], as_json: bool, header: 
 @app.command("compare", epilog=DEFAULTS_HELP.replace("your flags, --set and --config keys win",
                                                        "the comparison file's keys win"))
 def compare_command(
-    config: Path = typer.Argument(..., metavar="CONFIG", help="Comparison TOML (see fedrec.compare; examples in simulations/configs/)."),
+    config: Optional[Path] = typer.Argument(None, metavar="CONFIG", help="Comparison TOML (see fedrec.compare; examples in simulations/configs/); or --config."),
+    config_option: Optional[Path] = typer.Option(None, "--config", help="The comparison TOML (instead of the CONFIG argument, as in `fedrec train` and `simulate`)."),
     seeds: Optional[list[int]] = typer.Option(None, "--seed", help="Seeds (repeatable; default 0 1 2)."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these row names (repeatable)."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE for every row, over the file's keys (repeatable): a training option of the centralised rows and/or a run-config key of the federated rows (lr=0.01, epochs=5, rounds=10; or train.KEY), or a model option (model.dim=64). Overridden rows run afresh."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of every row (as --set lr=...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs of every centralised row (as --set epochs=...)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of every federated row (as --set rounds=...)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size of every centralised row and silo federated row (as --set batch-size=...)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (a GPU when present; the default), cpu, cuda, cuda:N or mps, for every row (does not change a row's fingerprint)."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment logs: LOG_DIR/<row>/seed<k>/ (metrics.jsonl, TensorBoard events when installed)."),
     out: Path = typer.Option(Path("results"), "--out", help="Folder for <name>.json/.md/.csv/_curves.png."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Replaces {data_root} in the config's data spec."),
     app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with \\[tool.flwr.app], else the installed one)."),
 ) -> None:
     """Run federated and centralised configurations on the same split; write a table
     (terminal, Markdown, CSV) and learning curves (PNG). Finished runs are kept (resumable)."""
-    from fedrec.compare import load_comparison, run_comparison
+    from fedrec.compare import apply_overrides, load_comparison, run_comparison
+    from fedrec.config import parse_assignments
 
     try:
+        if (config is None) == (config_option is None):
+            raise FedrecError("give the comparison file once: as the CONFIG argument or as --config")
+        config = config if config is not None else config_option
+        if device is not None:
+            _checked_device(device)
+        if log_dir is not None:
+            from fedrec.logs import check_log_dir
+
+            check_log_dir(log_dir)
         cfg = load_comparison(config, data_root=data_root)
+        overrides = parse_assignments(sets)
+        overrides.update({k: v for k, v in (("lr", lr), ("epochs", epochs), ("rounds", rounds),
+                                            ("batch-size", batch_size)) if v is not None})
+        if overrides:
+            cfg = apply_overrides(cfg, overrides)
 
         def report(key, result):
             typer.echo(f"{key}: test {json.dumps(result['test'])} ({result['seconds']} s)", err=True)
 
         run_comparison(cfg, seeds=list(seeds or [0, 1, 2]), out_dir=out, only=list(only or []) or None,
-                       on_result=report, app_dir=app_dir)
+                       on_result=report, app_dir=app_dir,
+                       runtime={"device": device, "log_dir": None if log_dir is None else str(log_dir)})
     except FedrecError as exc:
         _fail(exc)
     typer.echo((out / f"{cfg['stem']}.md").read_text())
@@ -467,6 +626,7 @@ def recommend_command(
     batch_size: int = typer.Option(256, "--batch-size", help="Users scored together."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table a centralised run used."),
     domain: Optional[str] = typer.Option(None, "--domain", help="Cross-domain models: recommend items of this domain (centralised; a federated domain client recommends in its own domain)."),
+    device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Top-k items per user from a saved model (centralised, or a federated client's view:
     global + its private parameters, for its own users), written as CSV, Parquet or JSON lines."""
@@ -491,7 +651,8 @@ def recommend_command(
                 raise FedrecError("a federated model reads each client's own data: --data/--config do not apply "
                                   "(use --node-config)")
             _, models = load_federated_model(saved, clients=list(clients) if clients else None,
-                                             node_config=parse_assignments(node_config) if node_config else None)
+                                             node_config=parse_assignments(node_config) if node_config else None,
+                                             device=_checked_device(device))
             if domain is not None:  # cross-domain: the clients of that domain
                 models = [m for m in models if m.split.domains and len(m.split.seq_domain) and
                           m.split.domains[int(m.split.seq_domain[0])] == domain]
@@ -516,7 +677,7 @@ def recommend_command(
             from fedrec.recommend import centralised_scorer, load_centralised
 
             split = _centralised_split(data, config, federated_options=bool(clients or node_config))
-            model, task, max_len, _ = load_centralised(saved, split)
+            model, task, max_len, _ = load_centralised(saved, split, device=_checked_device(device))
             chosen = users_from_file(users, split) if users else None
             frames.append(recommend(split, centralised_scorer(model, split, task, max_len, domain=domain), users=chosen, k=k,
                                     exclude_seen=exclude_seen, batch_size=batch_size, progress=progress))
@@ -565,6 +726,7 @@ def inspect_groups(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (when training)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (when training)."),
     out: Path = typer.Option(Path("groups"), "--out", help="Folder for groups.json and groups.png."),
+    device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data)."""
@@ -573,12 +735,14 @@ def inspect_groups(
     from fedrec.config import build_config, load_toml, parse_assignments
     from fedrec.data import load_dataset
     from fedrec.data.split import SplitConfig, split_dataset
+    from fedrec.device import resolve_device
     from fedrec.inspect import group_report, plot_group_report, route_users
     from fedrec.models.base import ModelData
     from fedrec.models.registry import create_model
     from fedrec.train import TrainConfig, train
 
     try:
+        on = resolve_device(device)
         file_cfg = load_toml(config) if config else {}
         split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         if checkpoint is not None:
@@ -595,12 +759,13 @@ def inspect_groups(
                 if value is not None:
                     train_options[key] = value
             train_options.setdefault("progress", not as_json and sys.stderr.isatty())
+            train_options.setdefault("device", device)
             task = "ctr" if split.has_labels else "next_item"
             result = train("mrff", split, task=task, model_options=options,
                            config=build_config(TrainConfig, train_options, where="train"), data_name=data)
             model = create_model("mrff", ModelData.from_split(split), options, task=task)
             model.load_state_dict(result["model_state"])
-        users, routes = route_users(model, split)
+        users, routes = route_users(model.to(on), split)
         report = group_report(users, routes, model.cfg.groups, split.user_group)
         report["data"] = data
     except FedrecError as exc:

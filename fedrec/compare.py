@@ -54,7 +54,7 @@ import numpy as np
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
 
-__all__ = ["load_comparison", "row_options", "run_comparison", "comparison_table", "test_metric", "write_outputs",
+__all__ = ["load_comparison", "apply_overrides", "row_options", "run_comparison", "comparison_table", "test_metric", "write_outputs",
            "plot_curves", "auc_cell", "SHOWN_BOUND"]
 
 _KINDS = ("federated", "centralised")
@@ -138,16 +138,61 @@ def row_options(cfg: dict[str, Any], run: dict[str, Any]):
     return resolve(cfg["data"], runtime="centralised", model=model, user=user)
 
 
+def apply_overrides(cfg: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a loaded comparison) with the user's ``--set`` items applied to every row,
+    over the file's own keys: ``model.KEY`` a model option of every row; a bare (or
+    ``train.``) key a training option of the centralised rows and/or a run-config key of the
+    federated rows, wherever it is one (``lr``, ``seed``: both; ``epochs``: centralised;
+    ``rounds``: federated). A key that is neither is an error naming the known ones. The
+    rows' fingerprints change with them, so overridden rows are run afresh."""
+    import dataclasses
+
+    from fedrec.federated.config import FederatedConfig
+    from fedrec.federated.spec import RunSpec
+    from fedrec.train import TrainConfig
+
+    train_keys = {f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)} - {"progress", "resume"}
+    run_keys = ({f.name.replace("_", "-") for f in dataclasses.fields(FederatedConfig)}
+                | {f.name.replace("_", "-") for f in dataclasses.fields(RunSpec)}) - {"federated", "model-options", "data"}
+    cfg = {**cfg, "runs": [dict(r) for r in cfg["runs"]]}
+    for raw, value in sets.items():
+        key = str(raw)
+        if key.startswith("model."):
+            for run in cfg["runs"]:
+                run["options"] = {**run.get("options", {}), key[len("model."):]: value}
+            continue
+        key = key[len("train."):] if key.startswith("train.") else key
+        kebab = key.replace("_", "-")
+        if kebab not in train_keys and kebab not in run_keys:
+            raise ConfigError(f"--set {raw}: unknown option '{key}' (training options: {', '.join(sorted(train_keys))}; "
+                              f"run-config keys: {', '.join(sorted(run_keys))}; model options as model.KEY)")
+        for run in cfg["runs"]:
+            algorithm = run.get("algorithm", cfg.get("federated", {}).get("algorithm"))
+            if kebab == "batch-size" and run["kind"] == "federated" and algorithm != "unicdr":
+                continue  # only silo algorithms train in minibatches
+            if run["kind"] == "federated" and kebab in run_keys:
+                run[kebab] = value
+            elif run["kind"] == "centralised" and kebab in train_keys:
+                run["train"] = {**run.get("train", {}), kebab: value}
+    return cfg
+
+
 def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: dict,
-             app_dir: str | Path | None = None) -> dict[str, Any]:
+             app_dir: str | Path | None = None, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     name, kind = run["name"], run["kind"]
     resolved = row_options(cfg, run)
     task = resolved.options.get("task", "ctr")
+    runtime = runtime or {}
+    log_dir = str(Path(runtime["log_dir"]) / _safe(name) / f"seed{seed}") if runtime.get("log_dir") else ""
     if kind == "federated":
         from fedrec.federated.runner import run_in_process
         from fedrec.federated.spec import parse_run_config
 
         flat = {**resolved.options, "data": cfg["data"], "seed": seed}
+        if runtime.get("device"):
+            flat["device"] = runtime["device"]
+        if log_dir:
+            flat["log-dir"] = log_dir
         result = run_in_process(parse_run_config(flat), app_dir=app_dir)
         curve = [(h["round"], h["valid"][_metric(task)]) for h in result["history"] if "valid" in h]
         result["curve"] = {"x": "round", "points": curve}
@@ -159,6 +204,7 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
         if "split" not in split_cache:
             split_cache["split"] = split_dataset(load_dataset(cfg["data"]))
         train_opts = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
+        train_opts.update({k: v for k, v in (("device", runtime.get("device")), ("log_dir", log_dir)) if v})
         train_cfg = build_config(TrainConfig, {**train_opts, "seed": seed, "progress": False}, where="train")
         result = train(resolved.model, split_cache["split"], task=task, model_options=resolved.model_options(),
                        config=train_cfg, data_name=cfg["data"])
@@ -167,6 +213,13 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
         result["curve"] = {"x": "epoch", "points": curve}
     result.update({"row": name, "kind": kind, "seed": seed, "resolved": resolved.record()})
     return result
+
+
+def _safe(name: str) -> str:
+    """A row name as a folder name (letters, digits, ``-_.``; the rest ``_``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "row"
 
 
 def _scrub(obj: Any, cfg: dict[str, Any]) -> Any:
@@ -203,10 +256,12 @@ def _metric(task: str) -> str:
 
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path, only: list[str] | None = None,
                    on_result: Callable[[str, dict], None] | None = None,
-                   app_dir: str | Path | None = None) -> dict[str, Any]:
+                   app_dir: str | Path | None = None, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every (row, seed) not yet in ``out_dir/<stem>.json``; write table, CSV and plot.
     Federated rows run the Flower app in ``app_dir`` (default: as
-    :func:`fedrec.federated.runner.find_app_dir` finds it)."""
+    :func:`fedrec.federated.runner.find_app_dir` finds it). ``runtime``: ``device`` and
+    ``log_dir`` (each run logs to ``LOG_DIR/<row>/seed<k>``), which do not change what a
+    row computes and so neither its fingerprint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{cfg['stem']}.json"
@@ -224,7 +279,7 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path
             key = f"{run['name']}/seed{seed}"
             if key in results and results[key].get("fingerprint", fingerprint) == fingerprint:
                 continue  # done with this very configuration (results without a fingerprint are kept)
-            results[key] = _scrub(_run_one(cfg, run, seed, split_cache, app_dir), cfg)
+            results[key] = _scrub(_run_one(cfg, run, seed, split_cache, app_dir, runtime), cfg)
             results[key]["fingerprint"] = fingerprint
             _atomic_write(path, json.dumps(results, indent=1))
             write_outputs(cfg, results, out_dir)

@@ -18,6 +18,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from fedrec.data.batching import build_examples, iterate_batches
 from fedrec.data.split import SplitData
+from fedrec.device import to_device
 from fedrec.errors import ConfigError
 
 __all__ = ["route_users", "group_report", "plot_group_report"]
@@ -26,6 +27,8 @@ __all__ = ["route_users", "group_report", "plot_group_report"]
 @torch.no_grad()
 def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """``(users, routes)``: user indices and their ``(n, layers)`` chosen groups."""
+    from fedrec.train import model_device
+
     if not hasattr(model, "route"):
         raise ConfigError(f"{type(model).__name__} has no group routing to inspect (use an MRFF model)")
     model.eval()
@@ -37,7 +40,7 @@ def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.n
     users, routes = [], []
     for batch in iterate_batches(examples, batch_size=batch_size):
         users.append(batch["user"].numpy())
-        routes.append(model.route(batch).numpy())
+        routes.append(model.route(to_device(batch, model_device(model))).cpu().numpy())
     return np.concatenate(users), np.concatenate(routes)
 
 

@@ -40,6 +40,7 @@ import torch
 from fedrec.data.batching import ExampleSet, _last_rows, iterate_batches
 from fedrec.data.io import iter_lines, resolve_file
 from fedrec.data.split import SplitData
+from fedrec.device import to_device
 from fedrec.errors import ConfigError, DataError
 from fedrec.models.base import RecModel
 
@@ -345,6 +346,9 @@ def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: in
     """
     if task != "cdr" and domain is not None:
         raise ConfigError(f"--domain applies to cross-domain models (this one is a {task} model)")
+    from fedrec.train import model_device
+
+    device = model_device(model)  # batches go where the model is
     if task == "cdr":
         d = domain_index(split, domain)
         model.eval()
@@ -352,18 +356,18 @@ def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: in
 
         @torch.no_grad()
         def score_domain(users: np.ndarray) -> torch.Tensor:
-            return model.score_all(cdr_batch(split, users, d, eval_len=eval_len))
+            return model.score_all(to_device(cdr_batch(split, users, d, eval_len=eval_len), device))
 
         return score_domain
     if task not in ("ctr", "next_item"):
         raise ConfigError(f"recommendations are for the ctr, next_item and cdr tasks (got {task!r})")
     serving_history(split, task=task, max_len=max_len)  # checks the data and the length now
     model.eval()
-    all_items = torch.arange(split.n_items + 1)
+    all_items = torch.arange(split.n_items + 1, device=device)
 
     @torch.no_grad()
     def score(users: np.ndarray) -> torch.Tensor:
-        batch = serving_batch(split, users, max_len, task=task)
+        batch = to_device(serving_batch(split, users, max_len, task=task), device)
         if task == "next_item":
             return model.score_all(batch)  # (B, I + 1)
         if hasattr(model, "cfg"):  # a sequence model: bound the head's memory
@@ -373,9 +377,10 @@ def centralised_scorer(model: RecModel, split: SplitData, task: str, max_len: in
     return score
 
 
-def load_centralised(path: str | Path, split: SplitData) -> tuple[RecModel, str, int, dict[str, Any]]:
+def load_centralised(path: str | Path, split: SplitData, *,
+                     device: str | torch.device = "cpu") -> tuple[RecModel, str, int, dict[str, Any]]:
     """``(model, task, max_len, info)`` of a ``fedrec train --checkpoint`` file or a
-    ``--resume`` training state (its best weights) for ``split``.
+    ``--resume`` training state (its best weights) for ``split``, on ``device``.
 
     The model is rebuilt and checked by :func:`fedrec.train.load_saved` (the loading of
     ``fedrec evaluate``): a file that is neither, a model of another split, or a state that
@@ -385,7 +390,7 @@ def load_centralised(path: str | Path, split: SplitData) -> tuple[RecModel, str,
     """
     from fedrec.train import load_saved
 
-    model, info = load_saved(path, split)
+    model, info = load_saved(path, split, device=device)
     return model, info["task"], info["max_len"], info
 
 

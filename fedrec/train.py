@@ -24,6 +24,7 @@ any protocol, without training.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import tempfile
 import time
@@ -38,7 +39,9 @@ from torch import nn
 from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
+from fedrec.device import device_rng_state, resolve_device, set_device_rng_state, to_cpu, to_device
 from fedrec.errors import ConfigError
+from fedrec.logs import RunLog
 from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
                             sampled_ranking_ranks)
 from fedrec.models.base import ModelData, RecModel
@@ -91,6 +94,13 @@ class TrainConfig:
     #: stage negatives only among items the user did not consume in training (RecFlow's
     #: baseline keeps them: false = as the paper)
     stage_unseen: bool = False
+    #: where the model and its batches compute: ``auto`` (a GPU when present), ``cpu``,
+    #: ``cuda``, ``cuda:N`` or ``mps`` (:func:`fedrec.device.resolve_device`); results and
+    #: checkpoints are the same files whichever device wrote them
+    device: str = "auto"
+    #: directory of the experiment log (``metrics.jsonl`` per epoch, TensorBoard events when
+    #: installed: :mod:`fedrec.logs`); "" = none
+    log_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
@@ -118,6 +128,18 @@ class TrainConfig:
         return [p for p in dict.fromkeys(names) if p != self.protocol]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (or buffers; the CPU for a model with neither)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _dev(batch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``batch`` on the device of ``model`` (the same dict on the CPU)."""
+    return to_device(batch, model_device(model))
+
+
 def selection_metric(task: str) -> str:
     """The validation metric that selects the best epoch."""
     return "auc" if task == "ctr" else "ndcg@10"
@@ -143,7 +165,7 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
     if task == "ctr":
         probs, labels, users = [], [], []
         for batch in iterate_batches(examples, batch_size=batch_size):
-            probs.append(model.predict_ctr(batch).double().numpy())
+            probs.append(model.predict_ctr(_dev(batch, model)).double().cpu().numpy())
             labels.append(batch["target_labels"][:, -1].numpy())
             users.append(batch["user"].numpy())
         labels_all, users_all, probs_all = np.concatenate(labels), np.concatenate(users), np.concatenate(probs)
@@ -223,10 +245,10 @@ def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: 
             main = None
             for b in wanted:
                 if b == "main" or b not in own:
-                    main = model.score_all(batch).double().numpy() if main is None else main
+                    main = model.score_all(_dev(batch, model)).double().cpu().numpy() if main is None else main
                     scores = main
                 else:
-                    scores = model.score_all(batch, behaviour=b).double().numpy()
+                    scores = model.score_all(_dev(batch, model), behaviour=b).double().cpu().numpy()
                 stop = start + scores.shape[0]
                 sub_ptr = indptr[start : stop + 1] - indptr[start]
                 ranks[b].append(full_ranking_ranks(scores, batch["target_items"][:, -1].numpy(),
@@ -239,10 +261,12 @@ def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: 
             for b in wanted:
                 if b == "main" or b not in own:
                     if main is None:
-                        main = model.score_candidates(batch, batch["candidates"]).double().numpy()
+                        dev = _dev(batch, model)
+                        main = model.score_candidates(dev, dev["candidates"]).double().cpu().numpy()
                     scores = main
                 else:
-                    scores = model.score_candidates(batch, batch["candidates"], behaviour=b).double().numpy()
+                    dev = _dev(batch, model)
+                    scores = model.score_candidates(dev, dev["candidates"], behaviour=b).double().cpu().numpy()
                 ranks[b].append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
     out = {b: np.concatenate(r) for b, r in ranks.items()}
     return out if behaviours else out["main"]
@@ -342,7 +366,7 @@ def routing_stats(model: nn.Module, examples: ExampleSet, previous: np.ndarray |
     model.eval()
     _, first = np.unique(examples.users, return_index=True)
     examples = examples.subset(examples.users[np.sort(first)])
-    routes = np.concatenate([model.route(b).numpy() for b in iterate_batches(examples, batch_size=batch_size)])
+    routes = np.concatenate([model.route(_dev(b, model)).cpu().numpy() for b in iterate_batches(examples, batch_size=batch_size)])
     groups = int(model.cfg.groups)
     share = [(np.bincount(routes[:, layer], minlength=groups) / len(routes)).round(4).tolist()
              for layer in range(routes.shape[1])]
@@ -364,7 +388,10 @@ def _save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-_RESUME_IGNORED = ("progress", "resume", "checkpoint")
+#: options that do not change what is trained (a run may resume on another device, or log elsewhere)
+_RESUME_IGNORED = ("progress", "resume", "checkpoint", "device", "log_dir")
+#: options that are not recorded in results and checkpoints (paths of this machine, the device)
+_NOT_RECORDED = ("progress", "resume", "log_dir")
 #: options that only decide where training stops: a state may be resumed with other values
 #: (a longer budget continues a finished run), as long as the run has not gone past the
 #: point where the new values would have stopped it
@@ -461,10 +488,15 @@ def train(
     cfg = config or TrainConfig()
     start = time.perf_counter()
     earlier_seconds = 0.0  # spent before a resume
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     data = ModelData.from_split(split)
     model = create_model(model_name, data, model_options, task=task)
+    run_log = RunLog(cfg.log_dir or None, kind="epoch", run={
+        "command": "train", "model": model_name, "data": data_name, "task": task, "seed": cfg.seed,
+        "device": str(device), "model_options": dict(model_options or {}),
+        "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}})
     max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
     eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
     valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
@@ -485,6 +517,7 @@ def train(
 
     if not getattr(model, "trainable", True):
         model.fit(split)
+        model.to(device)
         best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
         best_valid = evaluate(model, valid, **eval_args)
     else:
@@ -493,6 +526,7 @@ def train(
             raise ConfigError("no training examples (every user has fewer than two training interactions)")
         if hasattr(model, "prepare"):  # what a model fits on the training split before its first step
             model.prepare(split)
+        model.to(device)  # after prepare: what it fitted moves too
         opts = _optimizers(model, cfg)
         sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task in ("next_item", "cdr") else None
         if cfg.stage_negatives:
@@ -506,11 +540,13 @@ def train(
         saved = _load_resume(Path(cfg.resume), identity) if cfg.resume else None
         if saved is not None:
             model.load_state_dict(saved["model_state"])
+            model.to(device)  # extra state (e.g. fitted codes) is loaded on the CPU
             for opt, opt_state in zip(opts, saved["optimizers"], strict=True):
                 opt.load_state_dict(opt_state)
             if sampler is not None:
                 sampler.rng.bit_generator.state = saved["sampler"]
             torch.set_rng_state(saved["torch_rng"])
+            set_device_rng_state(device, saved.get("device_rng"))
             np.random.set_state(saved["numpy_rng"])
             history = saved["history"]
             best_state, best_epoch, best_valid = saved["best_state"], saved["best_epoch"], saved["best_valid"]
@@ -529,6 +565,7 @@ def train(
                               "optimizers": [o.state_dict() for o in opts],
                               "sampler": sampler.rng.bit_generator.state if sampler is not None else None,
                               "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                              "device_rng": device_rng_state(device),
                               "history": history, "best_state": best_state, "best_epoch": best_epoch,
                               "best_valid": best_valid, "best_score": best_score, "stale": stale,
                               "seconds": earlier_seconds + time.perf_counter() - start}, Path(cfg.resume))
@@ -537,15 +574,16 @@ def train(
         bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress, initial=first - 1)
         for epoch in range(first, 0 if finished else cfg.epochs + 1):
             model.train()
-            losses = train_epoch(model, opts, iterate_batches(
+            losses = train_epoch(model, opts, (to_device(b, device) for b in iterate_batches(
                 train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler))
+                num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler)))
             scores = evaluate(model, valid, **eval_args)
             record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
             routed = routing_stats(model, valid, last_routes)
             if routed is not None:
                 record["routing"], last_routes = routed
             history.append(record)
+            run_log.write(epoch, record, total=cfg.epochs)
             if on_epoch is not None:
                 on_epoch(record)
             score = scores[metric] if scores[metric] is not None else -np.inf
@@ -553,10 +591,11 @@ def train(
             bar.set_postfix(loss=record["loss"], **{f"valid_{metric}": scores[metric]})
             if score > best_score:
                 best_score, best_epoch, best_valid, stale = score, epoch, scores, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = to_cpu(copy.deepcopy(model.state_dict()))
                 if cfg.checkpoint:
                     _save_atomic({"model": model_name, "task": task, "epoch": epoch, "state": best_state,
-                                  "model_options": model_options or {}, "train": asdict(cfg),
+                                  "model_options": model_options or {},
+                                  "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
                                   "split": _split_fingerprint(split)}, Path(cfg.checkpoint))
             else:
                 stale += 1
@@ -566,13 +605,14 @@ def train(
             save_state(epoch, False)
         bar.close()
         model.load_state_dict(best_state)
+        model.to(device)
     test_scores = evaluate(model, test, **eval_args)
     by_protocol = {}
     if task != "ctr":
         by_protocol[cfg.protocol] = test_scores
         for extra in cfg.extra_protocols():
             by_protocol[extra] = evaluate(model, test, **{**eval_args, "protocol": extra})
-    return {
+    result = {
         "model": model_name,
         "data": data_name,
         "task": task,
@@ -590,11 +630,14 @@ def train(
         "private_parameters_per_user": (model.private_parameters_per_user()
                                         if hasattr(model, "private_parameters_per_user") else 0),
         "seed": cfg.seed,
+        "device": str(device),
         "model_options": dict(model_options or {}),
-        # where the state file lived is not a training option (and would put a path in results)
-        "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "resume")},
-        "model_state": best_state,
+        # where the state and log files live is not a training option (and would put a path in results)
+        "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
+        "model_state": to_cpu(best_state),
     }
+    run_log.close()
+    return result
 
 
 def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], batches) -> list[float]:
@@ -651,8 +694,9 @@ def _check_saved_split(path: Path, saved: dict[str, Any], split: SplitData) -> N
         raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
 
 
-def _restore_model(path: Path, saved: dict[str, Any], split: SplitData) -> RecModel:
-    """The model of ``saved`` (see :func:`_read_saved`) built for ``split``, with its weights."""
+def _restore_model(path: Path, saved: dict[str, Any], split: SplitData, device: str | torch.device = "cpu") -> RecModel:
+    """The model of ``saved`` (see :func:`_read_saved`) built for ``split``, with its
+    weights, on ``device``."""
     model = create_model(saved["model"], ModelData.from_split(split), saved["model_options"], task=saved["task"])
     try:
         model.load_state_dict(saved["state"])
@@ -661,12 +705,13 @@ def _restore_model(path: Path, saved: dict[str, Any], split: SplitData) -> RecMo
         raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
     if hasattr(model, "prepare"):  # what the model fits on the training split (not saved)
         model.prepare(split)
-    return model
+    return model.to(resolve_device(device))
 
 
-def load_saved(path: str | Path, split: SplitData) -> tuple[RecModel, dict[str, Any]]:
+def load_saved(path: str | Path, split: SplitData, *, device: str | torch.device = "cpu") -> tuple[RecModel, dict[str, Any]]:
     """The model saved at ``path`` (a ``checkpoint`` file, or a ``resume`` training state's
-    best weights) rebuilt for ``split``, in eval mode, and facts about it.
+    best weights) rebuilt for ``split``, in eval mode on ``device`` (see
+    :func:`fedrec.device.resolve_device`), and facts about it.
 
     The same reading and checks as :func:`evaluate_saved`: a file that is neither, a model
     of another split, weights that do not fit the data, or a state whose run finished no
@@ -678,7 +723,7 @@ def load_saved(path: str | Path, split: SplitData) -> tuple[RecModel, dict[str, 
     path = Path(path)
     saved = _read_saved(path)
     _check_saved_split(path, saved, split)
-    model = _restore_model(path, saved, split)
+    model = _restore_model(path, saved, split, device)
     model.eval()
     info = {key: saved[key] for key in ("model", "task", "kind", "best_epoch", "finished", "model_options", "train")}
     return model, {**info, "max_len": model_max_len(model)}
@@ -686,8 +731,9 @@ def load_saved(path: str | Path, split: SplitData) -> tuple[RecModel, dict[str, 
 
 def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] | None = None,
                    negatives_file: str | None = None, stages: tuple[str, ...] = ("valid", "test"),
-                   skip_unfinished: bool = False) -> dict[str, Any]:
-    """Score the model saved at ``path`` again on ``split``, without training.
+                   skip_unfinished: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Score the model saved at ``path`` again on ``split``, without training (on
+    ``device``; the metrics do not depend on it beyond float rounding).
 
     ``path`` is a ``checkpoint`` file (the best weights) or a ``resume`` training state (its
     best weights are used). ``protocols`` (next item only) default to the run's own
@@ -727,7 +773,7 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
         if negatives_file.startswith("sha256:") or (negatives_file and not Path(negatives_file).exists()):
             raise ConfigError(f"{path}: the run ranked against a negatives file ({negatives_file}); "
                               "pass it with --negatives-file, or --negatives-file '' for uniform draws")
-    model = _restore_model(path, saved, split)
+    model = _restore_model(path, saved, split, device)
     max_len = getattr(model, "eval_max_len", model_max_len(model))
     examples = {stage: build_examples(split, task=task, stage=stage, max_len=max_len) for stage in stages}
     fixed = _fixed_negatives(negatives_file, split, task, protocols, list(examples.values())) if negatives_file else None

@@ -60,6 +60,7 @@ from fedrec.federated.config import FederatedConfig
 from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, ranking_summary
 from fedrec.federated.layout import Layout
 from fedrec.federated.privacy import UserLevelDP, privacy_from_config
+from fedrec.device import resolve_device, to_cpu, to_device
 from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks
 from fedrec.models.base import ModelData, ParamRole, RecModel
 from fedrec.models.layers import MaskDropout, SelfAttention
@@ -258,7 +259,12 @@ class Algorithm:
         #: per-user compact item tables (see the module docstring); tests switch it off to
         #: compare with the full per-user copies
         self.compact = True
-        self._item_tables = self._compact_tables()
+        #: where the clients compute (``device`` option): the template and every per-user
+        #: tensor live there during a round; what a client keeps and uploads is on the CPU
+        self.device = resolve_device(self.config.device)
+        self.template.to(self.device)
+        self._item_tables = {n: (key, None if r is None else r.to(self.device))
+                             for n, (key, r) in self._compact_tables().items()}
 
     def _canonical_init(self, data: ModelData) -> None:
         """Make the initial parameters independent of how many users this split holds.
@@ -355,6 +361,7 @@ class Algorithm:
         C = len(pos)
         per_user: Params = {}
         shared: Params = {}
+        dev = self.device
         for n in self.layout.global_names:
             if rows and n in rows:
                 per_user[n] = global_params[n][rows[n]]  # (C, K, D): a copy of the touched rows
@@ -363,10 +370,10 @@ class Algorithm:
             else:
                 shared[n] = global_params[n]
         for n in self.layout.per_user:
-            own = state.tensors[n][pos]  # (C, D)
+            own = state.tensors[n][pos].to(dev)  # (C, D)
             per_user[n] = torch.stack([torch.zeros_like(own), own], dim=1)  # (C, 2, D): [padding, own row]
         for n in self.layout.private:
-            per_user[n] = state.tensors[n][pos].clone()
+            per_user[n] = state.tensors[n][pos].to(dev, copy=True)
         return per_user, shared
 
     def _per_user_batch(self, batch: dict[str, torch.Tensor], users: np.ndarray) -> dict[str, torch.Tensor]:
@@ -378,7 +385,11 @@ class Algorithm:
         out["user"] = torch.ones(len(users), dtype=torch.long)
         if self._user_codes is not None:
             out["user_codes"] = self._user_codes[torch.from_numpy(users)]
-        return out
+        return to_device(out, self.device)
+
+    def _on_device(self, params: Params) -> Params:
+        """``params`` (the global parameters, on the CPU) on the clients' device."""
+        return {n: t.to(self.device) for n, t in params.items()}
 
     def _compact_batch(self, ex: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Compact item tables for a chunk of users (one example each).
@@ -409,7 +420,7 @@ class Algorithm:
         for key, row_of_item in {key: r for key, r in self._item_tables.values()}.items():
             if row_of_item is None:
                 key_rows[key] = local_items
-                maps[key] = torch.arange(local_items.shape[1]).expand(C, -1)
+                maps[key] = torch.arange(local_items.shape[1], device=local_items.device).expand(C, -1)
                 continue
             key_rows[key], maps[key] = _row_unique(row_of_item[local_items])  # (C, K), (C, K_items)
         out["item_maps"] = maps
@@ -429,7 +440,7 @@ class Algorithm:
             loss, out = functional_call(template, {**shared, **params}, (batch,), {"mode": "loss"})
             routing = out["context"]["routing"]
             choice = (torch.stack([r["choice"][0] for r in routing]) if routing
-                      else torch.zeros(0, 1, dtype=torch.long))
+                      else torch.zeros(0, 1, dtype=torch.long, device=loss.device))
             return loss, choice
 
         return user_loss
@@ -476,7 +487,8 @@ class Algorithm:
                       group_counts: torch.Tensor | None = None) -> tuple[Upload, LocalState, dict[str, float]]:
         """Train the shard's participating users for one round (see the module docstring)."""
         cfg = self.config
-        share = self.group_share(group_counts if group_counts is not None else self.initial_group_counts())
+        share = self.group_share(group_counts if group_counts is not None else self.initial_group_counts()).to(self.device)
+        on_device = self._on_device(global_params)
         mask = participants(self.split.user_raw[shard.users], seed=cfg.seed, round=round, fraction=cfg.fraction)
         examples = shard.train.subset(shard.users[mask])
         users = examples.users
@@ -504,8 +516,8 @@ class Algorithm:
                 cu = users[sl]
                 pos = self._positions(state, cu)
                 ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
-                params, ex, rows, start_values, loss, choice = self._local_train(global_params, state, pos, ex,
-                                                                                 share, vgrad)
+                params, ex, rows, start_values, loss, choice = to_cpu(self._local_train(on_device, state, pos, ex,
+                                                                                        share, vgrad))
                 loss_sum += float(loss.sum())
                 # write private rows back; accumulate the upload
                 with torch.no_grad():
@@ -622,6 +634,8 @@ class Algorithm:
         # CTR: the plain forward's logits (predict_ctr's sigmoid of them saturates in float32)
         mode = "train" if task == "ctr" else ("candidates" if candidates is not None else "all")
         alive = self.group_alive(group_counts)
+        alive = None if alive is None else alive.to(self.device)
+        global_params = self._on_device(global_params)
 
         def fn(params, shared, example):
             b = {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in example.items()}
@@ -638,7 +652,7 @@ class Algorithm:
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
             ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
             params, shared, ex = self.personalise(global_params, state, cu, params, shared, ex)
-            out.append(vfn(params, shared, ex))
+            out.append(vfn(params, shared, to_device(ex, self.device)).cpu())
         if task == "ctr":
             logits = torch.cat(out)
             return {"probs": torch.sigmoid(logits).double().numpy(), "logits": logits.double().numpy(),
@@ -664,6 +678,8 @@ class Algorithm:
         template.eval()
         batch = next(iterate_batches(examples, batch_size=len(examples)))
         alive = self.group_alive(group_counts)
+        alive = None if alive is None else alive.to(self.device)
+        global_params = self._on_device(global_params)
 
         def fn(params, shared, example):
             b = {k: v.unsqueeze(0) for k, v in example.items()}
@@ -678,7 +694,7 @@ class Algorithm:
             sl = slice(start, start + self.config.chunk_size)
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)))
+            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)).cpu())
         return users, torch.cat(out).numpy()
 
     @torch.no_grad()
@@ -710,6 +726,8 @@ class Algorithm:
             chunk = max(1, min(chunk, budget // ((n_items + 1) * 4 * template.cfg.dim)))
 
         alive = self.group_alive(group_counts)
+        alive = None if alive is None else alive.to(self.device)
+        global_params = self._on_device(global_params)
 
         def fn(params, shared, example):
             b = {k: (v.unsqueeze(0) if torch.is_tensor(v) else v) for k, v in example.items()}
@@ -720,20 +738,20 @@ class Algorithm:
 
         vfn = vmap(fn, in_dims=(0, None, 0))
         out = []
-        items = torch.arange(n_items + 1)
+        items = torch.arange(n_items + 1, device=self.device)
         for start in range(0, len(users), chunk):
             sl = slice(start, start + chunk)
             cu = users[sl]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
             ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
             params, shared, ex = self.personalise(global_params, state, cu, params, shared, ex)
-            res = vfn(params, shared, ex)
+            res = vfn(params, shared, to_device(ex, self.device))
             if mode != "encode-last":
-                out.append(res)
+                out.append(res.cpu())
                 continue
             h, user = res  # (C, dim), (C, w)
             head = {"h": h, "user_repr": user, "candidates": items}
-            out.append(functional_call(template, global_params, (head,), {"mode": "ctr-head"}))
+            out.append(functional_call(template, global_params, (head,), {"mode": "ctr-head"}).cpu())
         return torch.cat(out)
 
     def client_evaluate(self, global_params: Params, state: LocalState, shard: Shard, *, stage: str,

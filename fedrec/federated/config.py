@@ -58,6 +58,14 @@ class FederatedConfig:
         trains ``local_steps`` epochs over its whole training data per round, in minibatches
         of ``batch_size``, with a fresh Adam (``lr``, L2 ``weight_decay``); the
         one-client-per-user engine ignores them.
+    ``device``
+        Where each client computes (``auto``: a GPU when the node has one; ``cpu``,
+        ``cuda``, ``cuda:N``, ``mps``): see :mod:`fedrec.device`. Uploads, the server's
+        aggregation and the saved states stay on the CPU, so nodes with and without a GPU
+        take part in the same run.
+    ``log_dir``
+        Where the server writes the experiment log of the rounds (:mod:`fedrec.logs`;
+        "" = none).
     ``population``
         The number of users in the whole federation (0: unknown). No node can count it from
         its own data: ``fedrec simulate`` sets it, a federation folder's manifest carries it,
@@ -88,6 +96,8 @@ class FederatedConfig:
     population: int = 0
     batch_size: int = 1024
     weight_decay: float = 0.0
+    device: str = "auto"
+    log_dir: str = ""
 
     @property
     def dp(self) -> bool:
@@ -126,5 +136,8 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'accountant' must be rdp or prv (got {self.accountant!r})")
         if self.dp and self.weighting != "users":
             raise ConfigError("differential privacy needs weighting 'users' (a user's weight must not depend on its data)")
+        from fedrec.device import check_device_spec
+
+        check_device_spec(self.device)  # each node resolves it on its own hardware
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"federated option 'protocol' must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from fedrec.federated.spec import RunSpec
+from fedrec.logs import RunLog
 from fedrec.train import selection_metric
 
 __all__ = ["RunHistory"]
@@ -40,10 +41,15 @@ class RunHistory:
         self.stale = 0
         self.stopped = False
         self.start = time.perf_counter()
+        #: the experiment log of the rounds (the run config's ``log-dir``; see :mod:`fedrec.logs`)
+        self.log = RunLog(spec.federated.log_dir or None, kind="round",
+                          run={"command": "simulate", **{k: v for k, v in spec.to_flat().items() if k != "log-dir"}})
 
     def record_train(self, round: int, metrics: dict[str, Any]) -> None:
         """Training metrics of ``round`` (loss, users)."""
         self.rounds.append({"round": round, "train": _clean(metrics)})
+        if not self.should_evaluate(round):  # an evaluation round is logged with its validation
+            self.log.write(round, {"train": self.rounds[-1]["train"]}, total=self.spec.federated.rounds)
 
     def record_eval(self, round: int, valid: dict[str, Any], test: dict[str, Any],
                     nodes: dict[str, Any] | None = None) -> None:
@@ -56,6 +62,8 @@ class RunHistory:
         entry["valid"], entry["test"] = _clean(valid), _clean(test)
         if nodes:
             entry["evaluate"] = nodes
+        # the log shows what selects the round (validation), as the centralised log does
+        self.log.write(round, {"train": entry.get("train", {}), "valid": entry["valid"]}, total=self.spec.federated.rounds)
         score = valid.get(self.metric)
         if score is not None and score > self.best_score:
             self.best, self.best_score, self.stale = entry, float(score), 0
@@ -82,7 +90,9 @@ class RunHistory:
         return round % self.spec.federated.eval_every == 0 or round == self.spec.federated.rounds
 
     def result(self) -> dict[str, Any]:
-        """The run's JSON-ready summary: ``valid``/``test`` at the best round, ``history``."""
+        """The run's JSON-ready summary: ``valid``/``test`` at the best round, ``history``
+        (closes the experiment log)."""
+        self.log.close()
         best = self.best or {}
         test = dict(best.get("test", {}))
         privacy = None
@@ -117,7 +127,8 @@ class RunHistory:
             "test": test,
             "history": self.rounds,
             "seconds": round(time.perf_counter() - self.start, 2),
-            "config": self.spec.to_flat(),
+            # where the log went is not an option of the run (and would put a path in results)
+            "config": {k: v for k, v in self.spec.to_flat().items() if k != "log-dir"},
         }
         if privacy is not None:
             out["privacy"] = privacy

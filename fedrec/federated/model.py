@@ -59,15 +59,21 @@ class ClientModel:
 
 
 def load_federated_model(folder: str | Path, *, clients: list[str | Path] | None = None,
-                         node_config: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[ClientModel]]:
+                         node_config: dict[str, Any] | None = None,
+                         device: str | None = None) -> tuple[dict[str, Any], list[ClientModel]]:
     """``(global model file, client models)`` of ``folder``; ``node_config`` overrides
-    keys of every client's saved node config (e.g. a data path that moved)."""
+    keys of every client's saved node config (e.g. a data path that moved); ``device``
+    (``auto``, ``cpu``, ``cuda``, ...) where the clients' models compute (default: the
+    run's own ``device`` option)."""
     from fedrec.federated.node import build_node
 
     glob, saved = load_model_dir(folder, clients=clients)
     out = []
     for c in saved:
-        spec = parse_run_config(c["run_config"])
+        run_config = dict(c["run_config"])
+        if device is not None:
+            run_config["device"] = device
+        spec = parse_run_config(run_config)
         config = {**c["node_config"], **(node_config or {})}
         node = build_node(spec, config)
         state = LocalState.from_state_dict(c["state"])
@@ -84,13 +90,13 @@ def load_federated_model(folder: str | Path, *, clients: list[str | Path] | None
 
 
 def evaluate_federated(folder: str | Path, *, clients: list[str | Path] | None = None,
-                       node_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                       node_config: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
     """Valid and test metrics of a saved federated model, pooled over the given clients
     (default: every client file in ``folder``) the way the server pools them; with all of a
     run's clients, they equal the run's own numbers at its best round."""
     from fedrec.federated.node import evaluation_summary
 
-    glob, models = load_federated_model(folder, clients=clients, node_config=node_config)
+    glob, models = load_federated_model(folder, clients=clients, node_config=node_config, device=device)
     summaries = [evaluation_summary(m.node.alg, m.node.shard, m.global_params, m.state, client=m.client,
                                     group_counts=m.group_counts) for m in models]
     task = models[0].node.alg.task

@@ -119,7 +119,7 @@ class PFedRec(Algorithm):
         if scoring_candidates:
             ex["candidates"] = example["candidates"]
         vgrad = vmap(grad_and_value(self._loss_fn(), has_aux=True), in_dims=(0, None, 0, None), randomness="different")
-        share = self.group_share(self.initial_group_counts())
+        share = self.group_share(self.initial_group_counts()).to(self.device)
         trained, ex, rows, start, _, _ = self._local_train(global_params, state, self._positions(state, users), ex,
                                                             share, vgrad)
         if scoring_candidates:
@@ -130,6 +130,7 @@ class PFedRec(Algorithm):
         with torch.no_grad():
             for n, r in rows.items():
                 change = trained[n] - start[n]  # (C, K, D)
-                table = global_params[n].unsqueeze(0).repeat(C, *([1] * global_params[n].dim()))
+                g = global_params[n].to(change.device)
+                table = g.unsqueeze(0).repeat(C, *([1] * g.dim()))
                 trained[n] = table.scatter_add_(1, r.unsqueeze(-1).expand_as(change), change)
         return trained, {}, {k: v for k, v in example.items() if k != "candidates"}

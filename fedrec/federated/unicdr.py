@@ -92,6 +92,7 @@ from fedrec.federated.evaluation import combine_ranking
 from fedrec.federated.layout import Layout
 from fedrec.federated.privacy import UserLevelDP, privacy_from_config
 from fedrec.models.base import ALIGNED, PRIVATE, PUBLIC, ModelData, ParamRole
+from fedrec.device import resolve_device, to_device
 from fedrec.models.registry import create_model
 
 __all__ = ["FedUniCDR", "domain_ranking_summary"]
@@ -339,6 +340,8 @@ class FedUniCDR:
 
         cfg = self.config
         model, rows = self._working_model(global_params, state)
+        device = resolve_device(cfg.device)
+        model.to(device)
         model.train()
         opts = _optimizers(model, TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size))
         seed = (cfg.seed * 1_000_003 + round * 7919 + shard.key) % 2**63
@@ -347,9 +350,10 @@ class FedUniCDR:
         losses = []
         n_examples = len(shard.train)
         for epoch in range(cfg.local_steps):
-            losses += train_epoch(model, opts, iterate_batches(shard.train, batch_size=cfg.batch_size, shuffle=True,
-                                                               seed=seed + epoch, num_negatives=cfg.negatives,
-                                                               sampler=sampler))
+            losses += train_epoch(model, opts, (to_device(b, device) for b in iterate_batches(
+                shard.train, batch_size=cfg.batch_size, shuffle=True, seed=seed + epoch, num_negatives=cfg.negatives,
+                sampler=sampler)))
+        model.cpu()  # what is uploaded and kept stays on the CPU
         params = dict(model.named_parameters())
         weight = float(n_examples)
         # common users trained this round, weighted by their training interactions here
@@ -429,7 +433,7 @@ class FedUniCDR:
         if len(examples) == 0:
             return {"n": 0}
         model, _ = self._working_model(global_params, state)
-        model.eval()
+        model.to(resolve_device(self.config.device)).eval()
         ranks = self._ranks(model, examples)
         return domain_ranking_summary(ranks["main"], examples.domains, list(self.split.domains),
                                       cold_start_mask(examples), like_ranks=ranks.get("like"),
@@ -443,9 +447,11 @@ class FedUniCDR:
         from fedrec.recommend import cdr_batch
 
         model, _ = self._working_model(global_params, state)
-        model.eval()
+        device = resolve_device(self.config.device)
+        model.to(device).eval()
         with torch.no_grad():
-            return model.score_all(cdr_batch(self.split, users, self.domain, eval_len=self.eval_len))
+            batch = to_device(cdr_batch(self.split, users, self.domain, eval_len=self.eval_len), device)
+            return model.score_all(batch).cpu()
 
     @property
     def domain(self) -> int:

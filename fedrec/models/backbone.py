@@ -293,7 +293,7 @@ class SequenceModel(RecModel):
         if mode == "all":
             return self.score_all(batch)
         if mode == "ctr-all":
-            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1))
+            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1, device=batch["user"].device))
         if mode == "encode-last":  # (h at the last position, user representation)
             out = self.encode(batch)
             return out["h"][:, -1], out["user_repr"]

@@ -100,6 +100,20 @@ class ModelData:
                    columns)
 
 
+def _apply_plain(value, fn):
+    """``fn`` applied to a plain tensor attribute (or the tensors of a list / tuple of them,
+    one level deep); anything else is returned as it is."""
+    if isinstance(value, nn.Parameter):
+        return value
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, (list, tuple)) and value and any(torch.is_tensor(v) or isinstance(v, (list, tuple))
+                                                             for v in value):
+        return type(value)(_apply_plain(v, fn) if not isinstance(v, (list, tuple))
+                           else type(v)(fn(x) if torch.is_tensor(x) else x for x in v) for v in value)
+    return value
+
+
 class RecModel(nn.Module):
     """Base of the neural models.
 
@@ -111,6 +125,23 @@ class RecModel(nn.Module):
 
     #: the tasks the model supports
     tasks: tuple[str, ...] = ("ctr", "next_item")
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)``, ``.cpu()``, ``.double()`` ... also move the plain tensor
+        attributes of the model and its submodules (feature code tables, domain maps, codes
+        fitted by ``prepare``: tensors that are neither parameters nor buffers, so that
+        they are not saved in ``state_dict``), and those in lists / tuples of them."""
+        super()._apply(fn, recurse)
+        for m in self.modules():
+            if m is not self and isinstance(m, RecModel):
+                continue  # a nested model moves its own
+            for name, value in list(vars(m).items()):
+                if name.startswith("_") and name in ("_parameters", "_buffers", "_modules"):
+                    continue
+                moved = _apply_plain(value, fn)
+                if moved is not value:
+                    object.__setattr__(m, name, moved)
+        return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

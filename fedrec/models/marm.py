@@ -151,17 +151,22 @@ class _CacheStore:
         return len(self.slot)
 
     def get(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values (..., width), hit (...))`` of the pairs (0 where missing)."""
+        """``(values (..., width), hit (...))`` of the pairs (0 where missing), on the device
+        of ``items`` (the store itself lives in host memory, as a serving cache does)."""
+        device = items.device
+        users, items = users.cpu(), items.cpu()
         users = users.long().reshape(users.shape + (1,) * (items.dim() - users.dim()))  # broadcast over items
         keys = (users * self.stride + items.long()).reshape(-1).tolist()
         rows = [self.slot.get(k, -1) for k in keys]
         idx = torch.tensor(rows, dtype=torch.long).reshape(items.shape)
         hit = idx >= 0
         out = self.values[idx.clamp(min=0)] if len(self.values) else torch.zeros(*items.shape, self.width)
-        return torch.where(hit.unsqueeze(-1), out, torch.zeros_like(out)), hit
+        out = torch.where(hit.unsqueeze(-1), out, torch.zeros_like(out))
+        return (out, hit) if device.type == "cpu" else (out.to(device), hit.to(device))
 
     def put(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``values`` ``(N, width)`` for the pairs ``(N,)`` (later rows win)."""
+        users, items, values = users.cpu(), items.cpu(), values.detach().cpu()
         keys = (users.long() * self.stride + items.long()).tolist()
         last = {k: j for j, k in enumerate(keys)}  # a pair twice in one call: its later row wins
         new = [k for k in last if k not in self.slot]
@@ -320,7 +325,7 @@ class MARM(RecModel):
         if mode == "ctr":
             return self.predict_ctr(batch)
         if mode == "ctr-all":
-            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1))
+            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1, device=batch["user"].device))
         if mode != "train":
             raise ValueError(f"unknown forward mode {mode!r}")
         if batch["items"].shape[1] > self.cfg.max_len:

@@ -226,7 +226,7 @@ class MomentCross(RecModel):
         if mode == "ctr":
             return self.predict_ctr(batch)
         if mode == "ctr-all":
-            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1))
+            return self.predict_ctr_candidates(batch, torch.arange(self.data.n_items + 1, device=batch["user"].device))
         if mode != "train":
             raise ValueError(f"unknown forward mode {mode!r}")
         if batch["items"].shape[1] > self.cfg.max_len:
@@ -252,8 +252,8 @@ class MomentCross(RecModel):
                 # the same user twice in a batch (several domains' sequences) is not a negative
                 users = batch["user"][has]
                 logits = (a @ b.T / self.cfg.temperature).masked_fill(
-                    (users[:, None] == users[None, :]) & ~torch.eye(len(users), dtype=torch.bool), float("-inf"))
-                target = torch.arange(len(users))
+                    (users[:, None] == users[None, :]) & ~torch.eye(len(users), dtype=torch.bool, device=users.device), float("-inf"))
+                target = torch.arange(len(users), device=users.device)
                 nce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
                 loss = loss + self.cfg.align_weight * nce
         return loss

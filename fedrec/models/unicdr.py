@@ -194,7 +194,7 @@ class Aggregator(nn.Module):
             xs = torch.gather(x, 1, order.unsqueeze(-1).expand_as(x))
             out, _ = self.gru(xs)
             last = (lengths - 1).clamp(min=0)
-            pooled = out[torch.arange(x.shape[0]), last] * (lengths > 0).unsqueeze(-1).to(x.dtype)
+            pooled = out[torch.arange(x.shape[0], device=x.device), last] * (lengths > 0).unsqueeze(-1).to(x.dtype)
             return self.lam * e + (1.0 - self.lam) * self.proj(pooled)
         if self.kind == "mean":
             pooled = (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
