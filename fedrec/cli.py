@@ -258,7 +258,7 @@ def train_command(
             check_log_dir(log_dir)  # before any data is read
         resolved, split_table = _train_resolve(
             model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed, lr=lr,
-            batch_size=batch_size, device=device, log_dir=None if log_dir is None else str(log_dir),
+            batch_size=batch_size, device=device,
             checkpoint=None if checkpoint is None else str(checkpoint),
             negatives_file=None if negatives_file is None else str(negatives_file))
         task = resolved.options.get("task", "ctr")
@@ -267,6 +267,8 @@ def train_command(
         train_options = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
         if resume is not None:
             train_options["resume"] = str(resume)
+        if log_dir is not None:  # where the log goes is not an option of the run (not recorded)
+            train_options["log_dir"] = str(log_dir)
         train_options.setdefault("progress", not as_json and sys.stderr.isatty())
         train_cfg = build_config(TrainConfig, train_options, where="train")
         split_cfg = build_config(SplitConfig, split_table, where="split")
@@ -472,8 +474,9 @@ def simulate_command(
                                            shards=clients, rounds=rounds, seed=seed, lr=lr, device=device,
                                            **{"target-epsilon": target_epsilon, "delta": delta,
                                               "noise-multiplier": noise_multiplier, "max-grad-norm": max_grad_norm,
-                                              "batch-size": batch_size,
-                                              "log-dir": None if log_dir is None else str(log_dir)})
+                                              "batch-size": batch_size})
+        if log_dir is not None:  # where the log goes is not an option of the run (not recorded)
+            spec.federated.log_dir = str(log_dir)
         if batch_size is not None and spec.algorithm != "unicdr":
             raise FedrecError(f"--batch-size applies to silo algorithms (unicdr); algorithm '{spec.algorithm}' trains "
                               "each user's own sequence per step (its vectorised chunk is --set chunk-size=N)")
