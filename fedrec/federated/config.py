@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fedrec.errors import ConfigError
 from fedrec.federated.evaluation import DEFAULT_BINS
+from fedrec.metrics import DEFAULT_TOPK, parse_topk
 
 __all__ = ["FederatedConfig", "PROTOCOLS"]
 
@@ -44,6 +45,11 @@ class FederatedConfig:
     ``auc_bins``
         Resolution of the score histograms behind the pooled AUC (see
         :mod:`fedrec.federated.evaluation`).
+    ``topk``
+        The K list of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``,
+        ``precision@K``, ``map@K``; ``coverage@K`` under full ranking): a list of positive
+        integers or a comma-separated string (``"5,10,20"``, the only form a Flower run
+        config carries); as ``fedrec train``'s option of the same name.
     ``max_grad_norm`` / ``noise_multiplier`` / ``target_epsilon`` / ``delta`` / ``accountant`` / ``dp_noise_seed``
         User-level differential privacy on the clients (:mod:`fedrec.federated.privacy`),
         on when ``noise_multiplier`` or ``target_epsilon`` is > 0 (give one of them; with
@@ -88,6 +94,7 @@ class FederatedConfig:
     population: int = 0
     batch_size: int = 1024
     weight_decay: float = 0.0
+    topk: tuple[int, ...] = DEFAULT_TOPK
 
     @property
     def dp(self) -> bool:
@@ -126,5 +133,9 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'accountant' must be rdp or prv (got {self.accountant!r})")
         if self.dp and self.weighting != "users":
             raise ConfigError("differential privacy needs weighting 'users' (a user's weight must not depend on its data)")
+        try:
+            self.topk = parse_topk(self.topk)
+        except ValueError as exc:
+            raise ConfigError(f"federated option 'topk': {exc}") from None
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"federated option 'protocol' must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")
