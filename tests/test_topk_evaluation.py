@@ -147,3 +147,24 @@ def test_train_next_item_with_a_ratio_split_on_ml100k(shared_data, tmp_path):
     t = result["test"]
     assert 0 < t["recall@10"] < t["hr@10"] and 0 < t["precision@10"] < t["hr@10"]
     assert 0 < t["coverage@10"] < t["coverage@50"] <= 1
+
+
+def test_a_saved_federated_model_is_scored_again_at_another_k_list(tmp_path):
+    from fedrec.errors import ConfigError
+    from fedrec.federated.model import evaluate_federated
+    from fedrec.federated.runner import run_in_process
+    from fedrec.federated.spec import parse_run_config
+
+    run = run_in_process(parse_run_config({"data": "synthetic:users=40,items=60,seed=2", "task": "next_item",
+                                           "algorithm": "fedavg", "shards": 2, "rounds": 1, "topk": "5,10",
+                                           "model.dim": 16, "model-dir": str(tmp_path / "m")}))
+    assert [k for k in run["test"] if k.endswith("@5")] == ["hr@5", "ndcg@5", "recall@5", "precision@5", "map@5",
+                                                           "coverage@5"]
+    again = evaluate_federated(tmp_path / "m")
+    assert again["test"] == run["test"]
+    three = evaluate_federated(tmp_path / "m", topk="3")
+    assert [k for k in three["test"] if k != "n"] == ["hr@3", "ndcg@3", "recall@3", "precision@3", "map@3",
+                                                     "coverage@3", "mrr"]
+    assert three["test"]["mrr"] == run["test"]["mrr"]  # no cut-off: the same model's same ranks
+    with pytest.raises(ConfigError, match="federated option 'topk': K must be a positive integer"):
+        evaluate_federated(tmp_path / "m", topk="0")
