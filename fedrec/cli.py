@@ -132,6 +132,17 @@ def data_partition(
     typer.echo(f"run it: fedrec simulate --federation {out}")
 
 
+TOPK_HELP = ("Ranking tasks: the K list of hr@K, ndcg@K, recall@K, precision@K, map@K and coverage@K (full "
+             "ranking), comma-separated, e.g. 5,10,20,50 (default 5,10,20).")
+
+
+def _check_topk_task(task: str, user: dict) -> None:
+    """Refuse a K list on a CTR run (its metrics have no K; the list would be ignored)."""
+    if task == "ctr" and "topk" in user:
+        raise FedrecError("topk applies to the ranking tasks (next_item, cdr); a ctr run reports AUC, GAUC and "
+                          "LogLoss (drop --topk / the topk key)")
+
+
 DEFAULTS_HELP = ("Per-dataset defaults apply (the best recorded setting of the data's format; `fedrec defaults "
                  "SPEC` prints them); your flags, --set and --config keys win, and the result JSON records both "
                  "under 'resolved'.")
@@ -243,6 +254,7 @@ def train_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Training-state file: written after every epoch, and resumed from when it exists (same model, data, options and config), so an interrupted run ends as an uninterrupted one."),
     negatives_file: Optional[Path] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids, e.g. S3-Rec's LastFM_sample.txt) for the sampled protocol, instead of uniform draws."),
+    topk: Optional[str] = typer.Option(None, "--topk", help=TOPK_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Train a model centrally and report validation and test metrics at the best validation epoch."""
@@ -260,10 +272,11 @@ def train_command(
             model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed, lr=lr,
             batch_size=batch_size, device=device,
             checkpoint=None if checkpoint is None else str(checkpoint),
-            negatives_file=None if negatives_file is None else str(negatives_file))
+            negatives_file=None if negatives_file is None else str(negatives_file), topk=topk)
         task = resolved.options.get("task", "ctr")
         if task not in ("ctr", "next_item", "cdr"):
             raise FedrecError(f"--task must be ctr, next_item or cdr (got {task!r})")
+        _check_topk_task(task, resolved.user)
         train_options = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
         if resume is not None:
             train_options["resume"] = str(resume)
@@ -296,6 +309,7 @@ def evaluate_command(
     protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
     negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
+    topk: Optional[str] = typer.Option(None, "--topk", help=TOPK_HELP.replace("default 5,10,20", "default: the run's own")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
@@ -315,7 +329,7 @@ def evaluate_command(
                                   "--data/--protocol/--negatives-file/--config do not apply (use --node-config)")
             result = evaluate_federated(saved, clients=list(clients) if clients else None,
                                         node_config=parse_assignments(node_config) if node_config else None,
-                                        device=_checked_device(device))
+                                        device=_checked_device(device), topk=topk)
         except FedrecError as exc:
             _fail(exc)
         _report_federated(result, out, as_json, [f"{result['algorithm']} model of round {result['round']}, clients "
@@ -324,7 +338,7 @@ def evaluate_command(
     try:
         split = _centralised_split(data, config, federated_options=bool(clients or node_config))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
-                                negatives_file=negatives_file, device=_checked_device(device))
+                                negatives_file=negatives_file, device=_checked_device(device), topk=topk)
     except FedrecError as exc:
         _fail(exc)
     result["data"] = data
@@ -457,6 +471,7 @@ def simulate_command(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE (repeatable): a run-config key (lr=0.05, or train.lr=0.05), a model option (model.dim=64; a bare key that is no run-config key is a model option of the algorithm's model)."),
     app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with \\[tool.flwr.app])."),
+    topk: Optional[str] = typer.Option(None, "--topk", help=TOPK_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
@@ -471,7 +486,7 @@ def simulate_command(
 
             check_log_dir(log_dir)  # before any data is read
         spec, resolved = _simulate_resolve(data, config, sets, federation, algorithm=algorithm, task=task, model=model,
-                                           shards=clients, rounds=rounds, seed=seed, lr=lr, device=device,
+                                           shards=clients, rounds=rounds, seed=seed, lr=lr, device=device, topk=topk,
                                            **{"target-epsilon": target_epsilon, "delta": delta,
                                               "noise-multiplier": noise_multiplier, "max-grad-norm": max_grad_norm,
                                               "batch-size": batch_size})
@@ -480,6 +495,7 @@ def simulate_command(
         if batch_size is not None and spec.algorithm != "unicdr":
             raise FedrecError(f"--batch-size applies to silo algorithms (unicdr); algorithm '{spec.algorithm}' trains "
                               "each user's own sequence per step (its vectorised chunk is --set chunk-size=N)")
+        _check_topk_task(spec.task, resolved.user)
         result = run_in_process(spec, app_dir=app_dir, progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
         _fail(exc)

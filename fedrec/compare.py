@@ -194,7 +194,8 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
         if log_dir:
             flat["log-dir"] = log_dir
         result = run_in_process(parse_run_config(flat), app_dir=app_dir)
-        curve = [(h["round"], h["valid"][_metric(task)]) for h in result["history"] if "valid" in h]
+        metric = result["selection"].split(" ", 1)[1]  # the run's own (its topk may lack 10)
+        curve = [(h["round"], h["valid"][metric]) for h in result["history"] if "valid" in h]
         result["curve"] = {"x": "round", "points": curve}
     else:
         from fedrec.data import load_dataset
@@ -209,7 +210,8 @@ def _run_one(cfg: dict[str, Any], run: dict[str, Any], seed: int, split_cache: d
         result = train(resolved.model, split_cache["split"], task=task, model_options=resolved.model_options(),
                        config=train_cfg, data_name=cfg["data"])
         result.pop("model_state")
-        curve = [(h["epoch"], h["valid"][_metric(task)]) for h in result["history"]]
+        metric = result["selection"].split(" ", 1)[1]  # the run's own (its topk may lack 10)
+        curve = [(h["epoch"], h["valid"][metric]) for h in result["history"]]
         result["curve"] = {"x": "epoch", "points": curve}
     result.update({"row": name, "kind": kind, "seed": seed, "resolved": resolved.record()})
     return result

@@ -101,6 +101,21 @@ _NEXT_ITEM = FormatDefaults(
     recorded=("beauty_next", "lastfm_next", "lastfm_seed_models"),
 )
 
+# RecBole's atomic files (atomic: / recbole:): RecBole's own setting is implicit feedback (no
+# label field: every interaction a positive) ranked against every item, so next item under full
+# ranking; the model widths and budget are those of the next-item formats above (beauty_next),
+# not tuned on atomic data (no recorded run on these files yet)
+_ATOMIC = FormatDefaults(
+    data={
+        "task": "next_item",  # RecBole's default: every interaction an implicit positive
+        "protocol": "full",  # RecBole's default evaluation: full ranking (eval_args mode: full)
+    },
+    model=dict(_NEXT_ITEM.model),  # beauty_next
+    centralised=dict(_NEXT_ITEM.centralised),  # beauty_next
+    federated=dict(_NEXT_ITEM.federated),  # the federated next-item protocol of issue 14
+    per_model=_NEXT_ITEM.per_model,  # beauty_next, lastfm_seed_models
+)
+
 # UniCDR's settings on cross-domain data (the ``cdr`` format's, from its sweep below), also
 # given to ``unicdr`` on multi-domain synthetic data (cdr_synthetic_behaviour)
 _UNICDR_MODEL = {"rec-weight": 0.8, "item-bias": True}
@@ -181,6 +196,8 @@ FORMATS: dict[str, FormatDefaults] = {
     "parquet": FormatDefaults(data={"task": "ctr"}),  # labelled logs; no recorded run
     "seq": _NEXT_ITEM,
     "pairs": _NEXT_ITEM,
+    "atomic": _ATOMIC,
+    "recbole": _ATOMIC,  # the alias of atomic:
     # cross-domain (UniCDR's protocol): issue 15, tuned on validation of Sport-Cloth
     "cdr": FormatDefaults(
         data={

@@ -47,6 +47,33 @@ relevant item: ``1 / log2(rank + 2)`` if ``rank < k`` else 0) and :func:`mrr`
 (mean of ``1 / (rank + 1)``) are computed; :func:`ranking_metrics` returns
 them all. Fractional ranks produced by ties go through the same formulas.
 
+Top-K metrics (RecBole's definitions)
+-------------------------------------
+:func:`topk_metrics` adds Recall@K, Precision@K, MAP@K and item coverage@K to
+HR@K, NDCG@K and MRR, and handles **several relevant items per user** (a
+time-ordered ratio split holds out a user's last 10 %, not one item). Each row
+is then one (user, relevant item) pair: its rank among all the user's
+candidates, the user's other relevant items included, i.e. its 0-based
+position in the user's ranked list. Per user, with ``m`` relevant items at
+positions ``r_1 <= r_2 <= ...`` and ``hits@K = #{j: r_j < K}``:
+
+* HR@K = 1 if ``hits@K > 0``;
+* Recall@K = ``hits@K / m``; Precision@K = ``hits@K / K``;
+* NDCG@K = ``sum_{r_j < K} 1 / log2(r_j + 2)`` over the ideal DCG of
+  ``min(m, K)`` relevant items at the top;
+* MAP@K = ``sum_{r_j < K} (j / (r_j + 1)) / min(m, K)`` (the precision at each
+  hit's position, averaged over ``min(m, K)``);
+* MRR = ``1 / (r_1 + 1)`` (the first relevant item; no cut-off).
+
+Each is averaged over users (RecBole's ``recall``, ``precision``, ``map``,
+``hit``, ``ndcg``, ``mrr``; its MRR is truncated at K, ours is not). With one
+relevant item per user they reduce to the leave-one-out formulas: Recall@K =
+HR@K, Precision@K = HR@K / K, MAP@K = the reciprocal rank truncated at K.
+Item coverage@K (:func:`item_coverage`, RecBole's ``itemcoverage``) is the
+share of the catalogue's items that appear in at least one evaluated top-K
+list (:func:`top_k_items`); it needs the lists, hence full ranking.
+:func:`parse_topk` reads a K list (``[5, 10, 20]`` or ``"5,10,20"``).
+
 Invalid input raises :class:`ValueError` with a one-line message.
 """
 
@@ -69,7 +96,15 @@ __all__ = [
     "ndcg",
     "mrr",
     "ranking_metrics",
+    "topk_metrics",
+    "top_k_items",
+    "item_coverage",
+    "parse_topk",
+    "DEFAULT_TOPK",
 ]
+
+#: the K list of HR / NDCG / Recall / Precision / MAP / coverage @K unless one is given
+DEFAULT_TOPK = (5, 10, 20)
 
 ArrayLike = Any  # numpy array, torch tensor, or a nested sequence of numbers
 
@@ -689,4 +724,209 @@ def domain_ranking_metrics(ranks: ArrayLike, domains: ArrayLike, names: Sequence
     if per_domain:
         mean = {key: float(np.mean([m[key] for m in per_domain])) for key in per_domain[0]}
         out = {**mean, **out}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# top-K metrics: several relevant items per user, coverage, the K list
+# ---------------------------------------------------------------------------
+
+
+def parse_topk(value: Any) -> tuple[int, ...]:
+    """A K list from ``value``: a sequence of ints or a comma-separated string
+    (``"5,10,20"``); duplicates are dropped, the order is kept.
+
+    Raises
+    ------
+    ValueError
+        If the list is empty or a K is not a positive integer (one line, naming it).
+    """
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not value.strip() or any(not p for p in parts):
+            raise ValueError(f"expected a comma-separated list of positive integers, e.g. 5,10,20 (got {value!r})")
+        out = []
+        for p in parts:
+            try:
+                out.append(int(p))
+            except ValueError:
+                raise ValueError(f"K must be a positive integer (got {p!r})") from None
+    elif isinstance(value, (list, tuple)):
+        out = list(value)
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        out = [value]
+    else:
+        raise ValueError(f"expected a list of positive integers, e.g. [5, 10, 20] (got {value!r})")
+    if not out:
+        raise ValueError("the K list is empty (expected positive integers, e.g. 5,10,20)")
+    for k in out:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"K must be a positive integer (got {k!r})")
+    return tuple(dict.fromkeys(int(k) for k in out))
+
+
+def top_k_items(scores: ArrayLike, k: int, exclude: Any = None) -> np.ndarray:
+    """The ``k`` highest-scored items of each row, best first (full ranking).
+
+    Column 0 (padding), the items named by ``exclude`` (as in
+    :func:`full_ranking_ranks`: a CSR pair, a boolean mask or per-row lists) and
+    items scored ``nan`` or ``-inf`` are never in a list. Ties are broken by the
+    lower item id, so the lists are deterministic.
+
+    Returns
+    -------
+    numpy.ndarray of shape (n, k), dtype int64
+        Item ids; ``-1`` fills a row with fewer than ``k`` candidates.
+    """
+    s = _matrix(scores, "scores")
+    k = _check_k(k)
+    n, width = s.shape
+    work = s.astype(np.float64, copy=True)
+    work[np.isnan(work)] = -np.inf
+    work[:, 0] = -np.inf
+    if exclude is not None:
+        coords = _exclusion_coords(exclude, n, width)
+        if isinstance(coords, np.ndarray):
+            work[coords] = -np.inf
+        else:
+            work[coords[0], coords[1]] = -np.inf
+    out = np.full((n, k), -1, dtype=np.int64)
+    if n == 0 or width <= 1:
+        return out
+    kk = min(k, width)
+    # the kk-th largest score of each row; everything above it is in, ties at it by id
+    kth = -np.partition(-work, kk - 1, axis=1)[:, kk - 1]
+    above = work > kth[:, None]
+    tied = work == kth[:, None]
+    need = kk - above.sum(axis=1)
+    chosen = (above | (tied & (np.cumsum(tied, axis=1) <= need[:, None]))) & (work > -np.inf)
+    rows, cols = np.nonzero(chosen)
+    # order each row's chosen items by (score descending, id ascending)
+    order = np.lexsort((cols, -work[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    starts = np.searchsorted(rows, np.arange(n))
+    pos = np.arange(rows.size) - starts[rows]
+    out[rows, pos] = cols
+    return out
+
+
+def item_coverage(top_items: ArrayLike, n_items: int, ks: Sequence[int] = DEFAULT_TOPK) -> dict[str, float]:
+    """Item coverage@K for every ``K`` in ``ks``: the share of the ``n_items``
+    catalogue items (ids ``1..n_items``) in at least one row's top-K list.
+
+    ``top_items`` is the ``(n, K_max)`` output of :func:`top_k_items` (best first,
+    ``-1`` padding) with ``K_max >= max(ks)``; the top-K list of a row is its first
+    ``K`` entries. Returns ``{"coverage@K": ...}``.
+    """
+    top = _matrix(top_items, "top_items").astype(np.int64)
+    ks = parse_topk(list(ks))
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1 (got {n_items})")
+    if max(ks) > top.shape[1]:
+        raise ValueError(f"top_items hold {top.shape[1]} items per row, coverage@{max(ks)} needs {max(ks)}")
+    return {f"coverage@{k}": item_coverage_from_counts(top_item_counts(top, n_items, k), n_items) for k in ks}
+
+
+def top_item_counts(top_items: np.ndarray, n_items: int, k: int) -> np.ndarray:
+    """``(n_items + 1,)`` int64: in how many rows' top-``k`` lists each item appears
+    (column 0 unused). These counts add up over clients (federated coverage)."""
+    top = np.asarray(top_items, dtype=np.int64)[:, :k].reshape(-1)
+    return np.bincount(top[top > 0], minlength=n_items + 1).astype(np.int64)
+
+
+def item_coverage_from_counts(counts: ArrayLike, n_items: int) -> float:
+    """The share of items ``1..n_items`` with a non-zero count (see :func:`top_item_counts`)."""
+    c = np.asarray(counts)
+    return float(np.count_nonzero(c[1 : n_items + 1]) / n_items)
+
+
+def per_user_topk(ranks: ArrayLike, ks: Sequence[int] = DEFAULT_TOPK,
+                  groups: ArrayLike | None = None) -> dict[str, np.ndarray]:
+    """Per-user values of the top-K metrics (see the module docstring), before averaging.
+
+    ``ranks`` (n,): each relevant item's 0-based position in its user's ranked list;
+    ``groups`` (n,): the user of each row (``None``: every row its own user, one relevant
+    item each). Returns ``{"hr@K": (users,), "ndcg@K", "recall@K", "precision@K",
+    "map@K", ..., "mrr": (users,)}``, users in increasing order of their group value.
+    With ``groups=None`` the values are computed with exactly the formulas of
+    :func:`hit_rate`, :func:`ndcg` and :func:`mrr`.
+    """
+    r = _check_ranks(ranks)
+    ks = parse_topk(list(ks))
+    out: dict[str, np.ndarray] = {}
+    if groups is None:
+        for k in ks:
+            hit = r < k
+            out[f"hr@{k}"] = hit.astype(np.float64)
+            out[f"ndcg@{k}"] = np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+            out[f"recall@{k}"] = hit.astype(np.float64)
+            out[f"precision@{k}"] = hit / float(k)
+            out[f"map@{k}"] = np.where(hit, 1.0 / (r + 1.0), 0.0)
+        out["mrr"] = 1.0 / (r + 1.0)
+        return out
+    g = _vector(groups, "groups")
+    if g.shape[0] != r.shape[0]:
+        raise ValueError(f"ranks and groups differ in length: {r.shape[0]} vs {g.shape[0]}")
+    _, gid = np.unique(g, return_inverse=True)
+    gid = gid.reshape(-1)
+    order = np.lexsort((r, gid))
+    gid, r = gid[order], r[order]
+    n_groups = int(gid.max()) + 1
+    m = np.bincount(gid, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(m)[:-1]])
+    j = np.arange(r.size) - starts[gid] + 1  # 1-based position among the user's relevant items
+    gain = 1.0 / np.log2(np.arange(max(ks)) + 2.0)
+    ideal = np.concatenate([[0.0], np.cumsum(gain)])  # ideal[i]: DCG of i relevant items at the top
+    for k in ks:
+        hit = r < k
+        hits = np.bincount(gid, weights=hit, minlength=n_groups)
+        dcg = np.bincount(gid, weights=np.where(hit, 1.0 / np.log2(r + 2.0), 0.0), minlength=n_groups)
+        ap = np.bincount(gid, weights=np.where(hit, j / (r + 1.0), 0.0), minlength=n_groups)
+        top = np.minimum(m, k)
+        out[f"hr@{k}"] = (hits > 0).astype(np.float64)
+        out[f"ndcg@{k}"] = dcg / ideal[top]
+        out[f"recall@{k}"] = hits / m
+        out[f"precision@{k}"] = hits / float(k)
+        out[f"map@{k}"] = ap / top
+    out["mrr"] = 1.0 / (r[starts] + 1.0)
+    return out
+
+
+def topk_metrics(ranks: ArrayLike, ks: Sequence[int] = DEFAULT_TOPK, *, groups: ArrayLike | None = None,
+                 top_items: ArrayLike | None = None, n_items: int | None = None) -> dict[str, float]:
+    """HR@K, NDCG@K, Recall@K, Precision@K, MAP@K (and item coverage@K) for every
+    ``K`` in ``ks``, plus MRR, averaged over users (RecBole's definitions, see the
+    module docstring).
+
+    Parameters
+    ----------
+    ranks : array-like of shape (n,)
+        0-based rank of each relevant item among its user's candidates (other relevant
+        items of the user included), e.g. from :func:`full_ranking_ranks`.
+    ks : sequence of int, default (5, 10, 20)
+        Cut-offs.
+    groups : array-like of shape (n,), optional
+        The user of each row, when users have several relevant items (each (user,
+        item) pair once). Without it every row is its own user, and ``hr@K``,
+        ``ndcg@K`` and ``mrr`` equal :func:`ranking_metrics`'s exactly.
+    top_items, n_items : optional
+        The evaluated rows' top lists (:func:`top_k_items`, at least ``max(ks)`` wide)
+        and the catalogue size: adds ``coverage@K`` (:func:`item_coverage`).
+
+    Returns
+    -------
+    dict of str to float
+        Per ``K`` (in the order of ``ks``): ``hr@K``, ``ndcg@K``, ``recall@K``,
+        ``precision@K``, ``map@K`` and, with ``top_items``, ``coverage@K``; then ``mrr``.
+    """
+    ks = parse_topk(list(ks))
+    per = per_user_topk(ranks, ks, groups)
+    cover = item_coverage(top_items, n_items, ks) if top_items is not None else {}
+    out: dict[str, float] = {}
+    for k in ks:
+        for name in ("hr", "ndcg", "recall", "precision", "map"):
+            out[f"{name}@{k}"] = float(np.mean(per[f"{name}@{k}"]))
+        if cover:
+            out[f"coverage@{k}"] = cover[f"coverage@{k}"]
+    out["mrr"] = float(np.mean(per["mrr"]))
     return out

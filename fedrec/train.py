@@ -9,9 +9,14 @@ Protocols (name them next to every number):
   user's history items excluded; ``"sampled-99"`` / ``"sampled-999"`` — against 99 / 999
   distinct uniform items the user never interacted with (fixed by ``eval_seed``), or
   against the fixed negatives of a ``negatives_file`` (a paper's published candidates, see
-  :class:`~fedrec.data.samplers.FixedNegatives`). HR@K, NDCG@K (K = 5, 10, 20), MRR; model
-  selection on validation NDCG@10. Training negatives exclude only the user's training
-  items (:meth:`~fedrec.data.samplers.UniformNegativeSampler.for_training`).
+  :class:`~fedrec.data.samplers.FixedNegatives`). HR@K, NDCG@K, Recall@K, Precision@K,
+  MAP@K for K in ``topk`` (default 5, 10, 20), MRR, and under full ranking item
+  coverage@K (:func:`~fedrec.metrics.topk_metrics`); model selection on validation NDCG@10
+  (NDCG at the list's first K when ``topk`` lacks 10). Under a time-ordered ratio split a
+  user holds out several items, and full ranking scores them as one set per user
+  (RecBole's convention, :func:`~fedrec.data.batching.target_groups`); a sampled protocol
+  ranks each held-out item against its own negatives. Training negatives exclude only the
+  user's training items (:meth:`~fedrec.data.samplers.UniformNegativeSampler.for_training`).
 
 Results carry ``population`` (:func:`~fedrec.data.batching.evaluation_population`): the
 rule that decides who is evaluated and how many users are, per stage (next item on
@@ -36,14 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches
+from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches, target_groups
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.device import device_rng_state, resolve_device, set_device_rng_state, to_cpu, to_device
 from fedrec.errors import ConfigError
 from fedrec.logs import RunLog
-from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
-                            sampled_ranking_ranks)
+from fedrec.metrics import (DEFAULT_TOPK, ctr_metrics, domain_ranking_metrics, full_ranking_ranks, parse_topk,
+                            sampled_ranking_ranks, top_k_items, topk_metrics)
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
@@ -101,8 +106,16 @@ class TrainConfig:
     #: directory of the experiment log (``metrics.jsonl`` per epoch, TensorBoard events when
     #: installed: :mod:`fedrec.logs`); "" = none
     log_dir: str = ""
+    #: the K list of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``,
+    #: ``precision@K``, ``map@K``, ``coverage@K``): a list of positive integers, or a
+    #: comma-separated string (``"5,10,20,50"``)
+    topk: tuple[int, ...] = DEFAULT_TOPK
 
     def __post_init__(self) -> None:
+        try:
+            self.topk = parse_topk(self.topk)
+        except ValueError as exc:
+            raise ConfigError(f"train option 'topk': {exc}") from None
         for name in ("epochs", "batch_size", "eval_batch_size", "negatives"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train option '{name}' must be >= 1 (got {getattr(self, name)})")
@@ -140,9 +153,13 @@ def _dev(batch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     return to_device(batch, model_device(model))
 
 
-def selection_metric(task: str) -> str:
-    """The validation metric that selects the best epoch."""
-    return "auc" if task == "ctr" else "ndcg@10"
+def selection_metric(task: str, topk=DEFAULT_TOPK) -> str:
+    """The validation metric that selects the best epoch: ``auc`` (CTR), else ``ndcg@10``,
+    or NDCG at the first K of ``topk`` when the list lacks 10."""
+    if task == "ctr":
+        return "auc"
+    ks = parse_topk(topk)
+    return f"ndcg@{10 if 10 in ks else ks[0]}"
 
 
 def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -152,13 +169,17 @@ def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
 @torch.no_grad()
 def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str = "full",
              batch_size: int = 512, eval_seed: int = 2024,
-             negatives: FixedNegatives | None = None) -> dict[str, float | None]:
+             negatives: FixedNegatives | None = None, topk=DEFAULT_TOPK) -> dict[str, float | None]:
     """Metrics of ``model`` on ``examples`` (a valid or test :class:`ExampleSet`).
 
     Sampled protocols draw distinct uniform negatives from ``eval_seed`` (see
     :meth:`~fedrec.data.batching.ExampleSet.candidates`), or take them from ``negatives``
-    (fixed per user) when given.
+    (fixed per user) when given. Ranking metrics are computed at every K of ``topk``
+    (:func:`~fedrec.metrics.topk_metrics`; ``coverage@K`` under full ranking of next items
+    only); under full ranking a user with several held-out items (a ratio split) is scored
+    on the set of them (:func:`~fedrec.data.batching.target_groups`).
     """
+    ks = parse_topk(topk)
     model.eval()
     if len(examples) == 0:
         raise ConfigError(f"no {examples.stage} examples to evaluate")
@@ -181,12 +202,29 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
     if task == "cdr":
         ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed,
                        negatives=negatives, behaviours=cdr_behaviours(examples.split))
-        return _clean(cdr_metrics(examples, ranks["main"], ranks.get("like")))
-    ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives)
-    return _clean(ranking_metrics(ranks))
+        return _clean(cdr_metrics(examples, ranks["main"], ranks.get("like"), ks=ks))
+    top: list[np.ndarray] | None = [] if protocol == "full" else None
+    ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed, negatives=negatives,
+                   top=top, top_k=max(ks))
+    return _clean(next_item_metrics(examples, ranks, ks, None if top is None else np.concatenate(top),
+                                    grouped=protocol == "full"))
 
 
-def cdr_metrics(examples: ExampleSet, ranks: np.ndarray, like_ranks: np.ndarray | None = None) -> dict[str, float]:
+def next_item_metrics(examples: ExampleSet, ranks: np.ndarray, ks=DEFAULT_TOPK, top_items: np.ndarray | None = None,
+                      *, grouped: bool = True) -> dict[str, float]:
+    """The next-item metrics of ``ranks`` (one per example of ``examples``) at every K of
+    ``ks``; ``top_items`` (each example's top list, full ranking) adds ``coverage@K``. With
+    ``grouped`` and several held-out items per user (:func:`~fedrec.data.batching.target_groups`),
+    each user counts once, scored on the set of its items."""
+    groups = target_groups(examples) if grouped else None
+    if groups is None:
+        return topk_metrics(ranks, ks, top_items=top_items, n_items=examples.split.n_items)
+    seq, keep = groups
+    return topk_metrics(ranks[keep], ks, groups=seq, top_items=top_items, n_items=examples.split.n_items)
+
+
+def cdr_metrics(examples: ExampleSet, ranks: np.ndarray, like_ranks: np.ndarray | None = None,
+                ks=DEFAULT_TOPK) -> dict[str, float]:
     """Cross-domain metrics of ``ranks`` (one per example of ``examples``): per domain
     ``DOMAIN/hr@K``, ``DOMAIN/ndcg@K``, ``DOMAIN/mrr``, and ``DOMAIN/cold/...`` over the
     examples whose user has no training interaction in that domain (cold-start users),
@@ -194,11 +232,11 @@ def cdr_metrics(examples: ExampleSet, ranks: np.ndarray, like_ranks: np.ndarray 
     reads ``ndcg@10``). With ``like_ranks`` (data with ratings: the ranks under the like
     behaviour's score), ``DOMAIN/like/...`` over the examples whose held-out item the user
     liked (:func:`liked_mask`)."""
-    out = domain_ranking_metrics(ranks, examples.domains, examples.split.domains, cold_start_mask(examples))
+    out = domain_ranking_metrics(ranks, examples.domains, examples.split.domains, cold_start_mask(examples), ks=ks)
     if like_ranks is not None:
         liked = liked_mask(examples)
         names = examples.split.domains
-        per = domain_ranking_metrics(like_ranks[liked], examples.domains[liked], names)
+        per = domain_ranking_metrics(like_ranks[liked], examples.domains[liked], names, ks=ks)
         out.update({f"{k.split('/', 1)[0]}/like/{k.split('/', 1)[1]}": v for k, v in per.items() if "/" in k})
     return out
 
@@ -230,12 +268,15 @@ def cold_start_mask(examples: ExampleSet) -> np.ndarray:
 
 
 def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: int, eval_seed: int,
-           negatives: FixedNegatives | None = None, behaviours: tuple[str, ...] | None = None):
+           negatives: FixedNegatives | None = None, behaviours: tuple[str, ...] | None = None,
+           top: list | None = None, top_k: int = 0):
     """0-based rank of every example's held-out item under ``protocol`` (ranking tasks).
 
     With ``behaviours`` (cross-domain data with ratings: ``("main", "like")``), a dict of
     ranks per behaviour from one pass; a model without a score of its own for a behaviour
-    (no ``behaviours`` attribute naming it) ranks it with its main score."""
+    (no ``behaviours`` attribute naming it) ranks it with its main score. With ``top`` (a
+    list; full ranking), each batch's ``top_k`` best items per example (its history items
+    excluded, :func:`~fedrec.metrics.top_k_items`) are appended to it."""
     wanted = behaviours or ("main",)
     own = set(getattr(model, "behaviours", ("main",)))
     ranks: dict[str, list] = {b: [] for b in wanted}
@@ -251,8 +292,10 @@ def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: 
                     scores = model.score_all(_dev(batch, model), behaviour=b).double().cpu().numpy()
                 stop = start + scores.shape[0]
                 sub_ptr = indptr[start : stop + 1] - indptr[start]
-                ranks[b].append(full_ranking_ranks(scores, batch["target_items"][:, -1].numpy(),
-                                                   exclude=(sub_ptr, indices[indptr[start] : indptr[stop]])))
+                exclude = (sub_ptr, indices[indptr[start] : indptr[stop]])
+                ranks[b].append(full_ranking_ranks(scores, batch["target_items"][:, -1].numpy(), exclude=exclude))
+                if top is not None and b == "main":
+                    top.append(top_k_items(scores, top_k, exclude=exclude))
     else:
         n = int(protocol.split("-")[1])
         sampler = negatives if negatives is not None else UniformNegativeSampler(examples.split, seed=eval_seed)
@@ -501,9 +544,10 @@ def train(
     eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
     valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
     test = build_examples(split, task=task, stage="test", max_len=eval_len)
-    metric = selection_metric(task)
+    metric = selection_metric(task, cfg.topk)
     protocol = "pooled" if task == "ctr" else cfg.protocol
     eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed,
+                     topk=cfg.topk,
                      negatives=_fixed_negatives(cfg.negatives_file, split, task, [cfg.protocol, *cfg.extra_protocols()],
                                                 [valid, test]))
     history: list[dict[str, Any]] = []
@@ -731,7 +775,7 @@ def load_saved(path: str | Path, split: SplitData, *, device: str | torch.device
 
 def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] | None = None,
                    negatives_file: str | None = None, stages: tuple[str, ...] = ("valid", "test"),
-                   skip_unfinished: bool = False, device: str | torch.device = "cpu") -> dict[str, Any]:
+                   skip_unfinished: bool = False, device: str | torch.device = "cpu", topk=None) -> dict[str, Any]:
     """Score the model saved at ``path`` again on ``split``, without training (on
     ``device``; the metrics do not depend on it beyond float rounding).
 
@@ -746,6 +790,8 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
     :func:`~fedrec.data.batching.evaluation_population`) and ``by_protocol``:
     ``{protocol: {stage: metrics}}`` (CTR: one entry, ``pooled``). With ``skip_unfinished``,
     a state whose run has not ended returns without ``by_protocol`` (nothing is scored).
+    ``topk`` (a K list, :func:`~fedrec.metrics.parse_topk`) defaults to the run's own
+    (``[5, 10, 20]`` for files written before the option existed); the result records it.
     """
     path = Path(path)
     saved = _read_saved(path)
@@ -758,6 +804,10 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
         if stage not in ("valid", "test"):
             raise ConfigError(f"stage must be valid or test (got {stage!r})")
     defaults = TrainConfig()
+    try:
+        ks = parse_topk(train_opts.get("topk", defaults.topk) if topk is None else topk)
+    except ValueError as exc:
+        raise ConfigError(f"topk: {exc}") from None
     if task == "ctr":
         if protocols:
             raise ConfigError(f"{path}: a CTR model is scored on pooled impressions; ranking protocols do not apply")
@@ -782,10 +832,10 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
     result["by_protocol"] = {
         name: {stage: evaluate(model, ex, task=task, protocol="full" if name == "pooled" else name,
                                batch_size=batch_size, eval_seed=eval_seed,
-                               negatives=fixed if name.startswith("sampled-") else None)
+                               negatives=fixed if name.startswith("sampled-") else None, topk=ks)
                for stage, ex in examples.items()} for name in protocols}
     return {**result, "population": evaluation_population(split, task, examples), "eval_seed": eval_seed,
-            "negatives_file": negatives_file}
+            "negatives_file": negatives_file, "topk": list(ks)}
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -315,3 +315,95 @@ def test_ranking_errors_raise():
         hit_rate([0, 1], 0)
     with pytest.raises(ValueError, match="non-negative"):
         ndcg([-1.0], 5)
+
+
+# ---------------------------------------------------------------------------
+# top-K metrics (RecBole's definitions), the K list, coverage
+# ---------------------------------------------------------------------------
+
+
+def test_topk_metrics_one_item_per_user_by_hand():
+    # ranks 0, 3, 12 (one held-out item each), K = 5 and 10
+    from fedrec.metrics import topk_metrics
+
+    out = topk_metrics(np.array([0, 3, 12]), ks=(5, 10))
+    assert list(out) == ["hr@5", "ndcg@5", "recall@5", "precision@5", "map@5",
+                         "hr@10", "ndcg@10", "recall@10", "precision@10", "map@10", "mrr"]
+    # hits at K=5 and K=10: ranks 0 and 3 -> 2 of 3 users
+    assert out["recall@5"] == out["hr@5"] == pytest.approx(2 / 3)
+    assert out["precision@5"] == pytest.approx((2 / 3) / 5)
+    assert out["precision@10"] == pytest.approx((2 / 3) / 10)
+    # MAP@K = reciprocal rank truncated at K: (1/1 + 1/4 + 0) / 3
+    assert out["map@5"] == out["map@10"] == pytest.approx((1 + 0.25) / 3)
+    assert out["mrr"] == pytest.approx((1 + 1 / 4 + 1 / 13) / 3)  # no cut-off
+    # the leave-one-out keys are exactly ranking_metrics's (same formulas, same order of sums)
+    old = ranking_metrics(np.array([0, 3, 12]), ks=(5, 10))
+    assert {k: out[k] for k in old} == old
+
+
+def test_topk_metrics_several_items_per_user_by_hand():
+    # user A: relevant items at positions 0, 2, 5 (3 items); user B: one item at position 1
+    from fedrec.metrics import topk_metrics
+
+    out = topk_metrics([5, 0, 2, 1], ks=(1, 3), groups=["A", "A", "A", "B"])
+    # K=1: A hits (pos 0), B does not
+    assert out["hr@1"] == 0.5
+    assert out["recall@1"] == pytest.approx((1 / 3 + 0) / 2)
+    assert out["precision@1"] == pytest.approx((1 + 0) / 2)
+    assert out["ndcg@1"] == pytest.approx((1 + 0) / 2)  # ideal DCG of min(3, 1) = 1 item
+    assert out["map@1"] == pytest.approx((1 / 1 + 0) / 2)
+    # K=3: A hits positions 0 and 2, B position 1
+    assert out["hr@3"] == 1.0
+    assert out["recall@3"] == pytest.approx((2 / 3 + 1) / 2)
+    assert out["precision@3"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    dcg_a = 1 / math.log2(2) + 1 / math.log2(4)
+    idcg_a = 1 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)  # min(3, 3) items at the top
+    assert out["ndcg@3"] == pytest.approx((dcg_a / idcg_a + (1 / math.log2(3)) / 1) / 2)
+    # MAP@3: A (P@1 = 1 at the first hit, P@3 = 2/3 at the second) / min(3, 3); B P@2 = 1/2 / 1
+    assert out["map@3"] == pytest.approx(((1 + 2 / 3) / 3 + 0.5) / 2)
+    assert out["mrr"] == pytest.approx((1 + 1 / 2) / 2)  # the first relevant item of each user
+
+
+def test_topk_metrics_ideal_dcg_caps_at_k():
+    # 4 relevant items at positions 0..3 of a user, K = 2: NDCG 1, MAP 1, recall 2/4, precision 1
+    from fedrec.metrics import topk_metrics
+
+    out = topk_metrics([0, 1, 2, 3], ks=(2,), groups=[7, 7, 7, 7])
+    assert out["ndcg@2"] == pytest.approx(1.0) and out["map@2"] == pytest.approx(1.0)
+    assert out["recall@2"] == pytest.approx(0.5) and out["precision@2"] == pytest.approx(1.0)
+
+
+def test_top_k_items_and_coverage_by_hand():
+    from fedrec.metrics import item_coverage, top_k_items, topk_metrics
+
+    # items 1..5 (column 0 padding scores highest but is never listed); row 1 ties 0.5 twice
+    scores = np.array([[9.0, 0.9, 0.5, 0.8, 0.1, 0.5],
+                       [9.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    np.testing.assert_array_equal(top_k_items(scores, 3), [[1, 3, 2], [5, 4, 3]])  # tie 2 vs 5: lower id
+    # excluded items (a user's history) never appear; too few candidates leave -1
+    np.testing.assert_array_equal(top_k_items(scores, 3, exclude=[[1, 3], [5]]), [[2, 5, 4], [4, 3, 2]])
+    np.testing.assert_array_equal(top_k_items(scores[:, :3], 3, exclude=[[1], []]), [[2, -1, -1], [2, 1, -1]])
+    top = top_k_items(scores, 3)
+    # top-1 lists {1}, {5}: 2 of 5 items; top-3: {1, 2, 3, 4, 5}: all
+    assert item_coverage(top, 5, ks=(1, 3)) == {"coverage@1": pytest.approx(2 / 5), "coverage@3": 1.0}
+    out = topk_metrics([0, 1], ks=(1, 3), top_items=top, n_items=5)
+    assert out["coverage@1"] == pytest.approx(0.4) and list(out)[5] == "coverage@1"
+    with pytest.raises(ValueError, match="coverage@4 needs 4"):
+        item_coverage(top, 5, ks=(4,))
+
+
+@pytest.mark.parametrize("value,expected", [("5,10,20,50", (5, 10, 20, 50)), ([10, 5, 10], (10, 5)), (7, (7,))])
+def test_parse_topk(value, expected):
+    from fedrec.metrics import parse_topk
+
+    assert parse_topk(value) == expected
+
+
+@pytest.mark.parametrize("value,needle", [("", "comma-separated"), ("5,,10", "comma-separated"), ("0", "got 0"),
+                                          ("-3", "got -3"), ("5,x", "got 'x'"), ([], "empty"), ([2.5], "got 2.5"),
+                                          (True, "expected a list")])
+def test_parse_topk_refuses_bad_k(value, needle):
+    from fedrec.metrics import parse_topk
+
+    with pytest.raises(ValueError, match=needle):
+        parse_topk(value)

@@ -58,7 +58,7 @@ from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
 __all__ = ["TASKS", "STAGES", "LIKE_THRESHOLD", "ExampleSet", "build_examples", "evaluation_population", "history_parts",
-           "iterate_batches"]
+           "iterate_batches", "target_groups"]
 
 TASKS = ("ctr", "next_item", "cdr")
 #: on data with ratings, an interaction whose rating is at least this is the second
@@ -223,8 +223,13 @@ def evaluation_population(split: SplitData, task: str, examples: dict[str, Examp
     """
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
-    held_out = "the files' own valid/test rows" if split.method == "files" else \
-        "each user's second-to-last (valid) and last (test) interaction by time"
+    if split.method == "files":
+        held_out = "the files' own valid/test rows"
+    elif split.method == "ratio":
+        held_out = "a time-ordered ratio split's valid and test rows, several per user; full ranking scores each " \
+                   "user once, on the set of its held-out items"
+    else:
+        held_out = "each user's second-to-last (valid) and last (test) interaction by time"
     if task == "ctr":
         rule = f"every held-out impression, clicked or not ({held_out})"
     elif not split.has_labels:
@@ -237,6 +242,26 @@ def evaluation_population(split: SplitData, task: str, examples: dict[str, Examp
     for stage, ex in examples.items():
         out[stage] = {"examples": len(ex), "users": int(np.unique(ex.users).size)}
     return out
+
+
+def target_groups(examples: ExampleSet) -> tuple[np.ndarray, np.ndarray] | None:
+    """How next-item evaluation groups the examples of a ratio split (RecBole's convention
+    for held-out sets): ``(seq, keep)``, where ``keep`` marks the first example of each
+    distinct (sequence, held-out item) pair and ``seq`` is the sequence (user) of each kept
+    example; the metrics then treat each user's kept items as one relevant set
+    (:func:`~fedrec.metrics.topk_metrics`). Every example of a sequence shares its history,
+    so its rank under full ranking is the item's position in the user's one ranked list.
+
+    None for the other split methods: leave-last-two-out has one held-out item per user,
+    and the files' own split keeps scoring each held-out row on its own, as before."""
+    if examples.split.method != "ratio" or examples.task != "next_item" or len(examples) == 0:
+        return None
+    sp = examples.split
+    key = examples.seq.astype(np.int64) * (sp.n_items + 1) + sp.item[examples.target_rows[:, -1]]
+    _, first = np.unique(key, return_index=True)
+    keep = np.zeros(len(examples), dtype=bool)
+    keep[first] = True
+    return examples.seq[keep], keep
 
 
 def history_parts(split: SplitData, stage: str) -> tuple[int, ...]:

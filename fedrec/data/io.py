@@ -28,6 +28,7 @@ __all__ = [
     "iter_lines",
     "unique_ids",
     "missing_cells",
+    "time_column",
 ]
 
 
@@ -86,7 +87,8 @@ def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]
         raise DataError(f"cannot read file ({exc})", file=path) from None
 
 
-def _read(path: Path, *, sep: str, header: bool, names, encoding: str, dtype, parquet: bool):
+def _read(path: Path, *, sep: str, header: bool, names, encoding: str, dtype, parquet: bool,
+          quoting: int = csv.QUOTE_MINIMAL):
     if parquet:
         frame = pd.read_parquet(path)
         return frame, np.arange(len(frame)) + 1
@@ -100,7 +102,7 @@ def _read(path: Path, *, sep: str, header: bool, names, encoding: str, dtype, pa
         encoding=encoding,
         compression="infer",
         dtype=dtype,
-        quoting=csv.QUOTE_MINIMAL,
+        quoting=quoting,
         index_col=False,
     )
     return frame, np.arange(len(frame)) + (2 if header else 1)
@@ -116,8 +118,12 @@ def read_table(
     encoding: str = "utf-8",
     dtype: object | None = None,
     parquet: bool = False,
+    quoting: int = csv.QUOTE_MINIMAL,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Read a delimited (or parquet) file into a DataFrame plus each row's line number.
+
+    ``quoting`` is :mod:`csv`'s (``csv.QUOTE_NONE`` reads quote characters as text, as
+    RecBole reads its atomic files).
 
     Blank lines are dropped; the returned ``lines`` array gives, per remaining row, its
     1-based line number in the file (header included), for error messages.
@@ -129,7 +135,7 @@ def read_table(
             # pandas only warns when line 1 has more fields than the names: make it an error
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame, lines = _read(path, sep=sep, header=header, names=names, encoding=encoding,
-                                 dtype=dtype, parquet=parquet)
+                                 dtype=dtype, parquet=parquet, quoting=quoting)
     except pd.errors.ParserWarning:
         expected = len(names) if names is not None else "header's"
         raise DataError(f"line {2 if header else 1} has more fields than the {expected} expected", file=path) from None
@@ -231,4 +237,59 @@ def float_column(frame: pd.DataFrame, column: str, lines: np.ndarray, path: Path
     bad = ~np.isfinite(values)
     if bad.any():
         _first_bad(bad, series, lines, path, column, "a number")
+    return values
+
+
+_ISO_8601 = (r"\d{4}-\d{2}-\d{2}"  # a date
+             r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?)?"  # an optional time
+             r"(?:Z|[+-]\d{2}(?::?\d{2})?)?")  # an optional zone
+_EPOCH = pd.Timestamp(0, tz="UTC")
+
+
+def time_column(frame: pd.DataFrame, column: str, lines: np.ndarray, path: Path) -> np.ndarray:
+    """Column ``column`` as times: numbers as they are (int64 when every value is whole),
+    or ISO 8601 dates / date-times (``2024-01-02``, ``2024-01-02T03:04:05``, ``... 03:04``,
+    fractional seconds, a ``Z`` or ``+02:00`` zone) as seconds since 1970-01-01 UTC, a value
+    without a zone read as UTC. A parquet datetime column is converted the same way.
+
+    The first value decides which: a number first means every value must be a number, a
+    date first means every value must be a date. Anything else (a missing value, a value of
+    neither kind, an impossible date) is a :class:`DataError` naming the file, the line,
+    the column and the first bad value.
+    """
+    series = frame[column]
+    if pd.api.types.is_datetime64_any_dtype(series.dtype):
+        stamps = series.dt.tz_localize("UTC") if series.dt.tz is None else series.dt.tz_convert("UTC")
+        bad = stamps.isna().to_numpy()
+        if bad.any():
+            _first_bad(bad, series, lines, path, column, "a date/time")
+        return _seconds(stamps)
+    if pd.api.types.is_numeric_dtype(series.dtype) and not pd.api.types.is_bool_dtype(series.dtype):
+        return _whole(float_column(frame, column, lines, path))
+    text = series.astype("string").str.strip()
+    first = text.iloc[0] if len(text) else None
+    if first is None or first is pd.NA or not str(first) or pd.notna(pd.to_numeric(pd.Series([first]), errors="coerce")[0]):
+        return _whole(float_column(frame, column, lines, path))
+    iso = text.str.fullmatch(_ISO_8601).fillna(False).to_numpy(dtype=bool)
+    stamps = pd.Series(pd.NaT, index=series.index, dtype="datetime64[us, UTC]")
+    if iso.any():
+        stamps[iso] = pd.to_datetime(text[iso].str.replace(",", ".", regex=False), utc=True, format="ISO8601",
+                                     errors="coerce")
+    bad = stamps.isna().to_numpy()
+    if bad.any():
+        what = ("a number or an ISO 8601 date/time" if bad[0] else
+                "an ISO 8601 date/time, as the column's first value") + " (e.g. 2024-01-02 or 2024-01-02T03:04:05Z)"
+        _first_bad(bad, series, lines, path, column, what)
+    return _seconds(stamps)
+
+
+def _seconds(stamps: pd.Series) -> np.ndarray:
+    """Seconds since the epoch of UTC timestamps (int64 when all are whole seconds)."""
+    return _whole(((stamps - _EPOCH) / pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64))
+
+
+def _whole(values: np.ndarray) -> np.ndarray:
+    """``values`` as int64 when every one is a whole number (exactly), else unchanged."""
+    if np.all(values == np.round(values)) and np.all(np.abs(values) <= _EXACT_FLOAT):
+        return values.astype(np.int64)
     return values

@@ -8,6 +8,22 @@ Methods
     sorted by time with a *stable* sort, so ties keep their file order; the last one is
     test, the second-to-last valid, the rest train. Sequences with fewer than
     ``min_interactions`` (default 3) interactions are dropped.
+``ratio``
+    A time-ordered ratio split (RecBole's ``RS`` with ``order: TO``): ``ratios`` (default
+    ``[0.8, 0.1, 0.1]``: train / valid / test, each > 0, summing to 1) of the interactions
+    by time.
+    ``order = "user"`` (default; RecBole's ``group_by: user``) cuts each sequence on its
+    own: the earliest 80 % of a user's interactions train, the next 10 % valid, the rest
+    test. ``order = "global"`` makes one cut through all interactions sorted by time: the
+    earliest 80 % of the whole log train, and so on (a user may then have no training
+    row). Ties in time keep their file order (stable sort). Rounding is RecBole's: of
+    ``n`` interactions, ``floor(r * n)`` go to valid and to test and the rest to train;
+    then, from test backwards, a part whose share ``r * n`` lies strictly between 0 and 1
+    takes one interaction from train while train keeps more than one. So 3 interactions
+    split 1 / 1 / 1, 2 split 1 / 0 / 1, 1 stays in train, 10 split 8 / 1 / 1, 25 split
+    21 / 2 / 2. ``min_interactions`` (default 3) drops shorter sequences first, in both
+    orders. Evaluation then holds several items per user: see
+    :func:`~fedrec.data.batching.target_groups`.
 ``files``
     The files' own split (the ``split`` column, e.g. the CDR folders' train/valid/test).
 ``auto`` (default)
@@ -34,20 +50,33 @@ import pandas as pd
 from fedrec.data.interactions import Dataset
 from fedrec.errors import ConfigError, DataError
 
-__all__ = ["SplitConfig", "SplitData", "split_dataset", "TRAIN", "VALID", "TEST", "PART_NAMES"]
+__all__ = ["SplitConfig", "SplitData", "split_dataset", "ratio_counts", "TRAIN", "VALID", "TEST", "PART_NAMES",
+           "DEFAULT_RATIOS"]
 
 TRAIN, VALID, TEST = 0, 1, 2
 PART_NAMES = ("train", "valid", "test")
-_METHODS = ("auto", "leave-last-two-out", "files")
+_METHODS = ("auto", "leave-last-two-out", "ratio", "files")
+_ORDERS = ("user", "global")
+#: train / valid / test shares of a ratio split unless ``ratios`` are given (RecBole's default)
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How to split: ``method`` (auto, leave-last-two-out, files) and ``min_interactions``."""
+    """How to split (the ``[split]`` table of a config file): ``method`` (auto,
+    leave-last-two-out, ratio, files), ``min_interactions``, and for ``ratio`` the
+    ``ratios`` (train, valid, test; default 0.8, 0.1, 0.1) and the ``order`` (``user`` or
+    ``global``; default ``user``). See the module docstring."""
 
-    method: Literal["auto", "leave-last-two-out", "files"] = "auto"
+    method: Literal["auto", "leave-last-two-out", "ratio", "files"] = "auto"
     min_interactions: int = 3
+    #: train / valid / test shares (method ``ratio`` only): three numbers > 0 summing to 1;
+    #: None = :data:`DEFAULT_RATIOS`
+    ratios: tuple[float, ...] | None = None
+    #: ``user`` (each sequence cut on its own) or ``global`` (one cut by time); method
+    #: ``ratio`` only; None = ``user``
+    order: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
@@ -55,6 +84,55 @@ class SplitConfig:
         if (not isinstance(self.min_interactions, numbers.Integral) or isinstance(self.min_interactions, bool)
                 or self.min_interactions < 1):
             raise ConfigError(f"min_interactions must be a positive integer (got {self.min_interactions!r})")
+        if self.method != "ratio":
+            for key in ("ratios", "order"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"split option '{key}' applies only to method 'ratio' (method is {self.method!r})")
+            return
+        object.__setattr__(self, "ratios", _check_ratios(DEFAULT_RATIOS if self.ratios is None else self.ratios))
+        order = "user" if self.order is None else self.order
+        if order not in _ORDERS:
+            raise ConfigError(f"split option 'order' must be user or global (got {order!r})")
+        object.__setattr__(self, "order", order)
+
+
+def _check_ratios(value: Any) -> tuple[float, float, float]:
+    """``value`` as three train / valid / test shares, or a one-line :class:`ConfigError`."""
+    if isinstance(value, str):  # "0.8,0.1,0.1" from a command line
+        value = [v.strip() for v in value.split(",")]
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ConfigError(f"split option 'ratios' must be three numbers train, valid, test, e.g. [0.8, 0.1, 0.1] "
+                          f"(got {value!r})")
+    out = []
+    for v in value:
+        try:
+            if isinstance(v, bool):
+                raise ValueError
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"split option 'ratios': {v!r} is not a number") from None
+        if not np.isfinite(f) or f <= 0:
+            raise ConfigError(f"split option 'ratios': each share must be a number > 0 (train, valid and test are "
+                              f"all needed; got {v!r})")
+        out.append(f)
+    if abs(sum(out) - 1.0) > 1e-6:
+        raise ConfigError(f"split option 'ratios' must sum to 1 (got {', '.join(map(repr, value))}, sum {sum(out):g})")
+    return tuple(out)  # type: ignore[return-value]
+
+
+def ratio_counts(n: np.ndarray, ratios: tuple[float, float, float]) -> np.ndarray:
+    """``(len(n), 3)`` train / valid / test counts of sequences of ``n`` interactions under
+    ``ratios``, rounded as RecBole's ``split_by_ratio`` (see the module docstring)."""
+    n = np.asarray(n, dtype=np.int64)
+    # floor(r * n) with a tolerance, so that 0.1 * 10 is 1 and not 0.999...
+    share = np.asarray(ratios, dtype=np.float64)[None, :] * n[:, None]
+    cnt = np.floor(share + 1e-9).astype(np.int64)
+    cnt[:, 0] = n - cnt[:, 1:].sum(axis=1)
+    for part in (2, 1):  # test first, then valid (RecBole's order)
+        give = (cnt[:, 0] > 1) & (share[:, part] > 1e-9) & (share[:, part] < 1 - 1e-9) & (cnt[:, part] == 0)
+        cnt[give, part] += 1
+        cnt[give, 0] -= 1
+    return cnt
 
 
 @dataclass
@@ -219,6 +297,7 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     )
     user_raw_rows = frame["user"].to_numpy()
     time = frame["time"].to_numpy()
+    file_time = time
     # stable: lexsort keeps file order among equal (user, domain, time)
     order = np.lexsort((time, dom, user_raw_rows))
     user_raw_rows, dom, time = user_raw_rows[order], dom[order], time[order]
@@ -232,7 +311,27 @@ def split_dataset(dataset: Dataset, config: SplitConfig | None = None, *, catalo
     new_seq[1:] = (user_raw_rows[1:] != user_raw_rows[:-1]) | (dom[1:] != dom[:-1])
     starts = np.flatnonzero(new_seq)
     lengths = np.diff(np.append(starts, len(order)))
-    if method == "leave-last-two-out":
+    if method == "ratio":
+        keep_seq = lengths >= config.min_interactions
+        if not keep_seq.any():
+            raise DataError(f"no user has at least {config.min_interactions} interactions, nothing to split",
+                            file=dataset.name)
+        keep = np.repeat(keep_seq, lengths)
+        part = np.zeros(len(order), dtype=np.int8)
+        if config.order == "user":
+            cnt = ratio_counts(lengths, config.ratios)
+            pos = np.arange(len(order)) - np.repeat(starts, lengths)  # position within the sequence
+            part[pos >= np.repeat(cnt[:, 0], lengths)] = VALID
+            part[pos >= np.repeat(cnt[:, 0] + cnt[:, 1], lengths)] = TEST
+        else:  # one cut through the kept rows by time (file order among ties)
+            kept = np.flatnonzero(keep[np.argsort(order)])  # kept rows, in file order
+            by_time = kept[np.argsort(file_time[kept], kind="stable")]
+            cnt = ratio_counts(np.array([len(by_time)]), config.ratios)[0]
+            file_part = np.zeros(len(order), dtype=np.int8)
+            file_part[by_time[cnt[0]:]] = VALID
+            file_part[by_time[cnt[0] + cnt[1]:]] = TEST
+            part = file_part[order]
+    elif method == "leave-last-two-out":
         keep_seq = lengths >= config.min_interactions
         if not keep_seq.any():
             raise DataError(

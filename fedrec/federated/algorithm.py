@@ -52,16 +52,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedrec.data.batching import ExampleSet, build_examples, iterate_batches
+from fedrec.data.batching import ExampleSet, build_examples, iterate_batches, target_groups
 from fedrec.data.samplers import UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
 from fedrec.federated.config import FederatedConfig
-from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, ranking_summary
+from fedrec.federated.evaluation import combine_ctr, combine_ranking, ctr_summary, topk_summary
 from fedrec.federated.layout import Layout
 from fedrec.federated.privacy import UserLevelDP, privacy_from_config
 from fedrec.device import resolve_device, to_cpu, to_device
-from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks
+from fedrec.metrics import full_ranking_ranks, sampled_ranking_ranks, top_k_items
 from fedrec.models.base import ModelData, ParamRole, RecModel
 from fedrec.models.layers import MaskDropout, SelfAttention
 from fedrec.models.registry import create_model
@@ -619,7 +619,8 @@ class Algorithm:
     def predict(self, global_params: Params, state: LocalState, examples: ExampleSet,
                 candidates: np.ndarray | None = None, *, group_counts: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """Each user's own model on ``examples`` (one per user): CTR ``probs``/``logits``/
-        ``labels``, or next-item ``ranks`` (full ranking, or sampled with ``candidates``).
+        ``labels``, or next-item ``ranks`` (full ranking, or sampled with ``candidates``; full
+        ranking adds ``top``, each example's ``max(topk)`` best items, its history excluded).
         ``group_counts``: the last round's users per group (see :meth:`group_alive`)."""
         if len(examples) == 0:
             return ({"probs": np.zeros(0), "logits": np.zeros(0), "labels": np.zeros(0)} if self.task == "ctr"
@@ -662,7 +663,9 @@ class Algorithm:
             return {"ranks": sampled_ranking_ranks(scores[:, 0], scores[:, 1:])}
         indptr, indices = examples.exclusions()
         targets = batch["target_items"][:, -1].numpy()
-        return {"ranks": full_ranking_ranks(scores.reshape(len(users), -1), targets, exclude=(indptr, indices))}
+        scores = scores.reshape(len(users), -1)
+        return {"ranks": full_ranking_ranks(scores, targets, exclude=(indptr, indices)),
+                "top": top_k_items(scores, max(cfg.topk), exclude=(indptr, indices))}
 
     @torch.no_grad()
     def route_users(self, global_params: Params, state: LocalState, examples: ExampleSet, *,
@@ -765,7 +768,10 @@ class Algorithm:
         pred = self.predict(global_params, state, examples, shard.candidates.get(stage), group_counts=group_counts)
         if self.task == "ctr":
             return ctr_summary(pred["labels"], pred["probs"], logits=pred["logits"], bins=self.config.auc_bins)
-        return ranking_summary(pred["ranks"])
+        groups = target_groups(examples) if "top" in pred else None  # a ratio split, full ranking
+        ranks = pred["ranks"] if groups is None else pred["ranks"][groups[1]]
+        return topk_summary(ranks, self.config.topk, groups=None if groups is None else groups[0],
+                            top_items=pred.get("top"), n_items=self.split.n_items)
 
     def combine(self, summaries: list[dict[str, Any]]) -> dict[str, float | None]:
         """Pooled metrics from the clients' evaluation summaries."""

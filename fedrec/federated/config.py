@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from fedrec.errors import ConfigError
 from fedrec.federated.evaluation import DEFAULT_BINS
+from fedrec.metrics import DEFAULT_TOPK, parse_topk
 
 __all__ = ["FederatedConfig", "PROTOCOLS"]
 
@@ -44,6 +45,11 @@ class FederatedConfig:
     ``auc_bins``
         Resolution of the score histograms behind the pooled AUC (see
         :mod:`fedrec.federated.evaluation`).
+    ``topk``
+        The K list of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``,
+        ``precision@K``, ``map@K``; ``coverage@K`` under full ranking): a list of positive
+        integers or a comma-separated string (``"5,10,20"``, the only form a Flower run
+        config carries); as ``fedrec train``'s option of the same name.
     ``max_grad_norm`` / ``noise_multiplier`` / ``target_epsilon`` / ``delta`` / ``accountant`` / ``dp_noise_seed``
         User-level differential privacy on the clients (:mod:`fedrec.federated.privacy`),
         on when ``noise_multiplier`` or ``target_epsilon`` is > 0 (give one of them; with
@@ -98,6 +104,7 @@ class FederatedConfig:
     weight_decay: float = 0.0
     device: str = "auto"
     log_dir: str = ""
+    topk: tuple[int, ...] = DEFAULT_TOPK
 
     @property
     def dp(self) -> bool:
@@ -139,5 +146,9 @@ class FederatedConfig:
         from fedrec.device import check_device_spec
 
         check_device_spec(self.device)  # each node resolves it on its own hardware
+        try:
+            self.topk = parse_topk(self.topk)
+        except ValueError as exc:
+            raise ConfigError(f"federated option 'topk': {exc}") from None
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"federated option 'protocol' must be one of {', '.join(PROTOCOLS)} (got {self.protocol!r})")

@@ -31,9 +31,21 @@ CTR (pooled AUC and LogLoss)
     What the server learns: how many of a client's examples fall in each score bin per
     label (not which user or item they belong to).
 
-Ranking (HR@K, NDCG@K, MRR)
-    Per-example values are additive: a client sends their sums and its example count; the
-    pooled means are exact.
+Ranking (HR@K, NDCG@K, Recall@K, Precision@K, MAP@K, MRR; coverage@K)
+    Per-user values are additive (every user is evaluated on exactly one client): a client
+    sends their sums (:func:`topk_summary`; the older :func:`ranking_summary` sends HR, NDCG
+    and MRR only) and its user count ``n``; the pooled means are exact, and equal the
+    centralised :func:`fedrec.metrics.topk_metrics` of the same model and users (several
+    held-out items per user, under a ratio split, included: a user's items are summed
+    on its client). Item coverage@K under full ranking: a client sends, per K, the items
+    in its users' top-K lists and how many lists each is in (``coverage@K-items``,
+    ``coverage@K-counts``) and the catalogue size ``n-items``; the server adds the counts,
+    and coverage@K is the share of the catalogue with a non-zero count, as centrally.
+
+    What the server learns from it: which items a client's users are recommended and how
+    often (with one user per client, that user's top-K list). It is a statistic of the
+    model's recommendations, not of the users' interactions, but it is per client; a
+    deployment that must not reveal it evaluates under a sampled protocol (no coverage).
 """
 
 from __future__ import annotations
@@ -42,8 +54,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ctr_summary", "combine_ctr", "ranking_summary", "combine_ranking", "histogram_auc", "LOGIT_RANGE",
-           "SCALES"]
+from fedrec.metrics import DEFAULT_TOPK, parse_topk, per_user_topk, top_item_counts
+
+__all__ = ["ctr_summary", "combine_ctr", "ranking_summary", "topk_summary", "combine_ranking", "histogram_auc",
+           "LOGIT_RANGE", "SCALES"]
 
 DEFAULT_BINS = 1 << 16
 #: the logit-scale histogram spans [-LOGIT_RANGE, LOGIT_RANGE] (see the module docstring)
@@ -166,6 +180,68 @@ def ranking_summary(ranks: np.ndarray, ks: Sequence[int] = (5, 10, 20)) -> dict[
     return out
 
 
+def topk_summary(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_TOPK, *, groups: np.ndarray | None = None,
+                 top_items: np.ndarray | None = None, n_items: int | None = None) -> dict[str, float | int | list[int]]:
+    """One client's top-K summary: ``n`` (its users) and the sums over them of the per-user
+    values of :func:`fedrec.metrics.per_user_topk` (``hr@K-sum``, ``ndcg@K-sum``,
+    ``recall@K-sum``, ``precision@K-sum``, ``map@K-sum``, ``mrr-sum``); with ``top_items``
+    (the rows' top lists, full ranking) and ``n_items``, ``n-items`` and per K the sparse
+    top-K counts ``coverage@K-items`` / ``coverage@K-counts``. ``ranks`` and ``groups`` as
+    in :func:`fedrec.metrics.topk_metrics`."""
+    ks = parse_topk(list(ks))
+    r = np.asarray(ranks, dtype=np.float64)
+    if r.size:
+        per = per_user_topk(r, ks, groups)
+    else:
+        names = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "recall", "precision", "map")] + ["mrr"]
+        per = {name: np.zeros(0) for name in names}
+    out: dict[str, float | int | list[int]] = {"n": int(len(per["mrr"]))}
+    out.update({f"{key}-sum": float(values.sum()) for key, values in per.items()})
+    if top_items is not None and r.size:
+        if n_items is None:
+            raise ValueError("top_items need n_items (the catalogue size)")
+        out["n-items"] = int(n_items)
+        for k in ks:
+            counts = top_item_counts(top_items, n_items, k)
+            items = np.flatnonzero(counts)
+            out[f"coverage@{k}-items"] = items.tolist()
+            out[f"coverage@{k}-counts"] = counts[items].tolist()
+    return out
+
+
+_ORDER = ("hr", "ndcg", "recall", "precision", "map", "coverage")
+
+
+def _key_order(key: str) -> tuple:
+    """Pooled keys as :func:`fedrec.metrics.topk_metrics` orders them: per K the metrics,
+    then ``mrr``."""
+    if "@" not in key:
+        return (1, 0, 0)
+    name, k = key.split("@", 1)
+    return (0, int(k), _ORDER.index(name) if name in _ORDER else len(_ORDER))
+
+
+def _coverage(summaries: list[Mapping]) -> dict[str, float]:
+    """Pooled ``coverage@K`` from the clients' sparse top-K counts (none without them)."""
+    ks = sorted({int(k[len("coverage@"):-len("-items")]) for s in summaries for k in s
+                 if k.startswith("coverage@") and k.endswith("-items")})
+    if not ks:
+        return {}
+    sizes = {int(s["n-items"]) for s in summaries if "n-items" in s}
+    if len(sizes) != 1:
+        raise ValueError(f"clients rank different catalogues: {sorted(sizes)} items")
+    n_items = sizes.pop()
+    out = {}
+    for k in ks:
+        counts = np.zeros(n_items + 1, dtype=np.int64)
+        for s in summaries:
+            if f"coverage@{k}-items" in s:
+                np.add.at(counts, np.asarray(s[f"coverage@{k}-items"], dtype=np.int64),
+                          np.asarray(s[f"coverage@{k}-counts"], dtype=np.int64))
+        out[f"coverage@{k}"] = float(np.count_nonzero(counts[1:]) / n_items)
+    return out
+
+
 def combine_ranking(summaries: Iterable[Mapping]) -> dict[str, float | None]:
     """Pooled means of the ranking metrics from client summaries.
 
@@ -192,9 +268,11 @@ def combine_ranking(summaries: Iterable[Mapping]) -> dict[str, float | None]:
         mean["n"] = sum(int(s.get("n", 0)) for s in summaries)
         return {**mean, **out}
     n = sum(int(s["n"]) for s in summaries)
-    keys = sorted({k[:-4] for s in summaries for k in s if k.endswith("-sum")},
-                  key=lambda k: (k == "mrr", not k.startswith("hr"), int(k.split("@")[1]) if "@" in k else 0))
-    out: dict[str, float | None] = {k: (sum(float(s.get(k + "-sum", 0.0)) for s in summaries) / n if n else None)
-                                    for k in keys}
+    sums = {k[:-4] for s in summaries for k in s if k.endswith("-sum")}
+    coverage = _coverage([s for s in summaries if int(s["n"]) > 0])
+    keys = sorted(sums | set(coverage), key=_key_order)
+    out: dict[str, float | None] = {
+        k: coverage[k] if k in coverage else (sum(float(s.get(k + "-sum", 0.0)) for s in summaries) / n if n else None)
+        for k in keys}
     out["n"] = n
     return out

@@ -34,7 +34,7 @@ class RunHistory:
 
     def __init__(self, spec: RunSpec) -> None:
         self.spec = spec
-        self.metric = selection_metric(spec.task)
+        self.metric = selection_metric(spec.task, spec.federated.topk)
         self.rounds: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.best_score = -math.inf  # unrounded, so a slightly worse round never wins

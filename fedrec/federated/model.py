@@ -90,13 +90,22 @@ def load_federated_model(folder: str | Path, *, clients: list[str | Path] | None
 
 
 def evaluate_federated(folder: str | Path, *, clients: list[str | Path] | None = None,
-                       node_config: dict[str, Any] | None = None, device: str | None = None) -> dict[str, Any]:
+                       node_config: dict[str, Any] | None = None, device: str | None = None,
+                       topk=None) -> dict[str, Any]:
     """Valid and test metrics of a saved federated model, pooled over the given clients
     (default: every client file in ``folder``) the way the server pools them; with all of a
-    run's clients, they equal the run's own numbers at its best round."""
+    run's clients, they equal the run's own numbers at its best round. ``topk`` (a K list,
+    ranking tasks) replaces the run's own."""
+    import dataclasses
+
     from fedrec.federated.node import evaluation_summary
 
     glob, models = load_federated_model(folder, clients=clients, node_config=node_config, device=device)
+    if topk is not None:
+        if models and models[0].node.alg.task == "ctr":
+            raise ConfigError(f"{folder}: a CTR model is scored on pooled impressions; topk does not apply")
+        for m in models:  # the run's options but the K list (checked as the run config checks it)
+            m.node.alg.config = dataclasses.replace(m.node.alg.config, topk=topk)
     summaries = [evaluation_summary(m.node.alg, m.node.shard, m.global_params, m.state, client=m.client,
                                     group_counts=m.group_counts) for m in models]
     task = models[0].node.alg.task

@@ -142,7 +142,8 @@ class RunSpec:
     def flower_config(self) -> dict[str, Any]:
         """Flat keys for ``flwr run --run-config``: model options as one ``model-options``
         string (Flower accepts only keys declared in pyproject.toml)."""
-        out = {k: v for k, v in self.to_flat().items() if not k.startswith("model.")}
+        out = {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v)  # Flower: scalars only
+               for k, v in self.to_flat().items() if not k.startswith("model.")}
         out["model-options"] = ",".join(f"{k}={_plain(v)}" for k, v in self.model_options.items())
         return out
 

@@ -436,7 +436,7 @@ class FedUniCDR:
         model.to(resolve_device(self.config.device)).eval()
         ranks = self._ranks(model, examples)
         return domain_ranking_summary(ranks["main"], examples.domains, list(self.split.domains),
-                                      cold_start_mask(examples), like_ranks=ranks.get("like"),
+                                      cold_start_mask(examples), self.config.topk, like_ranks=ranks.get("like"),
                                       liked=liked_mask(examples))
 
     def score_items(self, global_params: Params, state: LocalState, users: np.ndarray, *,

@@ -23,7 +23,8 @@ def test_every_documented_format_is_registered():
     import re
     from pathlib import Path
 
-    assert known_formats() == ["cdr", "csv", "kuaisar", "movielens", "pairs", "parquet", "recflow", "seq", "synthetic"]
+    assert known_formats() == ["atomic", "cdr", "csv", "kuaisar", "movielens", "pairs", "parquet", "recbole",
+                               "recflow", "seq", "synthetic"]
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme.split("| format | spec | what it reads | options |", 1)[1].split("\n\n", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", table, flags=re.M))

@@ -291,3 +291,69 @@ def test_no_side_tables_give_none():
     sp = split_dataset(_dataset(TIES))
     assert sp.user_features is None and sp.item_features is None and sp.user_group is None
     assert sp.user_feature_names == [] and sp.item_feature_names == []
+
+
+# -- time-ordered ratio split ---------------------------------------------------------
+
+# user 1: 10 interactions at times 10..1 (file order reversed); user 2: 3 at times 5, 5, 4 (a
+# tie: file order 20 then 21); user 3: 2 interactions (dropped by min_interactions 3)
+RATIO = {
+    "user": [1] * 10 + [2, 2, 2, 3, 3],
+    "item": list(range(110, 100, -1)) + [20, 21, 22, 30, 31],
+    "time": list(range(10, 0, -1)) + [5, 5, 4, 1, 2],
+}
+
+
+def _raw_parts(sp, raw_user):
+    s = _seq_of(sp, raw_user)
+    rows = slice(sp.indptr[s], sp.indptr[s + 1])
+    items = sp.item_raw[sp.item[rows]].tolist()
+    parts = sp.part[rows].tolist()
+    return [[i for i, p in zip(items, parts) if p == want] for want in (TRAIN, VALID, TEST)]
+
+
+def test_ratio_split_per_user_by_time():
+    sp = split_dataset(_dataset(RATIO), SplitConfig(method="ratio"))
+    assert sp.method == "ratio" and sp.n_users == 2
+    # 10 interactions: 8 / 1 / 1 in time order (item 101 is the earliest)
+    assert _raw_parts(sp, 1) == [[101, 102, 103, 104, 105, 106, 107, 108], [109], [110]]
+    # 3 interactions: RecBole's rounding gives 1 / 1 / 1; the tie at time 5 keeps file order
+    assert _raw_parts(sp, 2) == [[22], [20], [21]]
+
+
+def test_ratio_split_rounding_is_recboles():
+    from fedrec.data.split import ratio_counts
+
+    n = np.array([1, 2, 3, 4, 10, 15, 25, 100])
+    expected = [[1, 0, 0], [1, 0, 1], [1, 1, 1], [2, 1, 1], [8, 1, 1], [13, 1, 1], [21, 2, 2], [80, 10, 10]]
+    np.testing.assert_array_equal(ratio_counts(n, (0.8, 0.1, 0.1)), expected)
+    np.testing.assert_array_equal(ratio_counts(np.array([10, 3]), (0.6, 0.2, 0.2)), [[6, 2, 2], [1, 1, 1]])
+
+
+def test_ratio_split_global_cut():
+    cfg = SplitConfig(method="ratio", ratios=[0.6, 0.2, 0.2], order="global", min_interactions=1)
+    sp = split_dataset(_dataset(RATIO), cfg)
+    # 15 rows by time, ties in file order: 101 30 102 31 103 104 22 105 20 | 21 106 107 | 108 109 110
+    assert sp.part_counts() == {"train": 9, "valid": 3, "test": 3}
+    assert _raw_parts(sp, 1) == [[101, 102, 103, 104, 105], [106, 107], [108, 109, 110]]
+    assert _raw_parts(sp, 2) == [[22, 20], [21], []] and _raw_parts(sp, 3) == [[30, 31], [], []]
+
+
+def test_ratio_split_from_a_config_table_and_bad_ratios_are_one_line():
+    from fedrec.config import build_config
+
+    cfg = build_config(SplitConfig, {"method": "ratio", "ratios": [0.7, 0.2, 0.1], "order": "user"}, where="split")
+    assert cfg.ratios == (0.7, 0.2, 0.1) and cfg.order == "user"
+    assert SplitConfig(method="ratio").ratios == (0.8, 0.1, 0.1)
+    for ratios, needle in (([0.8, 0.1], "three numbers"), ([0.8, 0.3, 0.1], "sum to 1"),
+                           ([0.9, 0.1, 0.0], "must be a number > 0"), ([1.2, -0.1, -0.1], "> 0"),
+                           (["a", 0.1, 0.1], "'a' is not a number")):
+        with pytest.raises(ConfigError, match=needle) as info:
+            SplitConfig(method="ratio", ratios=ratios)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="user or global"):
+        SplitConfig(method="ratio", order="random")
+    with pytest.raises(ConfigError, match="applies only to method 'ratio'"):
+        SplitConfig(ratios=[0.8, 0.1, 0.1])
+    with pytest.raises(ConfigError, match="applies only to method 'ratio'"):
+        SplitConfig(method="leave-last-two-out", order="global")

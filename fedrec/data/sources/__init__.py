@@ -24,6 +24,7 @@ SOURCES: Registry[Dataset] = Registry("data format")
 
 # Import the modules so that they register themselves.
 from fedrec.data.sources import (  # noqa: E402,F401
+    atomic,
     cdr,
     kuaisar,
     movielens,

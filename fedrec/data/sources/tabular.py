@@ -2,7 +2,10 @@
 
 The query maps canonical fields to the file's columns, e.g.
 ``csv:logs.csv?user=uid&item=iid&time=ts&label=click``. ``user`` and ``item`` are required;
-``time`` (default: the row's position within its user), ``label`` (0/1), ``rating``,
+``time`` (default: the row's position within its user; numbers, or ISO 8601 dates and
+date-times such as ``2024-01-02`` or ``2024-01-02T03:04:05+02:00``, read as seconds since
+1970-01-01 UTC, a value without a zone taken as UTC; a parquet datetime column too),
+``label`` (0/1), ``rating``,
 ``value`` (a regression target such as a watch time) and ``domain`` are optional; ``split`` maps a column holding train/valid/test.
 
 CSV options: ``sep`` (default ``,``; ``tab`` for a tab), ``header`` (default true; with
@@ -26,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.data.interactions import SPLITS, Dataset, Interactions
-from fedrec.data.io import float_column, int_column, missing_cells, read_table, resolve_file
+from fedrec.data.io import float_column, int_column, missing_cells, read_table, resolve_file, time_column
 from fedrec.data.sources import SOURCES
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError, SpecError
@@ -86,10 +89,8 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
             table[field] = codes.astype(np.int64)
         else:
             table[field] = int_column(frame, column, lines, path)
-    if "time" in used:
-        table["time"] = float_column(frame, used["time"], lines, path)
-        if np.all(table["time"].to_numpy() == np.round(table["time"].to_numpy())):
-            table["time"] = table["time"].astype(np.int64)
+    if "time" in used:  # numbers, or ISO 8601 dates / date-times (seconds since the epoch, UTC)
+        table["time"] = time_column(frame, used["time"], lines, path)
     else:
         table["time"] = table.groupby("user").cumcount().to_numpy()
     if "rating" in used:
