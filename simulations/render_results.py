@@ -221,28 +221,16 @@ def bench_privacy_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def privacy_table(stem: str, *, epsilon_column: bool) -> str:
-    """The DP runs of a comparison: target epsilon, the calibrated noise multiplier, test AUC
-    (with its histogram bound where above 0.001), LogLoss, the spent epsilon and the best
-    round; rows that are not DP runs show ``-``."""
-    from fedrec.compare import SHOWN_BOUND
-
-    head = "| run | noise multiplier | test AUC (± histogram bound where > 0.001) | test LogLoss |"
-    head += " test epsilon | best round |" if epsilon_column else " best round |"
-    lines = [head, "| --- |" + " ---: |" * (5 if epsilon_column else 4)]
+def noise_multipliers(stem: str) -> str:
+    """``run: noise multiplier`` of each DP run of a comparison (the noise its target epsilon
+    was calibrated to, from the run's ``privacy`` block)."""
+    out = []
     for run in doc(stem).values():
-        t, priv = run["test"], run.get("privacy") or {}
+        priv = run.get("privacy") or {}
         noise = priv.get("noise-multiplier") or priv.get("central-noise-multiplier")
-        auc = f"{t['auc']:.4f}" + (f" (±{t['auc-error-bound']:.4f} hist.)"
-                                   if (t.get("auc-error-bound") or 0) > SHOWN_BOUND else "")
-        if run["kind"] == "centralised":
-            auc += " (exact)"
-        cells = [run["row"], f"{noise:.2f}" if noise else "–", auc, f"{t['logloss']:.4f}"]
-        if epsilon_column:
-            cells.append(f"{t['epsilon']:.3f}" if t.get("epsilon") is not None else "–")
-        cells.append(str(run.get("best_round", run.get("best_epoch"))) if run["kind"] == "federated" else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        if noise:
+            out.append(f"{run['row']}: {noise:.2f}")
+    return "; ".join(out)
 
 
 def datasets_table(stats: dict[str, Any]) -> str:
@@ -726,7 +714,7 @@ on synthetic data with 4 true groups (1,000 users, G = 4, seed 0; NMI between th
 the true group, chance = the same routes against permuted true groups; largest = the share of
 users in the largest group at evaluation) — `python simulations/group_discovery.py --modes
 central federated --variants hard default ... --users 1000 --epochs 10 --rounds 30 --seeds 0`
-(`--list` shows the variants); heatmaps: [central, default](group_discovery_central_default.png),
+(`--list` shows the variants; `--table` prints the table below from the JSON); heatmaps: [central, default](group_discovery_central_default.png),
 [central, hard](group_discovery_central_hard.png), [federated, default](group_discovery_federated_default.png),
 [federated, hard](group_discovery_federated_hard.png).
 
@@ -950,7 +938,9 @@ reference protocol (60 rounds, one fresh-Adam step at lr 0.1), delta = 1/1,791, 
 so that all 60 rounds stay within epsilon, `max-grad-norm` 180 (about the median first-round
 pseudo-gradient norm), one seed:
 
-{privacy_table(loc, epsilon_column=True)}
+{compare_table(loc)}
+
+Calibrated noise multipliers — {noise_multipliers(loc)}.
 
 Privacy costs accuracy quickly here: at epsilon = 8 federated MRFF loses
 {mean(loc, nodp, 'auc') - mean(loc, e8, 'auc'):.3f} AUC and falls just below the user-click-rate baseline, and at
@@ -966,7 +956,9 @@ several `--only` processes may run side by side): the same protocol with {client
 first-round norm of a client's mean update), delta 1e-5, noise calibrated so that all 60 rounds
 stay within epsilon, one seed:
 
-{privacy_table(cen, epsilon_column=True)}
+{compare_table(cen)}
+
+Calibrated noise multipliers — {noise_multipliers(cen)}.
 
 These AUCs were pooled from the earlier probability histograms, so their bounds are wide: they say
 only that the models are far from useful, not how far (the ordering of epsilon = 8 and 4 in
