@@ -200,12 +200,14 @@ def bench_federated_table(r: dict[str, Any]) -> str:
         f"{r['epoch_seconds']:.2f} s = **{r['round_over_epoch']:.2f}** | <= 1.5 |",
         f"| one-user-at-a-time loop / vectorised shard, same {r['loop_users']} users | {r['loop_seconds']:.2f} s / "
         f"{r['vectorised_seconds_same_users']:.3f} s = **{r['vectorised_speedup']:.1f}x** | >= 20x |",
-        f"| `flwr run .`, 4 SuperNodes (Ray), seconds per round (1 vs 4 rounds) | {r['flwr_seconds_per_round']:.2f} s | |",
+        f"| `flwr run .`, 4 SuperNodes (Ray), seconds per round (1 vs 4 rounds) | "
+        f"{r['flwr_seconds_per_round']:.2f} s | |",
         f"| `flwr run .` start-up (local SuperLink, Ray, 4 ClientApp actors, data loading) | "
         f"{r['flwr_startup_seconds']:.2f} s | |",
         f"| peak memory: federated round / centralised epoch / loop + shard ({r['loop_users']} users) | "
         f"{p['federated_round']} / {p['centralised_epoch']} / {p['loop_and_vectorised']} MB | |",
-        f"| peak memory of `flwr run .` (sum over SuperLink, Ray and actor processes) | {p['flwr_run_4_supernodes']} MB | |"])
+        f"| peak memory of `flwr run .` (sum over SuperLink, Ray and actor processes) | "
+        f"{p['flwr_run_4_supernodes']} MB | |"])
 
 
 def bench_privacy_table(r: dict[str, Any]) -> str:
@@ -216,8 +218,9 @@ def bench_privacy_table(r: dict[str, Any]) -> str:
     for items in sorted(r["seconds"], key=int):
         s, pk, tr, full = r["seconds"][items], r["peak_mb"][items], r["training_mb"][items], r["full_copies"][items]
         ratio = r["dp_over_nondp_by_items"][items]
-        lines.append(f"| {int(items):,} | {s['nondp']:.2f} s | {s['dp']:.2f} s | {ratio:.2f} | {pk['nondp']} / {pk['dp']} | "
-                     f"{tr['nondp']} / {tr['dp']} | {full['dp_seconds']:.1f} s, {full['dp_training_mb']:,} |")
+        lines.append(f"| {int(items):,} | {s['nondp']:.2f} s | {s['dp']:.2f} s | {ratio:.2f} | "
+                     f"{pk['nondp']} / {pk['dp']} | {tr['nondp']} / {tr['dp']} | "
+                     f"{full['dp_seconds']:.1f} s, {full['dp_training_mb']:,} |")
     return "\n".join(lines)
 
 
@@ -262,8 +265,8 @@ Every number on this page is rendered from a results file under this folder (JSO
 run's configuration and history; CSV and learning curves `*_curves.png` beside it) by
 `python simulations/render_results.py`, with the protocol beside each table. Unless a table
 says otherwise: test metrics are taken at the best validation epoch (centralised) or round
-(federated); `a ± b` is the mean and standard deviation over the seeds in the `seeds` column
-(a `± 0.0000` is a single seed, or a deterministic model); a federated AUC pooled from score
+(federated); `a ± b` is the mean and standard deviation over the seeds (the `seeds` column
+says how many; one seed, or a deterministic model such as popularity, has no spread); a federated AUC pooled from score
 histograms carries its error bound `(±b hist.)` where that exceeds 0.001 (see
 [federated evaluation](../../fedrec/federated/README.md#federated-evaluation)); centralised AUCs are exact. Everything
 ran on a 2-core CPU shared with other experiments, so wall times are pessimistic. The command
@@ -628,7 +631,8 @@ The recomputed path scores slightly higher (it has no stale values)."""
 
 def s_moment_cross() -> str:
     s, r = "synthetic_moment_cross", "sport_cloth_ctr_moment_cross"
-    mc, no_x, no_c = "Moment&Cross", "Moment&Cross without the cross-domain branch", "Moment&Cross, no contrastive alignment"
+    mc = "Moment&Cross"
+    no_x, no_c = f"{mc} without the cross-domain branch", f"{mc}, no contrastive alignment"
     import streaming_moment
 
     st = doc("streaming_moment")["summary"]
@@ -921,7 +925,8 @@ rough."""
 
 def s_privacy() -> str:
     loc, cen = "fed_kuaisar_dp", "fed_kuaisar_central_dp"
-    nodp, e8, e1 = ("federated MRFF, no DP (epsilon = inf)", "federated MRFF, epsilon = 8", "federated MRFF, epsilon = 1")
+    nodp = "federated MRFF, no DP (epsilon = inf)"
+    e8, e1 = "federated MRFF, epsilon = 8", "federated MRFF, epsilon = 1"
     c8 = runs(cen, "federated MRFF, 100 clients, central epsilon = 8")[0]
     noise8 = c8["privacy"].get("noise-multiplier") or c8["privacy"].get("central-noise-multiplier")
     norm = c8["config"].get("central-clipping-norm", 10.0)
@@ -996,9 +1001,11 @@ def s_cdr() -> str:
 
     SC, GV = ("sport", "cloth"), ("game", "video")
     fed, uni, single, own = "federated UniCDR", "UniCDR", "single-domain", "UniCDR, own-domain shared context"
-    dp, fa, pooled = "federated UniCDR, row-level DP (epsilon = 8)", "FedAvg of single-domain", "pooled (one user and item table)"
+    dp = "federated UniCDR, row-level DP (epsilon = 8)"
+    fa, pooled = "FedAvg of single-domain", "pooled (one user and item table)"
     cold_ratio = " / ".join(f"{mean(gv, uni, d + '/hr@10') / mean(gv, 'popularity', d + '/hr@10'):.2f}×" for d in GV)
-    rel = lambda stem, doms: " / ".join(f"{100 * (hr(stem, fed, d) / hr(stem, uni, d) - 1):+.0f}%" for d in doms)  # noqa: E731
+    def rel(stem: str, doms: tuple[str, str]) -> str:  # federated against centralised UniCDR, per domain
+        return " / ".join(f"{100 * (hr(stem, fed, d) / hr(stem, uni, d) - 1):+.0f}%" for d in doms)
     dp_run = runs(sc, dp)[0]
     plus_rows = {r["row"] for r in doc(plus).values()}
     plus_mean = {row: np.mean([mean(plus, row, f"{d}/hr@10") for d in SC]) for row in plus_rows}

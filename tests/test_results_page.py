@@ -53,7 +53,8 @@ def test_every_recorded_comparison_and_table_is_on_the_page(fresh):
         assert {line for line in text.splitlines() if line.startswith("| ")} <= rendered
     # the recorded benchmarks without a renderer of their own: their numbers are on the page
     privacy = json.loads((RESULTS / "bench_privacy.json").read_text())
-    assert f"| 70,000 | {privacy['seconds']['70000']['nondp']:.2f} s | {privacy['seconds']['70000']['dp']:.2f} s |" in fresh
+    seconds = privacy["seconds"]["70000"]
+    assert f"| 70,000 | {seconds['nondp']:.2f} s | {seconds['dp']:.2f} s |" in fresh
     training = json.loads((RESULTS / "bench_training.json").read_text())
     assert f"| SASRec | {training['sasrec']:.1f} | 1 |" in fresh
     assert "| MovieLens-100K, all ratings" not in fresh  # the old hand-typed FedMF table is gone
@@ -67,7 +68,8 @@ def test_the_page_quotes_only_what_the_json_holds(monkeypatch):
     for run in edited.values():
         if run["row"] == "MRFF, no user FFN":
             run["test"]["auc"] = 0.1234
-    monkeypatch.setattr(render_results, "doc", lambda name: edited if name == "kuaisar_ctr_ablations" else recorded(name))
+    monkeypatch.setattr(render_results, "doc",
+                        lambda name: edited if name == "kuaisar_ctr_ablations" else recorded(name))
     text = render_results.s_kuaisar_ctr()
     assert "without it MRFF falls to 0.1234" in text
     assert "| MRFF, no user FFN | 0.1234 ± 0.0000 |" in text
@@ -119,3 +121,13 @@ def test_long_sequence_bench_compresses_exactly_what_is_not_kept_raw():
     for length in (50, 200, 800, 2000):
         windows = bench_long_sequences.kuaiformer_windows(length)
         assert sum(int(w) for w in windows.split(",") if w) == max(0, length - 50)
+
+
+def test_a_missing_results_file_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(render_results, "RESULTS", tmp_path)  # no JSON at all
+    out = tmp_path / "page.md"
+    assert render_results.main(["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("render_results: error:") and "kuaisar_ctr.json" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    render_results.doc.cache_clear()
