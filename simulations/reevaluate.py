@@ -86,23 +86,31 @@ def main(argv: list[str] | None = None) -> int:
            "protocol": args.protocol, "negatives_file": args.negatives_file, "missing": missing,
            "unfinished": unfinished, "runs": results}
     _write(out, json.dumps(doc, indent=1))
-    lines = [f"### {cfg.get('title', args.config.stem)}: re-scored on {args.protocol}"
-             + (f" with `{args.negatives_file}`" if args.negatives_file else ""), "",
+    text = markdown(cfg.get("title", args.config.stem), doc)
+    _write(out.with_suffix(".md"), text)
+    print(text, end="")
+    return 0
+
+
+def markdown(title: str, doc: dict) -> str:
+    """The ``.md`` of a re-scored table (``doc`` is the JSON this script writes; ``title`` the
+    table's title): test HR@10 / NDCG@10 per row, mean ± std over seeds, and the runs that
+    were missing or unfinished."""
+    lines = [f"### {title}: re-scored on {doc['protocol']}"
+             + (f" with `{doc['negatives_file']}`" if doc["negatives_file"] else ""), "",
              "| model | test hr@10 | test ndcg@10 | seeds | best epochs |", "| --- | ---: | ---: | ---: | --- |"]
     rows: dict[str, list[dict]] = {}
-    for run in results.values():
+    for run in doc["runs"].values():
         rows.setdefault(run["row"], []).append(run)
     for row, runs in rows.items():
         cells = [f"{np.mean([r['test'][m] for r in runs]):.4f} ± {np.std([r['test'][m] for r in runs]):.4f}"
                  for m in ("hr@10", "ndcg@10")]
         lines.append(f"| {row} | {' | '.join(cells)} | {len(runs)} | {', '.join(str(r['best_epoch']) for r in runs)} |")
-    if missing:
-        lines += ["", f"No state file for: {', '.join(missing)}."]
-    if unfinished:
-        lines += ["", f"Still training (not scored): {', '.join(unfinished)}."]
-    _write(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    if doc["missing"]:
+        lines += ["", f"No state file for: {', '.join(doc['missing'])}."]
+    if doc["unfinished"]:
+        lines += ["", f"Still training (not scored): {', '.join(doc['unfinished'])}."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -135,13 +135,21 @@ def main(argv: list[str] | None = None) -> int:
             results = _merge(out_json, key, r)
             print(f"{key:28s} valid {r['valid']} test {r['test']} best epoch {r['best_epoch']} ({r['seconds']} s)",
                   flush=True)
+    text = table_markdown(cfg, args.config.stem, results)
+    _write(out_json.with_suffix(".md"), text)
+    print(text)
+    return 0
+
+
+def table_markdown(cfg: dict, stem: str, results: dict) -> str:
+    """The ``<stem>.md`` of a table: its title, data, task and protocol, and :func:`markdown`
+    of the recorded runs (``cfg`` is the TOML file as read, ``stem`` its file name's stem)."""
+    task = cfg["task"]
     metrics = cfg.get("metrics", ["auc", "logloss"] if task == "ctr" else ["hr@10", "ndcg@10"])
-    header = f"### {cfg.get('title', args.config.stem)}\n\nData `{cfg['data']}`, task {task}, " \
+    header = f"### {cfg.get('title', stem)}\n\nData `{cfg['data']}`, task {task}, " \
              f"protocol {'pooled CTR' if task == 'ctr' else cfg.get('train', {}).get('protocol', 'full')}; " \
              "test at the best validation epoch." + population_note(results)
-    _write(out_json.with_suffix(".md"), markdown(results, metrics, header))
-    print(markdown(results, metrics, header))
-    return 0
+    return markdown(results, metrics, header)
 
 
 if __name__ == "__main__":

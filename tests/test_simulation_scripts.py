@@ -157,11 +157,11 @@ def test_bench_cdr_measures_epoch_round_psi_and_upload(tmp_path, capsys):
     assert bench_cdr.main(["--data", "synthetic:users=20,items=30"]) == 2  # one domain: a one-line error
 
 
-def test_readme_group_routing_table_is_rendered_from_the_json():
+def test_results_page_group_routing_table_is_rendered_from_the_json():
     import group_discovery
 
     results = json.loads((ROOT / "simulations" / "results" / "group_discovery.json").read_text())
-    assert group_discovery.markdown_table(results) in (ROOT / "README.md").read_text()
+    assert group_discovery.markdown_table(results) in (ROOT / "simulations" / "results" / "README.md").read_text()
 
 
 def test_bench_marm_measures_hit_rate_memory_and_compute(tmp_path, capsys):

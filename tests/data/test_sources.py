@@ -19,13 +19,13 @@ def write(path, text):
 
 
 def test_every_documented_format_is_registered():
-    """The README's data table names exactly the registered formats."""
+    """The data page's table of formats names exactly the registered formats."""
     import re
     from pathlib import Path
 
     assert known_formats() == ["atomic", "cdr", "csv", "kuaisar", "movielens", "pairs", "parquet", "recbole",
                                "recflow", "seq", "synthetic"]
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "fedrec" / "data" / "README.md").read_text()
     table = readme.split("| format | spec | what it reads | options |", 1)[1].split("\n\n", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)`(?:, `(\w+)`)? \|", table, flags=re.M))
     names = {n for pair in documented for n in pair if n}
