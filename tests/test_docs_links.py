@@ -14,7 +14,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "simulations"))
 from render_results import github_anchor  # noqa: E402
 
-PAGES = ["README.md", "fedrec/data/README.md", "fedrec/models/README.md", "fedrec/federated/README.md",
+PAGES = ["README.md", "fedrec/README.md", "fedrec/data/README.md", "fedrec/models/README.md", "fedrec/federated/README.md",
          "server/README.md", "simulations/README.md", "simulations/results/README.md"]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
