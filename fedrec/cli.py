@@ -559,7 +559,7 @@ app.add_typer(inspect_app, name="inspect")
 @inspect_app.command("groups")
 def inspect_groups(
     data: str = typer.Option("synthetic:", "--data", "-d", help="Data spec the model is (or was) trained on."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `fedrec train --checkpoint`; without it an MRFF model is trained first."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint (or --resume state) written by `fedrec train` for a model with groups (mrff), with --data of its run; without it an MRFF model is trained first."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML with [model] and [train] tables (when training)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (when training)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (when training)."),
@@ -568,25 +568,21 @@ def inspect_groups(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data)."""
-    import torch
-
     from fedrec.config import build_config, load_toml, parse_assignments
     from fedrec.data import load_dataset
     from fedrec.data.split import SplitConfig, split_dataset
-    from fedrec.inspect import group_report, plot_group_report, route_users
+    from fedrec.inspect import group_report, plot_group_report, require_groups, route_users
     from fedrec.models.base import ModelData
     from fedrec.models.registry import create_model
-    from fedrec.train import TrainConfig, train
+    from fedrec.train import TrainConfig, describe_saved, load_saved, train
 
     try:
+        if checkpoint is not None:  # what the file holds, before any data is read
+            require_groups(describe_saved(checkpoint)["model"], str(checkpoint))
         file_cfg = load_toml(config) if config else {}
         split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise FedrecError(f"{checkpoint}: checkpoint not found")
-            saved = torch.load(checkpoint, weights_only=False)
-            model = create_model(saved["model"], ModelData.from_split(split), saved["model_options"], task=saved["task"])
-            model.load_state_dict(saved["state"])
+            model, _ = load_saved(checkpoint, split)  # refuses another split, or weights that do not fit
         else:
             options = dict(file_cfg.get("model", {}))
             options.update(parse_assignments(sets))

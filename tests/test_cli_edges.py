@@ -1,0 +1,155 @@
+"""Rough edges a new user met (issue 18, item 5), each checked where the user meets it:
+through the CLI (a subprocess: exit code 2, one ``fedrec: error:`` line on stderr, no
+traceback, no partial output) and, where a library function decides, there too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.data import load_dataset
+from fedrec.data.interactions import Dataset, Interactions
+from fedrec.data.split import split_dataset
+from fedrec.errors import ConfigError
+from fedrec.train import TrainConfig, train
+
+TINY = {"dim": 8, "field-dim": 4, "layers": 1, "max-len": 6, "dropout": 0.0}
+SYNTH = "synthetic:users=30,items=40,groups=2,min_len=6,max_len=9,seed=1"
+
+
+def fedrec_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``fedrec ARGS`` in a subprocess of this interpreter (a wide console)."""
+    env = {**os.environ, "COLUMNS": "200", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return subprocess.run([sys.executable, "-m", "fedrec.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+def one_error_line(run: subprocess.CompletedProcess) -> str:
+    """The single ``fedrec: error:`` line of a refused command (checked: exit 2, nothing on
+    stdout, no traceback)."""
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedrec: error: "), run.stderr
+    assert run.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def implicit(tmp_path_factory) -> Path:
+    """A ``seq:`` file (implicit feedback: no labels): 8 users, 6 items each."""
+    path = tmp_path_factory.mktemp("seq") / "seq.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("".join(f"{u} " + " ".join(map(str, rng.choice(np.arange(1, 21), 6, replace=False))) + "\n"
+                            for u in range(1, 9)))
+    return path
+
+
+# -- 1. ctr on data without labels is refused before anything trains -----------------------
+
+def test_train_ctr_on_implicit_data_is_refused_before_training(implicit, tmp_path):
+    out = tmp_path / "result.json"
+    line = one_error_line(fedrec_cli("train", "--model", "sasrec", "--data", f"seq:{implicit}", "--task", "ctr",
+                                     "--epochs", "1", "--out", str(out)))
+    assert "task 'ctr' needs 0/1 click labels" in line
+    for hint in ("--task next_item", "label column", "ctr_negatives=K"):
+        assert hint in line
+    assert not out.exists()
+
+
+def test_library_train_refuses_ctr_without_labels_before_the_first_epoch(implicit):
+    split = split_dataset(load_dataset(f"seq:{implicit}"))
+    epochs = []
+    with pytest.raises(ConfigError, match="needs 0/1 click labels"):
+        train("sasrec", split, task="ctr", model_options=TINY, config=TrainConfig(epochs=1, progress=False),
+              on_epoch=epochs.append)
+    assert epochs == []
+    # the same data trains as next item
+    result = train("sasrec", split, task="next_item", model_options=TINY, config=TrainConfig(epochs=1, progress=False))
+    assert result["test"]["ndcg@10"] is not None
+
+
+def test_simulate_ctr_on_implicit_data_is_refused_up_front(implicit, tmp_path):
+    out = tmp_path / "result.json"
+    line = one_error_line(fedrec_cli("simulate", "--data", f"seq:{implicit}", "--task", "ctr", "--rounds", "1",
+                                     "--clients", "2", "--out", str(out)))
+    assert "task 'ctr' needs 0/1 click labels" in line and "--task next_item" in line
+    assert not out.exists()
+
+
+def test_ctr_with_one_class_in_the_held_out_rows_is_refused_before_training():
+    # labelled data whose held-out (last two) impressions of every user are clicks
+    users = np.repeat(np.arange(1, 7), 6)
+    labels = np.tile([0, 1, 0, 1, 1, 1], 6)
+    frame = pd.DataFrame({"user": users, "item": np.arange(len(users)) % 11 + 1, "time": np.tile(np.arange(6), 6),
+                          "label": labels})
+    split = split_dataset(Dataset("t", Interactions.from_frame(frame, source="t")))
+    epochs = []
+    with pytest.raises(ConfigError, match="every valid impression has label 1, so AUC is undefined"):
+        train("sasrec", split, task="ctr", model_options=TINY, config=TrainConfig(epochs=1, progress=False),
+              on_epoch=epochs.append)
+    assert epochs == []
+
+
+# -- 2./3. saved models: a model without groups, another split ------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    """A SASRec and an MRFF checkpoint of one epoch on :data:`SYNTH`."""
+    folder = tmp_path_factory.mktemp("saved")
+    split = split_dataset(load_dataset(SYNTH))
+    out = {}
+    for name in ("sasrec", "mrff"):
+        out[name] = folder / f"{name}.pt"
+        train(name, split, task="ctr", model_options=TINY, data_name=SYNTH,
+              config=TrainConfig(epochs=1, progress=False, checkpoint=str(out[name])))
+    return out
+
+
+def test_inspect_groups_with_a_model_without_groups_says_so(saved, tmp_path):
+    line = one_error_line(fedrec_cli("inspect", "groups", "--checkpoint", str(saved["sasrec"]),
+                                     "--out", str(tmp_path / "g")))
+    assert f"{saved['sasrec']}: holds a sasrec model, which has no groups to inspect" in line
+    assert "models with groups: mrff" in line
+    assert not (tmp_path / "g").exists()
+
+
+def test_inspect_groups_on_other_data_names_the_difference(saved, tmp_path):
+    # no --data: the default synthetic data is not the checkpoint's (was: a tensor-size traceback)
+    line = one_error_line(fedrec_cli("inspect", "groups", "--checkpoint", str(saved["mrff"]),
+                                     "--out", str(tmp_path / "g")))
+    assert "trained on another split (users 30 (saved) vs 2,000 (this data)" in line
+    assert f"its data was '{SYNTH}'" in line and "--data" in line
+    run = fedrec_cli("inspect", "groups", "--checkpoint", str(saved["mrff"]), "--data", SYNTH, "--json",
+                     "--out", str(tmp_path / "g"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "g" / "groups.json").is_file()
+
+
+def test_evaluate_on_another_split_says_what_differs_in_words(saved):
+    other = SYNTH.replace("users=30", "users=31")
+    line = one_error_line(fedrec_cli("evaluate", str(saved["sasrec"]), "--data", other))
+    assert "trained on another split (users 30 (saved) vs 31 (this data)" in line
+    assert "train/valid/test rows" in line and "(saved) vs" in line
+    assert "{" not in line and "n_users" not in line  # no internal fingerprint dictionaries
+
+
+def test_resume_of_another_run_names_the_differing_option(tmp_path):
+    split = split_dataset(load_dataset(SYNTH))
+    state = tmp_path / "run.pt"
+    cfg = TrainConfig(epochs=1, progress=False, resume=str(state))
+    train("sasrec", split, task="ctr", model_options=TINY, config=cfg)
+    with pytest.raises(ConfigError, match=r"written by another run \(model_options 'dim' 8 \(saved\) vs 16 "
+                                          r"\(this run\)\)$"):
+        train("sasrec", split, task="ctr", model_options={**TINY, "dim": 16}, config=cfg)
+    other = split_dataset(load_dataset(SYNTH.replace("users=30", "users=31")))
+    with pytest.raises(ConfigError, match=r"written by another run \(split: users 30 \(saved\) vs 31 \(this data\)"):
+        train("sasrec", other, task="ctr", model_options=TINY, config=cfg)
