@@ -6,6 +6,7 @@ traceback, no partial output) and, where a library function decides, there too.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,44 @@ def test_resume_of_another_run_names_the_differing_option(tmp_path):
     other = split_dataset(load_dataset(SYNTH.replace("users=30", "users=31")))
     with pytest.raises(ConfigError, match=r"written by another run \(split: users 30 \(saved\) vs 31 \(this data\)"):
         train("sasrec", other, task="ctr", model_options=TINY, config=cfg)
+
+
+# -- 4. a csv with another delimiter than sep ---------------------------------------------
+
+HEADER_ROWS = [("user", "item", "rating", "time"), ("196", "242", "3", "881250949"), ("186", "302", "3", "891717742")]
+
+
+@pytest.mark.parametrize("char, spelled, what", [("\t", "tab", "tabs"), (";", ";", "';'"), ("|", "|", "'|'"),
+                                                 (" ", "space", "spaces")])
+def test_csv_with_another_delimiter_says_which_sep_to_add(tmp_path, char, spelled, what):
+    from fedrec.errors import DataError
+
+    path = tmp_path / "logs.csv"
+    path.write_text("".join(char.join(row) + "\n" for row in HEADER_ROWS))
+    spec = f"csv:{path}?user=user&item=item&time=time"
+    with pytest.raises(DataError, match=f"the header line holds {re.escape(what)}: add sep={re.escape(spelled)} "
+                                        "to the spec$"):
+        load_dataset(spec)
+    assert len(load_dataset(f"{spec}&sep={spelled}").interactions) == 2  # the hint works
+
+
+def test_csv_with_tabs_hints_through_the_cli_and_shows_tabs_as_backslash_t(tmp_path):
+    path = tmp_path / "u.csv"
+    path.write_text("".join("\t".join(row) + "\n" for row in HEADER_ROWS))
+    line = one_error_line(fedrec_cli("data", "describe", f"csv:{path}?user=user&item=item"))
+    assert "(the file has: user\\titem\\trating\\ttime); the header line holds tabs: add sep=tab to the spec" in line
+    assert "\t" not in line
+    # without a mapping (canonical column names expected) the same hint
+    line = one_error_line(fedrec_cli("data", "describe", f"csv:{path}"))
+    assert line.endswith("the header line holds tabs: add sep=tab to the spec")
+    run = fedrec_cli("data", "describe", f"csv:{path}?sep=\\t", "--json")  # sep=\t is accepted too
+    assert run.returncode == 0, run.stderr
+
+
+def test_no_delimiter_hint_for_a_plain_missing_column(tmp_path):
+    from fedrec.errors import DataError
+
+    path = tmp_path / "logs.csv"
+    path.write_text("user id,item\n1,2\n")  # a space inside a column name is no delimiter
+    with pytest.raises(DataError, match=r"no such column for 'user' \(the file has: user id, item\)$"):
+        load_dataset(f"csv:{path}?user=user&item=item")
