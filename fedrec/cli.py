@@ -7,6 +7,7 @@ printed as one line on stderr with a non-zero exit (2), never as a traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -212,7 +213,7 @@ def evaluate_command(
     node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config, e.g. data=... when the file moved (repeatable)."),
     protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
     negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [split] table the run used."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
@@ -326,15 +327,15 @@ def simulate_command(
     delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / population, the number of users of the federation)."),
     noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="User-level DP: noise std / clipping norm (turns DP on; instead of --target-epsilon)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="User-level DP: clip each user's pseudo-gradient to this L2 norm (default 1.0)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional [model] table)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Run-config KEY=VALUE, model options as model.KEY=VALUE (repeatable)."),
-    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with \\[tool.flwr.app])."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with [tool.flwr.app])."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Run a federated simulation in this process through the project's Flower ServerApp and
     ClientApp (no Ray); report valid and test metrics at the best validation round (with
-    differential privacy, ``test.epsilon`` is the epsilon of the whole run)."""
+    differential privacy, `test.epsilon` is the epsilon of the whole run)."""
     from fedrec.federated.runner import run_in_process
 
     try:
@@ -375,7 +376,7 @@ def compare_command(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these row names (repeatable)."),
     out: Path = typer.Option(Path("results"), "--out", help="Folder for <name>.json/.md/.csv/_curves.png."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Replaces {data_root} in the config's data spec."),
-    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with \\[tool.flwr.app], else the installed one)."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with [tool.flwr.app], else the installed one)."),
 ) -> None:
     """Run federated and centralised configurations on the same split; write a table
     (terminal, Markdown, CSV) and learning curves (PNG). Finished runs are kept (resumable)."""
@@ -465,7 +466,7 @@ def recommend_command(
     clients: Optional[list[Path]] = typer.Option(None, "--client", help="Federated model: a client's model file client-K.pt (repeatable; default: every client-*.pt in DIR)."),
     node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config (repeatable)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Users scored together."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table a centralised run used."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [split] table a centralised run used."),
     domain: Optional[str] = typer.Option(None, "--domain", help="Cross-domain models: recommend items of this domain (centralised; a federated domain client recommends in its own domain)."),
 ) -> None:
     """Top-k items per user from a saved model (centralised, or a federated client's view:
@@ -537,7 +538,7 @@ def launch_command(
     timeout: float = typer.Option(0.0, "--timeout", help="Stop following after this many seconds (0: until the run ends)."),
 ) -> None:
     """Start a run of the fedrec app on a SuperLink, stream its log, and exit 0 only when it
-    ends finished:completed (``flwr run --stream`` exits 0 even when the run failed)."""
+    ends finished:completed (`flwr run --stream` exits 0 even when the run failed)."""
     from fedrec.federated.runner import find_app_dir
     from fedrec.launch import launch
 
@@ -740,6 +741,46 @@ def _print_stats(stats: dict) -> None:
         table.add_row(key, value)
     console.print(table)
 
+
+def help_text(text: str) -> str:
+    """A help text as ``--help`` must render it literally: RST literals (double back-quotes)
+    become single back-quotes, and square brackets (``[model]``, ``[tool.flwr.app]``) are
+    escaped so that rich does not take them for markup (``\\[`` already escaped stays one
+    escape)."""
+    from rich.markup import escape
+
+    text = re.sub(r"``(.+?)``", r"`\1`", text, flags=re.S)
+    return escape(text.replace("\\[", "["))
+
+
+def _literal_help(typer_app: typer.Typer) -> None:
+    """Pass every help text of ``typer_app`` (its commands' docstrings, help and epilog, each
+    option's and argument's help, and its sub-apps', recursively) through :func:`help_text`,
+    so that each is shown as written. Idempotent; run once every command is registered."""
+    import inspect
+
+    from typer.models import ParameterInfo
+
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = help_text(typer_app.info.help)
+    callbacks = [typer_app.registered_callback.callback] if typer_app.registered_callback else []
+    for command in typer_app.registered_commands:
+        doc = command.help if command.help is not None else inspect.getdoc(command.callback)
+        command.help = None if doc is None else help_text(doc)
+        if isinstance(command.epilog, str):
+            command.epilog = help_text(command.epilog)
+        callbacks.append(command.callback)
+    for callback in callbacks:
+        for parameter in inspect.signature(callback).parameters.values():
+            if isinstance(parameter.default, ParameterInfo) and isinstance(parameter.default.help, str):
+                parameter.default.help = help_text(parameter.default.help)
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = help_text(group.help)
+        _literal_help(group.typer_instance)
+
+
+_literal_help(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

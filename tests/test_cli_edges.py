@@ -195,3 +195,66 @@ def test_no_delimiter_hint_for_a_plain_missing_column(tmp_path):
     path.write_text("user id,item\n1,2\n")  # a space inside a column name is no delimiter
     with pytest.raises(DataError, match=r"no such column for 'user' \(the file has: user id, item\)$"):
         load_dataset(f"csv:{path}?user=user&item=item")
+
+
+# -- 5. --help shows brackets and back-quotes as written ------------------------------------
+
+def _commands():
+    """Every (path, click command) of the ``fedrec`` app, groups included."""
+    import click
+    import typer
+
+    from fedrec.cli import app
+
+    out = []
+
+    def walk(cmd, path):
+        out.append((path, cmd))
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def _written(cmd) -> str:
+    """The help texts of a command as written in the source (escapes undone)."""
+    texts = [cmd.help or "", cmd.epilog or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+    return "\n".join(texts).replace("\\[", "[")
+
+
+@pytest.mark.parametrize("path, cmd", [pytest.param(p, c, id=" ".join(p) or "fedrec") for p, c in _commands()])
+def test_help_shows_brackets_literally_and_no_rst_quotes(path, cmd):
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # boxes and wrapping undone
+    assert "``" not in shown and "\\[" not in shown
+    for token in re.findall(r"\[[a-z][\w.]*\]", _written(cmd)):
+        assert token in shown, f"{' '.join(path)} --help lost {token}"
+
+
+def test_the_help_of_train_simulate_and_evaluate_shows_their_tables():
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    runner = CliRunner()
+    shown = {name: " ".join(re.sub(r"[│╭╮╰╯─]", " ", runner.invoke(app, [name, "--help"], env={"COLUMNS": "250"})
+                                    .output).split()) for name in ("train", "simulate", "evaluate")}
+    assert "TOML file with [model] and [train] tables." in shown["train"]
+    assert "an optional [model] table" in shown["simulate"] and "[tool.flwr.app]" in shown["simulate"]
+    assert "`test.epsilon`" in shown["simulate"]
+    assert "whose [split] table" in shown["evaluate"]
+
+
+def test_help_text_is_idempotent_and_converts_rst_literals():
+    from fedrec.cli import help_text
+
+    once = help_text("TOML file with [model] tables; ``x`` and \\[split]")
+    assert once == "TOML file with \\[model] tables; `x` and \\[split]"
+    assert help_text(once) == once
