@@ -621,12 +621,14 @@ def inspect_groups(
 
 @app.command("models")
 def models_command() -> None:
-    """List the registered models and the tasks they support."""
+    """List the registered models, the tasks they support, what each is and its paper."""
     from fedrec.models.registry import MODELS
 
-    for name in MODELS.names():
-        spec = MODELS.create(name)
-        typer.echo(f"{name:14s} tasks: {', '.join(spec.model.tasks):16s} {spec.summary()}")
+    specs = {name: MODELS.create(name) for name in MODELS.names()}
+    tasks = {name: ", ".join(spec.model.tasks) for name, spec in specs.items()}
+    name_width, task_width = max(map(len, specs)), max(map(len, tasks.values()))
+    for name, spec in specs.items():
+        typer.echo(f"{name:{name_width}s}  tasks: {tasks[name]:{task_width}s}  {spec.summary()}")
 
 
 @app.command("app")

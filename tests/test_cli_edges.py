@@ -258,3 +258,31 @@ def test_help_text_is_idempotent_and_converts_rst_literals():
     once = help_text("TOML file with [model] tables; ``x`` and \\[split]")
     assert once == "TOML file with \\[model] tables; `x` and \\[split]"
     assert help_text(once) == once
+
+
+# -- 6. fedrec models: each line describes its own model and cites its paper -----------------
+
+def test_models_lines_are_distinct_and_cite_each_models_paper():
+    from fedrec.models.registry import MODELS
+
+    run = fedrec_cli("models")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == MODELS.names()
+    described = {}
+    for line in lines:
+        name, rest = line.split(None, 1)
+        tasks, description = re.fullmatch(r"tasks: (.+?)  +(.+)", rest).groups()
+        assert tasks == ", ".join(MODELS.create(name).model.tasks)
+        described[name] = description
+    assert len(set(described.values())) == len(described), "two models share a description"
+    assert not described["bert4rec-last"].startswith("SASRec") and "BERT4Rec" in described["bert4rec-last"]
+    for name, description in described.items():
+        doc = sys.modules[MODELS.create(name).model.__module__].__doc__
+        if name == "bert4rec-last":  # the SASRec class with BERT4Rec's encoder
+            doc = sys.modules["fedrec.models.bert4rec"].__doc__
+        if re.search(r'"[^"]{10,}"', doc):  # the module cites a paper: the line names it
+            cited = re.search(r"\((\w+)[^()]*?(\d{4})[^()]*\)$", description)
+            assert cited, f"{name}: no paper in {description!r}"
+            author, year = cited.groups()
+            assert author in doc and year in doc, f"{name}: {cited.group(0)} is not the paper its module cites"
