@@ -659,14 +659,9 @@ def _centralised_split(data: Optional[str], config: Optional[Path], *, federated
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    import os
-    import tempfile
+    from fedrec.files import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(obj, path)
 
 
 def _print_result(result: dict) -> None:

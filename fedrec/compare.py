@@ -44,8 +44,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +51,7 @@ import numpy as np
 
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
+from fedrec.files import atomic_path, write_text_atomic
 
 __all__ = ["load_comparison", "row_options", "run_comparison", "comparison_table", "test_metric", "write_outputs",
            "plot_curves", "auc_cell", "SHOWN_BOUND"]
@@ -98,13 +97,7 @@ def load_comparison(path: str | Path, *, data_root: str | None = None) -> dict[s
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
-    os.replace(tmp, path)
+    write_text_atomic(path, text)  # the mode open() would give, not mkstemp's 0600
 
 
 def row_options(cfg: dict[str, Any], run: dict[str, Any]):
@@ -349,8 +342,8 @@ def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> Non
         ax.grid(alpha=0.3)
     fig.suptitle(cfg.get("title", cfg["stem"]))
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

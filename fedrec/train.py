@@ -24,8 +24,6 @@ any protocol, without training.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -39,6 +37,7 @@ from fedrec.data.batching import ExampleSet, build_examples, check_task, evaluat
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.errors import ConfigError
+from fedrec.files import atomic_path
 from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
                             sampled_ranking_ranks)
 from fedrec.models.base import ModelData, RecModel
@@ -354,15 +353,8 @@ def routing_stats(model: nn.Module, examples: ExampleSet, previous: np.ndarray |
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # the mode open() would give, not mkstemp's 0600
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _RESUME_IGNORED = ("progress", "resume", "checkpoint")

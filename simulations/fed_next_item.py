@@ -34,14 +34,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedrec.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = "fed_next_item"
@@ -80,11 +80,7 @@ PUBLISHED_ML1M = [("PFedRec", 0.7326, 0.4436), ("FedMF", 0.6772, 0.4090), ("FedN
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _safe(key: str) -> str:

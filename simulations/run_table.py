@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +28,14 @@ from fedrec.compare import test_metric
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
+from fedrec.files import write_text_atomic
 from fedrec.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def state_name(stem: str, row: str, seed: int) -> str:

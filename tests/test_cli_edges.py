@@ -286,3 +286,66 @@ def test_models_lines_are_distinct_and_cite_each_models_paper():
             assert cited, f"{name}: no paper in {description!r}"
             author, year = cited.groups()
             assert author in doc and year in doc, f"{name}: {cited.group(0)} is not the paper its module cites"
+
+
+# -- 7. result files get the mode open() would give, not mkstemp's 0600 ---------------------
+
+def test_train_result_and_checkpoint_are_0644_under_umask_022(tmp_path):
+    out, ckpt = tmp_path / "deep" / "result.json", tmp_path / "best.pt"
+    env = {**os.environ, "COLUMNS": "200"}
+    run = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--model", "sasrec", "--data", SYNTH, "--epochs",
+                          "1", "--set", "dim=8", "--set", "max-len=6", "--out", str(out), "--checkpoint", str(ckpt),
+                          "--json"], capture_output=True, text=True, timeout=120, env=env,
+                         preexec_fn=lambda: os.umask(0o022))
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_mode & 0o777 == 0o644
+    assert ckpt.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_atomic_writes_follow_the_umask_keep_an_existing_mode_and_leave_nothing_on_failure(tmp_path):
+    from fedrec.files import atomic_path, new_file_mode, umask, write_json_atomic, write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027 and new_file_mode() == 0o640
+        fresh = write_json_atomic({"a": 1}, tmp_path / "r.json")
+        assert fresh.stat().st_mode & 0o777 == 0o640 and fresh.read_text() == '{\n "a": 1\n}'
+        kept = tmp_path / "kept.md"
+        kept.write_text("old")
+        kept.chmod(0o600)  # open() keeps an existing file's mode: so does the atomic write
+        write_text_atomic(kept, "new")
+        assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(RuntimeError):
+            with atomic_path(kept) as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("killed mid-write")
+        assert kept.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.md", "r.json"]
+        private = write_text_atomic(tmp_path / "p.txt", "x", mode=0o600)
+        assert private.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_compare_outputs_and_federated_checkpoints_modes(tmp_path):
+    import torch
+
+    from fedrec.compare import write_outputs
+    from fedrec.federated.checkpoint import save_client, save_server
+
+    old = os.umask(0o022)
+    try:
+        cfg = {"stem": "t", "title": "t", "data_display": "synthetic:", "task": "ctr", "runs": [{"name": "a"}]}
+        results = {"a/seed0": {"row": "a", "kind": "centralised", "seed": 0, "test": {"auc": 0.7, "logloss": 0.6},
+                               "best_epoch": 2, "epochs_run": 3, "seconds": 3.0,
+                               "curve": {"x": "epoch", "points": [[1, 0.6], [2, 0.7], [3, 0.65]]}}}
+        write_outputs(cfg, results, tmp_path)
+        for name in ("t.md", "t.csv", "t_curves.png"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+        server = save_server(tmp_path / "ck", round=1, global_params={"w": torch.zeros(2)},
+                             group_counts=torch.zeros(1), history={})
+        client = save_client(tmp_path / "ck", shard=0, round=1, state={"w": torch.zeros(2)})
+        assert server.stat().st_mode & 0o777 == 0o644
+        assert client.stat().st_mode & 0o777 == 0o600  # a client's private parameters stay its owner's
+    finally:
+        os.umask(old)
