@@ -36,6 +36,7 @@ from torch import nn
 from fedrec.data.batching import ExampleSet, build_examples, check_task, evaluation_population, iterate_batches
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
+from fedrec.config import canonical_options
 from fedrec.errors import ConfigError
 from fedrec.files import atomic_path
 from fedrec.metrics import (ctr_metrics, domain_ranking_metrics, full_ranking_ranks, ranking_metrics,
@@ -450,6 +451,10 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     # states written before the split fingerprint existed carry none: their data name is checked
     keys = ("model", "task", "data", "split", "model_options") if "split" in saved else ("model", "task", "data", "model_options")
     for key in keys:
+        if key == "model_options":  # a state written before --set values were typed holds {"groups": "2"}
+            if canonical_options(saved.get(key)) != canonical_options(identity[key]):
+                raise ConfigError(f"{path}: written by another run ({_difference(key, saved.get(key), identity[key])})")
+            continue
         if saved.get(key) != identity[key]:
             raise ConfigError(f"{path}: written by another run ({_difference(key, saved.get(key), identity[key])})")
     # train options added after a state was written take their default there

@@ -290,7 +290,7 @@ def test_models_lines_are_distinct_and_cite_each_models_paper():
 
 # -- 7. result files get the mode open() would give, not mkstemp's 0600 ---------------------
 
-def test_train_result_and_checkpoint_are_0644_under_umask_022(tmp_path):
+def test_train_result_and_checkpoint_are_0644_under_umask_022_with_typed_options(tmp_path):
     out, ckpt = tmp_path / "deep" / "result.json", tmp_path / "best.pt"
     env = {**os.environ, "COLUMNS": "200"}
     run = subprocess.run([sys.executable, "-m", "fedrec.cli", "train", "--model", "sasrec", "--data", SYNTH, "--epochs",
@@ -301,6 +301,15 @@ def test_train_result_and_checkpoint_are_0644_under_umask_022(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644
     assert ckpt.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temporary file left
+    # 8. --set values are recorded typed (the int 8, not "8"), in the result and the checkpoint
+    import json
+
+    import torch
+
+    result = json.loads(out.read_text())
+    assert result["model_options"] == {"dim": 8, "max-len": 6}
+    assert result["resolved"]["user"]["model.dim"] == 8
+    assert torch.load(ckpt, weights_only=False)["model_options"] == {"dim": 8, "max-len": 6}
 
 
 def test_atomic_writes_follow_the_umask_keep_an_existing_mode_and_leave_nothing_on_failure(tmp_path):
@@ -349,3 +358,35 @@ def test_compare_outputs_and_federated_checkpoints_modes(tmp_path):
         assert client.stat().st_mode & 0o777 == 0o600  # a client's private parameters stay its owner's
     finally:
         os.umask(old)
+
+
+# -- 8. --set values are TOML scalars; recorded runs still match -----------------------------
+
+def test_set_values_are_toml_scalars_and_fields_keep_their_types():
+    from fedrec.config import build_config, parse_assignments
+    from fedrec.federated.spec import parse_run_config
+    from fedrec.models.kuaiformer import KuaiFormerConfig
+    from fedrec.models.mf import MFConfig
+
+    given = parse_assignments(["groups=2", "lr=1e-3", "user-bias=true", "item-repr=id", "name=\"7\"", "ids=007"])
+    assert given == {"groups": 2, "lr": 0.001, "user-bias": True, "item-repr": "id", "name": "7", "ids": "007"}
+    assert type(given["groups"]) is int and type(given["lr"]) is float
+    # a string option given a number takes its text; a boolean one accepts 0 / 1 as before
+    assert build_config(KuaiFormerConfig, parse_assignments(["windows=8"])).windows == "8"
+    assert build_config(MFConfig, parse_assignments(["user-bias=1", "item-bias=0"])).user_bias is True
+    with pytest.raises(ConfigError, match="option 'dim' must be of type int"):
+        build_config(MFConfig, parse_assignments(["dim=2.5"]))
+    # the Flower run config's model-options string reads its values the same way
+    assert parse_run_config({"model-options": "groups=2,item-repr=id"}).model_options == {"groups": 2, "item-repr": "id"}
+
+
+def test_a_training_state_recorded_with_string_options_still_resumes(tmp_path):
+    split = split_dataset(load_dataset(SYNTH))
+    state = tmp_path / "run.pt"
+    cfg = TrainConfig(epochs=1, progress=False, resume=str(state))
+    as_strings = {k: str(v) for k, v in TINY.items()}  # how --set recorded options before they were typed
+    first = train("sasrec", split, task="ctr", model_options=as_strings, config=cfg)
+    again = train("sasrec", split, task="ctr", model_options=TINY, config=cfg)  # typed: the same run
+    assert again["test"] == first["test"] and again["epochs_run"] == 1
+    with pytest.raises(ConfigError, match="written by another run \\(model_options 'dim'"):
+        train("sasrec", split, task="ctr", model_options={**TINY, "dim": 16}, config=cfg)
