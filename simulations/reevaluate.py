@@ -20,8 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
+from fedrec.compare import mean_cell, seeds_cell
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
@@ -93,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in results.values():
         rows.setdefault(run["row"], []).append(run)
     for row, runs in rows.items():
-        cells = [f"{np.mean([r['test'][m] for r in runs]):.4f} ± {np.std([r['test'][m] for r in runs]):.4f}"
-                 for m in ("hr@10", "ndcg@10")]
-        lines.append(f"| {row} | {' | '.join(cells)} | {len(runs)} | {', '.join(str(r['best_epoch']) for r in runs)} |")
+        cells = [mean_cell([r["test"][m] for r in runs]) for m in ("hr@10", "ndcg@10")]
+        lines.append(f"| {row} | {' | '.join(cells)} | {seeds_cell(len(runs))} | "
+                     f"{', '.join(str(r['best_epoch']) for r in runs)} |")
     if missing:
         lines += ["", f"No state file for: {', '.join(missing)}."]
     if unfinished:

@@ -390,3 +390,73 @@ def test_a_training_state_recorded_with_string_options_still_resumes(tmp_path):
     assert again["test"] == first["test"] and again["epochs_run"] == 1
     with pytest.raises(ConfigError, match="written by another run \\(model_options 'dim'"):
         train("sasrec", split, task="ctr", model_options={**TINY, "dim": 16}, config=cfg)
+
+
+# -- 9./10. fedrec compare: curves are the mean over seeds; one seed prints no ± -----------
+
+def _run(row, seed, kind, auc, points):
+    return {"row": row, "kind": kind, "seed": seed, "test": {"auc": auc, "logloss": 0.6}, "best_epoch": 2,
+            "best_round": 2, "epochs_run": 3, "rounds": 3, "seconds": 3.0,
+            "curve": {"x": "round" if kind == "federated" else "epoch", "points": points}}
+
+
+CMP = {"stem": "t", "title": "t", "data_display": "synthetic:", "task": "ctr",
+       "runs": [{"name": "fed"}, {"name": "cen"}]}
+
+
+def test_curves_plot_the_mean_over_seeds_with_a_min_max_band_and_integer_ticks():
+    import matplotlib.pyplot as plt
+
+    from fedrec.compare import curve_figure, curve_stats
+
+    results = {"fed/seed0": _run("fed", 0, "federated", 0.7, [[1, 0.5], [2, 0.7], [3, None]]),
+               "fed/seed1": _run("fed", 1, "federated", 0.8, [[1, 0.7], [2, 0.9], [3, 0.8]]),
+               "cen/seed0": _run("cen", 0, "centralised", 0.6, [[1, 0.55], [2, 0.6]])}
+    stats = curve_stats(results)
+    assert stats["fed"]["x"] == [1, 2, 3] and stats["fed"]["seeds"] == 2
+    assert stats["fed"]["mean"] == pytest.approx([0.6, 0.8, 0.8])  # round 3: only seed 1 has a value
+    assert stats["fed"]["min"] == pytest.approx([0.5, 0.7, 0.8]) and stats["fed"]["max"] == pytest.approx([0.7, 0.9, 0.8])
+    fig = curve_figure(CMP, results)
+    try:
+        fed_ax, cen_ax = fig.axes[:2]
+        (line,) = fed_ax.lines
+        assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == pytest.approx([0.6, 0.8, 0.8])
+        assert "mean of 2 seeds" in line.get_label()
+        assert len(fed_ax.collections) == 1  # the min-max band
+        band = fed_ax.collections[0].get_paths()[0].vertices
+        assert band[:, 1].min() == pytest.approx(0.5) and band[:, 1].max() == pytest.approx(0.9)
+        assert list(cen_ax.lines[0].get_ydata()) == pytest.approx([0.55, 0.6]) and not cen_ax.collections
+        for ax in (fed_ax, cen_ax):
+            fig.canvas.draw()
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
+
+
+def test_tables_print_one_seed_without_plus_minus_and_several_with_it(tmp_path):
+    from fedrec.compare import mean_cell, seeds_cell, write_outputs
+
+    results = {"fed/seed0": _run("fed", 0, "federated", 0.7, [[1, 0.5]]),
+               "fed/seed1": _run("fed", 1, "federated", 0.8, [[1, 0.6]]),
+               "cen/seed0": _run("cen", 0, "centralised", 0.6, [[1, 0.55]])}
+    write_outputs(CMP, results, tmp_path, curves=False)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| fed") or
+            line.startswith("| cen")}
+    assert rows["fed"][1:4] == ["0.7500 ± 0.0500", "0.6000 ± 0.0000", "2"]  # several seeds: as before
+    assert rows["cen"][1:4] == ["0.6000", "0.6000", "1 seed"]
+    assert "±" not in " ".join(rows["cen"])
+    assert (mean_cell([]), mean_cell([0.5]), mean_cell([0.5, 0.7])) == ("-", "0.5000", "0.6000 ± 0.1000")
+    assert (seeds_cell(1), seeds_cell(3)) == ("1 seed", "3")
+
+
+def test_run_table_renders_one_seed_without_plus_minus():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+    from run_table import markdown
+
+    runs = {"a/seed0": {"row": "a", "test": {"hr@10": 0.5}, "best_epoch": 3},
+            "b/seed0": {"row": "b", "test": {"hr@10": 0.4}, "best_epoch": 2},
+            "b/seed1": {"row": "b", "test": {"hr@10": 0.6}, "best_epoch": 4}}
+    lines = markdown(runs, ["hr@10"], "### t").splitlines()
+    assert "| a | 0.5000 | 1 seed | 3 |" in lines and "| b | 0.5000 ± 0.1000 | 2 | 2, 4 |" in lines
