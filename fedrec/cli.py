@@ -7,6 +7,7 @@ printed as one line on stderr with a non-zero exit (2), never as a traceback.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -248,7 +249,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size (the training option batch-size)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (a GPU when present; the default), cpu, cuda, cuda:N or mps."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment log: metrics.jsonl (one line per epoch) and TensorBoard events (when installed) in this folder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with \\[model], \\[train] and \\[split] tables."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with [model], [train] and [split] tables."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE (repeatable): a training option (lr=0.01, or train.lr=0.01), a model option (model.dim=64; a bare key that is no training option is a model option), or split.KEY."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Save the best weights here."),
@@ -308,7 +309,7 @@ def evaluate_command(
     node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config, e.g. data=... when the file moved (repeatable)."),
     protocols: Optional[list[str]] = typer.Option(None, "--protocol", help="next_item: full, sampled-99 or sampled-999 (repeatable; default: the run's own)."),
     negatives_file: Optional[str] = typer.Option(None, "--negatives-file", help="Fixed sampled-ranking negatives per user ('user neg_1 ... neg_N', raw ids) instead of uniform draws; '' for uniform draws (default: as the run did)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table the run used."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [split] table the run used."),
     topk: Optional[str] = typer.Option(None, "--topk", help=TOPK_HELP.replace("default 5,10,20", "default: the run's own")),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
@@ -468,16 +469,16 @@ def simulate_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Minibatch size of silo algorithms (unicdr: a client per domain); the one-client-per-user engine trains each user on its own sequence and refuses it."),
     device: Optional[str] = typer.Option(None, "--device", help="Where the clients compute: auto (a GPU when present; the default), cpu, cuda, cuda:N or mps."),
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment log: metrics.jsonl (one line per round) and TensorBoard events (when installed) in this folder."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional \\[model] table)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of flat run-config keys (and an optional [model] table)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="An option KEY=VALUE (repeatable): a run-config key (lr=0.05, or train.lr=0.05), a model option (model.dim=64; a bare key that is no run-config key is a model option of the algorithm's model)."),
-    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with \\[tool.flwr.app])."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest with [tool.flwr.app])."),
     topk: Optional[str] = typer.Option(None, "--topk", help=TOPK_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (atomically)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (no table)."),
 ) -> None:
     """Run a federated simulation in this process through the project's Flower ServerApp and
     ClientApp (no Ray); report valid and test metrics at the best validation round (with
-    differential privacy, ``test.epsilon`` is the epsilon of the whole run)."""
+    differential privacy, `test.epsilon` is the epsilon of the whole run)."""
     from fedrec.federated.runner import run_in_process
 
     try:
@@ -537,7 +538,7 @@ def compare_command(
     log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Experiment logs: LOG_DIR/<row>/seed<k>/ (metrics.jsonl, TensorBoard events when installed)."),
     out: Path = typer.Option(Path("results"), "--out", help="Folder for <name>.json/.md/.csv/_curves.png."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Replaces {data_root} in the config's data spec."),
-    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with \\[tool.flwr.app], else the installed one)."),
+    app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory for the federated rows (default: the nearest with [tool.flwr.app], else the installed one)."),
 ) -> None:
     """Run federated and centralised configurations on the same split; write a table
     (terminal, Markdown, CSV) and learning curves (PNG). Finished runs are kept (resumable)."""
@@ -643,7 +644,7 @@ def recommend_command(
     clients: Optional[list[Path]] = typer.Option(None, "--client", help="Federated model: a client's model file client-K.pt (repeatable; default: every client-*.pt in DIR)."),
     node_config: Optional[list[str]] = typer.Option(None, "--node-config", help="Federated model: KEY=VALUE replacing a key of the clients' saved node config (repeatable)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Users scored together."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose \\[split] table a centralised run used."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [split] table a centralised run used."),
     domain: Optional[str] = typer.Option(None, "--domain", help="Cross-domain models: recommend items of this domain (centralised; a federated domain client recommends in its own domain)."),
     device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
 ) -> None:
@@ -717,7 +718,7 @@ def launch_command(
     timeout: float = typer.Option(0.0, "--timeout", help="Stop following after this many seconds (0: until the run ends)."),
 ) -> None:
     """Start a run of the fedrec app on a SuperLink, stream its log, and exit 0 only when it
-    ends finished:completed (``flwr run --stream`` exits 0 even when the run failed)."""
+    ends finished:completed (`flwr run --stream` exits 0 even when the run failed)."""
     from fedrec.federated.runner import find_app_dir
     from fedrec.launch import launch
 
@@ -739,7 +740,7 @@ app.add_typer(inspect_app, name="inspect")
 @inspect_app.command("groups")
 def inspect_groups(
     data: str = typer.Option("synthetic:", "--data", "-d", help="Data spec the model is (or was) trained on."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `fedrec train --checkpoint`; without it an MRFF model is trained first."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint (or --resume state) written by `fedrec train` for a model with groups (mrff), with --data of its run; without it an MRFF model is trained first."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML with [model] and [train] tables (when training)."),
     sets: Optional[list[str]] = typer.Option(None, "--set", help="Model option KEY=VALUE (when training)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (when training)."),
@@ -749,27 +750,23 @@ def inspect_groups(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data)."""
-    import torch
-
     from fedrec.config import build_config, load_toml, parse_assignments
     from fedrec.data import load_dataset
     from fedrec.data.split import SplitConfig, split_dataset
     from fedrec.device import resolve_device
-    from fedrec.inspect import group_report, plot_group_report, route_users
+    from fedrec.inspect import group_report, plot_group_report, require_groups, route_users
     from fedrec.models.base import ModelData
     from fedrec.models.registry import create_model
-    from fedrec.train import TrainConfig, train
+    from fedrec.train import TrainConfig, describe_saved, load_saved, train
 
     try:
         on = resolve_device(device)
+        if checkpoint is not None:  # what the file holds, before any data is read
+            require_groups(describe_saved(checkpoint)["model"], str(checkpoint))
         file_cfg = load_toml(config) if config else {}
         split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise FedrecError(f"{checkpoint}: checkpoint not found")
-            saved = torch.load(checkpoint, weights_only=False)
-            model = create_model(saved["model"], ModelData.from_split(split), saved["model_options"], task=saved["task"])
-            model.load_state_dict(saved["state"])
+            model, _ = load_saved(checkpoint, split)  # refuses another split, or weights that do not fit
         else:
             options = dict(file_cfg.get("model", {}))
             options.update(parse_assignments(sets))
@@ -808,12 +805,14 @@ def inspect_groups(
 
 @app.command("models")
 def models_command() -> None:
-    """List the registered models and the tasks they support."""
+    """List the registered models, the tasks they support, what each is and its paper."""
     from fedrec.models.registry import MODELS
 
-    for name in MODELS.names():
-        spec = MODELS.create(name)
-        typer.echo(f"{name:14s} tasks: {', '.join(spec.model.tasks):16s} {spec.summary()}")
+    specs = {name: MODELS.create(name) for name in MODELS.names()}
+    tasks = {name: ", ".join(spec.model.tasks) for name, spec in specs.items()}
+    name_width, task_width = max(map(len, specs)), max(map(len, tasks.values()))
+    for name, spec in specs.items():
+        typer.echo(f"{name:{name_width}s}  tasks: {tasks[name]:{task_width}s}  {spec.summary()}")
 
 
 @app.command("app")
@@ -844,14 +843,9 @@ def _centralised_split(data: Optional[str], config: Optional[Path], *, federated
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
-    import os
-    import tempfile
+    from fedrec.files import write_json_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(obj, path)
 
 
 def _print_result(result: dict) -> None:
@@ -928,6 +922,46 @@ def _print_stats(stats: dict) -> None:
         table.add_row(key, value)
     console.print(table)
 
+
+def help_text(text: str) -> str:
+    """A help text as ``--help`` must render it literally: RST literals (double back-quotes)
+    become single back-quotes, and square brackets (``[model]``, ``[tool.flwr.app]``) are
+    escaped so that rich does not take them for markup (``\\[`` already escaped stays one
+    escape)."""
+    from rich.markup import escape
+
+    text = re.sub(r"``(.+?)``", r"`\1`", text, flags=re.S)
+    return escape(text.replace("\\[", "["))
+
+
+def _literal_help(typer_app: typer.Typer) -> None:
+    """Pass every help text of ``typer_app`` (its commands' docstrings, help and epilog, each
+    option's and argument's help, and its sub-apps', recursively) through :func:`help_text`,
+    so that each is shown as written. Idempotent; run once every command is registered."""
+    import inspect
+
+    from typer.models import ParameterInfo
+
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = help_text(typer_app.info.help)
+    callbacks = [typer_app.registered_callback.callback] if typer_app.registered_callback else []
+    for command in typer_app.registered_commands:
+        doc = command.help if command.help is not None else inspect.getdoc(command.callback)
+        command.help = None if doc is None else help_text(doc)
+        if isinstance(command.epilog, str):
+            command.epilog = help_text(command.epilog)
+        callbacks.append(command.callback)
+    for callback in callbacks:
+        for parameter in inspect.signature(callback).parameters.values():
+            if isinstance(parameter.default, ParameterInfo) and isinstance(parameter.default.help, str):
+                parameter.default.help = help_text(parameter.default.help)
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = help_text(group.help)
+        _literal_help(group.typer_instance)
+
+
+_literal_help(app)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -29,8 +29,8 @@ result records what took effect under ``resolved``. Results are
 merged into ``<out>/<stem>.json`` (resumable: a finished (row, seed) pair is skipped unless
 its configuration changed since), and
 ``<stem>.md``, ``<stem>.csv`` and ``<stem>_curves.png`` (validation metric per round or
-epoch) are rewritten after each run; :func:`write_outputs` re-renders them from the JSON
-alone.
+epoch: each row's mean over its seeds, with a min–max band) are rewritten after each run;
+:func:`write_outputs` re-renders them from the JSON alone.
 
 A federated AUC is pooled from score histograms (:mod:`fedrec.federated.evaluation`) and
 carries the server's ``auc-error-bound``; the table shows it beside the AUC, as
@@ -44,8 +44,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,9 +51,11 @@ import numpy as np
 
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
+from fedrec.files import atomic_path, write_text_atomic
 
-__all__ = ["load_comparison", "apply_overrides", "row_options", "run_comparison", "comparison_table", "test_metric", "write_outputs",
-           "plot_curves", "auc_cell", "SHOWN_BOUND"]
+__all__ = ["load_comparison", "apply_overrides", "row_options", "run_comparison", "comparison_table", "test_metric",
+           "write_outputs", "plot_curves", "curve_figure", "curve_stats", "auc_cell", "mean_cell", "seeds_cell",
+           "SHOWN_BOUND"]
 
 _KINDS = ("federated", "centralised")
 #: AUC error bounds above this are shown next to the AUC
@@ -98,13 +98,7 @@ def load_comparison(path: str | Path, *, data_root: str | None = None) -> dict[s
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
-    os.replace(tmp, path)
+    write_text_atomic(path, text)  # the mode open() would give, not mkstemp's 0600
 
 
 def row_options(cfg: dict[str, Any], run: dict[str, Any]):
@@ -295,9 +289,26 @@ def _metrics(cfg: dict[str, Any]) -> list[str]:
     return cfg.get("metrics") or (["auc", "logloss"] if cfg["task"] == "ctr" else ["hr@10", "ndcg@10"])
 
 
+def mean_cell(values: list[float], digits: int = 4) -> str:
+    """A table cell of one metric over seeds: ``mean ± std`` over several seeds, the value
+    alone for one seed (a std of one value says nothing), ``-`` without any value."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def seeds_cell(n: int) -> str:
+    """The seeds column of a table: the count, or ``1 seed`` for a single one (whose cells
+    carry no ``±``)."""
+    return "1 seed" if n == 1 else str(n)
+
+
 def auc_cell(mean: float | None, std: float | None, bound: float | None) -> str:
-    """``mean ± std`` of an AUC, with its histogram error bound ``(±b hist.)`` when that
-    exceeds :data:`SHOWN_BOUND` (``-`` without a value)."""
+    """``mean ± std`` of an AUC (the mean alone when ``std`` is None: one seed), with its
+    histogram error bound ``(±b hist.)`` when that exceeds :data:`SHOWN_BOUND` (``-``
+    without a value)."""
     if mean is None:
         return "-"
     text = f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
@@ -317,9 +328,9 @@ def test_metric(run: dict[str, Any], metric: str) -> float | None:
 
 
 def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per configuration: mean and std over seeds of each test metric (and, for
-    ``auc``, ``test auc bound``: the mean of the seeds' ``auc-error-bound``, None when the
-    AUCs are exact)."""
+    """One row per configuration: mean and std over seeds of each test metric (the std None
+    when only one seed has a value) and, for ``auc``, ``test auc bound``: the mean of the
+    seeds' ``auc-error-bound``, None when the AUCs are exact."""
     rows: dict[str, list[dict]] = {}
     order = [r["name"] for r in cfg["runs"]]
     for run in results.values():
@@ -331,7 +342,7 @@ def comparison_table(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[
         for m in _metrics(cfg):
             vals = [v for v in (test_metric(r, m) for r in runs) if v is not None]
             entry[f"test {m}"] = float(np.mean(vals)) if vals else None
-            entry[f"test {m} std"] = float(np.std(vals)) if vals else None
+            entry[f"test {m} std"] = float(np.std(vals)) if len(vals) > 1 else None
             if m == "auc":
                 bounds = [r["test"]["auc-error-bound"] for r in runs
                           if r["test"].get("auc") is not None and r["test"].get("auc-error-bound") is not None]
@@ -351,17 +362,17 @@ def write_outputs(cfg: dict[str, Any], results: dict[str, Any], out_dir: Path, *
     metrics = _metrics(cfg)
     lines = [f"### {cfg.get('title', cfg['stem'])}", "",
              f"Data `{cfg['data_display']}`, task {cfg['task']}; test at the best validation round (federated) or epoch "
-             "(centralised); mean ± std over seeds.", "",
+             "(centralised); mean ± std over seeds (a row of one seed shows its value alone).", "",
              "| configuration | kind | " + " | ".join(f"test {m}" for m in metrics)
              + " | seeds | best round/epoch | seconds | s / epoch or round |",
              "| --- | --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- | ---: | ---: |"]
     for e in table:
         cells = [auc_cell(e[f"test {m}"], e[f"test {m} std"], e.get("test auc bound")) if m == "auc" else
-                 (f"{e[f'test {m}']:.4f} ± {e[f'test {m} std']:.4f}" if e[f"test {m}"] is not None else "-")
-                 for m in metrics]
+                 ("-" if e[f"test {m}"] is None else f"{e[f'test {m}']:.4f}" if e[f"test {m} std"] is None
+                  else f"{e[f'test {m}']:.4f} ± {e[f'test {m} std']:.4f}") for m in metrics]
         step = "-" if e["seconds per step"] is None else f"{e['seconds per step']:.2f}"
         lines.append(f"| {e['row']} | {e['kind']} | " + " | ".join(cells)
-                     + f" | {e['seeds']} | {e['best']} | {e['seconds']:.0f} | {step} |")
+                     + f" | {seeds_cell(e['seeds'])} | {e['best']} | {e['seconds']:.0f} | {step} |")
     if any((e.get("test auc bound") or 0.0) > SHOWN_BOUND for e in table):
         lines += ["", ("(±b hist.): the federated AUC is pooled from score histograms; b bounds its distance from the "
                        "exact AUC (mean of the seeds' `auc-error-bound`), shown where above 0.001. Centralised AUCs "
@@ -377,37 +388,73 @@ def write_outputs(cfg: dict[str, Any], results: dict[str, Any], out_dir: Path, *
         plot_curves(cfg, results, out_dir / f"{cfg['stem']}_curves.png")
 
 
-def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> None:
-    """Validation metric per round (federated) and per epoch (centralised), first seed of each row."""
+def curve_stats(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The learning curve of each row over its seeds: ``{row: {"kind", "x", "mean", "min",
+    "max", "seeds"}}``, where ``x`` are the rounds (federated) or epochs (centralised) any
+    seed evaluated, and ``mean`` / ``min`` / ``max`` the validation metric over the seeds
+    that have a value there (seeds stop early at different points; an undefined metric is
+    left out). Rows without any point are left out."""
+    points: dict[str, dict[int, list[float]]] = {}
+    kinds: dict[str, str] = {}
+    seeds: dict[str, int] = {}
+    for run in results.values():
+        curve = [(x, y) for x, y in run.get("curve", {}).get("points", []) if y is not None]
+        if not curve:
+            continue
+        row = run["row"]
+        kinds.setdefault(row, run["kind"])
+        seeds[row] = seeds.get(row, 0) + 1
+        for x, y in curve:
+            points.setdefault(row, {}).setdefault(int(x), []).append(float(y))
+    out = {}
+    for row, by_x in points.items():
+        xs = sorted(by_x)
+        out[row] = {"kind": kinds[row], "x": xs, "mean": [float(np.mean(by_x[x])) for x in xs],
+                    "min": [min(by_x[x]) for x in xs], "max": [max(by_x[x]) for x in xs], "seeds": seeds[row]}
+    return out
+
+
+def curve_figure(cfg: dict[str, Any], results: dict[str, Any]):
+    """The matplotlib figure of :func:`plot_curves` (the caller closes it): left the
+    federated rows per round, right the centralised rows per epoch; each row's mean over
+    its seeds (:func:`curve_stats`) with the seeds' min–max as a band, integer x ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metric = _metric(cfg["task"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    seen = set()
-    for run in results.values():
-        if run["row"] in seen or not run.get("curve", {}).get("points"):
-            continue
-        seen.add(run["row"])
-        ax = axes[0] if run["kind"] == "federated" else axes[1]
-        points = [(x, y) for x, y in run["curve"]["points"] if y is not None]
-        if not points:  # the metric was undefined at every evaluation
-            continue
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, label=run["row"])
+    stats = curve_stats(results)
+    for row, c in stats.items():
+        ax = axes[0] if c["kind"] == "federated" else axes[1]
+        label = row if c["seeds"] == 1 else f"{row} (mean of {c['seeds']} seeds)"
+        (line,) = ax.plot(c["x"], c["mean"], label=label)
+        if c["seeds"] > 1:
+            ax.fill_between(c["x"], c["min"], c["max"], color=line.get_color(), alpha=0.2, linewidth=0)
     for ax, title, xlabel in ((axes[0], "federated", "round"), (axes[1], "centralised", "epoch")):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"valid {metric}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(cfg.get("title", cfg["stem"]))
+    several = any(c["seeds"] > 1 for c in stats.values())
+    fig.suptitle(cfg.get("title", cfg["stem"]) + (" (bands: min–max over seeds)" if several else ""))
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return fig
+
+
+def plot_curves(cfg: dict[str, Any], results: dict[str, Any], path: Path) -> None:
+    """Write :func:`curve_figure` to ``path`` (PNG, atomically): validation metric per round
+    (federated) and per epoch (centralised), each row's mean over its seeds with a min–max band."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(cfg, results)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -2,8 +2,12 @@
 turned into typed dataclass configs — in exactly one place, here.
 
 Rules: ``some-key`` and ``some_key`` name the same field; an unknown key is an error listing
-the known ones; a value of the wrong type is an error (strings from the command line are
-parsed to the field's type); nothing is silently fixed up.
+the known ones; a value of the wrong type is an error; nothing is silently fixed up. Values
+from the command line (``--set KEY=VALUE``) are read as TOML scalars, as in a TOML file
+(:func:`parse_scalar`: ``2`` an int, ``0.5`` a float, ``true`` a bool, anything else a
+string), so ``--set groups=2`` is recorded as the int 2 wherever options are recorded. A
+field keeps its type either way: a string option given a number takes its text
+(``windows=8`` is ``"8"``), a boolean one accepts 0 / 1 and yes / no / on / off.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Mapping, TypeVar
 
 from fedrec.errors import ConfigError
 
-__all__ = ["build_config", "load_toml", "parse_assignments"]
+__all__ = ["build_config", "load_toml", "parse_assignments", "parse_scalar", "canonical_options"]
 
 T = TypeVar("T")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -34,6 +38,8 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):  # --set flag=1 (a TOML int)
+            return bool(value)
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -53,6 +59,10 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # a scalar for a string option: its text, as typed
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
     else:
         return value
     raise ConfigError(f"{where}: option '{key}' must be of type {kind.__name__} (got {value!r})")
@@ -96,14 +106,37 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from None
 
 
-def parse_assignments(items: list[str] | None) -> dict[str, str]:
-    """``["a=1", "b-c=x"]`` -> ``{"a": "1", "b-c": "x"}``; malformed items are errors."""
-    out: dict[str, str] = {}
+def parse_scalar(text: str) -> Any:
+    """A command-line value as a TOML file would hold it: ``"2"`` -> 2, ``"1e-3"`` -> 0.001,
+    ``"true"`` -> True, a quoted ``'"x"'`` -> ``"x"``; anything that is not a TOML int,
+    float, bool or string (``abc``, ``007``, ``2024-01-01``, ``[1, 2]``) stays the text."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        return text
+    return value if isinstance(value, (bool, int, float, str)) else text
+
+
+def canonical_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with every string value read by :func:`parse_scalar`: the form in which
+    ``{"groups": "2"}`` (recorded before values were typed) and ``{"groups": 2}`` are one
+    configuration (for comparing a saved run with this one)."""
+    return {str(k): parse_scalar(v) if isinstance(v, str) else v for k, v in (options or {}).items()}
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "b-c=x"]`` -> ``{"a": 1, "b-c": "x"}``: each value read as a TOML scalar
+    (:func:`parse_scalar`); malformed items are errors."""
+    out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
         key, value = item.split("=", 1)
         if not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = parse_scalar(value.strip())
     return out

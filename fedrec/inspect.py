@@ -21,7 +21,23 @@ from fedrec.data.split import SplitData
 from fedrec.device import to_device
 from fedrec.errors import ConfigError
 
-__all__ = ["route_users", "group_report", "plot_group_report"]
+__all__ = ["grouped_models", "require_groups", "route_users", "group_report", "plot_group_report"]
+
+
+def grouped_models() -> list[str]:
+    """The registered models that route users over groups (those with a ``route`` method)."""
+    from fedrec.models.registry import MODELS
+
+    return [name for name in MODELS.names() if hasattr(MODELS.create(name).model, "route")]
+
+
+def require_groups(model_name: str, where: str = "") -> None:
+    """Refuse a model without groups, naming it and the models that have them
+    (:class:`~fedrec.errors.ConfigError`; ``where`` prefixes the message, e.g. the file)."""
+    if model_name not in grouped_models():
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}holds a {model_name} model, which has no groups to inspect (models with groups: "
+                          f"{', '.join(grouped_models())})")
 
 
 @torch.no_grad()
@@ -30,7 +46,8 @@ def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.n
     from fedrec.train import model_device
 
     if not hasattr(model, "route"):
-        raise ConfigError(f"{type(model).__name__} has no group routing to inspect (use an MRFF model)")
+        raise ConfigError(f"{type(model).__name__} has no group routing to inspect (models with groups: "
+                          f"{', '.join(grouped_models())})")
     model.eval()
     examples = build_examples(split, task="ctr" if split.has_labels else "next_item", stage="test",
                               max_len=model.cfg.max_len)

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +40,7 @@ from fedrec.data.io import iter_lines, resolve_file
 from fedrec.data.split import SplitData
 from fedrec.device import to_device
 from fedrec.errors import ConfigError, DataError
+from fedrec.files import atomic_path
 from fedrec.models.base import RecModel
 
 __all__ = [
@@ -394,16 +393,6 @@ def load_centralised(path: str | Path, split: SplitData, *,
     return model, info["task"], info["max_len"], info
 
 
-def _output_mode(path: Path) -> int:
-    """Permissions for a new output file: the existing file's, else what ``open`` would give."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def write_recommendations(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a recommendation table to ``path``; the format follows the suffix: ``.csv``,
     ``.parquet`` or ``.jsonl`` (one JSON object a line). Anything else is a one-line
@@ -418,10 +407,7 @@ def write_recommendations(frame: pd.DataFrame, path: str | Path) -> Path:
     if suffix not in FORMATS:
         raise ConfigError(f"{path}: unknown output format {path.suffix or '(no suffix)'!r} "
                           f"(accepted suffixes: {', '.join(FORMATS)})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # the mode open() would give (an existing file's own)
         if suffix == ".csv":
             frame.to_csv(tmp, index=False)
         elif suffix == ".parquet":
@@ -433,9 +419,4 @@ def write_recommendations(frame: pd.DataFrame, path: str | Path) -> Path:
                 for values in frame.itertuples(index=False, name=None):
                     record = {c: (v.item() if isinstance(v, np.generic) else v) for c, v in zip(columns, values)}
                     handle.write(json.dumps(record) + "\n")
-        os.chmod(tmp, _output_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,18 +39,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrec.data.batching import ExampleSet, build_examples, evaluation_population, iterate_batches, target_groups
+from fedrec.config import canonical_options
+from fedrec.data.batching import (ExampleSet, build_examples, check_task, evaluation_population, iterate_batches,
+                                  target_groups)
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
 from fedrec.device import device_rng_state, resolve_device, set_device_rng_state, to_cpu, to_device
 from fedrec.errors import ConfigError
+from fedrec.files import atomic_path
 from fedrec.logs import RunLog
 from fedrec.metrics import (DEFAULT_TOPK, ctr_metrics, domain_ranking_metrics, full_ranking_ranks, parse_topk,
                             sampled_ranking_ranks, top_k_items, topk_metrics)
 from fedrec.models.base import ModelData, RecModel
 from fedrec.models.registry import create_model
 
-__all__ = ["TrainConfig", "train", "train_epoch", "evaluate", "evaluate_saved", "load_saved", "model_max_len",
+__all__ = ["TrainConfig", "train", "train_epoch", "evaluate", "evaluate_saved", "load_saved", "describe_saved",
+           "model_max_len",
            "selection_metric",
            "PROTOCOLS"]
 
@@ -420,15 +422,8 @@ def routing_stats(model: nn.Module, examples: ExampleSet, previous: np.ndarray |
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # the mode open() would give, not mkstemp's 0600
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: options that do not change what is trained (a run may resume on another device, or log elsewhere)
@@ -451,6 +446,52 @@ def _split_fingerprint(split: SplitData) -> dict[str, Any]:
     return {"n_users": int(split.n_users), "n_items": int(split.n_items),
             "rows_per_part": [int(c) for c in np.bincount(split.part, minlength=3)[:3]],
             "item_sum": int(split.item.sum())}
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """``repr(value)`` cut to ``width`` characters in the middle (for one-line messages: the
+    start and the end of a path or a spec are what tell two apart)."""
+    text = repr(value)
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
+
+
+def _split_difference(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two split fingerprints (:func:`_split_fingerprint`), in words:
+    ``"users 1,090 (saved) vs 788 (this data); train/valid/test rows ..."``."""
+    parts = []
+    for key, name in (("n_users", "users"), ("n_items", "items")):
+        if saved.get(key) != now.get(key):
+            parts.append(f"{name} {saved.get(key, '?'):,} (saved) vs {now.get(key, '?'):,} (this data)")
+    if saved.get("rows_per_part") != now.get("rows_per_part"):
+        rows = ["/".join(f"{int(c):,}" for c in fp.get("rows_per_part") or []) or "?" for fp in (saved, now)]
+        parts.append(f"train/valid/test rows {rows[0]} (saved) vs {rows[1]} (this data)")
+    if not parts:  # the same sizes, other items
+        parts.append("the same sizes but other items (their index sums differ)")
+    return "; ".join(parts)
+
+
+def _difference(key: str, saved: Any, now: Any) -> str:
+    """One field of two runs' identities that differs, readable: a split by
+    :func:`_split_difference`, a dict by its first differing keys, else both values shortened."""
+    if key == "split" and isinstance(saved, dict) and isinstance(now, dict):
+        return f"split: {_split_difference(saved, now)}"
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k, _MISSING) != now.get(k, _MISSING)]
+        shown = ", ".join(f"'{k}' {_short(saved.get(k, _MISSING), 24)} (saved) vs "
+                          f"{_short(now.get(k, _MISSING), 24)} (this run)" for k in keys[:3])
+        return f"{key} {shown}" + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+    return f"{key} {_short(saved, 60)}, this run {_short(now, 60)}"
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+_MISSING = _Missing()
 
 
 def _resume_identity(model_name: str, task: str, data_name: str, model_options: dict[str, Any] | None,
@@ -481,8 +522,12 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     # states written before the split fingerprint existed carry none: their data name is checked
     keys = ("model", "task", "data", "split", "model_options") if "split" in saved else ("model", "task", "data", "model_options")
     for key in keys:
+        if key == "model_options":  # a state written before --set values were typed holds {"groups": "2"}
+            if canonical_options(saved.get(key)) != canonical_options(identity[key]):
+                raise ConfigError(f"{path}: written by another run ({_difference(key, saved.get(key), identity[key])})")
+            continue
         if saved.get(key) != identity[key]:
-            raise ConfigError(f"{path}: written by another run ({key} {saved.get(key)!r}, this run {identity[key]!r})")
+            raise ConfigError(f"{path}: written by another run ({_difference(key, saved.get(key), identity[key])})")
     # train options added after a state was written take their default there
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     for key, value in identity["train"].items():
@@ -490,8 +535,20 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
             continue
         before = saved.get("train", {}).get(key, defaults.get(key))
         if before != value:
-            raise ConfigError(f"{path}: written by another run (train option '{key}' = {before!r}, this run {value!r})")
+            raise ConfigError(f"{path}: written by another run (train option '{key}' = {_short(before)}, this run "
+                              f"{_short(value)})")
     return state
+
+
+def _check_both_classes(*stages: ExampleSet) -> None:
+    """CTR: each evaluation stage needs clicks and non-clicks (AUC is undefined otherwise);
+    refused before training rather than after its first epoch."""
+    for ex in stages:
+        labels = np.unique(ex.split.label[ex.target_rows[:, -1]]) if len(ex) else np.zeros(0)
+        if len(labels) == 1:
+            raise ConfigError(f"task 'ctr': every {ex.stage} impression has label {int(labels[0])}, so AUC is "
+                              "undefined; the data needs both clicks (1) and non-clicks (0) in its held-out rows "
+                              "(or use --task next_item)")
 
 
 def _stop_epoch(scores: list[float | None], patience: int, epochs: int) -> int | None:
@@ -529,6 +586,7 @@ def train(
     ``model_state`` holds the best weights (not JSON).
     """
     cfg = config or TrainConfig()
+    check_task(split, task)  # e.g. ctr on implicit feedback: refused before anything trains
     start = time.perf_counter()
     earlier_seconds = 0.0  # spent before a resume
     device = resolve_device(cfg.device)
@@ -544,6 +602,8 @@ def train(
     eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
     valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
     test = build_examples(split, task=task, stage="test", max_len=eval_len)
+    if task == "ctr":
+        _check_both_classes(valid, test)
     metric = selection_metric(task, cfg.topk)
     protocol = "pooled" if task == "ctr" else cfg.protocol
     eval_args = dict(task=task, protocol=cfg.protocol, batch_size=cfg.eval_batch_size, eval_seed=cfg.eval_seed,
@@ -640,7 +700,7 @@ def train(
                     _save_atomic({"model": model_name, "task": task, "epoch": epoch, "state": best_state,
                                   "model_options": model_options or {},
                                   "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
-                                  "split": _split_fingerprint(split)}, Path(cfg.checkpoint))
+                                  "split": _split_fingerprint(split), "data": data_name}, Path(cfg.checkpoint))
             else:
                 stale += 1
             if stale > cfg.patience or epoch == cfg.epochs:
@@ -708,8 +768,9 @@ def _read_saved(path: Path) -> dict[str, Any]:
     """What a ``checkpoint`` file or a ``resume`` training state at ``path`` holds, in one
     form: ``model``, ``task``, ``model_options``, ``train`` (options), ``state`` (the best
     weights; None when a state's run finished no epoch yet), ``best_epoch``, ``finished``
-    (None for a checkpoint), ``split`` (the split fingerprint, None in old files) and
-    ``kind`` (``checkpoint`` or ``state``). Anything else is a one-line error."""
+    (None for a checkpoint), ``split`` (the split fingerprint, None in old files), ``data``
+    (the run's data spec, None in old files) and ``kind`` (``checkpoint`` or ``state``).
+    Anything else is a one-line error."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
@@ -720,20 +781,34 @@ def _read_saved(path: Path) -> dict[str, Any]:
         ident = saved["identity"]
         return {"kind": "state", "model": ident["model"], "task": ident["task"],
                 "model_options": ident["model_options"], "train": ident["train"], "state": saved.get("best_state"),
-                "best_epoch": saved.get("best_epoch"), "finished": saved.get("finished"), "split": ident.get("split")}
+                "best_epoch": saved.get("best_epoch"), "finished": saved.get("finished"), "split": ident.get("split"),
+                "data": ident.get("data")}
     if isinstance(saved, dict) and {"model", "task", "state"} <= set(saved):  # a checkpoint
         return {"kind": "checkpoint", "model": saved["model"], "task": saved["task"],
                 "model_options": saved.get("model_options", {}), "train": saved.get("train", {}),
                 "state": saved["state"], "best_epoch": saved.get("epoch"), "finished": None,
-                "split": saved.get("split")}
+                "split": saved.get("split"), "data": saved.get("data")}
     raise ConfigError(f"{path}: neither a --checkpoint file nor a --resume training state")
+
+
+def describe_saved(path: str | Path) -> dict[str, Any]:
+    """Facts about a ``checkpoint`` file or a ``resume`` training state, without rebuilding
+    its model: ``model`` (name), ``task``, ``kind``, ``best_epoch``, ``finished``,
+    ``model_options``, ``train`` and ``data`` (the run's data spec; None in old files). A
+    file that is neither is a one-line :class:`~fedrec.errors.ConfigError`."""
+    saved = _read_saved(Path(path))
+    return {key: saved[key] for key in ("model", "task", "kind", "best_epoch", "finished", "model_options", "train",
+                                        "data")}
 
 
 def _check_saved_split(path: Path, saved: dict[str, Any], split: SplitData) -> None:
     """Refuse a saved model of another split (by its fingerprint) or one with no weights yet."""
     fingerprint = saved["split"]
     if fingerprint is not None and fingerprint != _split_fingerprint(split):
-        raise ConfigError(f"{path}: trained on another split ({fingerprint}, this data {_split_fingerprint(split)})")
+        ran_on = f"; its data was {_short(saved['data'], 80)}" if saved.get("data") else ""
+        differs = _split_difference(fingerprint, _split_fingerprint(split))
+        raise ConfigError(f"{path}: trained on another split ({differs}{ran_on}): give the --data (and --config "
+                          "[split] table) of its run")
     if saved["state"] is None:
         raise ConfigError(f"{path}: the run finished no epoch yet; nothing to evaluate")
 

@@ -14,16 +14,13 @@ that round.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.errors import ConfigError
+from fedrec.files import write_json_atomic
 from fedrec.federated.checkpoint import load_server, save_global_model
 from fedrec.federated.history import RunHistory
 from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
@@ -147,12 +144,7 @@ def main(grid: Grid, context: Context) -> None:
         _save_model(grid, spec, inner, layout)
         result["model_dir"] = spec.model_dir
     if spec.out:
-        out = Path(spec.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(result, handle, indent=1)
-        os.replace(tmp, out)
+        write_json_atomic(result, spec.out)  # the mode open() would give, not mkstemp's 0600
 
 
 def _save_model(grid: Grid, spec: RunSpec, strategy: RoleAwareStrategy, layout) -> None:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from fedrec.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,15 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     result["data"] = data.replace(args.data_root, "{data_root}")  # no machine paths in results
     text = json.dumps(result, indent=None if args.json else 1)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(result, indent=1) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is for everyone
-        os.replace(tmp, out)
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(text)
     return 0
 

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fedrec.files import write_text_atomic
 
 DEFAULT_DATA = "kuaisar:{data_root}/KuaiSAR-R"
 
@@ -156,13 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["data"] = args.data
     text = json.dumps(doc, indent=2) + "\n"
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_text_atomic(args.out, text)
     print(text if args.json else markdown_table(doc))
     return 0
 

@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -141,14 +139,10 @@ def check_federated(name: str, task: str, split, device: str, options: dict[str,
 
 
 def _write_atomic(obj: Any, path: Path) -> None:
+    from fedrec.files import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=1)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    write_json_atomic(obj, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from fedrec.files import write_text_atomic
 
 DEFAULT_DATA = "movielens:{data_root}/ml-100k?implicit=true"
 SERVES = ("min", "mean", "max", "1", "5", "min,mean,max")
@@ -156,11 +156,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

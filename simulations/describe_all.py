@@ -11,14 +11,12 @@ of ``fedrec data describe --json`` for each spec). Folders that are absent are s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from fedrec.data import load_dataset
 from fedrec.data.describe import describe
+from fedrec.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         label = "-" if stats["label_rate"] is None else f"{stats['label_rate']:.3f}"
         print(f"{name:22s} users {stats['users']:>7,}  items {stats['items']:>7,}  "
               f"interactions {stats['interactions']:>8,}  label rate {label}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # write atomically: a crash never leaves a truncated results file
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(results, handle, indent=1)
-    os.replace(tmp, args.out)
+    write_json_atomic(results, args.out)  # a crash never leaves a truncated results file
     print(f"wrote {args.out}")
     return 0
 

@@ -34,14 +34,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedrec.compare import mean_cell, seeds_cell
+from fedrec.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = "fed_next_item"
@@ -80,11 +81,7 @@ PUBLISHED_ML1M = [("PFedRec", 0.7326, 0.4436), ("FedMF", 0.6772, 0.4090), ("FedN
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _safe(key: str) -> str:
@@ -165,7 +162,7 @@ def _merge(path: Path, key: str, cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "-"
+    return mean_cell(values)  # one seed: the value alone
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -173,7 +170,8 @@ def markdown(results: dict[str, Any]) -> str:
     std over seeds), then the published ML-1M numbers, labelled as such."""
     lines = ["### Federated next item: FedMF, PFedRec, FedAvg-SASRec, MRFF vs centralised", "",
              "Protocol: " + "; ".join(f"{k} {v}" for k, v in PROTOCOL.items()) + ". Test HR@10 / NDCG@10 at the "
-             "best validation round (federated) or epoch (centralised), mean ± std over seeds; seconds per round "
+             "best validation round (federated) or epoch (centralised), mean ± std over seeds (one seed: the value "
+             "alone); seconds per round "
              "(federated, evaluation rounds included) or per epoch (centralised), wall clock on the machine that "
              "ran the cell. Rendered from `fed_next_item.json`.", ""]
     by_data: dict[str, dict[str, list[dict]]] = {}
@@ -197,7 +195,7 @@ def markdown(results: dict[str, Any]) -> str:
             per = (f"{np.mean([c.get('seconds_per_round', c.get('seconds_per_epoch')) for c in trained]):.2f}"
                    if trained else "-")
             lines.append(f"| {ROWS.get(row, {}).get('label', row)} | {cells[0]['kind']} | {_mean_std(hr)} | "
-                         f"{_mean_std(ndcg)} | {len(cells)} | {best} | {run} | {per} |")
+                         f"{_mean_std(ndcg)} | {seeds_cell(len(cells))} | {best} | {run} | {per} |")
         lines.append("")
     lines += [("**Published, not ours** — MovieLens-1M, PFedRec protocol, as transcribed by a third party "
                "(to set beside a run of your own on ML-1M, e.g. `--data ml1m=movielens:PATH/ml-1m?threshold=0`):"), "",

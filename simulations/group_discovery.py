@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from fedrec.data import load_dataset
 from fedrec.data.split import split_dataset
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.registry import create_algorithm
+from fedrec.files import write_json_atomic
 from fedrec.inspect import group_report, plot_group_report, route_users
 from fedrec.models.base import ModelData
 from fedrec.models.registry import create_model
@@ -70,10 +69,7 @@ CENTRAL_ONLY = {"soft+entropy"}
 
 
 def _atomic_json(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(obj, path)
 
 
 def _summary(report: dict) -> dict:

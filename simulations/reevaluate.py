@@ -20,8 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
+from fedrec.compare import mean_cell, seeds_cell
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
@@ -103,9 +102,9 @@ def markdown(title: str, doc: dict) -> str:
     for run in doc["runs"].values():
         rows.setdefault(run["row"], []).append(run)
     for row, runs in rows.items():
-        cells = [f"{np.mean([r['test'][m] for r in runs]):.4f} ± {np.std([r['test'][m] for r in runs]):.4f}"
-                 for m in ("hr@10", "ndcg@10")]
-        lines.append(f"| {row} | {' | '.join(cells)} | {len(runs)} | {', '.join(str(r['best_epoch']) for r in runs)} |")
+        cells = [mean_cell([r["test"][m] for r in runs]) for m in ("hr@10", "ndcg@10")]
+        lines.append(f"| {row} | {' | '.join(cells)} | {seeds_cell(len(runs))} | "
+                     f"{', '.join(str(r['best_epoch']) for r in runs)} |")
     if doc["missing"]:
         lines += ["", f"No state file for: {', '.join(doc['missing'])}."]
     if doc["unfinished"]:

@@ -19,27 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from fedrec.compare import test_metric
+from fedrec.compare import mean_cell, seeds_cell, test_metric
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
+from fedrec.files import write_text_atomic
 from fedrec.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def state_name(stem: str, row: str, seed: int) -> str:
@@ -70,7 +64,8 @@ def population_note(results: dict) -> str:
 
 
 def markdown(results: dict, metrics: list[str], header: str) -> str:
-    """Mean ± std over seeds of each row's test metrics, as a Markdown table."""
+    """Mean ± std over seeds of each row's test metrics (one seed: the value alone), as a
+    Markdown table."""
     lines = [header, "", "| model | " + " | ".join(f"test {m}" for m in metrics) + " | seeds | best epochs |",
              "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | --- |"]
     rows: dict[str, list[dict]] = {}
@@ -80,9 +75,9 @@ def markdown(results: dict, metrics: list[str], header: str) -> str:
         cells = []
         for m in metrics:
             vals = [v for v in (test_metric(r, m) for r in runs) if v is not None]
-            cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}" if vals else "-")
+            cells.append(mean_cell(vals))
         epochs = ", ".join(str(r["best_epoch"]) for r in runs)
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} | {epochs} |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds_cell(len(runs))} | {epochs} |")
     return "\n".join(lines) + "\n"
 
 

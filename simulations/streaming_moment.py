@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedrec.files import atomic_path, write_text_atomic
+
 DEFAULT_DATA = "synthetic:users=2000,items=500,min_len=20,max_len=60,seed=1"
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def summary(runs: dict[str, Any]) -> dict[str, Any]:
@@ -85,12 +81,11 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("AUC of the window's exposures")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def test_fixed_values_cannot_be_overridden():
 
 
 def test_assignments_and_toml(tmp_path):
-    assert parse_assignments(["a=1", "b-c = x=y"]) == {"a": "1", "b-c": "x=y"}
+    assert parse_assignments(["a=1", "b-c = x=y"]) == {"a": 1, "b-c": "x=y"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_assignments(["novalue"])
     good = tmp_path / "c.toml"

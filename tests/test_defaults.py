@@ -123,11 +123,11 @@ def test_user_keys_win_and_are_told_apart(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text("[model]\nitem_repr = \"both\"\n[train]\nepochs = 3\nbatch_size = 32\n")
     resolved, _ = _train_resolve("mrff", "kuaisar:/d", cfg, ["dim=32"], epochs=2, seed=None)
-    assert resolved.model_options() == {"item-repr": "both", "dim": "32"}
+    assert resolved.model_options() == {"item-repr": "both", "dim": 32}  # --set values are TOML scalars
     assert resolved.options["epochs"] == 2 and resolved.options["batch-size"] == 32
     assert resolved.options["patience"] == 5 and resolved.options["lr"] == 0.001  # the defaults not overridden
     assert resolved.defaults == {"task": "ctr", "patience": 5, "lr": 0.001}
-    assert resolved.user == {"epochs": 2, "batch-size": 32, "model.item-repr": "both", "model.dim": "32"}
+    assert resolved.user == {"epochs": 2, "batch-size": 32, "model.item-repr": "both", "model.dim": 32}
     flat = resolve("seq:x", runtime="federated", user={"model-options": "next_loss=ce", "negatives": 1})
     assert flat.model_options()["next-loss"] == "ce" and flat.options["negatives"] == 1
     assert "negatives" not in flat.defaults and "model.next-loss" not in flat.defaults
@@ -146,10 +146,10 @@ def test_train_json_records_the_options_in_effect(tmp_path):
     result = json.loads(out.read_text())
     rec = result["resolved"]
     assert rec["defaults"] == {"task": "ctr", "patience": 5}  # synthetic: fed_synthetic's [train]
-    assert rec["user"]["epochs"] == 1 and rec["user"]["model.dim"] == "16"
+    assert rec["user"]["epochs"] == 1 and rec["user"]["model.dim"] == 16
     assert result["train"]["patience"] == 5 and result["train"]["epochs"] == 1 and result["task"] == "ctr"
     options = {k[len("model."):]: v for k, v in rec["options"].items() if k.startswith("model.")}
-    assert options == result["model_options"] == {"dim": "16", "max-len": "12"}
+    assert options == result["model_options"] == {"dim": 16, "max-len": 12}
     split = split_dataset(load_dataset(TINY))
     model = create_model(rec["model"], ModelData.from_split(split), options, task=rec["options"]["task"])
     saved = torch.load(ckpt, weights_only=False)["state"]

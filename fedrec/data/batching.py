@@ -57,8 +57,8 @@ from fedrec.data.samplers import FixedNegatives, UniformNegativeSampler
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError
 
-__all__ = ["TASKS", "STAGES", "LIKE_THRESHOLD", "ExampleSet", "build_examples", "evaluation_population", "history_parts",
-           "iterate_batches", "target_groups"]
+__all__ = ["TASKS", "STAGES", "LIKE_THRESHOLD", "NO_LABELS", "ExampleSet", "build_examples", "check_task",
+           "evaluation_population", "history_parts", "iterate_batches", "target_groups"]
 
 TASKS = ("ctr", "next_item", "cdr")
 #: on data with ratings, an interaction whose rating is at least this is the second
@@ -166,8 +166,30 @@ def _last_rows(rows: np.ndarray, group: np.ndarray, n_groups: int, width: int, s
     return out
 
 
+#: why CTR cannot run on implicit feedback, and what to do instead (one line)
+NO_LABELS = ("task 'ctr' needs 0/1 click labels, but this data has none (implicit feedback: every interaction is a "
+             "positive, so AUC is undefined): use --task next_item, or data with a 0/1 label column, or add "
+             "ctr_negatives=K to the data spec (K sampled non-clicks per interaction, for data with its own "
+             "train/valid/test split)")
+
+
+def check_task(split: SplitData, task: str) -> None:
+    """Refuse a task the data cannot support, before anything trains: ``ctr`` on data
+    without click labels (:data:`NO_LABELS`), ``cdr`` on single-domain data. Raises
+    :class:`~fedrec.errors.ConfigError`."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if task == "ctr" and not split.has_labels:
+        raise ConfigError(NO_LABELS)
+    if task == "cdr" and not split.domains:
+        raise ConfigError("task 'cdr' needs multi-domain data (rows with a domain)")
+
+
 def build_examples(split: SplitData, *, task: str, stage: str, max_len: int) -> ExampleSet:
-    """Build the :class:`ExampleSet` of ``task`` at ``stage`` with histories of ``max_len``."""
+    """Build the :class:`ExampleSet` of ``task`` at ``stage`` with histories of ``max_len``.
+
+    Builds ``ctr`` examples on implicit feedback too (every label 1); the trainers refuse
+    that task there with :func:`check_task` before anything trains."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if stage not in STAGES:

@@ -21,8 +21,6 @@ feature; the schema lives in the file's key-value metadata under ``fedrec.catalo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.errors import DataError
+from fedrec.files import atomic_path
 
 __all__ = ["Catalogue", "CATALOGUE_FILE"]
 
@@ -125,16 +124,8 @@ class Catalogue:
         meta = {"version": _VERSION, "item_fields": self.item_feature_names, "domains": self.domains,
                 "user_fields": self.user_feature_names, "user_cardinalities": list(self.user_cardinalities)}
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), _META_KEY: json.dumps(meta).encode()})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:  # a catalogue is public: the mode open() would give
             pq.write_table(table, tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a catalogue is public
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod
@@ -177,7 +168,3 @@ class Catalogue:
             raise DataError(str(exc), file=path) from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

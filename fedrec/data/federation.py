@@ -141,9 +141,9 @@ def write_federation(spec: str, out: str | Path, *, clients: int, partition: str
     catalogue = Catalogue.from_split(split)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    from fedrec.data.catalogue import _umask
+    from fedrec.files import umask
 
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
     try:
         catalogue.save(tmp / CATALOGUE_FILE)
         entries = []

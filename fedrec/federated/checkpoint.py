@@ -10,7 +10,9 @@ Every ``checkpoint-every`` rounds, at the end of the round:
 Random draws need no saved state: participation, dropout masks, negatives and (with
 ``dp-noise-seed``) the DP noise are functions of (seed, round, shard). With a secret DP noise
 seed the resumed rounds draw other noise, as they must. Files are written atomically
-(temporary file + rename), so a kill during a write leaves the previous checkpoint intact.
+(temporary file + rename, :mod:`fedrec.files`), so a kill during a write leaves the previous
+checkpoint intact; the server's files get the mode ``open`` would give, each client's (its
+users' private parameters) is readable by its owner only (:data:`PRIVATE_MODE`, 0600).
 ``resume = true`` starts from ``server.pt`` and the clients' files of the same round. A node
 that restarts in the middle of a run (a new process, an empty ``context.state``) takes its
 latest file before the round it is asked to train (:func:`latest_client`).
@@ -24,14 +26,13 @@ round, its node config and what it trained on) on its own machine; ``fedrec eval
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedrec.errors import ConfigError
+from fedrec.files import atomic_path
 
 __all__ = ["load_client", "load_server", "save_client", "save_server", "latest_client", "save_client_model",
            "save_global_model", "load_model_dir", "GLOBAL_FILE"]
@@ -40,16 +41,15 @@ SERVER_FILE = "server.pt"
 GLOBAL_FILE = "global.pt"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+#: a client's files hold its users' private parameters: readable by their owner only
+PRIVATE_MODE = 0o600
+
+
+def _atomic_save(obj: Any, path: Path, *, mode: int | None = None) -> None:
+    """``torch.save`` to ``path`` atomically, with the mode ``open`` would give (the
+    server's files) or ``mode`` (a client's private state: :data:`PRIVATE_MODE`)."""
+    with atomic_path(path, mode=mode) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_server(folder: str | Path, *, round: int, global_params: dict[str, torch.Tensor],
@@ -77,7 +77,7 @@ def save_client(folder: str | Path, *, shard: int, round: int, state: dict[str, 
     """Write a client's private state after its training in ``round``; keep the last
     ``keep`` rounds' files of this shard (the server's checkpoint may lag one round)."""
     path = _client_path(folder, shard, round)
-    _atomic_save(state, path)
+    _atomic_save(state, path, mode=PRIVATE_MODE)
     mine = sorted(Path(folder).glob(f"client-{shard}-round*.pt"), key=lambda p: int(p.stem.rsplit("round", 1)[1]))
     for old in mine[:-keep]:
         old.unlink(missing_ok=True)
@@ -114,7 +114,7 @@ def save_client_model(folder: str | Path, *, client: int, round: int, state: dic
     """Write client ``client``'s part of the run's model: its private state of ``round``."""
     path = Path(folder) / f"client-{client}.pt"
     _atomic_save({"kind": "fedrec-client-model", "client": int(client), "round": int(round), "state": state,
-                  "node_config": node_config, "run_config": run_config, "info": info}, path)
+                  "node_config": node_config, "run_config": run_config, "info": info}, path, mode=PRIVATE_MODE)
     return path
 
 

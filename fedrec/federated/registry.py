@@ -29,6 +29,11 @@ def algorithm_names() -> list[str]:
 
 def create_algorithm(name: str, split: SplitData, *, task: str, model: str | None = None,
                      model_options: dict[str, Any] | None = None, config: FederatedConfig | None = None) -> Algorithm:
-    """Build algorithm ``name`` on ``split`` (``model`` defaults to the algorithm's own)."""
+    """Build algorithm ``name`` on ``split`` (``model`` defaults to the algorithm's own);
+    a task the data cannot support (ctr without labels) is refused first
+    (:func:`~fedrec.data.batching.check_task`)."""
+    from fedrec.data.batching import check_task
+
     cls = ALGORITHMS.create(name)
+    check_task(split, task)
     return cls(split, task=task, model=model, model_options=model_options, config=config)

@@ -180,11 +180,15 @@ def _plain(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _parse_pairs(text: str) -> dict[str, str]:
+def _parse_pairs(text: str) -> dict[str, Any]:
+    """``"groups=2 item-repr=id"`` -> ``{"groups": 2, "item-repr": "id"}`` (values read as
+    TOML scalars, as ``--set`` reads them: :func:`fedrec.config.parse_scalar`)."""
+    from fedrec.config import parse_scalar
+
     out = {}
     for item in text.replace(",", " ").split():
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"run config 'model-options': expected KEY=VALUE items, got {item!r}")
-        out[key.strip()] = value.strip()
+        out[key.strip()] = parse_scalar(value.strip())
     return out

@@ -1,4 +1,4 @@
-"""BERT4Rec with its cloze objective.
+"""BERT4Rec — a bidirectional Transformer encoder trained with its cloze objective.
 
 Fei Sun, Jun Liu, Jian Wu, Changhua Pei, Wenwu Ou, Peng Jiang. "BERT4Rec: Sequential
 Recommendation with Bidirectional Encoder Representations from Transformer", CIKM 2019.

@@ -34,40 +34,44 @@ __all__ = ["MODELS", "ModelSpec", "create_model", "model_names"]
 @dataclass(frozen=True)
 class ModelSpec:
     """A registered model: its class, its config class (None: no options), fixed options,
-    and a one-line description (default: the first line of the class's module docstring)."""
+    a one-line description (default: the first line of the class's module docstring) and
+    its paper, cited short (first author, venue, year; "" for a baseline of no paper)."""
 
     model: type[RecModel]
     config: type | None
     fixed: tuple[tuple[str, Any], ...] = ()
     description: str = ""
+    paper: str = ""
 
     def summary(self) -> str:
-        """The one-line description of the model."""
-        if self.description:
-            return self.description
-        import sys
+        """The one-line description of the model, with its paper when it has one."""
+        text = self.description
+        if not text:
+            import sys
 
-        doc = (sys.modules[self.model.__module__].__doc__ or "").strip().splitlines()
-        return doc[0] if doc else ""
+            doc = (sys.modules[self.model.__module__].__doc__ or "").strip().splitlines()
+            text = doc[0] if doc else ""
+        return f"{text.rstrip('.')} ({self.paper})" if self.paper else text
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
-MODELS.register("sasrec")(lambda: ModelSpec(SASRec, SASRecConfig))
-MODELS.register("bert4rec")(lambda: ModelSpec(BERT4Rec, BERT4RecConfig))
+MODELS.register("sasrec")(lambda: ModelSpec(SASRec, SASRecConfig, paper="Kang & McAuley, ICDM 2018"))
+MODELS.register("bert4rec")(lambda: ModelSpec(BERT4Rec, BERT4RecConfig, paper="Sun et al., CIKM 2019"))
 MODELS.register("bert4rec-last")(lambda: ModelSpec(
     SASRec, SASRecConfig, (("bidirectional", True),),
-    "BERT4Rec's bidirectional encoder trained on each window's last position only (no cloze task)."))
-MODELS.register("kuaiformer")(lambda: ModelSpec(KuaiFormer, KuaiFormerConfig))
-MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig))
-MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig))
-MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig))
-MODELS.register("marm")(lambda: ModelSpec(MARM, MARMConfig))
-MODELS.register("moment_cross")(lambda: ModelSpec(MomentCross, MomentCrossConfig))
-MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig))
-MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig))
-MODELS.register("qarm")(lambda: ModelSpec(QARM, QARMConfig))
+    "BERT4Rec's bidirectional encoder trained on each window's last position only (no cloze task).",
+    paper="Sun et al., CIKM 2019"))
+MODELS.register("kuaiformer")(lambda: ModelSpec(KuaiFormer, KuaiFormerConfig, paper="Liu et al., arXiv 2024"))
+MODELS.register("dimerec")(lambda: ModelSpec(DimeRec, DimeRecConfig, paper="Li et al., WSDM 2025"))
+MODELS.register("elastic")(lambda: ModelSpec(Elastic, ElasticConfig, paper="Deng et al., arXiv 2024, withdrawn"))
+MODELS.register("crm")(lambda: ModelSpec(CRM, CRMConfig, paper="Liu et al., arXiv 2024"))
+MODELS.register("marm")(lambda: ModelSpec(MARM, MARMConfig, paper="Lv et al., arXiv 2024"))
+MODELS.register("moment_cross")(lambda: ModelSpec(MomentCross, MomentCrossConfig, paper="Cao et al., arXiv 2024"))
+MODELS.register("mrff")(lambda: ModelSpec(MRFF, MRFFConfig, paper="Zhang et al., AAAI 2025"))
+MODELS.register("mf")(lambda: ModelSpec(MF, MFConfig, paper="Koren et al., IEEE Computer 2009"))
+MODELS.register("qarm")(lambda: ModelSpec(QARM, QARMConfig, paper="Luo et al., CIKM 2025"))
 MODELS.register("popularity")(lambda: ModelSpec(Popularity, None))
-MODELS.register("unicdr")(lambda: ModelSpec(UniCDR, UniCDRConfig))
+MODELS.register("unicdr")(lambda: ModelSpec(UniCDR, UniCDRConfig, paper="Cao et al., WSDM 2023"))
 MODELS.register("user_ctr")(lambda: ModelSpec(UserCTR, None))
 
 

@@ -8,7 +8,9 @@ date-times such as ``2024-01-02`` or ``2024-01-02T03:04:05+02:00``, read as seco
 ``label`` (0/1), ``rating``,
 ``value`` (a regression target such as a watch time) and ``domain`` are optional; ``split`` maps a column holding train/valid/test.
 
-CSV options: ``sep`` (default ``,``; ``tab`` for a tab), ``header`` (default true; with
+CSV options: ``sep`` (default ``,``; ``tab`` or ``\\t`` for a tab, ``space`` for a space; when
+a column is not found and the header line holds another common delimiter, the error says
+which ``sep`` to add), ``header`` (default true; with
 ``header=false`` refer to columns by 0-based position, e.g. ``user=0&item=1``).
 Ids must be integers unless ``ids=factorize``, which codes string ids (e.g. Amazon
 reviewer ids and ASINs) as integers in order of first appearance. ``label_from_rating=X``
@@ -65,13 +67,15 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     if canonical:
         if not {"user", "item"} <= set(map(str, frame.columns)):
             raise SpecError(f"{spec.text}: the column mapping needs 'user=COLUMN' and 'item=COLUMN' (e.g. "
-                            f"?user=uid&item=iid), unless the file has columns named user and item")
+                            f"?user=uid&item=iid), unless the file has columns named user and item"
+                            + _delimiter_hint(frame.columns, sep, parquet))
         mapping = {f: (f if f in frame.columns else None) for f in _FIELDS}
     used = {f: c for f, c in mapping.items() if c is not None}
     for field, column in used.items():
         if column not in frame.columns:
-            have = ", ".join(map(str, frame.columns))
-            raise DataError(f"no such column for '{field}' (the file has: {have})", file=path, column=column)
+            have = ", ".join(str(c).replace("\t", "\\t") for c in frame.columns)
+            raise DataError(f"no such column for '{field}' (the file has: {have})"
+                            + _delimiter_hint(frame.columns, sep, parquet), file=path, column=column)
     for field in ("user", "item", "domain", "split"):
         if field in used:
             missing_cells(frame, used[field], lines, path)
@@ -112,6 +116,24 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     users = _user_features(user_features, path) if user_features else None
     return Dataset(spec.text, Interactions.from_frame(table, source=str(path)), user_features=users,
                    meta={"format": fmt, "columns": used})
+
+
+#: delimiters a header line may hold when ``sep`` is not given: (character, its spelling in a spec)
+_DELIMITERS = (("\t", "tab"), (";", ";"), ("|", "|"), (" ", "space"))
+
+
+def _delimiter_hint(columns, sep: str, parquet: bool) -> str:
+    """``"; the header line holds tabs: add sep=tab to the spec"`` when the columns read
+    with ``sep`` hold another common delimiter (a space only when the whole header came out
+    as one column: column names may contain spaces); ``""`` otherwise."""
+    if parquet:
+        return ""
+    names = [str(c) for c in columns]
+    for char, spelled in _DELIMITERS:
+        if char != sep and any(char in name for name in names) and (char != " " or len(names) == 1):
+            what = {"\t": "tabs", " ": "spaces"}.get(char, f"'{char}'")
+            return f"; the header line holds {what}: add sep={spelled} to the spec"
+    return ""
 
 
 def _user_features(name: str, data_path) -> pd.DataFrame:
