@@ -232,6 +232,9 @@ def _train_assignments(model: str, sets: Optional[list[str]]) -> dict:
                               f"write train.{name} or model.{name}")
         elif kebab in train_keys:
             out[kebab] = value
+        elif model_keys and kebab not in model_keys:
+            raise ConfigError(f"--set {key}: '{name}' is neither a training option ({', '.join(sorted(train_keys))}) "
+                              f"nor an option of model '{model}' ({', '.join(sorted(model_keys))})")
         else:
             out[f"model.{name}"] = value
     return out
@@ -427,6 +430,9 @@ def _simulate_assignments(sets: Optional[list[str]], *, algorithm: Optional[str]
         name = str(key)
         if name.startswith("train."):
             name = name[len("train."):]
+            if name.replace("_", "-") not in run_keys:
+                raise ConfigError(f"--set {key}: unknown run-config key '{name}' (known: {', '.join(sorted(run_keys))}; "
+                                  "model options as model.KEY)")
         kebab = name.replace("_", "-")
         if name.startswith("model.") or kebab in run_keys:
             out[name] = value

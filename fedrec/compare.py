@@ -132,12 +132,24 @@ def row_options(cfg: dict[str, Any], run: dict[str, Any]):
     return resolve(cfg["data"], runtime="centralised", model=model, user=user)
 
 
+#: keys ``fedrec compare --set`` refuses, and what to use instead (where a row's files go, and
+#: what does not change what it computes, are the command's own flags, not row options)
+_RUNTIME_FLAGS = {
+    "seed": "the seeds are --seed (repeatable)", "device": "use --device (it does not change a row's fingerprint)",
+    "log-dir": "use --log-dir (each run logs to LOG_DIR/<row>/seed<k>)", "out": "results go to --out",
+    "resume": "finished rows are kept in --out already", "checkpoint": "a comparison keeps no checkpoints",
+    "checkpoint-dir": "a comparison keeps no checkpoints", "model-dir": "a comparison keeps no saved models",
+    "progress": "not an option",
+}
+
+
 def apply_overrides(cfg: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]:
     """``cfg`` (a loaded comparison) with the user's ``--set`` items applied to every row,
     over the file's own keys: ``model.KEY`` a model option of every row; a bare (or
     ``train.``) key a training option of the centralised rows and/or a run-config key of the
-    federated rows, wherever it is one (``lr``, ``seed``: both; ``epochs``: centralised;
-    ``rounds``: federated). A key that is neither is an error naming the known ones. The
+    federated rows, wherever it is one (``lr``: both; ``epochs``: centralised; ``rounds``:
+    federated). Seeds, the device, logs and output places are the command's flags (refused
+    here, naming the flag). A key that is neither is an error naming the known ones. The
     rows' fingerprints change with them, so overridden rows are run afresh."""
     import dataclasses
 
@@ -157,6 +169,8 @@ def apply_overrides(cfg: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]
             continue
         key = key[len("train."):] if key.startswith("train.") else key
         kebab = key.replace("_", "-")
+        if kebab in _RUNTIME_FLAGS:
+            raise ConfigError(f"--set {raw}: {_RUNTIME_FLAGS[kebab]}")
         if kebab not in train_keys and kebab not in run_keys:
             raise ConfigError(f"--set {raw}: unknown option '{key}' (training options: {', '.join(sorted(train_keys))}; "
                               f"run-config keys: {', '.join(sorted(run_keys))}; model options as model.KEY)")

@@ -41,7 +41,8 @@ __all__ = ["FORMATS", "RUNTIMES", "FormatDefaults", "Resolved", "algorithm_model
            "format_of", "markdown_table", "resolve"]
 
 RUNTIMES = ("centralised", "federated")
-_NOT_RECORDED = ("resume", "progress")
+#: keys that are where files go on this machine, not options of the run: not recorded in results
+_NOT_RECORDED = ("resume", "progress", "log-dir", "log_dir", "checkpoint")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,19 @@ def available_devices() -> str:
     return ", ".join(names)
 
 
+def place(model, device: torch.device):
+    """``model.to(device)``; a model whose tensors the device cannot hold (float64 counts and
+    rates on Apple's MPS, which has no float64) is a one-line
+    :class:`~fedrec.errors.ConfigError` naming the model and the device."""
+    try:
+        return model.to(device)
+    except (TypeError, RuntimeError) as exc:
+        if "float64" in str(exc) or "Double" in str(exc):
+            raise ConfigError(f"model {type(model).__name__} keeps float64 tensors, which device {device} cannot hold "
+                              "(use --device cpu)") from exc
+        raise
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """``batch`` with every tensor value (also inside nested dicts, e.g. ``item_maps``) on
     ``device``; other values unchanged. A no-op (the same dict) on the CPU."""
@@ -103,13 +116,6 @@ def to_cpu(tree: Any) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(to_cpu(v) for v in tree)
     return tree
-
-
-def seed_device(device: torch.device, seed: int) -> None:
-    """Seed the generators of ``device`` too (``torch.manual_seed`` seeds CUDA's already;
-    this is explicit, so a resumed run restores the same state)."""
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
 
 
 def device_rng_state(device: torch.device) -> Any:

@@ -44,7 +44,7 @@ from fedrec.data.batching import (ExampleSet, build_examples, check_task, evalua
                                   target_groups)
 from fedrec.data.samplers import FixedNegatives, StageNegativeSampler, UniformNegativeSampler
 from fedrec.data.split import SplitData
-from fedrec.device import device_rng_state, resolve_device, set_device_rng_state, to_cpu, to_device
+from fedrec.device import device_rng_state, place, resolve_device, set_device_rng_state, to_cpu, to_device
 from fedrec.errors import ConfigError
 from fedrec.files import atomic_path
 from fedrec.logs import RunLog
@@ -188,7 +188,7 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
     if task == "ctr":
         probs, labels, users = [], [], []
         for batch in iterate_batches(examples, batch_size=batch_size):
-            probs.append(model.predict_ctr(_dev(batch, model)).double().cpu().numpy())
+            probs.append(model.predict_ctr(_dev(batch, model)).cpu().double().numpy())
             labels.append(batch["target_labels"][:, -1].numpy())
             users.append(batch["user"].numpy())
         labels_all, users_all, probs_all = np.concatenate(labels), np.concatenate(users), np.concatenate(probs)
@@ -288,10 +288,10 @@ def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: 
             main = None
             for b in wanted:
                 if b == "main" or b not in own:
-                    main = model.score_all(_dev(batch, model)).double().cpu().numpy() if main is None else main
+                    main = model.score_all(_dev(batch, model)).cpu().double().numpy() if main is None else main
                     scores = main
                 else:
-                    scores = model.score_all(_dev(batch, model), behaviour=b).double().cpu().numpy()
+                    scores = model.score_all(_dev(batch, model), behaviour=b).cpu().double().numpy()
                 stop = start + scores.shape[0]
                 sub_ptr = indptr[start : stop + 1] - indptr[start]
                 exclude = (sub_ptr, indices[indptr[start] : indptr[stop]])
@@ -307,11 +307,11 @@ def _ranks(model: RecModel, examples: ExampleSet, *, protocol: str, batch_size: 
                 if b == "main" or b not in own:
                     if main is None:
                         dev = _dev(batch, model)
-                        main = model.score_candidates(dev, dev["candidates"]).double().cpu().numpy()
+                        main = model.score_candidates(dev, dev["candidates"]).cpu().double().numpy()
                     scores = main
                 else:
                     dev = _dev(batch, model)
-                    scores = model.score_candidates(dev, dev["candidates"], behaviour=b).double().cpu().numpy()
+                    scores = model.score_candidates(dev, dev["candidates"], behaviour=b).cpu().double().numpy()
                 ranks[b].append(sampled_ranking_ranks(scores[:, 0], scores[:, 1:]))
     out = {b: np.concatenate(r) for b, r in ranks.items()}
     return out if behaviours else out["main"]
@@ -429,7 +429,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 #: options that do not change what is trained (a run may resume on another device, or log elsewhere)
 _RESUME_IGNORED = ("progress", "resume", "checkpoint", "device", "log_dir")
 #: options that are not recorded in results and checkpoints (paths of this machine, the device)
-_NOT_RECORDED = ("progress", "resume", "log_dir")
+_NOT_RECORDED = ("progress", "resume", "log_dir", "checkpoint")
 #: options that only decide where training stops: a state may be resumed with other values
 #: (a longer budget continues a finished run), as long as the run has not gone past the
 #: point where the new values would have stopped it
@@ -594,10 +594,6 @@ def train(
     np.random.seed(cfg.seed % (2**32))
     data = ModelData.from_split(split)
     model = create_model(model_name, data, model_options, task=task)
-    run_log = RunLog(cfg.log_dir or None, kind="epoch", run={
-        "command": "train", "model": model_name, "data": data_name, "task": task, "seed": cfg.seed,
-        "device": str(device), "model_options": dict(model_options or {}),
-        "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}})
     max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
     eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
     valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
@@ -621,7 +617,7 @@ def train(
 
     if not getattr(model, "trainable", True):
         model.fit(split)
-        model.to(device)
+        place(model, device)
         best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
         best_valid = evaluate(model, valid, **eval_args)
     else:
@@ -630,7 +626,7 @@ def train(
             raise ConfigError("no training examples (every user has fewer than two training interactions)")
         if hasattr(model, "prepare"):  # what a model fits on the training split before its first step
             model.prepare(split)
-        model.to(device)  # after prepare: what it fitted moves too
+        place(model, device)  # after prepare: what it fitted moves too
         opts = _optimizers(model, cfg)
         sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task in ("next_item", "cdr") else None
         if cfg.stage_negatives:
@@ -665,8 +661,9 @@ def train(
 
         def save_state(epoch: int, done: bool) -> None:
             if cfg.resume:
-                _save_atomic({"identity": identity, "epoch": epoch, "finished": done, "model_state": model.state_dict(),
-                              "optimizers": [o.state_dict() for o in opts],
+                _save_atomic({"identity": identity, "epoch": epoch, "finished": done,
+                              "model_state": to_cpu(model.state_dict()),  # loads where there is no GPU
+                              "optimizers": [to_cpu(o.state_dict()) for o in opts],
                               "sampler": sampler.rng.bit_generator.state if sampler is not None else None,
                               "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                               "device_rng": device_rng_state(device),
@@ -675,39 +672,49 @@ def train(
                               "seconds": earlier_seconds + time.perf_counter() - start}, Path(cfg.resume))
 
         last_routes: np.ndarray | None = None  # the previous epoch's routing of the validation users
+        # the log opens only now, when every check has passed and a resumed state was read
+        # (a refused run leaves an earlier run's log as it was); it is closed however the loop ends
+        run_log = RunLog(cfg.log_dir or None, kind="epoch", run={
+            "command": "train", "model": model_name, "data": data_name, "task": task, "seed": cfg.seed,
+            "device": str(device), "model_options": dict(model_options or {}),
+            "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}})
         bar = _progress(cfg.epochs, f"{model_name} {task}", cfg.progress, initial=first - 1)
-        for epoch in range(first, 0 if finished else cfg.epochs + 1):
-            model.train()
-            losses = train_epoch(model, opts, (to_device(b, device) for b in iterate_batches(
-                train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler)))
-            scores = evaluate(model, valid, **eval_args)
-            record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
-            routed = routing_stats(model, valid, last_routes)
-            if routed is not None:
-                record["routing"], last_routes = routed
-            history.append(record)
-            run_log.write(epoch, record, total=cfg.epochs)
-            if on_epoch is not None:
-                on_epoch(record)
-            score = scores[metric] if scores[metric] is not None else -np.inf
-            bar.update(1)
-            bar.set_postfix(loss=record["loss"], **{f"valid_{metric}": scores[metric]})
-            if score > best_score:
-                best_score, best_epoch, best_valid, stale = score, epoch, scores, 0
-                best_state = to_cpu(copy.deepcopy(model.state_dict()))
-                if cfg.checkpoint:
-                    _save_atomic({"model": model_name, "task": task, "epoch": epoch, "state": best_state,
-                                  "model_options": model_options or {},
-                                  "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
-                                  "split": _split_fingerprint(split), "data": data_name}, Path(cfg.checkpoint))
-            else:
-                stale += 1
-            if stale > cfg.patience or epoch == cfg.epochs:
-                save_state(epoch, True)
-                break
-            save_state(epoch, False)
-        bar.close()
+        try:
+            for epoch in range(first, 0 if finished else cfg.epochs + 1):
+                model.train()
+                losses = train_epoch(model, opts, (to_device(b, device) for b in iterate_batches(
+                    train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
+                    num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler)))
+                scores = evaluate(model, valid, **eval_args)
+                record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
+                routed = routing_stats(model, valid, last_routes)
+                if routed is not None:
+                    record["routing"], last_routes = routed
+                history.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+                score = scores[metric] if scores[metric] is not None else -np.inf
+                bar.update(1)
+                bar.set_postfix(loss=record["loss"], **{f"valid_{metric}": scores[metric]})
+                if score > best_score:
+                    best_score, best_epoch, best_valid, stale = score, epoch, scores, 0
+                    best_state = to_cpu(copy.deepcopy(model.state_dict()))
+                    if cfg.checkpoint:
+                        _save_atomic({"model": model_name, "task": task, "epoch": epoch, "state": best_state,
+                                      "model_options": model_options or {},
+                                      "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
+                                      "split": _split_fingerprint(split), "data": data_name}, Path(cfg.checkpoint))
+                else:
+                    stale += 1
+                done = stale > cfg.patience or epoch == cfg.epochs
+                save_state(epoch, done)
+                # logged after the state is saved: a run killed in between repeats no line on resume
+                run_log.write(epoch, record, total=cfg.epochs)
+                if done:
+                    break
+        finally:
+            bar.close()
+            run_log.close()
         model.load_state_dict(best_state)
         model.to(device)
     test_scores = evaluate(model, test, **eval_args)
@@ -740,7 +747,6 @@ def train(
         "train": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED},
         "model_state": to_cpu(best_state),
     }
-    run_log.close()
     return result
 
 
@@ -824,7 +830,7 @@ def _restore_model(path: Path, saved: dict[str, Any], split: SplitData, device: 
         raise ConfigError(f"{path}: the saved weights do not fit this data ({first})") from exc
     if hasattr(model, "prepare"):  # what the model fits on the training split (not saved)
         model.prepare(split)
-    return model.to(resolve_device(device))
+    return place(model, resolve_device(device))
 
 
 def load_saved(path: str | Path, split: SplitData, *, device: str | torch.device = "cpu") -> tuple[RecModel, dict[str, Any]]:
@@ -886,6 +892,8 @@ def evaluate_saved(path: str | Path, split: SplitData, *, protocols: list[str] |
     if task == "ctr":
         if protocols:
             raise ConfigError(f"{path}: a CTR model is scored on pooled impressions; ranking protocols do not apply")
+        if topk is not None:
+            raise ConfigError(f"{path}: a CTR model is scored on pooled impressions; --topk does not apply")
         protocols = ["pooled"]
     elif protocols is None:
         extra = [p.strip() for p in train_opts.get("also_test", "").split(",") if p.strip()]

@@ -62,6 +62,9 @@ def test_to_device_and_back_keep_values():
     batch = {"items": torch.arange(6).reshape(2, 3), "maps": {"k": torch.ones(2)}, "n": 3}
     cpu = torch.device("cpu")
     assert to_device(batch, cpu) is batch  # a no-op on the CPU
+    moved = to_device(batch, torch.device("meta"))  # another device: every tensor, nested ones too
+    assert moved["items"].is_meta and moved["maps"]["k"].is_meta and moved["n"] == 3
+    assert not batch["items"].is_meta  # the caller's batch is untouched
     tree = to_cpu({"a": [torch.zeros(2), (torch.ones(1),)], "b": 1})
     assert tree["b"] == 1 and torch.equal(tree["a"][1][0], torch.ones(1))
 
@@ -86,14 +89,75 @@ def test_model_moves_its_plain_tensor_attributes():
     assert codes and all(not c.is_floating_point() for c in codes)
 
 
+#: models whose forward reads data-dependent values (nonzero, .item(), a host-side cache),
+#: which PyTorch's meta device cannot compute: they stop early there, never on a device mismatch
+DATA_DEPENDENT = {"crm", "dimerec", "elastic", "kuaiformer", "marm", "moment_cross", "unicdr"}
+
+
+def test_every_model_trains_and_scores_on_another_device():
+    """Without a GPU, the "meta" device stands in for one: a model moved there, given a batch
+    moved there, fails if anything in its forward, loss or scoring creates a tensor on the CPU
+    ("expected all tensors to be on the same device"). Models that read data-dependent
+    values cannot run on meta at all; for them only that a mismatch is not the reason is checked."""
+    import dataclasses
+
+    from fedrec.data import load_dataset
+    from fedrec.data.batching import build_examples, iterate_batches
+    from fedrec.data.samplers import UniformNegativeSampler
+    from fedrec.data.split import split_dataset
+    from fedrec.models.base import ModelData
+    from fedrec.models.registry import MODELS, create_model
+
+    small = {"dim": 16, "field-dim": 4, "layers": 2, "max-len": 8, "dropout": 0.1}
+    base = "synthetic:users=40,items=60,groups=2,min_len=6,max_len=12,seed=1"
+    data = {"single": split_dataset(load_dataset(base)),
+            "domains": split_dataset(load_dataset(base + ",domains=2,overlap=0.5")),
+            "rated": split_dataset(load_dataset(base + ",behaviours=2"))}
+    meta, ran = torch.device("meta"), []
+    for name in MODELS.names():
+        spec = MODELS.create(name)
+        for task in spec.model.tasks:
+            sp = data["domains" if task == "cdr" or name == "moment_cross" else "rated" if name == "crm" else "single"]
+            known = {f.name.replace("_", "-") for f in dataclasses.fields(spec.config)} if spec.config else set()
+            model = create_model(name, ModelData.from_split(sp), {k: v for k, v in small.items() if k in known}
+                                 if spec.config else None, task=task)
+            if not getattr(model, "trainable", True):
+                continue
+            if hasattr(model, "prepare"):
+                model.prepare(sp)
+            sampler = UniformNegativeSampler(sp, seed=0)
+            train_b = next(iterate_batches(build_examples(sp, task=task, stage="train", max_len=8), batch_size=8,
+                                           num_negatives=0 if task == "ctr" else 2, sampler=sampler))
+            test_b = next(iterate_batches(build_examples(sp, task=task, stage="test", max_len=8), batch_size=8))
+            try:
+                model.to(meta)
+                batch = to_device(train_b, meta)
+                loss = model.loss(batch, model(batch))
+                assert loss.is_meta
+                model.eval()
+                scores = (model.predict_ctr(to_device(test_b, meta)) if task == "ctr"
+                          else model.score_all(to_device(test_b, meta)))
+                assert scores.is_meta
+                ran.append(name)
+            except (NotImplementedError, RuntimeError) as exc:
+                message = str(exc).lower()
+                assert "device" not in message or "meta tensor" in message, (name, task, str(exc)[:300])
+                assert name in DATA_DEPENDENT, (name, task, str(exc)[:300])
+    assert {"sasrec", "mrff", "bert4rec", "mf", "qarm"} <= set(ran)
+    assert not DATA_DEPENDENT & set(ran), "a model now runs on meta: move it out of DATA_DEPENDENT"
+
+
 def test_bad_device_on_every_command_is_one_line(tmp_path):
-    assert cli("train", "--model", "sasrec", "--data", DATA, "--device", "tpu").returncode == 2
-    one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--device", "tpu"), "tpu")
-    one_error_line(cli("simulate", "--data", DATA, "--device", "gpu0", "--rounds", "1"), "gpu0")
-    one_error_line(cli("evaluate", str(tmp_path / "none.pt"), "--data", DATA, "--device", "x"), "device")
+    bad = "device must be auto, cpu, cuda, cuda:N or mps"
+    one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--device", "tpu"), bad, "'tpu'")
+    one_error_line(cli("simulate", "--data", DATA, "--device", "gpu0", "--rounds", "1"), bad, "'gpu0'")
+    one_error_line(cli("evaluate", str(tmp_path / "none.pt"), "--data", DATA, "--device", "x"), bad)
     one_error_line(cli("recommend", str(tmp_path / "none.pt"), "--data", DATA, "--out", str(tmp_path / "r.csv"),
-                       "--device", "x"), "device")
-    one_error_line(cli("inspect", "groups", "--data", DATA, "--device", "x"), "device")
+                       "--device", "x"), bad)
+    one_error_line(cli("inspect", "groups", "--data", DATA, "--device", "x"), bad)
+    one_error_line(cli("compare", str(ROOT / "simulations" / "configs" / "fed_synthetic.toml"), "--device", "x",
+                       "--out", str(tmp_path / "cmp")), bad)
+    assert not (tmp_path / "cmp").exists()
     if not torch.cuda.is_available():
         one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--device", "cuda"), "not available")
 
@@ -129,7 +193,8 @@ def test_train_log_dir_set_and_flags(tmp_path):
 
 def test_set_prefixes_and_errors(tmp_path):
     # a bare key that is no training option stays a model option (as before); an unknown one is refused
-    one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--set", "nonsense=1"), "nonsense")
+    one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--set", "nonsense=1"),
+                   "neither a training option", "nor an option of model 'sasrec'", "batch-size", "dropout")
     one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--set", "train.dim=16"),
                    "unknown training option 'dim'")
     one_error_line(cli("train", "--model", "sasrec", "--data", DATA, "--set", "lr=fast"), "lr")
@@ -139,6 +204,8 @@ def test_set_prefixes_and_errors(tmp_path):
                    "not a directory")
     one_error_line(cli("simulate", "--data", DATA, "--rounds", "1", "--batch-size", "8"), "--batch-size")
     one_error_line(cli("simulate", "--data", DATA, "--rounds", "1", "--set", "nonsense=1"), "nonsense")
+    one_error_line(cli("simulate", "--data", DATA, "--rounds", "1", "--set", "train.dim=16"),
+                   "unknown run-config key 'dim'")
 
 
 def test_ambiguous_bare_key_asks_for_a_prefix(monkeypatch):
@@ -152,9 +219,9 @@ def test_ambiguous_bare_key_asks_for_a_prefix(monkeypatch):
 
 
 @pytest.mark.slow
-def test_simulate_and_compare_take_the_same_options(tmp_path):
-    env_home = tmp_path / "flwr"
-    os.environ.setdefault("FLWR_HOME", str(env_home))
+def test_simulate_and_compare_take_the_same_options(tmp_path, monkeypatch):
+    if "FLWR_HOME" not in os.environ:
+        monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     logs, out = tmp_path / "logs", tmp_path / "s.json"
     proc = cli("simulate", "--data", DATA, "--rounds", "2", "--lr", "0.05", "--set", "dim=16",
                "--set", "train.eval-every=1", "--device", "cpu", "--log-dir", str(logs), "--out", str(out))
@@ -182,6 +249,8 @@ def test_simulate_and_compare_take_the_same_options(tmp_path):
     assert (tmp_path / "clogs" / "central_SASRec" / "seed0" / "metrics.jsonl").exists()
     one_error_line(cli("compare", str(cfg), "--config", str(cfg)), "once")
     one_error_line(cli("compare", str(cfg), "--set", "nonsense=1", "--out", str(tmp_path / "cmp")), "nonsense")
+    one_error_line(cli("compare", str(cfg), "--set", "seed=3", "--out", str(tmp_path / "cmp")), "--seed")
+    one_error_line(cli("compare", str(cfg), "--set", "log-dir=x", "--out", str(tmp_path / "cmp")), "--log-dir")
 
 
 def test_check_device_script_on_the_cpu(tmp_path):
@@ -199,3 +268,15 @@ def test_check_device_script_on_the_cpu(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "simulations" / "check_device.py"), "tpu"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "device must be" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_log_folder_and_checkpoint_are_not_recorded_and_ctr_refuses_topk(tmp_path):
+    """`--set log-dir=...` (as the flag) and a checkpoint path stay out of the result JSON;
+    `fedrec evaluate --topk` on a CTR model is refused, as `train` refuses it."""
+    ck, out = tmp_path / "m.pt", tmp_path / "r.json"
+    proc = cli("train", "--model", "sasrec", "--data", DATA, "--epochs", "1", "--set", f"log-dir={tmp_path / 'lg'}",
+               "--checkpoint", str(ck), "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path) not in out.read_text()
+    assert (tmp_path / "lg" / "metrics.jsonl").exists()
+    one_error_line(cli("evaluate", str(ck), "--data", DATA, "--topk", "5"), "--topk does not apply")

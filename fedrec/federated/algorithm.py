@@ -507,6 +507,7 @@ class Algorithm:
             vgrad = vmap(grad_and_value(self._loss_fn(), has_aux=True), in_dims=(0, None, 0, None),
                          randomness="different")
             rng_state = torch.random.get_rng_state()
+            device_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
             # dropout draws depend on (seed, round, shard) only, not on what ran before in
             # this process (so a Ray actor serving several nodes gives the same result)
             torch.manual_seed(int(np.random.default_rng([cfg.seed, round, shard.key]).integers(2**62)))
@@ -559,6 +560,8 @@ class Algorithm:
                         for n, (layer, g) in self.layout.groups.items():
                             sums[n] += torch.tensordot(member[:, layer, g].to(params[n].dtype), params[n], dims=1)
             torch.random.set_rng_state(rng_state)
+            if device_rng is not None:  # manual_seed reseeded the GPU's generator too
+                torch.cuda.set_rng_state(device_rng, self.device)
         metrics = {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}
         if self.privacy is not None:
             # every round is a release for every user of the shard (sampling rate 1)
