@@ -498,6 +498,16 @@ def _exclusion_coords(
     return rows, cols
 
 
+def _mask_excluded(work: np.ndarray, exclude, n: int, width: int) -> None:
+    """Set the scores of each row's excluded items (``exclude``, see :func:`full_ranking_ranks`)
+    to ``-inf`` in place."""
+    coords = _exclusion_coords(exclude, n, width)
+    if isinstance(coords, np.ndarray):
+        work[coords] = -np.inf
+    else:
+        work[coords[0], coords[1]] = -np.inf
+
+
 def full_ranking_ranks(
     scores: ArrayLike, targets: ArrayLike, exclude: Any = None
 ) -> np.ndarray:
@@ -556,11 +566,7 @@ def full_ranking_ranks(
     target_scores = work[rows, t].copy()
     work[:, 0] = -np.inf
     if exclude is not None:
-        coords = _exclusion_coords(exclude, n, width)
-        if isinstance(coords, np.ndarray):
-            work[coords] = -np.inf
-        else:
-            work[coords[0], coords[1]] = -np.inf
+        _mask_excluded(work, exclude, n, width)
     work[rows, t] = target_scores  # the target is never excluded
     return _ranks_at(work, t).astype(np.float64)
 
@@ -785,11 +791,7 @@ def top_k_items(scores: ArrayLike, k: int, exclude: Any = None) -> np.ndarray:
     work[np.isnan(work)] = -np.inf
     work[:, 0] = -np.inf
     if exclude is not None:
-        coords = _exclusion_coords(exclude, n, width)
-        if isinstance(coords, np.ndarray):
-            work[coords] = -np.inf
-        else:
-            work[coords[0], coords[1]] = -np.inf
+        _mask_excluded(work, exclude, n, width)
     out = np.full((n, k), -1, dtype=np.int64)
     if n == 0 or width <= 1:
         return out
