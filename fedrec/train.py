@@ -144,7 +144,10 @@ class TrainConfig:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s parameters (or buffers; the CPU for a model with neither)."""
+    """The device of ``model``'s parameters (or buffers; the CPU for a model with neither, or
+    for a scorer that is no module)."""
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
     for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
