@@ -31,6 +31,16 @@ EXIT_USER_ERROR = 2
 DEFAULT_SIMULATION_DATA = "synthetic:users=600"
 
 
+def _check_outputs(*named, folder: bool = False) -> None:
+    """Refuse, before any work, outputs that cannot be written (``(option, path)`` pairs;
+    a None path is skipped): see :func:`fedrec.files.check_writable`."""
+    from fedrec.files import check_writable
+
+    for what, path in named:
+        if path is not None:
+            check_writable(path, what, folder=folder)
+
+
 def _checked_device(device: str) -> str:
     """``device`` if this machine has it (a one-line error otherwise, before any work)."""
     from fedrec.device import resolve_device
@@ -119,6 +129,11 @@ def data_partition(
             raise FedrecError(f"--partition must be iid, dirichlet or domain (got {partition!r})")
         if partition != "dirichlet" and alpha != 0.5:
             raise FedrecError("--alpha applies only to --partition dirichlet")
+        if clients < 1:
+            raise FedrecError(f"--clients must be >= 1 (got {clients})")
+        if seed < 0:
+            raise FedrecError(f"--seed must be >= 0 (got {seed})")
+        _check_outputs(("--out", out), folder=True)
         manifest = write_federation(spec, out, clients=clients, partition=partition, alpha=alpha, seed=seed,
                                     progress=not as_json and sys.stderr.isatty())
     except FedrecError as exc:
@@ -272,6 +287,7 @@ def train_command(
             from fedrec.logs import check_log_dir
 
             check_log_dir(log_dir)  # before any data is read
+        _check_outputs(("--out", out), ("--checkpoint", checkpoint), ("--resume", resume))
         resolved, split_table = _train_resolve(
             model, data, config, sets, task=task, protocol=protocol, epochs=epochs, seed=seed, lr=lr,
             batch_size=batch_size, device=device,
@@ -328,6 +344,7 @@ def evaluate_command(
         from fedrec.federated.model import evaluate_federated
 
         try:
+            _check_outputs(("--out", out))
             if data or protocols or negatives_file is not None or config:
                 raise FedrecError("a federated model folder is scored on its run's own data and protocol: "
                                   "--data/--protocol/--negatives-file/--config do not apply (use --node-config)")
@@ -340,6 +357,7 @@ def evaluate_command(
                                                  f"{result['clients']} ({result['task']}, {result['protocol']})"])
         return
     try:
+        _check_outputs(("--out", out))
         split = _centralised_split(data, config, federated_options=bool(clients or node_config))
         result = evaluate_saved(saved, split, protocols=list(protocols) if protocols else None,
                                 negatives_file=negatives_file, device=_checked_device(device), topk=topk)
@@ -488,10 +506,13 @@ def simulate_command(
     from fedrec.federated.runner import run_in_process
 
     try:
+        if clients is not None and clients < 1:
+            raise FedrecError(f"--clients must be >= 1 (got {clients})")
         if log_dir is not None:
             from fedrec.logs import check_log_dir
 
             check_log_dir(log_dir)  # before any data is read
+        _check_outputs(("--out", out))
         spec, resolved = _simulate_resolve(data, config, sets, federation, algorithm=algorithm, task=task, model=model,
                                            shards=clients, rounds=rounds, seed=seed, lr=lr, device=device, topk=topk,
                                            **{"target-epsilon": target_epsilon, "delta": delta,
@@ -499,6 +520,9 @@ def simulate_command(
                                               "batch-size": batch_size})
         if log_dir is not None:  # where the log goes is not an option of the run (not recorded)
             spec.federated.log_dir = str(log_dir)
+        _check_outputs(("run config 'out'", spec.out or None))
+        _check_outputs(("run config 'checkpoint-dir'", spec.checkpoint_dir or None),
+                       ("run config 'model-dir'", spec.model_dir or None), folder=True)
         if batch_size is not None and spec.algorithm != "unicdr":
             raise FedrecError(f"--batch-size applies to silo algorithms (unicdr); algorithm '{spec.algorithm}' trains "
                               "each user's own sequence per step (its vectorised chunk is --set chunk-size=N)")
@@ -554,6 +578,10 @@ def compare_command(
     try:
         if (config is None) == (config_option is None):
             raise FedrecError("give the comparison file once: as the CONFIG argument or as --config")
+        _check_outputs(("--out", out), folder=True)
+        for seed in seeds or []:
+            if seed < 0:
+                raise FedrecError(f"--seed must be >= 0 (got {seed})")
         config = config if config is not None else config_option
         if device is not None:
             _checked_device(device)
@@ -849,9 +877,14 @@ def _centralised_split(data: Optional[str], config: Optional[Path], *, federated
 
 
 def _write_json_atomic(obj: dict, path: Path) -> None:
+    """Write a result atomically; a place that refuses the file (checked up front, but a
+    file system can still refuse it: full, read-only, ``/proc``) is one line, exit 2."""
     from fedrec.files import write_json_atomic
 
-    write_json_atomic(obj, path)
+    try:
+        write_json_atomic(obj, path)
+    except OSError as exc:
+        _fail(FedrecError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})"))
 
 
 def _print_result(result: dict) -> None:

@@ -13,6 +13,7 @@ field keeps its type either way: a string option given a number takes its text
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -49,13 +50,18 @@ def _coerce(value: Any, kind: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no option means anything by inf or nan
+                raise ConfigError(f"{where}: option '{key}' must be a finite number (got {value!r})")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -102,6 +108,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: config file is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (a TOML config file is UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from None
 

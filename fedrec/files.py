@@ -18,7 +18,36 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["umask", "new_file_mode", "atomic_path", "write_text_atomic", "write_json_atomic"]
+__all__ = ["umask", "new_file_mode", "atomic_path", "write_text_atomic", "write_json_atomic", "check_writable"]
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output ``path`` that cannot be written: a file that is a
+    folder (or, with ``folder``, a folder that is a file), an existing one without write
+    permission, or one whose nearest existing parent is not a writable folder (missing
+    folders are created when the output is written). ``what`` names the option in the
+    one-line :class:`~fedrec.errors.ConfigError`. Nothing is created here."""
+    from fedrec.errors import ConfigError
+
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise ConfigError(f"{what} {path}: exists and is not a folder")
+        if not folder and path.is_dir():
+            raise ConfigError(f"{what} {path}: is a folder, not a file")
+        if not os.access(path, os.W_OK) or (folder and not os.access(path, os.X_OK)):
+            raise ConfigError(f"{what} {path}: is not writable")
+        if not folder and not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} {path}: its folder {path.parent} is not writable (the file is replaced atomically)")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: cannot be created ({parent} is not writable)")
+    return path
 
 
 def umask() -> int:

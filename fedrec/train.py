@@ -123,6 +123,11 @@ class TrainConfig:
                 raise ConfigError(f"train option '{name}' must be >= 1 (got {getattr(self, name)})")
         if self.patience < 0:
             raise ConfigError(f"train option 'patience' must be >= 0 (got {self.patience})")
+        for name in ("seed", "eval_seed"):  # numpy's generators take non-negative seeds only
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train option '{name.replace('_', '-')}' must be >= 0 (got {getattr(self, name)})")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train option 'weight-decay' must be >= 0 (got {self.weight_decay})")
         if self.lr <= 0:
             raise ConfigError(f"train option 'lr' must be > 0 (got {self.lr})")
         if self.stage_negatives < 0 or self.stage_negatives > self.negatives:
@@ -425,8 +430,11 @@ def routing_stats(model: nn.Module, examples: ExampleSet, previous: np.ndarray |
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:  # the mode open() would give, not mkstemp's 0600
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:  # the mode open() would give, not mkstemp's 0600
+            torch.save(obj, tmp)
+    except OSError as exc:  # checked up front, but a file system can still refuse it (full, read-only)
+        raise ConfigError(f"{path}: cannot be written ({exc.strerror or type(exc).__name__})") from exc
 
 
 #: options that do not change what is trained (a run may resume on another device, or log elsewhere)

@@ -61,12 +61,27 @@ def save_server(folder: str | Path, *, round: int, global_params: dict[str, torc
     return path
 
 
+def _load(path: Path, what: str) -> Any:
+    """``torch.load`` of a checkpoint file; an empty, truncated or foreign file is a one-line
+    :class:`ConfigError` naming it (not an unpickling traceback, nor a bare "Aborted.")."""
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path}: empty {what} file (a run killed while writing it? remove it to start afresh)")
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # any unreadable file gets the same message
+        raise ConfigError(f"{path}: not a readable {what} file ({type(exc).__name__}: truncated or not written by "
+                          "fedrec)") from exc
+
+
 def load_server(folder: str | Path) -> dict[str, Any]:
     """The server checkpoint in ``folder`` (a clear error when there is none)."""
     path = Path(folder) / SERVER_FILE
     if not path.is_file():
         raise ConfigError(f"resume: no server checkpoint {path}")
-    return torch.load(path, weights_only=False)
+    state = _load(path, "server checkpoint")
+    if not isinstance(state, dict) or not {"round", "global", "group_counts", "history"} <= set(state):
+        raise ConfigError(f"{path}: not a fedrec server checkpoint")
+    return state
 
 
 def _client_path(folder: str | Path, shard: int, round: int) -> Path:
@@ -89,7 +104,7 @@ def load_client(folder: str | Path, *, shard: int, round: int) -> dict[str, Any]
     path = _client_path(folder, shard, round)
     if not path.is_file():
         raise ConfigError(f"resume: no checkpoint of shard {shard} at round {round} ({path})")
-    return torch.load(path, weights_only=False)
+    return _load(path, "client checkpoint")
 
 
 def latest_client(folder: str | Path, *, shard: int, before: int) -> tuple[int, dict[str, Any]] | None:
@@ -106,7 +121,7 @@ def latest_client(folder: str | Path, *, shard: int, before: int) -> tuple[int, 
     if not rounds:
         return None
     r = max(rounds)
-    return r, torch.load(_client_path(folder, shard, r), weights_only=False)
+    return r, _load(_client_path(folder, shard, r), "client checkpoint")
 
 
 def save_client_model(folder: str | Path, *, client: int, round: int, state: dict[str, Any],
@@ -139,7 +154,7 @@ def load_model_dir(folder: str | Path, *, clients: list[str | Path] | None = Non
     if not path.is_file():
         raise ConfigError(f"{folder}: not a federated model folder (no {GLOBAL_FILE}; a run writes it with "
                           "--set model-dir=DIR)")
-    glob = torch.load(path, weights_only=False)
+    glob = _load(path, "global model")
     if not isinstance(glob, dict) or glob.get("kind") != "fedrec-global-model":
         raise ConfigError(f"{path}: not a fedrec global model")
     files = [Path(c) for c in clients] if clients else sorted(folder.glob("client-*.pt"),
@@ -151,7 +166,7 @@ def load_model_dir(folder: str | Path, *, clients: list[str | Path] | None = Non
     for f in files:
         if not f.is_file():
             raise ConfigError(f"{f}: client model file not found")
-        c = torch.load(f, weights_only=False)
+        c = _load(f, "client model")
         if not isinstance(c, dict) or c.get("kind") != "fedrec-client-model":
             raise ConfigError(f"{f}: not a fedrec client model")
         if int(c["round"]) != int(glob["round"]):

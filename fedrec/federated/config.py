@@ -117,6 +117,12 @@ class FederatedConfig:
                 raise ConfigError(f"federated option '{name}' must be >= 1 (got {getattr(self, name)})")
         if self.population < 0:
             raise ConfigError(f"federated option 'population' must be >= 0 (got {self.population})")
+        for name in ("seed", "eval_seed"):  # numpy's generators take non-negative seeds only
+            if getattr(self, name) < 0:
+                raise ConfigError(f"federated option '{name.replace('_', '-')}' must be >= 0 (got {getattr(self, name)})")
+        if self.dp_noise_seed < -1:
+            raise ConfigError(f"federated option 'dp-noise-seed' must be >= 0, or -1 to keep the noise secret "
+                              f"(got {self.dp_noise_seed})")
         if self.patience < 0:
             raise ConfigError(f"federated option 'patience' must be >= 0 (got {self.patience})")
         if self.optimizer not in ("adam", "sgd"):
@@ -127,6 +133,10 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"federated option 'fraction' must be in (0, 1] (got {self.fraction})")
+        if self.population and self.fraction * self.population < 1:
+            raise ConfigError(f"federated option 'fraction' {self.fraction} selects on average "
+                              f"{self.fraction * self.population:.2g} of the {self.population} users per round: "
+                              "most rounds would train nobody (raise it to at least 1 / population)")
         for name in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"federated option '{name}' must be >= 0 (got {getattr(self, name)})")

@@ -254,4 +254,8 @@ def run_in_process(spec: RunSpec, *, app_dir: str | Path | None = None, progress
         result = json.loads(out.read_text())
     result["config"]["out"] = spec.out
     result["runtime"] = "in-process"
+    if spec.out:  # the run config's own 'out', as the ServerApp writes it in a deployment
+        from fedrec.files import write_json_atomic
+
+        write_json_atomic(result, spec.out)
     return result

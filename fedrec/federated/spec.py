@@ -81,6 +81,8 @@ class RunSpec:
             raise ConfigError(f"run config 'partition' must be one of {', '.join(_PARTITIONS)} (got {self.partition!r})")
         if self.shards < 0:
             raise ConfigError(f"run config 'shards' must be >= 0 (got {self.shards})")
+        if self.partition_seed < 0:
+            raise ConfigError(f"run config 'partition-seed' must be >= 0 (got {self.partition_seed})")
         if self.min_nodes < 0:
             raise ConfigError(f"run config 'min-nodes' must be >= 0 (got {self.min_nodes})")
         if self.shards and self.min_nodes > self.shards:
