@@ -112,8 +112,14 @@ def main(grid: Grid, context: Context) -> None:
     initial, done, counts = init["arrays"], 0, None
     if spec.resume:  # continue from the last checkpoint (see fedrec.federated.checkpoint)
         saved = load_server(spec.checkpoint_dir)
+        history.load_state_dict(saved["history"])  # refuses a checkpoint of another run
+        fresh = {k: tuple(v.shape) for k, v in record_to_params(init["arrays"]).items()}
+        kept = {k: tuple(v.shape) for k, v in saved["global"].items()}
+        if fresh != kept:
+            first = next((k for k in sorted(set(fresh) | set(kept)) if fresh.get(k) != kept.get(k)), "?")
+            raise ConfigError(f"resume: the checkpoint's model has another shape ({first}: {kept.get(first)} there, "
+                              f"{fresh.get(first)} here)")
         initial, done, counts = params_to_record(saved["global"]), int(saved["round"]), saved["group_counts"]
-        history.load_state_dict(saved["history"])
     num_nodes = spec.shards or len(nodes)
     central = None
     if spec.central_dp:

@@ -106,3 +106,30 @@ def test_the_run_configs_own_out_is_written(tmp_path, monkeypatch):
     import json
 
     assert json.loads(out.read_text())["rounds"] == 1
+
+
+def test_a_resume_of_another_run_is_refused(tmp_path, monkeypatch):
+    """A federated resume must come from the same run: another seed, model option or data is
+    refused naming the key; fewer rounds than the checkpoint trained is refused; the same
+    run (more rounds) resumes."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    ck = tmp_path / "ck"
+    base = ["simulate", "--data", D, "--set", "model.dim=16", "--set", f"checkpoint-dir={ck}",
+            "--set", "checkpoint-every=1"]
+    first = CliRunner().invoke(app, [*base, "--rounds", "2"])
+    assert first.exit_code == 0, first.output
+    server = (ck / "server.pt").read_bytes()
+    for argv, words in (
+        ([*base, "--rounds", "3", "--seed", "1", "--set", "resume=true"], ["another run", "seed = 0 there, 1 here"]),
+        ([*base, "--rounds", "3", "--set", "model.dim=32", "--set", "resume=true"], ["another run", "model.dim"]),
+        (["simulate", "--data", "synthetic:users=61,items=40", *base[3:], "--rounds", "3", "--set", "resume=true"],
+         ["another run", "data"]),
+        ([*base, "--rounds", "1", "--set", "resume=true"], ["trained 2 rounds", "more than this run's rounds (1)"]),
+    ):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        line = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(line) == 1 and all(w in line[0] for w in words), (argv, result.stderr)
+        assert (ck / "server.pt").read_bytes() == server  # the checkpoint is untouched
+    again = CliRunner().invoke(app, [*base, "--rounds", "3", "--set", "resume=true", "--json"])
+    assert again.exit_code == 0, again.output

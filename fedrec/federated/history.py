@@ -10,11 +10,17 @@ import math
 import time
 from typing import Any
 
+from fedrec.errors import ConfigError
 from fedrec.federated.spec import RunSpec
 from fedrec.logs import RunLog
 from fedrec.train import selection_metric
 
 __all__ = ["RunHistory"]
+
+#: run options a resumed run may change: where files go, how long to wait, how far to go,
+#: where clients compute
+_RESUME_FREE = ("rounds", "out", "checkpoint-dir", "checkpoint-every", "resume", "model-dir", "min-nodes",
+                "round-timeout", "device", "log-dir", "patience")
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -72,14 +78,32 @@ class RunHistory:
             if self.spec.federated.patience and self.stale >= self.spec.federated.patience:
                 self.stopped = True
 
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the run that wrote the checkpoint: every run
+        option but those that only say where files go, how long to wait, or how far to go."""
+        return {k: v for k, v in self.spec.to_flat().items() if k not in _RESUME_FREE}
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the history after a restart (JSON-able)."""
         return {"rounds": self.rounds, "best-round": None if self.best is None else self.best["round"],
                 "best-score": self.best_score, "stale": self.stale, "stopped": self.stopped,
-                "elapsed": time.perf_counter() - self.start}
+                "elapsed": time.perf_counter() - self.start, "identity": self.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`."""
+        """Inverse of :meth:`state_dict`; a checkpoint of another run (another model, options,
+        seed, data, ...) or one that went past this run's ``rounds`` is a one-line
+        :class:`~fedrec.errors.ConfigError` naming the first key that differs."""
+        saved = state.get("identity")
+        if saved is not None:  # checkpoints written before identities existed are not checked
+            mine = self.identity()
+            for key in sorted(set(saved) | set(mine)):
+                if saved.get(key) != mine.get(key):
+                    raise ConfigError(f"resume: the checkpoint is of another run ({key} = {saved.get(key)!r} there, "
+                                      f"{mine.get(key)!r} here)")
+        trained = max((int(r["round"]) for r in state["rounds"] if "train" in r), default=0)
+        if trained > self.spec.federated.rounds:
+            raise ConfigError(f"resume: the checkpoint has trained {trained} rounds, more than this run's rounds "
+                              f"({self.spec.federated.rounds})")
         self.rounds = state["rounds"]
         self.best = next((r for r in self.rounds if r["round"] == state["best-round"]), None)
         self.best_score, self.stale, self.stopped = state["best-score"], state["stale"], state["stopped"]
