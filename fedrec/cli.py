@@ -531,6 +531,8 @@ def simulate_command(
     except FedrecError as exc:
         _fail(exc)
     result["resolved"] = resolved.record()
+    if spec.out:  # the run config's own 'out' gets the same JSON as --out
+        _write_json_atomic(result, Path(spec.out))
     _report_federated(result, out, as_json, [
         f"{result['algorithm']} on {result['data']} ({result['task']}), {result['rounds']} rounds, "
         f"{result['nodes']} client(s), {result['seconds']} s",

@@ -133,3 +133,22 @@ def test_a_resume_of_another_run_is_refused(tmp_path, monkeypatch):
         assert (ck / "server.pt").read_bytes() == server  # the checkpoint is untouched
     again = CliRunner().invoke(app, [*base, "--rounds", "3", "--set", "resume=true", "--json"])
     assert again.exit_code == 0, again.output
+
+
+def test_a_resume_with_another_patience_stops_as_that_patience_says(tmp_path, monkeypatch):
+    """`patience` may change on a resume, and then counts: a run stopped early by patience 1
+    continues to its rounds when resumed with patience 0 (never stop)."""
+    import json
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    ck = tmp_path / "ck"
+    base = ["simulate", "--data", D, "--set", "model.dim=16", "--set", f"checkpoint-dir={ck}",
+            "--set", "checkpoint-every=1", "--set", "eval-every=1", "--json"]
+    first = CliRunner().invoke(app, [*base, "--rounds", "4", "--set", "patience=1"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, [*base, "--rounds", "5", "--set", "patience=0", "--set", "resume=true"])
+    assert again.exit_code == 0, again.output
+    stopped_at = json.loads(first.stdout.strip().splitlines()[-1])["rounds"]
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    assert [r["round"] for r in result["history"] if "train" in r] == [1, 2, 3, 4, 5], (stopped_at, result["history"])
+    assert stopped_at < 4  # patience 1 did stop the first run early on this data (else the test shows nothing)

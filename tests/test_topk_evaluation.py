@@ -168,3 +168,35 @@ def test_a_saved_federated_model_is_scored_again_at_another_k_list(tmp_path):
     assert three["test"]["mrr"] == run["test"]["mrr"]  # no cut-off: the same model's same ranks
     with pytest.raises(ConfigError, match="federated option 'topk': K must be a positive integer"):
         evaluate_federated(tmp_path / "m", topk="0")
+
+
+class _FiveFirst(torch.nn.Module):
+    """Scores raw item 5 highest, then raw item i as 10 - i (by the split's raw ids)."""
+
+    def __init__(self, item_raw):
+        super().__init__()
+        raw = torch.as_tensor(item_raw, dtype=torch.float64)
+        self.scores = torch.where(raw == 5, torch.tensor(100.0, dtype=torch.float64), 10 - raw)
+        self.scores[0] = -1e9  # padding
+
+    def score_all(self, batch):
+        return self.scores.expand(len(batch["user"]), -1)
+
+
+def test_a_held_out_item_that_is_also_in_the_history_is_ranked_in_the_same_list():
+    """User 1: items 5 6 7 8 | 4 3 | 1 5 (item 5 again in test). Its two test items are ranked
+    in one list from which only the history items that are not held out are removed
+    (RecBole's history_item = used_item - positive_item): 5 first, 1 second."""
+    rows = pd.DataFrame({"user": [1] * 8, "item": [5, 6, 7, 8, 4, 3, 1, 5], "time": list(range(1, 9))})
+    sp = split_dataset(Dataset("t", Interactions.from_frame(rows, source="t")),
+                       SplitConfig(method="ratio", ratios=[0.5, 0.25, 0.25]))
+    test = build_examples(sp, task="next_item", stage="test", max_len=5)
+    indptr, items = test.exclusions()
+    raw = set(sp.item_raw[items].tolist())
+    assert raw == {6, 7, 8, 4, 3}  # 5 is held out: rankable although it is in the history
+    out = evaluate(_FiveFirst(sp.item_raw), test, task="next_item", topk=(1, 2))
+    assert all(v <= 1 + 1e-9 for k, v in out.items() if v is not None and not k.startswith("coverage")), out
+    assert out["hr@1"] == 1 and out["precision@1"] == 1 and out["recall@1"] == pytest.approx(0.5)
+    assert out["ndcg@1"] == pytest.approx(1) and out["map@1"] == pytest.approx(1)
+    assert out["precision@2"] == 1 and out["recall@2"] == 1 and out["ndcg@2"] == pytest.approx(1)
+    assert out["map@2"] == pytest.approx(1)

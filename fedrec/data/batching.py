@@ -148,7 +148,19 @@ class ExampleSet:
         lengths = ends - starts
         indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         idx = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
-        return indptr, k_item[idx]
+        items = k_item[idx]
+        if target_groups(self) is not None:
+            # a ratio split holds several items out per user: those that also occur in the
+            # history stay rankable (RecBole's history_item = used_item - positive_item), so
+            # every held-out item of a user is ranked in the same one list
+            width = sp.n_items + 1
+            users = np.asarray(self.users, dtype=np.int64)
+            held = np.unique(users * width + sp.item[self.target_rows[:, -1]])
+            owner = np.repeat(np.arange(len(self)), lengths)
+            keep = ~np.isin(users[owner] * width + items, held)
+            items = items[keep]
+            indptr = np.concatenate([[0], np.cumsum(np.bincount(owner[keep], minlength=len(self)))]).astype(np.int64)
+        return indptr, items
 
 
 def _last_rows(rows: np.ndarray, group: np.ndarray, n_groups: int, width: int, skip_last: int = 0) -> np.ndarray:

@@ -47,9 +47,23 @@ class RunHistory:
         self.stale = 0
         self.stopped = False
         self.start = time.perf_counter()
-        #: the experiment log of the rounds (the run config's ``log-dir``; see :mod:`fedrec.logs`)
-        self.log = RunLog(spec.federated.log_dir or None, kind="round",
-                          run={"command": "simulate", **{k: v for k, v in spec.to_flat().items() if k != "log-dir"}})
+        #: the experiment log of the rounds (the run config's ``log-dir``; see :mod:`fedrec.logs`),
+        #: opened at its first line, after a resumed checkpoint was checked
+        self._log: RunLog | None = None
+
+    @property
+    def log(self) -> RunLog:
+        """The run's experiment log (opened on first use)."""
+        if self._log is None:
+            self._log = RunLog(self.spec.federated.log_dir or None, kind="round",
+                               run={"command": "simulate",
+                                    **{k: v for k, v in self.spec.to_flat().items() if k != "log-dir"}})
+        return self._log
+
+    def close(self) -> None:
+        """Close the experiment log (idempotent)."""
+        if self._log is not None:
+            self._log.close()
 
     def record_train(self, round: int, metrics: dict[str, Any]) -> None:
         """Training metrics of ``round`` (loss, users)."""
@@ -106,7 +120,13 @@ class RunHistory:
                               f"({self.spec.federated.rounds})")
         self.rounds = state["rounds"]
         self.best = next((r for r in self.rounds if r["round"] == state["best-round"]), None)
-        self.best_score, self.stale, self.stopped = state["best-score"], state["stale"], state["stopped"]
+        self.best_score = state["best-score"]
+        # patience may differ from the saved run's: count the evaluations since the best round
+        # again and stop (or not) under this run's patience
+        best_round = self.best["round"] if self.best is not None else 0
+        self.stale = sum(1 for r in self.rounds if "valid" in r and r["round"] > best_round)
+        patience = self.spec.federated.patience
+        self.stopped = bool(patience and self.stale >= patience)
         self.start = time.perf_counter() - state["elapsed"]
 
     def should_evaluate(self, round: int) -> bool:
@@ -116,7 +136,7 @@ class RunHistory:
     def result(self) -> dict[str, Any]:
         """The run's JSON-ready summary: ``valid``/``test`` at the best round, ``history``
         (closes the experiment log)."""
-        self.log.close()
+        self.close()
         best = self.best or {}
         test = dict(best.get("test", {}))
         privacy = None
