@@ -47,8 +47,9 @@ import numpy as np
 import pandas as pd
 
 from fedrec.data.interactions import Dataset, Interactions
-from fedrec.data.io import float_column, int_column, missing_cells, read_table, time_column
+from fedrec.data.io import float_column, int_column, missing_cells, read_table
 from fedrec.data.sources import SOURCES
+from fedrec.data.sources.tabular import event_columns
 from fedrec.data.spec import Options, SourceSpec
 from fedrec.errors import DataError, SpecError
 
@@ -207,28 +208,13 @@ def _load(spec: SourceSpec, options: Options) -> Dataset:
         if fields["label"] is not None:
             raise SpecError(f"{spec.text}: give either 'label' or 'threshold', not both")
         used.pop("label", None)  # the threshold's label replaces a label field
-    for key in ("user", "item"):
-        missing_cells(frame, used[key], lines, path)
+    for key in ("user", "item", "time"):
+        if key in used:
+            missing_cells(frame, used[key], lines, path)
     users = _Ids(frame, used["user"], lines, path, ids_mode)
     items = _Ids(frame, used["item"], lines, path, ids_mode)
     table = pd.DataFrame({"user": users.values, "item": items.values})
-    if "time" in used:
-        missing_cells(frame, used["time"], lines, path)
-        table["time"] = time_column(frame, used["time"], lines, path)
-    else:
-        table["time"] = table.groupby("user").cumcount().to_numpy()
-    if "rating" in used:
-        table["rating"] = float_column(frame, used["rating"], lines, path)
-    if "label" in used:
-        label = float_column(frame, used["label"], lines, path)
-        bad = ~np.isin(label, (0.0, 1.0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError("label must be 0 or 1", file=path, row=int(lines[i]), column=used["label"],
-                            value=frame[used["label"]].iloc[i])
-        table["label"] = label.astype(np.int8)
-    elif threshold is not None:
-        table["label"] = (table["rating"].to_numpy() >= threshold).astype(np.int8)
+    event_columns(table, frame, used, lines, path, threshold=threshold)
     user_features = item_features = None
     side: dict[str, str] = {}
     if with_features:

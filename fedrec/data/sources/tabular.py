@@ -93,22 +93,7 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
             table[field] = codes.astype(np.int64)
         else:
             table[field] = int_column(frame, column, lines, path)
-    if "time" in used:  # numbers, or ISO 8601 dates / date-times (seconds since the epoch, UTC)
-        table["time"] = time_column(frame, used["time"], lines, path)
-    else:
-        table["time"] = table.groupby("user").cumcount().to_numpy()
-    if "rating" in used:
-        table["rating"] = float_column(frame, used["rating"], lines, path)
-    if "value" in used:
-        table["value"] = float_column(frame, used["value"], lines, path)
-    if "label" in used:
-        table["label"] = int_column(frame, used["label"], lines, path)
-        bad = ~np.isin(table["label"].to_numpy(), (0, 1))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError("label must be 0 or 1", file=path, row=int(lines[i]), column=used["label"], value=frame[used["label"]].iloc[i])
-    elif threshold is not None:
-        table["label"] = (table["rating"].to_numpy() >= threshold).astype(np.int8)
+    event_columns(table, frame, used, lines, path, threshold=threshold)
     for field in ("domain", "split"):
         if field in used:
             table[field] = frame[used[field]].astype(str).str.strip().to_numpy()
@@ -116,6 +101,33 @@ def _load(spec: SourceSpec, options: Options, *, parquet: bool) -> Dataset:
     users = _user_features(user_features, path) if user_features else None
     return Dataset(spec.text, Interactions.from_frame(table, source=str(path)), user_features=users,
                    meta={"format": fmt, "columns": used})
+
+
+def event_columns(table: pd.DataFrame, frame: pd.DataFrame, used: dict[str, str], lines: np.ndarray, path,
+                  *, threshold: float | None = None) -> None:
+    """Fill ``table`` (which holds ``user`` and ``item``) with the canonical ``time``,
+    ``rating``, ``value`` and ``label`` columns read from ``frame``'s columns named in
+    ``used`` (the tabular and RecBole atomic sources share this): ``time`` numbers or ISO
+    8601 dates (seconds since the epoch, UTC), else each user's row order; ``label`` 0/1
+    (a one-line :class:`DataError` naming the first other value), else ``rating >=
+    threshold`` when a threshold is given."""
+    if "time" in used:
+        table["time"] = time_column(frame, used["time"], lines, path)
+    else:
+        table["time"] = table.groupby("user").cumcount().to_numpy()
+    for field in ("rating", "value"):
+        if field in used:
+            table[field] = float_column(frame, used[field], lines, path)
+    if "label" in used:
+        label = float_column(frame, used["label"], lines, path)
+        bad = ~np.isin(label, (0.0, 1.0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError("label must be 0 or 1", file=path, row=int(lines[i]), column=used["label"],
+                            value=frame[used["label"]].iloc[i])
+        table["label"] = label.astype(np.int8)
+    elif threshold is not None:
+        table["label"] = (table["rating"].to_numpy() >= threshold).astype(np.int8)
 
 
 #: delimiters a header line may hold when ``sep`` is not given: (character, its spelling in a spec)
