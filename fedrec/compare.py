@@ -174,14 +174,20 @@ def apply_overrides(cfg: dict[str, Any], sets: dict[str, Any]) -> dict[str, Any]
         if kebab not in train_keys and kebab not in run_keys:
             raise ConfigError(f"--set {raw}: unknown option '{key}' (training options: {', '.join(sorted(train_keys))}; "
                               f"run-config keys: {', '.join(sorted(run_keys))}; model options as model.KEY)")
+        taken = 0
         for run in cfg["runs"]:
             algorithm = run.get("algorithm", cfg.get("federated", {}).get("algorithm"))
             if kebab == "batch-size" and run["kind"] == "federated" and algorithm != "unicdr":
                 continue  # only silo algorithms train in minibatches
             if run["kind"] == "federated" and kebab in run_keys:
                 run[kebab] = value
+                taken += 1
             elif run["kind"] == "centralised" and kebab in train_keys:
                 run["train"] = {**run.get("train", {}), kebab: value}
+                taken += 1
+        if not taken:  # accepted and then ignored would be worse than refused
+            kinds = sorted({r["kind"] for r in cfg["runs"]})
+            raise ConfigError(f"--set {raw}: no row of this comparison takes '{key}' (its rows are {' and '.join(kinds)})")
     return cfg
 
 

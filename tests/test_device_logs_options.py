@@ -280,3 +280,16 @@ def test_log_folder_and_checkpoint_are_not_recorded_and_ctr_refuses_topk(tmp_pat
     assert str(tmp_path) not in out.read_text()
     assert (tmp_path / "lg" / "metrics.jsonl").exists()
     one_error_line(cli("evaluate", str(ck), "--data", DATA, "--topk", "5"), "--topk does not apply")
+
+
+def test_compare_refuses_an_option_that_no_row_takes():
+    """`fedrec compare --epochs 5` on a file of federated rows only would be ignored: refused."""
+    from fedrec.compare import apply_overrides
+
+    cfg = {"runs": [{"name": "fed", "kind": "federated", "algorithm": "mrff"}], "federated": {}}
+    with pytest.raises(ConfigError, match="no row of this comparison takes 'epochs'.*federated"):
+        apply_overrides(cfg, {"epochs": 5})
+    with pytest.raises(ConfigError, match="takes 'batch-size'"):  # per-user engine: no minibatches
+        apply_overrides(cfg, {"batch-size": 64})
+    assert apply_overrides(cfg, {"rounds": 3})["runs"][0]["rounds"] == 3
+    assert "rounds" not in cfg["runs"][0]  # the loaded comparison is not changed in place
