@@ -154,13 +154,6 @@ def check_federated(name: str, task: str, split, device: str, options: dict[str,
     return out
 
 
-def _write_atomic(obj: Any, path: Path) -> None:
-    from fedrec.files import write_json_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(obj, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -178,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedrec.data.split import split_dataset
     from fedrec.device import resolve_device
     from fedrec.errors import FedrecError
+    from fedrec.files import write_json_atomic
     from fedrec.models.registry import MODELS
 
     try:
@@ -218,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               "train_tol": args.train_tol, "models": rows, "federated": fed,
               "all_ok": all(r["ok"] for r in rows) and all(f["ok"] for f in fed)}
     out = args.out or ROOT / "simulations" / "results" / f"check_device_{device.replace(':', '')}.json"
-    _write_atomic(report, out)
+    write_json_atomic(report, out)  # missing folders are created
     failed = [f"{r['model']}/{r['task']}" for r in rows if not r["ok"]] + \
              [f"{f['model']}/{f['task']} (federated)" for f in fed if not f["ok"]]
     print(f"{len(rows)} model checks, {len(fed)} federated rounds on {device}: "

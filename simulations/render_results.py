@@ -1198,12 +1198,6 @@ def stale_sections(committed: str) -> list[str]:
     return stale
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from fedrec.files import write_text_atomic
-
-    write_text_atomic(path, text)  # the mode open() would give
-
-
 def main(argv: list[str] | None = None) -> int:
     """Write the page (or, with ``--check``, say whether the committed one is stale)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1229,7 +1223,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out}: up to date")
             return 0
         text = render()
-        _atomic_write(args.out, text)
+        from fedrec.files import write_text_atomic
+
+        write_text_atomic(args.out, text)  # the mode open() would give
     except (KeyError, FileNotFoundError, json.JSONDecodeError) as exc:
         print(f"render_results: error: {exc}", file=sys.stderr)
         return 2
