@@ -84,9 +84,12 @@ def test_model_moves_its_plain_tensor_attributes():
     assert model._start_noise.dtype == torch.float64
     assert split.item_features is not None  # synthetic data has item attributes
     m = create_model("sasrec", ModelData.from_split(split), {"dim": 16, "item-repr": "both"}, task="ctr")
-    m.to("cpu").double()  # feature code tables are plain attributes; they stay integer under .double()
+    m.double()  # feature code tables are plain attributes; they stay integer under .double()
     codes = [v for mod in m.modules() for v in vars(mod).values() if torch.is_tensor(v)]
     assert codes and all(not c.is_floating_point() for c in codes)
+    m.to("meta")  # and they follow the model to another device
+    moved = [v for mod in m.modules() for v in vars(mod).values() if torch.is_tensor(v)]
+    assert len(moved) == len(codes) and all(c.is_meta for c in moved)
 
 
 #: models whose forward reads data-dependent values (nonzero, .item(), a host-side cache),
