@@ -131,7 +131,8 @@ def main(grid: Grid, context: Context) -> None:
                                  num_nodes=num_nodes, round_offset=done, group_counts=counts, central=central,
                                  checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None,
                                  min_nodes=spec.min_nodes,
-                                 node_clients={n: int(i.get("client", -1)) for n, i in infos.items()})
+                                 node_clients={n: int(i.get("client", -1)) for n, i in infos.items()},
+                                 robust=(spec.robust, spec.robust_fraction, spec.robust_norm))
     inner = strategy
     if central is not None:  # client-level DP with Flower's wrapper (fedrec.federated.privacy)
         strategy = CentralDPFixedClipping(strategy, noise_multiplier=central[0], clipping_norm=spec.central_clipping_norm,
@@ -144,6 +145,8 @@ def main(grid: Grid, context: Context) -> None:
     result = history.result()
     result["nodes"] = spec.shards or len(nodes)
     result["data"], result["node_data"] = _nodes_data(infos)
+    if spec.attack_fraction > 0 or spec.attack_target:
+        result["attack"] = _attack_record(spec, infos)
     if alignment is not None:
         result["alignment"] = {"method": "private set intersection (DH, P-256)", "common_users": alignment["common"]}
     if spec.model_dir:
@@ -151,6 +154,17 @@ def main(grid: Grid, context: Context) -> None:
         result["model_dir"] = spec.model_dir
     if spec.out:
         write_json_atomic(result, spec.out)  # the mode open() would give, not mkstemp's 0600
+
+
+def _attack_record(spec: RunSpec, infos: dict[int, dict]) -> dict:
+    """The attack simulation of the run, for its result: the attack, its malicious clients
+    (as the nodes report them), the target item and the defence."""
+    targets = sorted({str(i["attack-target"]) for i in infos.values() if "attack-target" in i})
+    return {"attack": spec.attack, "fraction": spec.attack_fraction,
+            "scale": spec.attack_scale if spec.attack in ("scale", "item-promotion") else None,
+            "malicious-clients": sorted(int(i.get("client", -1)) for i in infos.values() if i.get("malicious")),
+            "target": targets[0] if len(targets) == 1 else targets,
+            "robust": spec.robust, "robust-fraction": spec.robust_fraction, "robust-norm": spec.robust_norm}
 
 
 def _save_model(grid: Grid, spec: RunSpec, strategy: RoleAwareStrategy, layout) -> None:

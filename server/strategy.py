@@ -6,6 +6,9 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
   participation is drawn inside the clients, identically in every runtime).
 * ``aggregate_train``: public parameters = weighted sum / weight; each group = sum over its
   members / members, unchanged when nobody chose it.
+* With ``robust=(method, fraction, norm)`` the weighted means are replaced, role by role,
+  by a robust aggregate (median, trimmed mean, Krum, Multi-Krum, norm bound:
+  :func:`fedrec.federated.robust.robust_aggregate`).
 * ``aggregate_evaluate``: pooled valid/test metrics from client summaries; the best round on
   validation and early stopping are tracked in :class:`fedrec.federated.history.RunHistory`.
 * With ``central=(noise_multiplier, delta)`` (central DP: the strategy is wrapped by
@@ -41,6 +44,7 @@ from fedrec.federated.history import RunHistory
 from fedrec.federated.layout import Layout
 from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
 from fedrec.federated.privacy import central_epsilon
+from fedrec.federated.robust import robust_aggregate
 
 __all__ = ["RoleAwareStrategy", "CentralDPFixedClipping"]
 
@@ -55,7 +59,7 @@ class RoleAwareStrategy(FedAvg):
     def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int, round_offset: int = 0,
                  group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None,
                  central: tuple[float, float] | None = None, min_nodes: int = 0,
-                 node_clients: dict[int, int] | None = None) -> None:
+                 node_clients: dict[int, int] | None = None, robust: tuple[str, float, float] | None = None) -> None:
         self.min_nodes = min_nodes or num_nodes
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=self.min_nodes,
                          min_evaluate_nodes=self.min_nodes, min_available_nodes=self.min_nodes)
@@ -73,6 +77,8 @@ class RoleAwareStrategy(FedAvg):
         self.round_offset = round_offset
         self.checkpoint = checkpoint
         self.central = central
+        #: the defence ``(method, fraction, norm)`` (:mod:`fedrec.federated.robust`), or None
+        self.robust = robust if robust and robust[0] != "none" else None
         self._global: dict[str, torch.Tensor] | None = None
         self._latest: dict[str, torch.Tensor] | None = None
         self._saved_round = round_offset
@@ -147,7 +153,12 @@ class RoleAwareStrategy(FedAvg):
             return None, None  # stopped early: the remaining rounds send nothing
         replies, nodes = self._check(replies, "train", server_round + self.round_offset)
         uploads = replies_to_uploads(replies, self.layout)
-        new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
+        if self.robust is not None:
+            method, fraction, norm = self.robust
+            new, counts, metrics = robust_aggregate(self.layout, self._global, uploads, method=method,
+                                                    fraction=fraction, norm=norm)
+        else:
+            new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
         if self.central is not None:
             # the uploads are the clients' (clipped) mean models: equal-weight average
             new = {n: (sum(u.sums[n].to(torch.float64) for u in uploads) / len(uploads)).to(self._global[n].dtype)

@@ -263,6 +263,9 @@ class Algorithm:
         #: tensor live there during a round; what a client keeps and uploads is on the CPU
         self.device = resolve_device(self.config.device)
         self.template.to(self.device)
+        #: what a simulated malicious client does to its training batch before training
+        #: (:func:`fedrec.federated.robust.poison_batch`); None: trains on its data as it is
+        self.batch_transform = None
         self._item_tables = {n: (key, None if r is None else r.to(self.device))
                              for n, (key, r) in self._compact_tables().items()}
 
@@ -504,6 +507,8 @@ class Algorithm:
                        if self.task == "next_item" else None)
             batch = next(iterate_batches(examples, batch_size=len(examples),
                                          num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
+            if self.batch_transform is not None:
+                batch = self.batch_transform(batch)
             vgrad = vmap(grad_and_value(self._loss_fn(), has_aux=True), in_dims=(0, None, 0, None),
                          randomness="different")
             rng_state = torch.random.get_rng_state()

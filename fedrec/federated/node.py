@@ -93,6 +93,10 @@ class _Node:
     data: NodeData
     alg: Algorithm
     shard: Shard
+    #: a simulated malicious client (run option ``attack-fraction``)
+    malicious: bool = False
+    #: the catalogue index of the item whose exposure is measured (0: none)
+    target: int = 0
 
     @property
     def client(self) -> int:
@@ -129,7 +133,25 @@ def build_node(spec: RunSpec, node_config: dict[str, Any]) -> _Node:
     alg = create_algorithm(spec.algorithm, nd.split, task=spec.task, model=spec.model or None,
                            model_options=spec.model_options, config=config)
     check_transport(spec, alg.layout, alg.name)
-    return _Node(nd, alg, alg.make_shard(np.arange(1, nd.split.n_users + 1)))
+    node = _Node(nd, alg, alg.make_shard(np.arange(1, nd.split.n_users + 1)))
+    _set_attack(node, spec, node_config)
+    return node
+
+
+def _set_attack(node: _Node, spec: RunSpec, node_config: dict[str, Any]) -> None:
+    """Whether this node is a simulated malicious client, its target item, and what it does
+    to its training batches (:mod:`fedrec.federated.robust`)."""
+    from fedrec.federated import robust
+
+    if not (spec.attack_fraction > 0 or spec.attack_target):
+        return
+    node.target = robust.target_index(node.data.split, spec.attack_target, seed=spec.federated.seed)
+    if spec.attack_fraction > 0:
+        clients = int(spec.shards or node_config.get("shards", node_config.get("num-partitions", 0)) or 0)
+        bad = robust.malicious_clients(seed=spec.federated.seed, fraction=spec.attack_fraction, clients=clients)
+        node.malicious = node.client in set(bad.tolist())
+    if node.malicious:
+        node.alg.batch_transform = robust.poison_batch(spec.attack, node.target)
 
 
 def check_transport(spec: RunSpec, layout: Layout, algorithm: str) -> None:
@@ -209,6 +231,9 @@ def _save_model(node: _Node, spec: RunSpec, context: Context, best_round: int) -
 def client_info(node: _Node) -> ConfigRecord:
     """What a node tells the server about its data (for the run's record)."""
     info = {k: v for k, v in node.data.info.items() if isinstance(v, (int, float, str, bool))}
+    if node.target:
+        info["attack-target"] = str(node.data.split.item_raw[node.target])
+        info["malicious"] = bool(node.malicious)
     if getattr(node.alg, "needs_alignment", False):
         info["align"] = True  # the server runs the private set intersection first
     return ConfigRecord(info)
@@ -342,6 +367,10 @@ def _train_round(node: _Node, spec: RunSpec, context: Context, global_params: Pa
         counts = None
     state = _local_state(node, context, spec=spec, round=rnd)
     upload, state, _ = alg.client_update(global_params, state, node.shard, round=rnd, group_counts=counts)
+    if node.malicious and (spec.attack == "scale" or (spec.attack == "item-promotion" and spec.attack_scale != 1)):
+        from fedrec.federated.robust import boost_upload
+
+        upload = boost_upload(alg.layout, global_params, upload, spec.attack_scale)
     state.raw_users = node.data.split.user_raw[state.users]
     context.state[_PRIVATE] = ArrayRecord(state.state_dict())
     _set_meta(context, state_round=rnd)
@@ -477,8 +506,16 @@ def client_evaluate(msg: Message, context: Context) -> RecordDict:
     # a node restarted since it last trained restores its latest checkpoint of this round or before
     state = _local_state(node, context, spec=spec, round=int(config.get("round", 0)) + 1)
     counts = torch.tensor(list(config.get("group-counts", [])), dtype=torch.float64)
-    return RecordDict({"metrics": MetricRecord(evaluation_summary(node.alg, node.shard, global_params, state,
-                                                                  client=node.client, group_counts=counts))})
+    # a simulated malicious client is not evaluated: the pooled metrics are the honest users'
+    shard = node.alg.make_shard(np.zeros(0, dtype=np.int64)) if node.malicious else node.shard
+    summary = evaluation_summary(node.alg, shard, global_params, state, client=node.client, group_counts=counts)
+    if node.target:
+        from fedrec.federated.robust import exposure_summary
+
+        exposure = exposure_summary(node.alg, shard, global_params, state, target=node.target,
+                                    ks=node.alg.config.topk, group_counts=counts)
+        summary.update({f"test.{k}": v for k, v in exposure.items()})
+    return RecordDict({"metrics": MetricRecord(summary)})
 
 
 def evaluation_summary(alg: Algorithm, shard: Shard, global_params: Params, state: LocalState, *,
@@ -546,5 +583,9 @@ def combine_evaluation(replies: Iterable[Message]) -> dict[str, dict[str, float 
                      for r in replies]
         is_ctr = any("pos-bins" in s for s in summaries)
         out[stage] = combine_ctr(summaries) if is_ctr else combine_ranking(summaries)
+        if stage == "test":
+            from fedrec.federated.robust import combine_exposure
+
+            out[stage].update(combine_exposure(summaries))  # er@K of the attack's target item
     return out
 

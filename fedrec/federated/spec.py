@@ -16,7 +16,10 @@ with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy
 ``server/secagg.py``), ``model-dir`` (save the model of the best validation round: the
 global parameters on the server's machine, each client's private state on its own),
 ``min-nodes`` (a round goes on when at least this many nodes reply; 0: all ``shards``) and
-``round-timeout`` (seconds a round waits for replies; 0: Flower's default), every :class:`~fedrec.federated.config.FederatedConfig` key,
+``round-timeout`` (seconds a round waits for replies; 0: Flower's default), ``attack`` /
+``attack-fraction`` / ``attack-target`` / ``attack-scale`` (simulated malicious clients) and
+``robust`` / ``robust-fraction`` / ``robust-norm`` (robust, role-aware aggregation; both in
+:mod:`fedrec.federated.robust`), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+
+import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -71,6 +76,13 @@ class RunSpec:
     model_dir: str = ""
     min_nodes: int = 0
     round_timeout: float = 0.0
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_target: str = ""
+    attack_scale: float = 10.0
+    robust: str = "none"
+    robust_fraction: float = 0.2
+    robust_norm: float = 0.0
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -117,8 +129,41 @@ class RunSpec:
                 if on and key in limits:
                     raise ConfigError(f"algorithm '{self.algorithm}' does not support '{key}' (each client sends the "
                                       "rows of its own common users, not a fixed set of parameters)")
+        self._check_attack()
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
+
+    def _check_attack(self) -> None:
+        """The attack and defence options (:mod:`fedrec.federated.robust`)."""
+        from fedrec.federated.robust import ATTACKS, DEFENCES
+
+        if self.attack not in ATTACKS:
+            raise ConfigError(f"run config 'attack' must be one of {', '.join(ATTACKS)} (got {self.attack!r})")
+        if self.robust not in DEFENCES:
+            raise ConfigError(f"run config 'robust' must be one of {', '.join(DEFENCES)} (got {self.robust!r})")
+        if not 0 <= self.attack_fraction < 1:
+            raise ConfigError(f"run config 'attack-fraction' must be in [0, 1) (got {self.attack_fraction})")
+        if self.attack != "none" and not self.attack_fraction > 0:
+            raise ConfigError(f"run config 'attack' {self.attack!r} needs 'attack-fraction' > 0 (the share of "
+                              "malicious clients)")
+        if not (np.isfinite(self.attack_scale) and self.attack_scale != 0):
+            raise ConfigError(f"run config 'attack-scale' must be a finite non-zero factor (got {self.attack_scale})")
+        if not 0 <= self.robust_fraction < 0.5:
+            raise ConfigError(f"run config 'robust-fraction' must be in [0, 0.5) (got {self.robust_fraction})")
+        if not self.robust_norm >= 0:
+            raise ConfigError(f"run config 'robust-norm' must be >= 0 (0: the median norm of the round) "
+                              f"(got {self.robust_norm})")
+        if self.attack == "label-flip" and self.task != "ctr":
+            raise ConfigError(f"run config 'attack' label-flip flips click labels: it needs task 'ctr' "
+                              f"(got {self.task!r})")
+        uses = [k for k, on in (("robust", self.robust != "none"), ("attack", self.attack_fraction > 0)) if on]
+        if uses and (self.secure_aggregation or self.central_dp):
+            other = "secure-aggregation" if self.secure_aggregation else "central-dp"
+            raise ConfigError(f"run config '{uses[0]}' cannot be combined with '{other}' (a defence needs each "
+                              "client's own update; the attack simulation is measured without it)")
+        if uses and self.task == "cdr":
+            raise ConfigError(f"run config '{uses[0]}' is not supported for cross-domain runs (task 'cdr': each "
+                              "client sends the rows of its own users)")
 
     def key(self) -> str:
         """A stable string identifying what a client builds from this spec (data, model,
