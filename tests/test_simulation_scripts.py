@@ -180,3 +180,24 @@ def test_bench_marm_measures_hit_rate_memory_and_compute(tmp_path, capsys):
     assert two["ms_cached"] > 0 and two["ms_recomputed"] > 0
     assert 0.0 <= two["test_auc_cached"] <= 1.0
     assert bench_marm.main(["--data", "synthetic:users=20,items=30", "--set", "layers"]) == 2
+
+
+def test_attacks_script_records_rows_renders_them_and_skips_what_it_has(tmp_path, capsys):
+    """simulations/attacks.py on tiny synthetic data: every row evaluated on the same honest
+    users and target, the table rendered from the JSON, a recorded row skipped on rerun."""
+    import attacks
+
+    out = tmp_path / "attacks.json"
+    argv = ["--data", SPEC, "--clients", "5", "--rounds", "2", "--eval-every", "1",
+            "--rows", "clean", "promotion-median", "--set", "model.dim=8", "--out", str(out), "--no-progress"]
+    assert attacks.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"clean/seed0", "promotion-median/seed0"}
+    clean, defended = results["clean/seed0"], results["promotion-median/seed0"]
+    assert clean["test"]["n"] == defended["test"]["n"] and clean["attack"]["target"] == defended["attack"]["target"]
+    assert defended["config"]["robust"] == "median" and "er@10" in defended["test"]
+    table = out.with_suffix(".md").read_text()
+    assert "| item promotion + median | item-promotion | median |" in table and "attacks.json" in table
+    capsys.readouterr()
+    assert attacks.main(argv) == 0
+    assert capsys.readouterr().err.count("recorded, skipped") == 2
