@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedrec.config import load_toml
 from fedrec.errors import ConfigError
+from fedrec.federated.flower_errors import raising_fedrec_errors
 from fedrec.federated.spec import RunSpec
 
 __all__ = ["InProcessGrid", "load_components", "run_in_process", "find_app_dir", "installed_app_dir"]
@@ -182,7 +183,8 @@ class InProcessGrid(Grid):
             msg.content = copy.deepcopy(msg.content)
             _set_identity(self._run_id, node)
             try:
-                reply = self.client_app(msg, self.contexts[node])
+                with raising_fedrec_errors():  # a node's bad input is the run's one-line error, as it is
+                    reply = self.client_app(msg, self.contexts[node])
             finally:
                 _set_identity(self._run_id, _SERVER_NODE)
             self._replies[msg_id] = reply
