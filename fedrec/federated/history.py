@@ -118,6 +118,12 @@ class RunHistory:
         # the log shows what selects the round (validation), as the centralised log does
         self.log.write(round, {"train": entry.get("train", {}), "valid": entry["valid"]}, total=self.spec.federated.rounds)
         score = valid.get(self.metric)
+        if self.spec.task == "ctr" and valid.get("auc") is None and not any("valid" in r for r in self.rounds
+                                                                           if r is not entry):
+            # the nodes' valid impressions are all of one class: no round could ever be selected
+            raise ConfigError("task 'ctr': the valid impressions of all nodes have one label only, so AUC is "
+                              "undefined; the data needs both clicks (1) and non-clicks (0) in its held-out rows "
+                              "(or use --task next_item)")
         if score is not None and score > self.best_score:
             self.best, self.best_score, self.stale = entry, float(score), 0
         else:

@@ -41,7 +41,7 @@ from fedrec.federated.checkpoint import latest_client, save_client, save_client_
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
 from fedrec.federated.flower_errors import error_reason
 from fedrec.federated.layout import Layout
-from fedrec.federated.nodedata import NodeData, node_data
+from fedrec.federated.nodedata import NodeData, node_data, node_stamp
 from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config
@@ -111,7 +111,9 @@ def node_of(context: Context, spec: RunSpec | None = None) -> _Node:
     the run's ``population`` completed from what the node knows. An algorithm that shares
     rows of common users gets the node's alignment (:func:`psi_query`) from its state."""
     spec = spec or node_spec(context)
-    key = "node:" + spec.key() + json.dumps(dict(context.node_config), sort_keys=True, default=str)
+    # a data file rewritten since (same name, other contents) builds the node afresh
+    key = "node:" + spec.key() + json.dumps([dict(context.node_config), node_stamp(spec, context.node_config)],
+                                            sort_keys=True, default=str)
     with _lock:
         if key not in _cache:
             if not any(k.startswith("node:" + spec.key()) for k in _cache):
