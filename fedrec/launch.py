@@ -120,7 +120,8 @@ def check_run_config(app: str | Path, run_config: str = ""):
         defaults = flatten_dict(defaults)
         unknown = [k for k in overrides if k not in defaults]
         if unknown:
-            raise ConfigError(f"--run-config: unknown key '{unknown[0]}' (the app declares: {', '.join(sorted(defaults))})")
+            raise ConfigError(f"--run-config: unknown key '{unknown[0]}' (the app declares: "
+                              f"{', '.join(sorted(defaults))})")
     return parse_run_config({**defaults, **overrides})
 
 

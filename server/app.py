@@ -45,12 +45,13 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float, *, poll: float = 0.5, gr
     (``hello``, answered without loading data): a node of a Flower simulation knows it
     (``num-partitions``: the simulation's SuperNodes, all connected at once), so ``shards``
     above it is refused at once instead of waiting for nodes that cannot come."""
+    n = max(1, n)
     start = time.monotonic()
     asked: set[int] = set()
     said = False
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= max(1, n):
+        if len(nodes) >= n:
             if said:
                 log(INFO, "fedrec: all %d nodes connected after %.0f s", len(nodes), time.monotonic() - start)
             return nodes

@@ -328,7 +328,8 @@ def align_nodes(grid, node_ids: list[int], *, timeout: float | None = None) -> d
             if n not in replies:
                 raise FedrecError(f"private set intersection ({kind}): node {n} did not reply")
             if replies[n].has_error():
-                raise FedrecError(f"private set intersection ({kind}): node {n} failed: {error_reason(replies[n].error.reason)}")
+                raise FedrecError(f"private set intersection ({kind}): node {n} failed: "
+                                  f"{error_reason(replies[n].error.reason)}")
         return replies
 
     def array(reply: Message, name: str) -> np.ndarray:

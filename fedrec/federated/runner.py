@@ -242,7 +242,7 @@ def run_in_process(spec: RunSpec, *, app_dir: str | Path | None = None, progress
             raise ConfigError(f"run config 'shards' is {spec.shards}, but the federation folder {spec.federation} "
                               f"has {clients} clients")
         shards = clients
-    if spec.task == "ctr" and not spec.federation:  # one dataset: its held-out labels are known here, before any round
+    if spec.task == "ctr" and not spec.federation:  # one dataset: its held-out labels are known here, before a round
         from fedrec.federated.nodedata import whole_dataset_view
 
         split = whole_dataset_view(spec.data, shards=shards, partition=spec.partition, alpha=spec.partition_alpha,
