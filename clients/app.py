@@ -16,8 +16,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedrec.federated import node
+from fedrec.federated.flower_errors import fedrec_errors_mod, install_one_line_errors
 
-app = ClientApp()
+# a FedrecError (bad input on this node) is one error reply and one log line, not a traceback
+app = ClientApp(mods=[fedrec_errors_mod])
+install_one_line_errors()
 
 
 @app.train(mods=[node.optional_secaggplus_mod])

@@ -349,7 +349,7 @@ def evaluate_command(
                 raise FedrecError("a federated model folder is scored on its run's own data and protocol: "
                                   "--data/--protocol/--negatives-file/--config do not apply (use --node-config)")
             result = evaluate_federated(saved, clients=list(clients) if clients else None,
-                                        node_config=parse_assignments(node_config) if node_config else None,
+                                        node_config=parse_assignments(node_config, what="--node-config") if node_config else None,
                                         device=_checked_device(device), topk=topk)
         except FedrecError as exc:
             _fail(exc)
@@ -707,7 +707,7 @@ def recommend_command(
                 raise FedrecError("a federated model reads each client's own data: --data/--config do not apply "
                                   "(use --node-config)")
             _, models = load_federated_model(saved, clients=list(clients) if clients else None,
-                                             node_config=parse_assignments(node_config) if node_config else None,
+                                             node_config=parse_assignments(node_config, what="--node-config") if node_config else None,
                                              device=_checked_device(device))
             if domain is not None:  # cross-domain: the clients of that domain
                 models = [m for m in models if m.split.domains and len(m.split.seq_domain) and
@@ -752,21 +752,31 @@ def launch_command(
     federation_config: str = typer.Option("", "--federation-config", help="As for `flwr run --federation-config` (simulation runs)."),
     app_dir: Optional[Path] = typer.Option(None, "--app", help="Flower app directory (default: the nearest, else the installed app)."),
     timeout: float = typer.Option(0.0, "--timeout", help="Stop following after this many seconds (0: until the run ends)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Write the run's full log (`flwr log RUN_ID`) to this file (default: fedrec-run-RUN_ID.log in the temporary folder)."),
 ) -> None:
-    """Start a run of the fedrec app on a SuperLink, stream its log, and exit 0 only when it
-    ends finished:completed (`flwr run --stream` exits 0 even when the run failed)."""
+    """Start a run of the fedrec app on a SuperLink, write its log to a file, and exit 0 only
+    when it ends finished:completed (`flwr run --stream` exits 0 even when the run failed).
+    A failed run prints one line on stderr: its reason (fedrec's own message when fedrec
+    refused the run's input), its status and the log file; exit code 1."""
     from fedrec.federated.runner import find_app_dir
-    from fedrec.launch import launch
+    from fedrec.launch import failure_reason, launch
+
+    def submitted(run_id: int, path: Optional[Path]) -> None:
+        typer.echo(f"run {run_id} submitted; its log: {path}")
 
     try:
-        run_id, status = launch(app_dir or find_app_dir(), superlink, run_config=run_config,
-                                federation_config=federation_config, timeout=timeout)
+        if not timeout >= 0 or timeout == float("inf"):
+            raise FedrecError(f"--timeout must be a finite number of seconds >= 0 (got {timeout})")
+        _check_outputs(("--log", log))
+        done = launch(app_dir or find_app_dir(), superlink, run_config=run_config, federation_config=federation_config,
+                      timeout=timeout, log=log, on_submit=submitted)
     except FedrecError as exc:
         _fail(exc)
-    typer.echo(f"run {run_id}: {status}")
-    if status != "finished:completed":
-        typer.echo(f"fedrec: error: run {run_id} ended {status} (flwr log {run_id} --show)", err=True)
+    if not done.ok:
+        reason = failure_reason(done.details) or f"run {done.run_id} ended {done.status}"
+        typer.echo(f"fedrec: error: {reason} (run {done.run_id} {done.status}; full log: {done.log})", err=True)
         raise typer.Exit(1)
+    typer.echo(f"run {done.run_id}: {done.status}")
 
 
 inspect_app = typer.Typer(help="Look inside trained models.", no_args_is_help=True)

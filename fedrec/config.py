@@ -140,15 +140,22 @@ def canonical_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return {str(k): parse_scalar(v) if isinstance(v, str) else v for k, v in (options or {}).items()}
 
 
-def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+def parse_assignments(items: list[str] | None, *, what: str = "--set") -> dict[str, Any]:
     """``["a=1", "b-c=x"]`` -> ``{"a": 1, "b-c": "x"}``: each value read as a TOML scalar
-    (:func:`parse_scalar`); malformed items are errors."""
+    (:func:`parse_scalar`); malformed items and a key given twice (``-`` and ``_`` alike)
+    are errors naming ``what`` (the option they came from)."""
     out: dict[str, Any] = {}
+    seen: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
+            raise ConfigError(f"{what} expects KEY=VALUE (got {item!r})")
         key, value = item.split("=", 1)
         if not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE (got {item!r})")
-        out[key.strip()] = parse_scalar(value.strip())
+            raise ConfigError(f"{what} expects KEY=VALUE (got {item!r})")
+        key = key.strip()
+        same = key.replace("_", "-")
+        if same in seen:
+            raise ConfigError(f"{what} {key} is given twice ({seen[same]!r} and {item!r}): keep one")
+        seen[same] = item
+        out[key] = parse_scalar(value.strip())
     return out

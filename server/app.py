@@ -15,14 +15,17 @@ that round.
 from __future__ import annotations
 
 import time
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, FedrecError
 from fedrec.files import write_json_atomic
 from fedrec.federated.checkpoint import load_server, save_global_model
-from fedrec.federated.history import RunHistory
+from fedrec.federated.flower_errors import error_reason, install_one_line_errors
+from fedrec.federated.history import RunHistory, data_identity
 from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
 from fedrec.federated.privacy import calibrate_noise
 from fedrec.federated.spec import RunSpec, parse_run_config
@@ -30,17 +33,51 @@ from server.secagg import secure_round
 from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
 
 app = ServerApp()
+install_one_line_errors()  # a FedrecError ends the run as one line in Flower's log, not a traceback
 
 
-def _wait_for_nodes(grid: Grid, n: int, timeout: float = 600.0) -> list[int]:
-    deadline = time.time() + timeout
+def _wait_for_nodes(grid: Grid, n: int, timeout: float, *, poll: float = 0.5, grace: float = 1.0) -> list[int]:
+    """The connected nodes once there are ``n`` (at least one); logs once, after ``grace``
+    seconds short of them, how many of how many are connected, and gives up after
+    ``timeout`` seconds (run config ``node-wait``) with a one-line error naming the key.
+
+    A node that connects is asked what its node config says of the federation's size
+    (``hello``, answered without loading data): a node of a Flower simulation knows it
+    (``num-partitions``: the simulation's SuperNodes, all connected at once), so ``shards``
+    above it is refused at once instead of waiting for nodes that cannot come."""
+    n = max(1, n)
+    start = time.monotonic()
+    asked: set[int] = set()
+    said = False
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= max(1, n):
+        if len(nodes) >= n:
+            if said:
+                log(INFO, "fedrec: all %d nodes connected after %.0f s", len(nodes), time.monotonic() - start)
             return nodes
-        if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {n} nodes connected after {timeout:.0f} s")
-        time.sleep(0.5)
+        waited = time.monotonic() - start
+        if not said and waited >= grace:
+            log(INFO, "fedrec: waiting for nodes: %d of %d connected (run config 'shards' = %d; giving up after "
+                "'node-wait' = %g s)", len(nodes), n, n, timeout)
+            said = True
+        new = [x for x in nodes if x not in asked]
+        if new:
+            asked.update(new)
+            replies = query_nodes(grid, new, kind="hello", timeout=max(1.0, min(60.0, timeout - waited)))
+            for node, info in sorted(replies.items()):
+                if "shards" in info and int(info["shards"]) < n:  # a node of a whole dataset, told its size
+                    raise ConfigError(f"run config 'shards' is {n}, but node {node}'s node config says "
+                                      f"shards={int(info['shards'])}: give both the same number")
+                if "shards" not in info and "num-partitions" in info and int(info["num-partitions"]) < n:
+                    k = int(info["num-partitions"])
+                    raise ConfigError(f"run config 'shards' is {n}, but this Flower simulation has {k} "
+                                      f"SuperNode(s): set shards={k}, or run with --federation-config "
+                                      f"num-supernodes={n}")
+            continue
+        if time.monotonic() - start > timeout:
+            raise ConfigError(f"only {len(nodes)} of {n} nodes connected after {timeout:g} s (run config "
+                              f"'node-wait'): start more SuperNodes, lower 'shards', or raise 'node-wait'")
+        time.sleep(poll)
 
 
 def _run_secure(grid: Grid, context: Context, spec: RunSpec, strategy: RoleAwareStrategy, initial: ArrayRecord,
@@ -84,7 +121,7 @@ def _check_nodes(infos: dict[int, dict]) -> None:
     if len(prints) > 1:
         detail = ", ".join(f"node {n} (client {i.get('client')}): {i.get('catalogue-fingerprint')}"
                            for n, i in infos.items())
-        raise RuntimeError(f"the nodes do not share one item catalogue: {detail}")
+        raise FedrecError(f"the nodes do not share one item catalogue: {detail}")
 
 
 @app.main()
@@ -93,7 +130,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = parse_run_config(context.run_config)
     if spec.central_dp and spec.min_nodes and spec.min_nodes < (spec.shards or 0):
         raise ConfigError("central DP calibrates its noise for all 'shards' nodes: 'min-nodes' must not be below it")
-    nodes = _wait_for_nodes(grid, spec.shards)
+    nodes = _wait_for_nodes(grid, spec.shards, spec.node_wait)
     infos = query_nodes(grid, nodes, kind="info")
     _check_nodes(infos)
     alignment = None
@@ -103,12 +140,13 @@ def main(grid: Grid, context: Context) -> None:
     replies = list(grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({"kind": "init"})}),
                                                   dst_node_id=nodes[0], message_type="query")]))
     if not replies or replies[0].has_error():
-        reason = replies[0].error.reason if replies else "no reply"
-        raise RuntimeError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
+        reason = error_reason(replies[0].error.reason) if replies else "no reply"
+        raise FedrecError(f"could not get the initial parameters from node {nodes[0]}: {reason}")
     init = replies[0].content
     if "info" in init.config_records:
         infos[nodes[0]] = dict(init["info"])
     history = RunHistory(spec)
+    history.data = data_identity(infos)  # a resume must be over the same data (checked on load)
     initial, done, counts = init["arrays"], 0, None
     if spec.resume:  # continue from the last checkpoint (see fedrec.federated.checkpoint)
         saved = load_server(spec.checkpoint_dir)
@@ -171,7 +209,7 @@ def _save_model(grid: Grid, spec: RunSpec, strategy: RoleAwareStrategy, layout) 
     """The run's model: ``global.pt`` here, and each node's private state of the best round
     on its own machine (nodes that already saved it during the run do nothing)."""
     if strategy.best_params is None:
-        raise RuntimeError("model-dir: no evaluated round to save (the run ended before its first evaluation)")
+        raise FedrecError("model-dir: no evaluated round to save (the run ended before its first evaluation)")
     save_global_model(spec.model_dir, round=strategy.best_round, global_params=strategy.best_params,
                       group_counts=strategy.best_counts, run_config=spec.to_flat(),
                       layout={"shared": list(layout.shared), "groups": {k: list(v) for k, v in layout.groups.items()}},

@@ -15,12 +15,12 @@ from fedrec.federated.spec import RunSpec
 from fedrec.logs import RunLog
 from fedrec.train import selection_metric
 
-__all__ = ["RunHistory"]
+__all__ = ["RunHistory", "data_identity"]
 
 #: run options a resumed run may change: where files go, how long to wait, how far to go,
 #: where clients compute
 _RESUME_FREE = ("rounds", "out", "checkpoint-dir", "checkpoint-every", "resume", "model-dir", "min-nodes",
-                "round-timeout", "device", "log-dir", "patience")
+                "round-timeout", "node-wait", "device", "log-dir", "patience")
 
 
 def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -33,6 +33,36 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
             v = None  # JSON has no NaN/inf (an infinite epsilon: no noise)
         out[k] = round(v, 6) if isinstance(v, float) else v
     return out
+
+
+def data_identity(infos: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """What the nodes hold, from their info replies (node id -> info): the catalogue's
+    fingerprint and, per client id, its data spec and data fingerprint
+    (:func:`fedrec.federated.nodedata.data_fingerprint`). Node ids are left out (a restarted
+    node gets another)."""
+    catalogues = sorted({str(i.get("catalogue-fingerprint")) for i in infos.values()})
+    clients = sorted(({"client": int(i.get("client", -1)), "data": str(i.get("data")),
+                       "fingerprint": i.get("data-fingerprint")} for i in infos.values()),
+                     key=lambda c: (c["client"], str(c["fingerprint"])))
+    return {"catalogue": catalogues[0] if len(catalogues) == 1 else catalogues, "clients": clients}
+
+
+def _check_data(saved: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Refuse a resume over other data: another catalogue, or a client (present in both
+    runs) whose data fingerprint differs; names the client and its data."""
+    if saved.get("catalogue") != mine.get("catalogue"):
+        raise ConfigError(f"resume: the checkpoint was trained on other data (the item catalogue's fingerprint is "
+                          f"{saved.get('catalogue')} there, {mine.get('catalogue')} here); resume over the data it "
+                          "was trained on, or start afresh without 'resume'")
+    theirs = {c["client"]: c for c in saved.get("clients", [])}
+    for c in mine.get("clients", []):
+        old = theirs.get(c["client"])
+        if old is not None and c["fingerprint"] is not None and old.get("fingerprint") is not None \
+                and old["fingerprint"] != c["fingerprint"]:
+            who = f"client {c['client']}" if c["client"] >= 0 else "a node"
+            raise ConfigError(f"resume: {who}'s data {c['data']} is not what the checkpoint was trained on (data "
+                              f"fingerprint {old['fingerprint']} there, {c['fingerprint']} here); resume over the same "
+                              "data, or start afresh without 'resume'")
 
 
 class RunHistory:
@@ -50,6 +80,9 @@ class RunHistory:
         #: the experiment log of the rounds (the run config's ``log-dir``; see :mod:`fedrec.logs`),
         #: opened at its first line, after a resumed checkpoint was checked
         self._log: RunLog | None = None
+        #: what the nodes hold (set by the server from their info: :func:`data_identity`);
+        #: part of a resumed run's identity
+        self.data: dict[str, Any] | None = None
 
     @property
     def log(self) -> RunLog:
@@ -85,6 +118,12 @@ class RunHistory:
         # the log shows what selects the round (validation), as the centralised log does
         self.log.write(round, {"train": entry.get("train", {}), "valid": entry["valid"]}, total=self.spec.federated.rounds)
         score = valid.get(self.metric)
+        if self.spec.task == "ctr" and valid.get("auc") is None and not any("valid" in r for r in self.rounds
+                                                                           if r is not entry):
+            # the nodes' valid impressions are all of one class: no round could ever be selected
+            raise ConfigError("task 'ctr': the valid impressions of all nodes have one label only, so AUC is "
+                              "undefined; the data needs both clicks (1) and non-clicks (0) in its held-out rows "
+                              "(or use --task next_item)")
         if score is not None and score > self.best_score:
             self.best, self.best_score, self.stale = entry, float(score), 0
         else:
@@ -101,12 +140,14 @@ class RunHistory:
         """Everything needed to continue the history after a restart (JSON-able)."""
         return {"rounds": self.rounds, "best-round": None if self.best is None else self.best["round"],
                 "best-score": self.best_score, "stale": self.stale, "stopped": self.stopped,
-                "elapsed": time.perf_counter() - self.start, "identity": self.identity()}
+                "elapsed": time.perf_counter() - self.start, "identity": self.identity(), "data": self.data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; a checkpoint of another run (another model, options,
-        seed, data, ...) or one that went past this run's ``rounds`` is a one-line
-        :class:`~fedrec.errors.ConfigError` naming the first key that differs."""
+        seed, data spec, ...), of other data under the same names (the catalogue or a node's
+        data fingerprint differs: :attr:`data`, set before this call) or one that went past
+        this run's ``rounds`` is a one-line :class:`~fedrec.errors.ConfigError` naming the
+        first key that differs, or the data."""
         saved = state.get("identity")
         if saved is not None:  # checkpoints written before identities existed are not checked
             mine = self.identity()
@@ -114,6 +155,8 @@ class RunHistory:
                 if saved.get(key) != mine.get(key):
                     raise ConfigError(f"resume: the checkpoint is of another run ({key} = {saved.get(key)!r} there, "
                                       f"{mine.get(key)!r} here)")
+        if state.get("data") is not None and self.data is not None:  # older checkpoints carry none
+            _check_data(state["data"], self.data)
         trained = max((int(r["round"]) for r in state["rounds"] if "train" in r), default=0)
         if trained > self.spec.federated.rounds:
             raise ConfigError(f"resume: the checkpoint has trained {trained} rounds, more than this run's rounds "

@@ -39,13 +39,14 @@ from fedrec.errors import ConfigError, FedrecError
 from fedrec.federated.algorithm import Algorithm, LocalState, Params, Shard, Upload
 from fedrec.federated.checkpoint import latest_client, save_client, save_client_model
 from fedrec.federated.evaluation import combine_ctr, combine_ranking
+from fedrec.federated.flower_errors import error_reason
 from fedrec.federated.layout import Layout
-from fedrec.federated.nodedata import NodeData, node_data
+from fedrec.federated.nodedata import NodeData, node_data, node_stamp
 from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config
 
-__all__ = ["client_train", "client_evaluate", "client_query", "node_spec", "node_of", "build_node",
+__all__ = ["client_train", "client_evaluate", "client_query", "hello_info", "node_spec", "node_of", "build_node",
            "params_to_record", "record_to_params", "replies_to_uploads", "combine_evaluation", "layout_from_record",
            "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod",
            "psi_query", "align_nodes"]
@@ -114,7 +115,9 @@ def node_of(context: Context, spec: RunSpec | None = None) -> _Node:
     the run's ``population`` completed from what the node knows. An algorithm that shares
     rows of common users gets the node's alignment (:func:`psi_query`) from its state."""
     spec = spec or node_spec(context)
-    key = "node:" + spec.key() + json.dumps(dict(context.node_config), sort_keys=True, default=str)
+    # a data file rewritten since (same name, other contents) builds the node afresh
+    key = "node:" + spec.key() + json.dumps([dict(context.node_config), node_stamp(spec, context.node_config)],
+                                            sort_keys=True, default=str)
     with _lock:
         if key not in _cache:
             if not any(k.startswith("node:" + spec.key()) for k in _cache):
@@ -239,16 +242,27 @@ def client_info(node: _Node) -> ConfigRecord:
     return ConfigRecord(info)
 
 
+def hello_info(node_config: dict[str, Any]) -> ConfigRecord:
+    """What a node's config says of the federation, without loading any data: its
+    ``shard``/``shards`` and, in a Flower simulation, ``partition-id``/``num-partitions``
+    (the number of simulated SuperNodes), for the server's wait for nodes."""
+    return ConfigRecord({k: int(node_config[k]) for k in ("shard", "shards", "partition-id", "num-partitions")
+                         if isinstance(node_config.get(k), int) and not isinstance(node_config.get(k), bool)})
+
+
 def client_query(msg: Message, context: Context) -> RecordDict:
-    """Reply to the server's queries (``config`` record ``kind``): ``init`` (default) — the
+    """Reply to the server's queries (``config`` record ``kind``): ``hello`` — what the node
+    config says of the federation's size (:func:`hello_info`, no data loaded); ``init`` (default) — the
     initial global parameters, the layout and the node's info; ``info`` — the info only;
     ``save-model`` — save the model of ``best-round`` (see :func:`_save_model`);
     ``psi-blind`` / ``psi-raise`` / ``psi-finish`` — the steps of the private set
     intersection (:func:`psi_query`)."""
     spec = node_spec(context)
-    node = node_of(context, spec)
     config = msg.content.config_records.get("config", ConfigRecord({}))
     kind = str(config.get("kind", "init"))
+    if kind == "hello":
+        return RecordDict({"info": hello_info(context.node_config)})
+    node = node_of(context, spec)
     if kind == "save-model":
         _save_model(node, spec, context, int(config.get("best-round", 0)))
         return RecordDict({"info": client_info(node)})
@@ -339,7 +353,8 @@ def align_nodes(grid, node_ids: list[int], *, timeout: float | None = None) -> d
             if n not in replies:
                 raise FedrecError(f"private set intersection ({kind}): node {n} did not reply")
             if replies[n].has_error():
-                raise FedrecError(f"private set intersection ({kind}): node {n} failed: {replies[n].error.reason}")
+                raise FedrecError(f"private set intersection ({kind}): node {n} failed: "
+                                  f"{error_reason(replies[n].error.reason)}")
         return replies
 
     def array(reply: Message, name: str) -> np.ndarray:
@@ -537,7 +552,7 @@ def _ok(replies: Iterable[Message]) -> list[Message]:
     replies = list(replies)
     errors = [r.error for r in replies if r.has_error()]
     if errors:
-        raise FedrecError(f"{len(errors)} client(s) failed: {errors[0].reason}")
+        raise FedrecError(f"{len(errors)} client(s) failed: {error_reason(errors[0].reason)}")
     # a fixed order (client id, then node id), so the sums run in the same order every time
     return sorted(replies, key=lambda r: (int(r.content["metrics"]["shard"]), int(r.metadata.src_node_id)))
 

@@ -26,9 +26,11 @@ from flwr.serverapp import Grid
 
 from fedrec.config import load_toml
 from fedrec.errors import ConfigError
+from fedrec.federated.flower_errors import raising_fedrec_errors
 from fedrec.federated.spec import RunSpec
 
-__all__ = ["InProcessGrid", "load_components", "run_in_process", "find_app_dir", "installed_app_dir"]
+__all__ = ["InProcessGrid", "load_components", "run_in_process", "find_app_dir", "installed_app_dir",
+           "check_ctr_classes"]
 
 _SERVER_NODE = 0
 
@@ -182,7 +184,8 @@ class InProcessGrid(Grid):
             msg.content = copy.deepcopy(msg.content)
             _set_identity(self._run_id, node)
             try:
-                reply = self.client_app(msg, self.contexts[node])
+                with raising_fedrec_errors():  # a node's bad input is the run's one-line error, as it is
+                    reply = self.client_app(msg, self.contexts[node])
             finally:
                 _set_identity(self._run_id, _SERVER_NODE)
             self._replies[msg_id] = reply
@@ -210,6 +213,22 @@ def _set_identity(run_id: int, node_id: int) -> None:
     TaskIdentity.node_id = node_id
 
 
+def check_ctr_classes(split) -> None:
+    """CTR: the held-out rows of each stage (valid, test) need clicks and non-clicks, else
+    AUC is undefined; refused before the first round (as ``fedrec train`` does). Data
+    without labels is left to the algorithm's own message."""
+    import numpy as np
+
+    if not split.has_labels:
+        return
+    for part, stage in ((1, "valid"), (2, "test")):
+        labels = np.unique(split.label[split.part == part])
+        if len(labels) == 1:
+            raise ConfigError(f"task 'ctr': every {stage} impression has label {int(labels[0])}, so AUC is "
+                              "undefined; the data needs both clicks (1) and non-clicks (0) in its held-out rows "
+                              "(or use --task next_item)")
+
+
 def run_in_process(spec: RunSpec, *, app_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Run ``spec`` through the project's ServerApp and ClientApp in this process; return the
     server's result dict (see :class:`fedrec.federated.history.RunHistory`)."""
@@ -223,6 +242,12 @@ def run_in_process(spec: RunSpec, *, app_dir: str | Path | None = None, progress
             raise ConfigError(f"run config 'shards' is {spec.shards}, but the federation folder {spec.federation} "
                               f"has {clients} clients")
         shards = clients
+    if spec.task == "ctr" and not spec.federation:  # one dataset: its held-out labels are known here, before a round
+        from fedrec.federated.nodedata import whole_dataset_view
+
+        split = whole_dataset_view(spec.data, shards=shards, partition=spec.partition, alpha=spec.partition_alpha,
+                                   seed=spec.partition_seed)[1]  # the nodes' own load (cached per process)
+        check_ctr_classes(split)
     with tempfile.TemporaryDirectory(prefix="fedrec-run-") as tmp:
         out = Path(tmp) / "result.json"
         flat = {**spec.to_flat(), "shards": shards, "out": str(out)}

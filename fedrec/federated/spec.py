@@ -16,9 +16,12 @@ with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy
 ``server/secagg.py``), ``model-dir`` (save the model of the best validation round: the
 global parameters on the server's machine, each client's private state on its own),
 ``min-nodes`` (a round goes on when at least this many nodes reply; 0: all ``shards``) and
-``round-timeout`` (seconds a round waits for replies; 0: Flower's default), ``attack`` /
-``attack-fraction`` / ``attack-target`` / ``attack-scale`` (simulated malicious clients) and
-``robust`` / ``robust-fraction`` / ``robust-norm`` (robust, role-aware aggregation; both in
+``round-timeout`` (seconds a round waits for replies; 0: Flower's default), ``node-wait``
+(seconds the server waits for ``shards`` nodes to connect before it gives up, 300 by
+default; it logs once how many of them are connected; a Flower simulation with fewer
+SuperNodes than ``shards`` is refused at once), ``attack`` / ``attack-fraction`` /
+``attack-target`` / ``attack-scale`` (simulated malicious clients) and ``robust`` /
+``robust-fraction`` / ``robust-norm`` (robust, role-aware aggregation; both in
 :mod:`fedrec.federated.robust`), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
@@ -83,6 +86,7 @@ class RunSpec:
     robust: str = "none"
     robust_fraction: float = 0.2
     robust_norm: float = 0.0
+    node_wait: float = 300.0
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +105,8 @@ class RunSpec:
             raise ConfigError(f"run config 'min-nodes' ({self.min_nodes}) cannot exceed 'shards' ({self.shards})")
         if not self.round_timeout >= 0:
             raise ConfigError(f"run config 'round-timeout' must be >= 0 seconds (got {self.round_timeout})")
+        if not self.node_wait > 0:
+            raise ConfigError(f"run config 'node-wait' must be > 0 seconds (got {self.node_wait})")
         if self.checkpoint_every < 0:
             raise ConfigError(f"run config 'checkpoint-every' must be >= 0 (got {self.checkpoint_every})")
         if self.central_dp:
@@ -169,7 +175,8 @@ class RunSpec:
         """A stable string identifying what a client builds from this spec (data, model,
         algorithm, partition) — for caches."""
         d = dataclasses.asdict(self)
-        for k in ("out", "checkpoint_dir", "checkpoint_every", "resume", "model_dir", "min_nodes", "round_timeout"):
+        for k in ("out", "checkpoint_dir", "checkpoint_every", "resume", "model_dir", "min_nodes", "round_timeout",
+                  "node_wait"):
             d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)
 

@@ -107,3 +107,42 @@ def test_flwr_run_matches_in_process(tmp_path, case):
                     assert v == pytest.approx(b[stage][k], abs=2e-6), (stage, k)
                 else:
                     assert v == b[stage][k], (stage, k)
+
+
+def test_fedrec_launch_reports_a_refused_run_in_one_line(tmp_path):
+    """Through ``fedrec launch`` on the simulation engine: more ``shards`` than SuperNodes is
+    refused at once (not after ``node-wait``), and a node's missing data file ends the run;
+    each time stderr holds one ``fedrec: error:`` line (fedrec's message, the status, the
+    log file), exit 1, and the full log names the error in one line, without a traceback."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+           "RAY_DEDUP_LOGS": "0"}
+    cases = [
+        ('shards=3 rounds=1 data="synthetic:users=24,items=40"',
+         "run config 'shards' is 3, but this Flower simulation has 2 SuperNode(s): set shards=2, or run with "
+         "--federation-config num-supernodes=3"),
+        (f'shards=2 rounds=1 task="next_item" data="seq:{tmp_path / "missing.txt"}"',
+         f"{tmp_path / 'missing.txt'}: file not found"),
+    ]
+    try:
+        for i, (run_config, message) in enumerate(cases):
+            log = tmp_path / f"run{i}.log"
+            start = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "fedrec.cli", "launch", "--app", str(find_app_dir()),
+                                   "--run-config", run_config, "--federation-config",
+                                   "num-supernodes=2 client-resources-num-cpus=1", "--log", str(log)],
+                                  env=env, capture_output=True, text=True, timeout=600, check=False)
+            assert done.returncode == 1, done.stdout + done.stderr
+            lines = done.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("fedrec: error: "), done.stderr
+            assert message in lines[0] and "finished:failed" in lines[0] and f"full log: {log}" in lines[0]
+            assert time.monotonic() - start < 300  # not the 300 s of node-wait
+            text = log.read_text()
+            assert f"fedrec: error: {message}" in text  # the server's line, or the node's
+            assert "Traceback" not in text, text[-3000:]
+    finally:
+        _kill_tree(_pids_of(f"{home}/local-superlink"))
