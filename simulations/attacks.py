@@ -48,8 +48,10 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "scale": ("scale x10, no defence", {"attack": "scale"}),
     "scale-median": ("scale x10 + median", {"attack": "scale", "robust": "median"}),
     "scale-normbound": ("scale x10 + norm bound", {"attack": "scale", "robust": "norm-bound"}),
+    "scale-multikrum": ("scale x10 + Multi-Krum", {"attack": "scale", "robust": "multi-krum"}),
     "flip": ("label flip, no defence", {"attack": "label-flip"}),
     "flip-median": ("label flip + median", {"attack": "label-flip", "robust": "median"}),
+    "flip-multikrum": ("label flip + Multi-Krum", {"attack": "label-flip", "robust": "multi-krum"}),
     "clean-median": ("no attack + median", {"attack": "none", "robust": "median"}),
 }
 

@@ -941,8 +941,17 @@ def s_attacks() -> str:
         if defended:
             best = min(defended, key=lambda c: (abs(c["test"]["er@10"] - clean["test"]["er@10"]),
                                                 -c["test"]["auc"]))
+            last = best.get("last_test", {}).get("er@10")
             lines.append(f"The best defence against it on this run is {best['config']['robust']}: AUC "
-                         f"{gap(best)} from the clean run, er@10 {best['test']['er@10']:.4f}.")
+                         f"{gap(best)} from the clean run, er@10 {best['test']['er@10']:.4f} at its best "
+                         f"validation round {best['best_round']}"
+                         + (f" ({last:.4f} at the last round)." if last is not None else "."))
+            hold = [c["config"]["robust"] for c in defended
+                    if abs(c["test"]["auc"] - clean["test"]["auc"]) <= 0.01
+                    and c["test"]["er@10"] <= clean["test"]["er@10"]
+                    and c.get("last_test", {}).get("er@10", 1.0) <= clean["test"]["er@10"]]
+            lines.append("The goal (AUC within 0.01 of the clean run and er@10 at its clean level, at the best "
+                         "and at the last round) is met by " + (", ".join(hold) if hold else "none of them") + ".")
     return f"""### Clients that lie: attacks and robust aggregation
 
 `python simulations/attacks.py --state-dir runs/attacks` (MovieLens-100K as CTR, federated MRFF,

@@ -46,9 +46,10 @@ one-user-per-device deployment.
     (Flower's ``trim_mean``, as ``FedTrimmedAvg``).
 ``krum`` / ``multi-krum``
     Krum (Blanchard et al., 2017) keeps the one vote whose ``n - f - 2`` nearest votes are
-    closest, Multi-Krum the ``n - f`` best by that score, averaged; ``f = floor(robust-fraction
-    x n)`` (Flower's ``select_multikrum``). A role with too few votes for the score (``n <=
-    2f + 2``) falls back to the median.
+    closest, Multi-Krum the ``n - f`` best by that score, averaged (Flower's
+    ``select_multikrum``); ``f = floor(robust-fraction x clients)``, the malicious clients
+    allowed for among all the round's clients (a group's members may include all of them).
+    A role with too few votes for the score (``n <= 2f + 2``) falls back to the median.
 ``norm-bound``
     Each vote's update (``mean - global``) is clipped to the L2 norm ``robust-norm`` over the
     role's parameters (0, the default: the median norm of the round's votes), then the usual
@@ -247,12 +248,14 @@ def robust_aggregate(layout: Layout, global_params: Params, uploads, *, method: 
     if method == "none":
         return new, counts, metrics
     clipped = kept = 0
+    # Krum's f: the malicious clients the defender allows for, out of all the round's clients
+    # (a group's members may hold all of them)
+    f = int(np.floor(fraction * len(uploads)))
     for names, who, means, weights in _votes(layout, uploads):
         if not who:
             continue  # nobody voted: the aggregate left it unchanged
         n = len(means)
         m = method
-        f = int(np.floor(fraction * n))
         if m in ("krum", "multi-krum") and n <= 2 * f + 2:
             m = "median"  # too few votes for Krum's score
         if m == "median":
