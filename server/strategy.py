@@ -120,6 +120,7 @@ class RoleAwareStrategy(FedAvg):
         failed = [{"node": int(n), "client": self.node_clients.get(n, -1),
                    "reason": reasons.get(n, simulated.get(n, "no reply before the round's timeout"))}
                   for n in sent if n not in replied]
+        failed.sort(key=lambda f: (f["client"], f["node"]))  # Flower samples the nodes in random order
         record: dict = {"clients": sorted(self.node_clients.get(r.metadata.src_node_id, -1) for r in good)}
         if stage == "train" and self._stragglers:
             record["stragglers"] = self._stragglers  # every straggler of the round, on time or not
