@@ -6,7 +6,8 @@ number of clients:
 
 * ``floor(client-failure * clients)`` **failing** clients: told (in their train message) to
   fail, each answers with an error reply without training — what a crashed ClientApp looks
-  like to the server. The history records them under ``train.failed`` with the reason
+  like to the server. Its private state stays as it was (and is checkpointed as this
+  round's, so kill-and-resume stays exact). The history records them under ``train.failed`` with the reason
   ``simulated failure (client-failure F)``.
 * then, among the others, ``floor(stragglers * clients)`` **stragglers**: each trains (its
   private state moves on, as a real slow device's would) and replies ``straggler-delay``
@@ -175,7 +176,9 @@ def wait(seconds: float) -> None:
 
 def simulated_failure_mod(msg: Message, context, call_next) -> Message:
     """The ClientApp mod of simulated failures: a train message marked ``simulate-failure``
-    gets an error reply without any training (as from a crashed ClientApp); one marked
+    gets an error reply without any training (as from a crashed ClientApp; its unchanged
+    private state still counts as this round's, for checkpoints and the saved model:
+    :func:`fedrec.federated.node.client_skip_round`); one marked
     ``simulate-delay`` is trained and its reply is held back that many seconds
     (:func:`wait`). Other messages pass through."""
     config = msg.content.config_records.get("config") if msg.metadata.message_type == "train" else None
@@ -183,6 +186,9 @@ def simulated_failure_mod(msg: Message, context, call_next) -> Message:
         return call_next(msg, context)
     reason = config.get(FAILURE_KEY)
     if reason:
+        from fedrec.federated.node import client_skip_round
+
+        client_skip_round(msg, context)  # no training; the state of this round is the last one
         return Message(Error(code=_ERROR_CODE, reason=str(reason)), reply_to=msg)
     reply = call_next(msg, context)
     delay = float(config.get(DELAY_KEY, 0.0))

@@ -60,8 +60,11 @@ def test_the_draw_follows_client_ids_not_node_ids():
     assert a == b and len(a[0]) == 3 and len(a[1]) == 2 and not a[0] & a[1]
 
 
-def test_the_mod_fails_or_delays_train_replies_only():
+def test_the_mod_fails_or_delays_train_replies_only(monkeypatch):
     calls = []
+    from fedrec.federated import node
+
+    monkeypatch.setattr(node, "client_skip_round", lambda msg, ctx: calls.append("skip"))
 
     def call_next(msg, ctx):
         calls.append(msg.metadata.message_type)
@@ -73,7 +76,8 @@ def test_the_mod_fails_or_delays_train_replies_only():
     runner._set_identity(1, 3)
     try:
         reply = failures.simulated_failure_mod(failing, ctx, call_next)
-        assert reply.has_error() and reply.error.reason == "simulated failure (x)" and calls == []
+        assert reply.has_error() and reply.error.reason == "simulated failure (x)" and calls == ["skip"]
+        calls.clear()
         late = Message(RecordDict({"config": ConfigRecord({"round": 1, failures.DELAY_KEY: 30.0})}),
                        dst_node_id=3, message_type="train")
         start = time.perf_counter()
@@ -167,6 +171,23 @@ def test_a_straggler_beyond_the_timeout_is_dropped_without_sleeping(monkeypatch)
     assert all(len(h["train"]["stragglers"]) == 1 for h in on_time["history"])
     plain = run_in_process(parse_run_config({**TINY, "shards": 5}))
     assert on_time["test"] == plain["test"]  # a straggler on time changes nothing but the wait
+
+
+def test_resume_under_failures_is_exact(tmp_path):
+    """Kill after round 2 (a checkpoint round in which a client fails) and resume: the same
+    history and test metrics as the uninterrupted run (the failed client checkpointed its
+    unchanged state as round 2's)."""
+    flat = {**TINY, "rounds": 4, "shards": 4, "client-failure": 0.25, "checkpoint-every": 2}
+    plain = run_in_process(parse_run_config({**flat, "checkpoint-dir": str(tmp_path / "a")}))
+    assert plain["history"][1]["train"]["failed"]  # round 2 has its failed client
+    ck = str(tmp_path / "b")
+    run_in_process(parse_run_config({**flat, "rounds": 2, "checkpoint-dir": ck}))
+    resumed = run_in_process(parse_run_config({**flat, "checkpoint-dir": ck, "resume": True}))
+    restored = [x for h in resumed["history"] for x in h["train"].pop("restored", [])]
+    assert {x["client"] for x in restored} == {0, 1, 2, 3}  # a client failing in round 3 says so in round 4
+    assert resumed["history"] == plain["history"] and resumed["test"] == plain["test"]
+    with pytest.raises(ConfigError, match="client-failure"):  # another failure rate: another run
+        run_in_process(parse_run_config({**flat, "client-failure": 0.5, "checkpoint-dir": ck, "resume": True}))
 
 
 def test_min_nodes_under_failures():
