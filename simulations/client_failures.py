@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=CONFIG, help="comparison file whose row is run")
     parser.add_argument("--row", default="federated MRFF", help="the federated row of --config to run")
     parser.add_argument("--data", help="another data spec instead of the config's (e.g. synthetic data)")
-    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "simulations" / "results")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+                        help="what {data_root} in the config's data spec stands for (default: ../shared/data)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "simulations" / "results",
+                        help="where client_failures.json and .md go (default: simulations/results)")
     parser.add_argument("--table", action="store_true", help="only render the Markdown from the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
