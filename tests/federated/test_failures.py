@@ -235,3 +235,16 @@ def test_bad_client_failure_through_the_cli_is_one_line(value, tmp_path, monkeyp
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("fedrec: error: ") and "client-failure" in lines[0], result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "r.json").exists()
+
+
+def test_the_flower_app_declares_the_failure_options():
+    """`flwr run --run-config` accepts only keys declared in pyproject.toml: the three are
+    there, with the run spec's defaults."""
+    from fedrec.config import load_toml
+    from fedrec.federated.runner import find_app_dir
+
+    declared = load_toml(find_app_dir() / "pyproject.toml")["tool"]["flwr"]["app"]["config"]
+    spec = parse_run_config({})
+    for key in ("client-failure", "stragglers", "straggler-delay"):
+        assert declared[key] == spec.to_flat()[key] == 0.0
+    assert parse_run_config(declared).to_flat()["client-failure"] == 0.0
