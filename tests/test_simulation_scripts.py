@@ -207,6 +207,11 @@ def test_client_failures_script_resumes_and_renders(tmp_path, monkeypatch, capsy
     assert client_failures.main([*common, "--fractions", "0", "0.4"]) == 0  # adds 0, keeps 0.4
     again = json.loads((out / "client_failures.json").read_text())
     assert set(again) == {"client-failure=0", "client-failure=0.4"} and again["client-failure=0.4"] == cell
+    assert client_failures.main([*common, "--fractions", "0.4", "--seeds", "1"]) == 0  # another seed: its own run
+    seeded = json.loads((out / "client_failures.json").read_text())
+    assert seeded["client-failure=0.4/seed1"]["config"]["seed"] == 1 and seeded["client-failure=0.4"] == cell
+    del seeded["client-failure=0.4/seed1"]
+    (out / "client_failures.json").write_text(json.dumps(seeded))
 
     def no_run(*a, **k):
         raise AssertionError("a recorded run ran again")
@@ -214,8 +219,11 @@ def test_client_failures_script_resumes_and_renders(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(client_failures, "run_one", no_run)
     assert client_failures.main([*common, "--fractions", "0", "0.4"]) == 0
     table = (out / "client_failures.md").read_text()
-    assert "| 0.4 | 2 of 5 | 2 |" in table and "| 0 | 0 of 5 | 2 |" in table and "shortened" in table
+    assert "| 0.4 | 0 | 2 of 5 | 2 |" in table and "| 0 | 0 | 0 of 5 | 2 |" in table and "shortened" in table
     assert table == client_failures.markdown(again)
+    late = [h["test"]["auc"] for h in again["client-failure=0.4"]["history"] if h["round"] > 1 and "test" in h]
+    assert client_failures.late_mean(again["client-failure=0.4"]) == pytest.approx(sum(late) / len(late))
+
     with pytest.raises(SystemExit):
         client_failures.main([*common, "--fractions", "1"])
     assert "must be in [0, 1)" in capsys.readouterr().err
