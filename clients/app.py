@@ -1,7 +1,10 @@
 """fedrec's ClientApp: each SuperNode holds a shard of users and answers three messages.
 
 ``train``     one round of local training of its users (private state kept in ``context.state``);
-              under secure aggregation Flower's ``secaggplus_mod`` masks the upload
+              under secure aggregation Flower's ``secaggplus_mod`` masks the upload; a train
+              message the server marked as a simulated failure or straggler
+              (``client-failure`` / ``stragglers``) gets an error reply or a late one
+              (``fedrec.federated.failures.simulated_failure_mod``)
 ``evaluate``  valid and test summaries of its users (no raw scores leave the node)
 ``query``     ``init``: the initial global parameters, the parameter layout and what the node
               holds (asked once); ``info``: what the node holds; ``save-model``: save its
@@ -15,7 +18,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedrec.federated import node
+from fedrec.federated import failures, node
 from fedrec.federated.flower_errors import fedrec_errors_mod, install_one_line_errors
 
 # a FedrecError (bad input on this node) is one error reply and one log line, not a traceback
@@ -23,7 +26,7 @@ app = ClientApp(mods=[fedrec_errors_mod])
 install_one_line_errors()
 
 
-@app.train(mods=[node.optional_secaggplus_mod])
+@app.train(mods=[failures.simulated_failure_mod, node.optional_secaggplus_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train this node's users for one round and reply with the upload."""
     return Message(node.client_train(msg, context), reply_to=msg)

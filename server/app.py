@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.errors import ConfigError, FedrecError
 from fedrec.files import write_json_atomic
 from fedrec.federated.checkpoint import load_server, save_global_model
+from fedrec.federated.failures import FailurePlan, check_failure_counts
 from fedrec.federated.flower_errors import error_reason, install_one_line_errors
 from fedrec.federated.history import RunHistory, data_identity
 from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
@@ -165,12 +166,20 @@ def main(grid: Grid, context: Context) -> None:
             target_epsilon=spec.central_target_epsilon, delta=spec.central_delta, rounds=spec.federated.rounds)
         central = (sigma, spec.central_delta)
     layout = layout_from_record(init["layout"])
+    failures = None
+    if spec.client_failure or spec.stragglers:  # simulated failures (fedrec.federated.failures)
+        check_failure_counts(client_failure=spec.client_failure, stragglers=spec.stragglers, clients=num_nodes,
+                             min_nodes=spec.min_nodes)
+        failures = FailurePlan(client_failure=spec.client_failure, stragglers=spec.stragglers,
+                               delay=spec.straggler_delay, seed=spec.federated.seed,
+                               timeout=spec.round_timeout or 3600.0)
     strategy = RoleAwareStrategy(layout=layout, history=history,
                                  num_nodes=num_nodes, round_offset=done, group_counts=counts, central=central,
                                  checkpoint=(spec.checkpoint_dir, spec.checkpoint_every) if spec.checkpoint_every else None,
                                  min_nodes=spec.min_nodes,
                                  node_clients={n: int(i.get("client", -1)) for n, i in infos.items()},
-                                 robust=(spec.robust, spec.robust_fraction, spec.robust_norm))
+                                 robust=(spec.robust, spec.robust_fraction, spec.robust_norm),
+                                 failures=failures)
     inner = strategy
     if central is not None:  # client-level DP with Flower's wrapper (fedrec.federated.privacy)
         strategy = CentralDPFixedClipping(strategy, noise_multiplier=central[0], clipping_norm=spec.central_clipping_norm,

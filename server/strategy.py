@@ -20,6 +20,11 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
   clients replied (``train.clients``) and which nodes failed (``train.failed``, with the
   reason), for training and evaluation. A node that comes back (a new node id) is asked for
   its info and takes part again.
+* With ``failures`` (a :class:`fedrec.federated.failures.FailurePlan`: the run options
+  ``client-failure`` / ``stragglers``), ``configure_train`` tells the round's drawn clients to
+  fail or to reply late; ``train.failed`` gives their reasons, ``train.stragglers`` the
+  round's stragglers, and unless ``min_nodes`` is set a training round needs only the
+  clients not drawn.
 * ``best_params``: the global parameters of the best validation round so far (the model a
   run saves with ``model-dir``); ``configure_train`` tells the clients that round
   (``best-round``) so they save their private state of it.
@@ -40,6 +45,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from fedrec.errors import FedrecError
 from fedrec.federated.algorithm import aggregate_uploads
 from fedrec.federated.checkpoint import save_server
+from fedrec.federated.failures import FailurePlan
 from fedrec.federated.history import RunHistory
 from fedrec.federated.layout import Layout
 from fedrec.federated.node import combine_evaluation, params_to_record, record_to_params, replies_to_uploads
@@ -59,8 +65,15 @@ class RoleAwareStrategy(FedAvg):
     def __init__(self, *, layout: Layout, history: RunHistory, num_nodes: int, round_offset: int = 0,
                  group_counts: torch.Tensor | None = None, checkpoint: tuple[str, int] | None = None,
                  central: tuple[float, float] | None = None, min_nodes: int = 0,
-                 node_clients: dict[int, int] | None = None, robust: tuple[str, float, float] | None = None) -> None:
+                 node_clients: dict[int, int] | None = None, robust: tuple[str, float, float] | None = None,
+                 failures: FailurePlan | None = None) -> None:
         self.min_nodes = min_nodes or num_nodes
+        #: simulated failures and stragglers; a training round needs the clients not drawn
+        self.failures = failures if failures is not None and failures.active else None
+        self.min_train_replies = min_nodes or (num_nodes - self.failures.missing(num_nodes) if self.failures
+                                             else num_nodes)
+        self._simulated: dict[int, str] = {}  # node -> why its train reply may be missing (simulated)
+        self._stragglers: list[dict] = []
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=self.min_nodes,
                          min_evaluate_nodes=self.min_nodes, min_available_nodes=self.min_nodes)
         #: node id -> client id (from the nodes' info replies)
@@ -110,10 +123,14 @@ class RoleAwareStrategy(FedAvg):
         sent = self._sent.pop(stage, [m.metadata.src_node_id for m in replies])
         replied = {r.metadata.src_node_id for r in good}
         reasons = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        simulated = self._simulated if stage == "train" else {}
         failed = [{"node": int(n), "client": self.node_clients.get(n, -1),
-                   "reason": reasons.get(n, "no reply before the round's timeout")}
+                   "reason": reasons.get(n, simulated.get(n, "no reply before the round's timeout"))}
                   for n in sent if n not in replied]
+        failed.sort(key=lambda f: (f["client"], f["node"]))  # Flower samples the nodes in random order
         record: dict = {"clients": sorted(self.node_clients.get(r.metadata.src_node_id, -1) for r in good)}
+        if stage == "train" and self._stragglers:
+            record["stragglers"] = self._stragglers  # every straggler of the round, on time or not
         restored = [{"client": self.node_clients.get(r.metadata.src_node_id, -1),
                      "round": int(r.content["metrics"]["restored-from"])}
                     for r in good if "metrics" in r.content.metric_records
@@ -126,10 +143,12 @@ class RoleAwareStrategy(FedAvg):
         absent = sorted(known - set(record["clients"]) - {f["client"] for f in failed})
         if absent:
             record["absent"] = absent  # known clients not connected this round (not asked)
-        if len(good) < self.min_nodes:
-            why = failed[0]["reason"] if failed else "no node replied"
+        need = self.min_train_replies if stage == "train" else self.min_nodes
+        if len(good) < need:
+            unplanned = [f for f in failed if f["node"] not in simulated]
+            why = (unplanned or failed)[0]["reason"] if failed else "no node replied"
             raise FedrecError(f"round {rnd} ({stage}): {len(good)} node(s) replied, fewer than min-nodes "
-                              f"{self.min_nodes} ({why})")
+                              f"{need} ({why})")
         return good, record
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -144,6 +163,9 @@ class RoleAwareStrategy(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._learn_nodes(grid, [m.metadata.dst_node_id for m in messages])
         self._sent["train"] = [m.metadata.dst_node_id for m in messages]
+        if self.failures is not None:  # simulated failures and stragglers of this round
+            messages, self._simulated, self._stragglers = self.failures.mark(messages, self.node_clients,
+                                                                             server_round + self.round_offset)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

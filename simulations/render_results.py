@@ -9,8 +9,8 @@ Usage::
 Every table on the page is rendered from the JSON the experiments wrote, by the renderer of
 the command that wrote it (``fedrec compare``'s :func:`fedrec.compare.write_outputs`,
 ``run_table.py``, ``reevaluate.py``, ``fed_next_item.py``, ``group_discovery.py``,
-``federation_equality.py``, ``crm_control.py``, ``streaming_moment.py`` and the ``bench_*.py``
-scripts), and every number quoted in the prose around a table is filled in from the same
+``federation_equality.py``, ``crm_control.py``, ``streaming_moment.py``, ``client_failures.py``
+and the ``bench_*.py`` scripts), and every number quoted in the prose around a table is filled in from the same
 JSON. Nothing is trained and no data file is read, so rendering takes a few seconds and works
 on a clean clone. ``tests/test_results_page.py`` fails when the committed page differs from a
 fresh rendering: after recording a result, run this script and commit the page with it.
@@ -905,6 +905,21 @@ FedMF was still improving at its last round ({fmf.get('best_round', fmf.get('bes
 {fmf.get('rounds_run', fmf.get('epochs_run'))}). Other datasets and rows have not been recorded yet."""
 
 
+def s_client_failures() -> str:
+    import client_failures
+
+    r = doc("client_failures")
+    table = client_failures.markdown(r).strip().split(chr(10), 1)[1].strip()
+    return f"""### Clients that fail
+
+`python simulations/client_failures.py` (resumable; `--only F`, `--rounds N`) runs the federated
+MRFF row of `fed_kuaisar.toml` with `--clients 10` and the run option `client-failure` at each
+fraction ([clients that fail](../../fedrec/federated/README.md)); the seconds were measured on 2
+cores shared with other jobs:
+
+{table}"""
+
+
 def s_bench_federated() -> str:
     r = doc("bench_federated")
     return f"""### Costs of federated training
@@ -1190,7 +1205,8 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("crm", s_crm), ("qarm", s_qarm), ("recflow", s_recflow), ("marm", s_marm), ("moment-cross", s_moment_cross),
     ("group-routing", s_group_routing), ("costs-centralised", s_costs_central),
     ("federated", s_federated), ("federation-equality", s_federation_equality), ("fed-synthetic", s_fed_synthetic),
-    ("fed-ctr", s_fed_ctr), ("fed-next-item", s_fed_next_item), ("costs-federated", s_bench_federated),
+    ("fed-ctr", s_fed_ctr), ("fed-next-item", s_fed_next_item), ("client-failures", s_client_failures),
+    ("costs-federated", s_bench_federated),
     ("privacy", s_privacy), ("attacks", s_attacks),
     ("cross-domain", s_cdr),
     ("datasets", s_datasets), ("not-recorded", s_not_recorded),

@@ -201,3 +201,48 @@ def test_attacks_script_records_rows_renders_them_and_skips_what_it_has(tmp_path
     capsys.readouterr()
     assert attacks.main(argv) == 0
     assert capsys.readouterr().err.count("recorded, skipped") == 2
+def test_client_failures_script_resumes_and_renders(tmp_path, monkeypatch, capsys):
+    """simulations/client_failures.py on tiny synthetic data: one run per fraction in the JSON
+    (config, valid/test with the AUC bound, best round, seconds, failure summary), the table
+    rendered from it; a second call skips what is recorded; --only runs one fraction; a bad
+    fraction is one line."""
+    import client_failures
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    common = ["--data", "synthetic:users=36,items=150,seed=3", "--clients", "5", "--rounds", "2", "--out-dir",
+              str(out), "--no-progress"]
+    assert client_failures.main([*common, "--fractions", "0", "0.4", "--only", "0.4"]) == 0
+    recorded = json.loads((out / "client_failures.json").read_text())
+    assert set(recorded) == {"client-failure=0.4"}
+    cell = recorded["client-failure=0.4"]
+    assert cell["failing_per_round"] == 2 and cell["config"]["client-failure"] == 0.4 and cell["config"]["shards"] == 5
+    assert cell["rounds"] == 2 and cell["protocol_rounds"] == 60 and "auc-error-bound" in cell["test"]
+    assert cell["failures"]["uploads_failed"] == 4 and cell["failures"]["uploads_arrived"] == 6
+    assert cell["failures"]["reasons"] == {"simulated failure (client-failure 0.4)": 4}
+    assert cell["failures"]["evaluation_failures"] == 0 and cell["test"]["n"] == 36
+    assert client_failures.main([*common, "--fractions", "0", "0.4"]) == 0  # adds 0, keeps 0.4
+    again = json.loads((out / "client_failures.json").read_text())
+    assert set(again) == {"client-failure=0", "client-failure=0.4"} and again["client-failure=0.4"] == cell
+    assert client_failures.main([*common, "--fractions", "0.4", "--seeds", "1"]) == 0  # another seed: its own run
+    seeded = json.loads((out / "client_failures.json").read_text())
+    assert seeded["client-failure=0.4/seed1"]["config"]["seed"] == 1 and seeded["client-failure=0.4"] == cell
+    del seeded["client-failure=0.4/seed1"]
+    (out / "client_failures.json").write_text(json.dumps(seeded))
+
+    def no_run(*a, **k):
+        raise AssertionError("a recorded run ran again")
+
+    monkeypatch.setattr(client_failures, "run_one", no_run)
+    assert client_failures.main([*common, "--fractions", "0", "0.4"]) == 0
+    table = (out / "client_failures.md").read_text()
+    assert "| 0.4 | 0 | 2 of 5 | 2 |" in table and "| 0 | 0 | 0 of 5 | 2 |" in table and "shortened" in table
+    assert table == client_failures.markdown(again)
+    late = [h["test"]["auc"] for h in again["client-failure=0.4"]["history"] if h["round"] > 1 and "test" in h]
+    assert client_failures.late_mean(again["client-failure=0.4"]) == pytest.approx(sum(late) / len(late))
+
+    with pytest.raises(SystemExit):
+        client_failures.main([*common, "--fractions", "1"])
+    assert "must be in [0, 1)" in capsys.readouterr().err

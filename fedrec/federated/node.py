@@ -46,7 +46,8 @@ from fedrec.federated.privacy import client_means
 from fedrec.federated.registry import create_algorithm
 from fedrec.federated.spec import RunSpec, parse_run_config
 
-__all__ = ["client_train", "client_evaluate", "client_query", "hello_info", "node_spec", "node_of", "build_node",
+__all__ = ["client_train", "client_skip_round", "client_evaluate", "client_query", "hello_info", "node_spec", "node_of",
+           "build_node",
            "params_to_record", "record_to_params", "replies_to_uploads", "combine_evaluation", "layout_from_record",
            "evaluation_summary", "secagg_vector", "secagg_scale", "secagg_result", "optional_secaggplus_mod",
            "psi_query", "align_nodes"]
@@ -392,6 +393,24 @@ def _train_round(node: _Node, spec: RunSpec, context: Context, global_params: Pa
     if spec.checkpoint_every and rnd % spec.checkpoint_every == 0:
         save_client(spec.checkpoint_dir, shard=_client_id(node, "checkpoint-dir"), round=rnd, state=state.state_dict())
     return upload
+
+
+def client_skip_round(msg: Message, context: Context) -> None:
+    """A train round this node does not take part in (a simulated failure,
+    :mod:`fedrec.federated.failures`): its private state stays as it is, but is the state
+    of this round, so a checkpoint round still saves it and the model of the best round is
+    still saved (kill-and-resume stays exact)."""
+    spec = node_spec(context)
+    node = node_of(context, spec)
+    config = msg.content["config"]
+    rnd = int(config["round"])
+    _save_model(node, spec, context, int(config.get("best-round", 0)))
+    state = _local_state(node, context, spec=spec, round=rnd)
+    state.raw_users = node.data.split.user_raw[state.users]
+    context.state[_PRIVATE] = ArrayRecord(state.state_dict())
+    _set_meta(context, state_round=rnd)
+    if spec.checkpoint_every and rnd % spec.checkpoint_every == 0:
+        save_client(spec.checkpoint_dir, shard=_client_id(node, "checkpoint-dir"), round=rnd, state=state.state_dict())
 
 
 def client_train(msg: Message, context: Context) -> RecordDict:

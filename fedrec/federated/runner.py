@@ -8,6 +8,11 @@ driven through an in-process ``Grid``: each simulated SuperNode is a
 its ``state`` persists across rounds), and a message is delivered by calling the ClientApp
 directly. Same code, same messages, same result as
 ``flwr run .`` on the simulation engine; seconds instead of minutes for small runs.
+
+Time is simulated where a ClientApp waits: a straggler's delay
+(:func:`fedrec.federated.failures.wait`) advances a virtual clock instead of sleeping, and
+``send_and_receive(timeout=T)`` leaves out the replies whose simulated delay exceeds ``T``,
+as a real Grid would after waiting ``T`` seconds (compute time is not counted).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flwr.serverapp import Grid
 
 from fedrec.config import load_toml
 from fedrec.errors import ConfigError
+from fedrec.federated.failures import virtual_clock
 from fedrec.federated.flower_errors import raising_fedrec_errors
 from fedrec.federated.spec import RunSpec
 
@@ -149,6 +155,7 @@ class InProcessGrid(Grid):
         self.contexts = contexts
         self._run_id = run_id
         self._replies: dict[str, Message] = {}
+        self._delays: dict[str, float] = {}  # message id -> simulated seconds its reply came late
         self.progress = progress
 
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used in-process
@@ -184,11 +191,15 @@ class InProcessGrid(Grid):
             msg.content = copy.deepcopy(msg.content)
             _set_identity(self._run_id, node)
             try:
-                with raising_fedrec_errors():  # a node's bad input is the run's one-line error, as it is
+                # a node's bad input is the run's one-line error, as it is; simulated delays
+                # (stragglers) advance a clock instead of sleeping
+                with raising_fedrec_errors(), virtual_clock() as clock:
                     reply = self.client_app(msg, self.contexts[node])
             finally:
                 _set_identity(self._run_id, _SERVER_NODE)
             self._replies[msg_id] = reply
+            if clock[0] > 0:
+                self._delays[msg_id] = clock[0]
             ids.append(msg_id)
             if self.progress is not None and msg.metadata.message_type.startswith("train"):
                 self.progress.update(1)
@@ -196,11 +207,20 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies to ``message_ids``."""
+        for i in message_ids:
+            self._delays.pop(i, None)
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push, then pull (delivery is synchronous)."""
-        return self.pull_messages(self.push_messages(messages))
+        """Push, then pull (delivery is synchronous); with ``timeout``, a reply whose
+        simulated delay exceeds it never arrives."""
+        ids = list(self.push_messages(messages))
+        if timeout is not None:
+            late = [i for i in ids if self._delays.get(i, 0.0) > timeout]
+            for i in late:  # the server stopped waiting: these replies are lost
+                self._replies.pop(i, None)
+            ids = [i for i in ids if i not in set(late)]
+        return self.pull_messages(ids)
 
 
 def _set_identity(run_id: int, node_id: int) -> None:

@@ -22,7 +22,13 @@ default; it logs once how many of them are connected; a Flower simulation with f
 SuperNodes than ``shards`` is refused at once), ``attack`` / ``attack-fraction`` /
 ``attack-target`` / ``attack-scale`` (simulated malicious clients) and ``robust`` /
 ``robust-fraction`` / ``robust-norm`` (robust, role-aware aggregation; both in
-:mod:`fedrec.federated.robust`), every :class:`~fedrec.federated.config.FederatedConfig` key,
+:mod:`fedrec.federated.robust`); simulated failures
+``client-failure`` (each training round exactly ``floor(client-failure * clients)`` clients,
+drawn from ``seed`` and the round, reply with an error instead of training; in [0, 1)),
+``stragglers`` (then that fraction of the other clients trains but replies
+``straggler-delay`` seconds late, dropped when later than ``round-timeout``; in [0, 1)) and
+``straggler-delay`` (see :mod:`fedrec.federated.failures`: the draw, what the history records,
+``min-nodes`` under failures), every :class:`~fedrec.federated.config.FederatedConfig` key,
 and model options as ``model.<option>`` (e.g. ``model.groups = 4``) or, where only declared
 keys are accepted (``flwr run --run-config``), as one string ``model-options = "groups=4,dim=32"``.
 
@@ -87,6 +93,9 @@ class RunSpec:
     robust_fraction: float = 0.2
     robust_norm: float = 0.0
     node_wait: float = 300.0
+    client_failure: float = 0.0
+    stragglers: float = 0.0
+    straggler_delay: float = 0.0
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -107,6 +116,7 @@ class RunSpec:
             raise ConfigError(f"run config 'round-timeout' must be >= 0 seconds (got {self.round_timeout})")
         if not self.node_wait > 0:
             raise ConfigError(f"run config 'node-wait' must be > 0 seconds (got {self.node_wait})")
+        self._check_failures()
         if self.checkpoint_every < 0:
             raise ConfigError(f"run config 'checkpoint-every' must be >= 0 (got {self.checkpoint_every})")
         if self.central_dp:
@@ -170,13 +180,38 @@ class RunSpec:
         if uses and self.task == "cdr":
             raise ConfigError(f"run config '{uses[0]}' is not supported for cross-domain runs (task 'cdr': each "
                               "client sends the rows of its own users)")
+    def _check_failures(self) -> None:
+        """The simulated-failure options (:mod:`fedrec.federated.failures`)."""
+        for key in ("client_failure", "stragglers"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:  # NaN fails too
+                raise ConfigError(f"run config '{key.replace('_', '-')}' must be a fraction in [0, 1) (got {value})")
+        if not 0 <= self.straggler_delay < float("inf"):
+            raise ConfigError(f"run config 'straggler-delay' must be >= 0 seconds (got {self.straggler_delay})")
+        if self.stragglers > 0 and not self.straggler_delay > 0:
+            raise ConfigError("run config 'stragglers' needs 'straggler-delay' > 0 (the seconds a straggler's reply "
+                              "comes late)")
+        if self.straggler_delay > 0 and not self.stragglers > 0:
+            raise ConfigError("run config 'straggler-delay' is given but 'stragglers' is 0 (no client straggles)")
+        if not (self.client_failure > 0 or self.stragglers > 0):
+            return
+        for key, on in (("secure-aggregation", self.secure_aggregation), ("central-dp", self.central_dp)):
+            if on:
+                raise ConfigError(f"run config 'client-failure' / 'stragglers' cannot be combined with '{key}' "
+                                  + ("(a SecAgg+ round stops when a client drops)" if key == "secure-aggregation"
+                                     else "(its noise is calibrated for all 'shards' clients)"))
+        if self.shards:
+            from fedrec.federated.failures import check_failure_counts
+
+            check_failure_counts(client_failure=self.client_failure, stragglers=self.stragglers, clients=self.shards,
+                                 min_nodes=self.min_nodes)
 
     def key(self) -> str:
         """A stable string identifying what a client builds from this spec (data, model,
         algorithm, partition) — for caches."""
         d = dataclasses.asdict(self)
         for k in ("out", "checkpoint_dir", "checkpoint_every", "resume", "model_dir", "min_nodes", "round_timeout",
-                  "node_wait"):
+                  "node_wait", "client_failure", "stragglers", "straggler_delay"):
             d.pop(k)
         return json.dumps(d, sort_keys=True, default=str)
 

@@ -1,6 +1,7 @@
 """End to end on Flower's simulation engine: ``flwr run .`` (Ray, a local SuperLink), its
 nodes reading a federation folder, gives the same result as the in-process runner for the
-same seed."""
+same seed — also when clients fail (``client-failure``: the drawn client's error reply
+travels through Ray, the round aggregates the other)."""
 
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def _pids_of(needle: str) -> list[int]:
 
 
 CASES = {
+    # one of the two clients fails each round (drawn from seed and round, as in process)
     "mrff": ("synthetic:users=24,items=40,seed=2", "iid",
-             {"rounds": 2, "shards": 2, "model.dim": 16, "model.max-len": 20}),
+             {"rounds": 2, "shards": 2, "model.dim": 16, "model.max-len": 20, "client-failure": 0.5}),
     # cross-domain: one SuperNode per domain, the private set intersection through the SuperLink
     "unicdr": ("synthetic:users=120,items=200,domains=2,overlap=0.5,groups=2,seed=4", "domain",
                {"rounds": 2, "shards": 2, "task": "cdr", "algorithm": "unicdr", "partition": "domain", "lr": 0.01,
@@ -105,6 +107,8 @@ def test_flwr_run_matches_in_process(tmp_path, case):
             for k, v in a.get(stage, {}).items():
                 if isinstance(v, float):
                     assert v == pytest.approx(b[stage][k], abs=2e-6), (stage, k)
+                elif k == "failed":  # node ids differ between runtimes; clients and reasons do not
+                    assert [(f["client"], f["reason"]) for f in v] == [(f["client"], f["reason"]) for f in b[stage][k]]
                 else:
                     assert v == b[stage][k], (stage, k)
 
@@ -146,3 +150,6 @@ def test_fedrec_launch_reports_a_refused_run_in_one_line(tmp_path):
             assert "Traceback" not in text, text[-3000:]
     finally:
         _kill_tree(_pids_of(f"{home}/local-superlink"))
+    if case == "mrff":
+        assert all(len(h["train"]["failed"]) == 1 and len(h["train"]["clients"]) == 1 for h in flwr_result["history"])
+        assert flwr_result["test"]["n"] == 24  # both clients evaluated
