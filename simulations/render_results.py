@@ -914,7 +914,7 @@ def s_client_failures() -> str:
 
 `python simulations/client_failures.py` (resumable; `--only F`, `--rounds N`) runs the federated
 MRFF row of `fed_kuaisar.toml` with `--clients 10` and the run option `client-failure` at each
-fraction ([clients that fail](../../fedrec/federated/README.md)); the seconds were measured on 2
+fraction ([clients that fail](../../fedrec/federated/README.md#clients-that-fail)); the seconds were measured on 2
 cores shared with other jobs:
 
 {table}"""
