@@ -24,7 +24,7 @@ from fedrec.files import write_json_atomic
 from fedrec.federated.checkpoint import load_server, save_global_model
 from fedrec.federated.history import RunHistory
 from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
-from fedrec.federated.privacy import calibrate_noise
+from fedrec.federated.privacy import calibrate_noise, central_delta, check_delta
 from fedrec.federated.spec import RunSpec, parse_run_config
 from server.secagg import secure_round
 from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
@@ -123,9 +123,13 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = spec.shards or len(nodes)
     central = None
     if spec.central_dp:
+        # the unit is a client: delta defaults to min(1e-5, 0.01 / clients), warns above 1 / clients
+        if spec.central_delta:
+            check_delta(spec.central_delta, num_nodes, key="central-delta", unit="clients")
+        delta = spec.central_delta or central_delta(num_nodes)
         sigma = spec.central_noise_multiplier or calibrate_noise(
-            target_epsilon=spec.central_target_epsilon, delta=spec.central_delta, rounds=spec.federated.rounds)
-        central = (sigma, spec.central_delta)
+            target_epsilon=spec.central_target_epsilon, delta=delta, rounds=spec.federated.rounds)
+        central = (sigma, delta)
     layout = layout_from_record(init["layout"])
     strategy = RoleAwareStrategy(layout=layout, history=history,
                                  num_nodes=num_nodes, round_offset=done, group_counts=counts, central=central,
