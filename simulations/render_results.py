@@ -938,9 +938,11 @@ def s_privacy() -> str:
 **Utility, local (user-level) DP** — `fedrec compare simulations/configs/fed_kuaisar_dp.toml --seed 0
 --data-root ../shared/data --out simulations/results`, then `python simulations/plot_privacy.py`
 ([privacy_utility.png](privacy_utility.png)). KuaiSAR-R, federated MRFF in one silo of 1,791 users,
-reference protocol (60 rounds, one fresh-Adam step at lr 0.1), delta = 1/1,791, noise calibrated
-so that all 60 rounds stay within epsilon, `max-grad-norm` 180 (about the median first-round
-pseudo-gradient norm), one seed:
+reference protocol (60 rounds, one fresh-Adam step at lr 0.1), delta = 1/1,791 (1 / number of
+users, the default when these runs were recorded; the default is now 0.01 / number of users, see
+[differential privacy](../../fedrec/federated/README.md#differential-privacy-user-level-on-the-clients)),
+noise calibrated so that all 60 rounds stay within epsilon, `max-grad-norm` 180 (about the median
+first-round pseudo-gradient norm), one seed:
 
 {compare_table(loc)}
 
@@ -1058,7 +1060,8 @@ HR@10, sport / cloth and game / video; the `seeds` column says how many seeds ea
   {pair(sc, fed, SC)}) and {pair(gv, own, GV)} on Game–Video (federated: {pair(gv, fed, GV)}). UniCDR's
   shared aggregator reads the *other* domain's history, and that is what serves a cold-start user;
   a domain that may not see another's interactions learns cross-domain only through the shared rows.
-- **Row-level DP at epsilon = 8** (`max-grad-norm` 1, noise calibrated for all rounds; early stopping
+- **Row-level DP at epsilon = 8** (`max-grad-norm` 1, delta = 1 / users, the default when these runs were
+  recorded (now 0.01 / users), noise calibrated for all rounds; early stopping
   ended Sport–Cloth's run at round {dp_run['rounds']}, having spent epsilon {dp_run['test']['epsilon']:.2f}) costs
   federated UniCDR {pair(sc, dp, SC)} against {pair(sc, fed, SC)} on Sport–Cloth and {pair(gv, dp, GV)} against
   {pair(gv, fed, GV)} on Game–Video: the shared rows carry little there anyway. The guarantee is row
