@@ -406,11 +406,13 @@ def iterate_batches(
     candidates = None
     if examples.task == "cdr":
         train_rows, train_indptr, user_rows, user_indptr, row_domain = sp.cached("cdr_context_index", lambda: _cdr_index(sp))
+    # computed once, not per batch: each is an O(examples) lookup (quadratic over small batches)
+    all_users, all_domains = examples.users, examples.domains
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         tgt = examples.target_rows[idx]
-        users = examples.users[idx]
-        domains = examples.domains[idx]
+        users = all_users[idx]
+        domains = all_domains[idx]
         batch = {
             "user": torch.from_numpy(users),
             "domain": torch.from_numpy(domains),
