@@ -441,7 +441,9 @@ def iterate_batches(
             inp = examples.input_rows[idx]
             batch["items"] = torch.from_numpy(_take(sp.item, inp))
             batch["labels"] = torch.from_numpy(_take(sp.label, inp).astype(np.int64))
-            batch["target_times"] = torch.from_numpy(_take(np.asarray(sp.time, dtype=np.float64), tgt, fill=np.nan))
+            # the batch's rows, then float64 (the same values; converting the whole time column
+            # first cost O(interactions) per batch)
+            batch["target_times"] = torch.from_numpy(np.asarray(_take(sp.time, tgt, fill=np.nan), dtype=np.float64))
             for key, column in (("ratings", sp.rating), ("values", sp.value)):
                 if column is not None:  # per-row values of history and targets (NaN = padding)
                     batch[key] = torch.from_numpy(_take(column, inp, fill=np.nan).astype(np.float32))
