@@ -67,9 +67,10 @@ def main(
     ),
 ) -> None:
     """fedrec: federated, privacy-preserving multifaceted user modelling for recommendation."""
-    from fedrec.logs import configure_cli_logging
+    from fedrec.logs import configure_cli_logging, configure_cli_warnings
 
     configure_cli_logging()  # one line per epoch / round on stderr when it is not a terminal
+    configure_cli_warnings()  # fedrec's warnings (e.g. a DP delta above 1 / population) as one line
 
 
 @data_app.command("describe")
@@ -486,7 +487,7 @@ def simulate_command(
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", help="Communication rounds (default: from the data format, else 100)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, participation, dropout)."),
     target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="User-level DP: calibrate the noise so the whole run ends within this epsilon (turns DP on)."),
-    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 1 / population, the number of users of the federation)."),
+    delta: Optional[float] = typer.Option(None, "--delta", help="DP delta (default: 0.01 / population, the number of users of the federation; above 1 / population warns)."),
     noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="User-level DP: noise std / clipping norm (turns DP on; instead of --target-epsilon)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="User-level DP: clip each user's pseudo-gradient to this L2 norm (default 1.0)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Clients' learning rate (the run-config key lr)."),

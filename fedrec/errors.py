@@ -7,7 +7,13 @@ traceback from pandas or torch.
 
 from __future__ import annotations
 
-__all__ = ["FedrecError", "DataError", "SpecError", "ConfigError"]
+__all__ = ["FedrecError", "FedrecWarning", "DataError", "SpecError", "ConfigError"]
+
+
+class FedrecWarning(UserWarning):
+    """A warning fedrec gives about an accepted but doubtful input (e.g. a DP ``delta`` above
+    1 / population); the CLI prints it as one line, ``fedrec: warning: ...``
+    (:func:`fedrec.logs.configure_cli_warnings`)."""
 
 
 class FedrecError(Exception):

@@ -172,6 +172,32 @@ class _StderrLines(logging.StreamHandler):
         super().emit(record)
 
 
+def configure_cli_warnings() -> None:
+    """Print every :class:`~fedrec.errors.FedrecWarning` as one line on stderr,
+    ``fedrec: warning: MESSAGE``, once per message (other warnings keep Python's format).
+    The CLI calls this; idempotent."""
+    import warnings
+
+    from fedrec.errors import FedrecWarning
+
+    if getattr(warnings.showwarning, "_fedrec", False):
+        return
+    original = warnings.showwarning
+    shown: set[str] = set()  # each node of an in-process run may raise the same warning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, FedrecWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"fedrec: warning: {message}", file=sys.stderr if file is None else file)
+            return
+        original(message, category, filename, lineno, file, line)
+
+    show._fedrec = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+    warnings.filterwarnings("always", category=FedrecWarning)  # deduplicated above, by message
+
+
 def configure_cli_logging() -> None:
     """Show the ``fedrec`` logger's INFO lines on stderr when stderr is not a terminal,
     unless the logger was configured already (the CLI calls this; a library user

@@ -28,7 +28,7 @@ from fedrec.federated.failures import FailurePlan, check_failure_counts
 from fedrec.federated.flower_errors import error_reason, install_one_line_errors
 from fedrec.federated.history import RunHistory, data_identity
 from fedrec.federated.node import align_nodes, layout_from_record, params_to_record, query_nodes, record_to_params
-from fedrec.federated.privacy import calibrate_noise
+from fedrec.federated.privacy import calibrate_noise, central_delta, check_delta
 from fedrec.federated.spec import RunSpec, parse_run_config
 from server.secagg import secure_round
 from server.strategy import CentralDPFixedClipping, RoleAwareStrategy
@@ -162,9 +162,13 @@ def main(grid: Grid, context: Context) -> None:
     num_nodes = spec.shards or len(nodes)
     central = None
     if spec.central_dp:
+        # the unit is a client: delta defaults to min(1e-5, 0.01 / clients), warns above 1 / clients
+        if spec.central_delta:
+            check_delta(spec.central_delta, num_nodes, key="central-delta", unit="clients")
+        delta = spec.central_delta or central_delta(num_nodes)
         sigma = spec.central_noise_multiplier or calibrate_noise(
-            target_epsilon=spec.central_target_epsilon, delta=spec.central_delta, rounds=spec.federated.rounds)
-        central = (sigma, spec.central_delta)
+            target_epsilon=spec.central_target_epsilon, delta=delta, rounds=spec.federated.rounds)
+        central = (sigma, delta)
     layout = layout_from_record(init["layout"])
     failures = None
     if spec.client_failure or spec.stragglers:  # simulated failures (fedrec.federated.failures)

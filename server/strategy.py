@@ -14,7 +14,8 @@ aggregation by parameter role (:func:`fedrec.federated.algorithm.aggregate_uploa
 * With ``central=(noise_multiplier, delta)`` (central DP: the strategy is wrapped by
   :class:`CentralDPFixedClipping`), clients send mean models, the wrapper clips each
   client's update and adds the noise, and this strategy averages the clipped client models
-  with **equal weights** (groups included), as the wrapper's noise calibration assumes.
+  with **equal weights** (groups included) over the run's fixed number of clients (a client
+  that did not reply counts as a zero update), as the wrapper's noise calibration assumes.
 * Nodes may fail: a round goes on with the nodes that replied, as long as at least
   ``min_nodes`` did (else the run stops with an error); the history records per round which
   clients replied (``train.clients``) and which nodes failed (``train.failed``, with the
@@ -182,8 +183,12 @@ class RoleAwareStrategy(FedAvg):
         else:
             new, counts, metrics = aggregate_uploads(self.layout, self._global, uploads)
         if self.central is not None:
-            # the uploads are the clients' (clipped) mean models: equal-weight average
-            new = {n: (sum(u.sums[n].to(torch.float64) for u in uploads) / len(uploads)).to(self._global[n].dtype)
+            # the uploads are the clients' (clipped) mean models: equal-weight average over the
+            # run's fixed number of clients, the wrapper's noise calibration (a client that did
+            # not reply counts as a zero update, so the sum's noise stays noise * norm)
+            missing = max(0, self.num_nodes - len(uploads))
+            new = {n: ((sum(u.sums[n].to(torch.float64) for u in uploads) + missing * self._global[n].to(torch.float64))
+                       / (len(uploads) + missing)).to(self._global[n].dtype)
                    for n in self._global}
             sigma, delta = self.central
             metrics["epsilon"] = central_epsilon(noise_multiplier=sigma, rounds=server_round + self.round_offset,

@@ -246,3 +246,46 @@ def test_client_failures_script_resumes_and_renders(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         client_failures.main([*common, "--fractions", "1"])
     assert "must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_bench_scale_measures_each_size_in_its_own_process(tmp_path, capsys):
+    """Tiny sizes end to end: every size and sweep point measured (one subprocess each), the
+    per-user private state the same at every size, the JSON and its Markdown table written."""
+    import bench_scale
+
+    out = tmp_path / "scale.json"
+    assert bench_scale.main(["--users", "120", "240", "--chunk-size", "32", "--chunk-sweep", "--shard-sweep", "3",
+                             "--sweep-users", "120", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert [r["users"] for r in doc["users"]] == [120, 240] and doc["shard_sweep"][0]["shards"] == 3
+    for r in doc["users"] + doc["shard_sweep"]:
+        assert "stopped" not in r, r
+        assert r["users_trained"] == r["users"] and r["round_s"] > 0 and r["peak_mb"] >= r["round_peak_mb"] > 0
+        assert r["interactions"] == 10 * r["users"]  # the fixed sequence length
+    assert doc["users"][0]["private_state_bytes_per_user"] == doc["users"][1]["private_state_bytes_per_user"] > 0
+    assert [r["users"] for r in doc["ratios"]] == [120, 240] and "µs/user" in printed
+    table = out.with_suffix(".md").read_text()
+    assert "| 240 | 32 | 1 |" in table and "| 120 | 32 | 3 |" in table
+
+
+def test_bench_scale_skips_what_would_pass_the_memory_cap(monkeypatch):
+    """A size projected (linearly) past the cap is not run, and says so, with its extrapolation."""
+    import bench_scale
+
+    ran = []
+
+    def fake(users, chunk, shards, cap, timeout):
+        ran.append(users)
+        mb = 100 + users / 100  # 1 MB per 100 users
+        return {"users": users, "chunk_size": chunk, "shards": shards, "peak_mb": mb, "data_s": users / 1e3,
+                "setup_s": 0.1, "round_s": users / 1e4, "evaluate_s": 0.1, "round_working_mb": 5.0,
+                "evaluate_working_mb": 1.0, "private_state_bytes_per_user": 896.0}
+
+    monkeypatch.setattr(bench_scale, "run_one", fake)
+    rows = bench_scale.series([(1000, 8, 1), (2000, 8, 1), (10**6, 8, 1)], cap_gb=1.0, timeout=10, label="t")
+    assert ran == [1000, 2000]
+    assert rows[2]["stopped"].startswith("not run: projected peak 9.9 GiB > cap 1 GiB")
+    assert rows[2]["extrapolated"]["peak_mb"] == pytest.approx(100 + 10**4) and rows[2]["extrapolated"]["round_s"] == 100
+    assert "~10100 (extrapolated)" in bench_scale.markdown({"data": "d", "model": {}, "threads": 1, "machine": "m",
+                                                           "users": rows})

@@ -406,11 +406,13 @@ def iterate_batches(
     candidates = None
     if examples.task == "cdr":
         train_rows, train_indptr, user_rows, user_indptr, row_domain = sp.cached("cdr_context_index", lambda: _cdr_index(sp))
+    # computed once, not per batch: each is an O(examples) lookup (quadratic over small batches)
+    all_users, all_domains = examples.users, examples.domains
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         tgt = examples.target_rows[idx]
-        users = examples.users[idx]
-        domains = examples.domains[idx]
+        users = all_users[idx]
+        domains = all_domains[idx]
         batch = {
             "user": torch.from_numpy(users),
             "domain": torch.from_numpy(domains),
@@ -439,7 +441,9 @@ def iterate_batches(
             inp = examples.input_rows[idx]
             batch["items"] = torch.from_numpy(_take(sp.item, inp))
             batch["labels"] = torch.from_numpy(_take(sp.label, inp).astype(np.int64))
-            batch["target_times"] = torch.from_numpy(_take(np.asarray(sp.time, dtype=np.float64), tgt, fill=np.nan))
+            # the batch's rows, then float64 (the same values; converting the whole time column
+            # first cost O(interactions) per batch)
+            batch["target_times"] = torch.from_numpy(np.asarray(_take(sp.time, tgt, fill=np.nan), dtype=np.float64))
             for key, column in (("ratings", sp.rating), ("values", sp.value)):
                 if column is not None:  # per-row values of history and targets (NaN = padding)
                     batch[key] = torch.from_numpy(_take(column, inp, fill=np.nan).astype(np.float32))

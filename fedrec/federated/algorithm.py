@@ -103,7 +103,7 @@ def make_shard(split: SplitData, users: np.ndarray, *, task: str, max_len: int, 
         full = split.cached(("examples", task, stage, max_len), lambda stage=stage: build_examples(
             split, task=task, stage=stage, max_len=max_len))
         keep = np.isin(full.users, users)
-        stages[stage] = full.subset(users)
+        stages[stage] = full if keep.all() else full.subset(users)  # a shard of every user: no second copy
         if stage != "train" and task == "next_item" and protocol.startswith("sampled"):
             n = int(protocol.split("-")[1])
             all_cands = split.cached(("candidates", task, stage, max_len, n, eval_seed),
@@ -249,6 +249,13 @@ class Algorithm:
             if isinstance(m, SelfAttention):
                 m.explicit = True
         self.template.vmap_safe = True
+        # inside the vmap each user sees a two-row private table [padding, its own row], passed
+        # in by functional_call: the template's own per-user tables are never read, so they keep
+        # two rows, not one per user of the split (memory no longer grows with the users)
+        with torch.no_grad():
+            for n in self.layout.per_user:
+                table = self.template.get_parameter(n)
+                table.data = table.data[:2].clone()
         #: learning-rate multipliers by parameter name (the model's, e.g. MRFF's router_lr)
         self._lr_scales = dict(self.model.lr_scales())
         self._init = {n: p.detach().clone() for n, p in self.model.named_parameters() if n not in self.layout.per_user}
@@ -493,7 +500,7 @@ class Algorithm:
         share = self.group_share(group_counts if group_counts is not None else self.initial_group_counts()).to(self.device)
         on_device = self._on_device(global_params)
         mask = participants(self.split.user_raw[shard.users], seed=cfg.seed, round=round, fraction=cfg.fraction)
-        examples = shard.train.subset(shard.users[mask])
+        examples = shard.train if mask.all() else shard.train.subset(shard.users[mask])
         users = examples.users
         if len(np.unique(users)) != len(users):
             raise ConfigError("federated training expects one training example per user")
@@ -505,10 +512,9 @@ class Algorithm:
         if len(examples):
             sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
-            batch = next(iterate_batches(examples, batch_size=len(examples),
-                                         num_negatives=cfg.negatives if self.task == "next_item" else 0, sampler=sampler))
-            if self.batch_transform is not None:
-                batch = self.batch_transform(batch)
+            batches = self._train_batches(examples, sampler)
+            if self.batch_transform is not None:  # a simulated malicious client (elementwise, per chunk)
+                batches = (self.batch_transform(b) for b in batches)
             vgrad = vmap(grad_and_value(self._loss_fn(), has_aux=True), in_dims=(0, None, 0, None),
                          randomness="different")
             rng_state = torch.random.get_rng_state()
@@ -517,11 +523,11 @@ class Algorithm:
             # this process (so a Ray actor serving several nodes gives the same result)
             torch.manual_seed(int(np.random.default_rng([cfg.seed, round, shard.key]).integers(2**62)))
             self.template.train()
-            for start in range(0, len(users), cfg.chunk_size):
+            for start, chunk in zip(range(0, len(users), cfg.chunk_size), batches, strict=True):
                 sl = slice(start, start + cfg.chunk_size)
                 cu = users[sl]
                 pos = self._positions(state, cu)
-                ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+                ex = self._per_user_batch(chunk, cu)
                 params, ex, rows, start_values, loss, choice = to_cpu(self._local_train(on_device, state, pos, ex,
                                                                                         share, vgrad))
                 loss_sum += float(loss.sum())
@@ -581,6 +587,18 @@ class Algorithm:
                         changed if self.layout.groups else None, routed_before)
         return upload, state, metrics
 
+    def _train_batches(self, examples: ExampleSet, sampler) -> Any:
+        """The training batches of ``examples``, one per chunk of ``chunk_size`` users, in
+        order. Without random draws (CTR) each chunk's batch is built on its own, so the
+        batch tensors are bounded by the chunk size, not the shard; next-item negatives are
+        drawn for the whole shard at once (the draws depend on it) and then sliced."""
+        chunk = self.config.chunk_size
+        if sampler is None:
+            return iterate_batches(examples, batch_size=chunk)
+        full = next(iterate_batches(examples, batch_size=len(examples), num_negatives=self.config.negatives,
+                                    sampler=sampler))
+        return ({k: v[start:start + chunk] for k, v in full.items()} for start in range(0, len(examples), chunk))
+
     def _step(self, params: Params, grads: Params, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], t: int) -> Params:
         """One optimiser step on stacked per-user tensors (elementwise, so per user)."""
         base = self.config.lr
@@ -637,9 +655,6 @@ class Algorithm:
         template.eval()
         task, cfg = self.task, self.config
         users = examples.users
-        batch = next(iterate_batches(examples, batch_size=len(examples)))
-        if candidates is not None:
-            batch["candidates"] = torch.from_numpy(candidates)
         # CTR: the plain forward's logits (predict_ctr's sigmoid of them saturates in float32)
         mode = "train" if task == "ctr" else ("candidates" if candidates is not None else "all")
         alive = self.group_alive(group_counts)
@@ -654,23 +669,28 @@ class Algorithm:
             return out["logits"][0, -1] if task == "ctr" else out[0]
 
         vfn = vmap(fn, in_dims=(0, None, 0))
-        out = []
-        for start in range(0, len(users), cfg.chunk_size):
+        out, last = [], []
+        # one chunk's batch at a time (no random draws: the same rows as one batch of all)
+        for start, batch in zip(range(0, len(users), cfg.chunk_size),
+                                iterate_batches(examples, batch_size=cfg.chunk_size), strict=True):
             sl = slice(start, start + cfg.chunk_size)
             cu = users[sl]
+            if candidates is not None:
+                batch["candidates"] = torch.from_numpy(candidates[sl])
+            last.append((batch["target_labels"] if task == "ctr" else batch["target_items"])[:, -1])
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            ex = self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)
+            ex = self._per_user_batch(batch, cu)
             params, shared, ex = self.personalise(global_params, state, cu, params, shared, ex)
             out.append(vfn(params, shared, to_device(ex, self.device)).cpu())
         if task == "ctr":
             logits = torch.cat(out)
             return {"probs": torch.sigmoid(logits).double().numpy(), "logits": logits.double().numpy(),
-                    "labels": batch["target_labels"][:, -1].numpy()}
+                    "labels": torch.cat(last).numpy()}
         scores = torch.cat(out).double().numpy()
         if candidates is not None:
             return {"ranks": sampled_ranking_ranks(scores[:, 0], scores[:, 1:])}
         indptr, indices = examples.exclusions()
-        targets = batch["target_items"][:, -1].numpy()
+        targets = torch.cat(last).numpy()
         scores = scores.reshape(len(users), -1)
         return {"ranks": full_ranking_ranks(scores, targets, exclude=(indptr, indices)),
                 "top": top_k_items(scores, max(cfg.topk), exclude=(indptr, indices))}
@@ -687,7 +707,6 @@ class Algorithm:
         examples = examples.subset(examples.users[np.sort(first)])
         template = self.template
         template.eval()
-        batch = next(iterate_batches(examples, batch_size=len(examples)))
         alive = self.group_alive(group_counts)
         alive = None if alive is None else alive.to(self.device)
         global_params = self._on_device(global_params)
@@ -701,11 +720,11 @@ class Algorithm:
         vfn = vmap(fn, in_dims=(0, None, 0))
         users = examples.users
         out = []
-        for start in range(0, len(users), self.config.chunk_size):
-            sl = slice(start, start + self.config.chunk_size)
-            cu = users[sl]
+        chunk = self.config.chunk_size
+        for start, batch in zip(range(0, len(users), chunk), iterate_batches(examples, batch_size=chunk), strict=True):
+            cu = users[start:start + chunk]
             params, shared = self._user_params(global_params, state, self._positions(state, cu), copy_global=False)
-            out.append(vfn(params, shared, self._per_user_batch({k: v[sl] for k, v in batch.items()}, cu)).cpu())
+            out.append(vfn(params, shared, self._per_user_batch(batch, cu)).cpu())
         return users, torch.cat(out).numpy()
 
     @torch.no_grad()

@@ -56,7 +56,8 @@ class FederatedConfig:
         ``target_epsilon`` the noise is calibrated so that all ``rounds`` stay within it):
         each user's pseudo-gradient is clipped to ``max_grad_norm`` (default 1.0) and
         Gaussian noise ``noise_multiplier * max_grad_norm`` is added to the client's sums. ``delta`` defaults to
-        1 / ``population``; ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
+        0.01 / ``population`` (one given above 1 / ``population`` is accepted with a warning);
+        ``accountant`` is Opacus's ``rdp`` (default) or ``prv``;
         ``dp_noise_seed`` >= 0 makes the noise reproducible (experiments only), -1 keeps it
         secret.
     ``batch_size`` / ``weight_decay``
@@ -75,7 +76,7 @@ class FederatedConfig:
     ``population``
         The number of users in the whole federation (0: unknown). No node can count it from
         its own data: ``fedrec simulate`` sets it, a federation folder's manifest carries it,
-        and a deployment passes it in the run config. It sets the DP ``delta`` default (1 /
+        and a deployment passes it in the run config. It sets the DP ``delta`` default (0.01 /
         population) and the scale of secure aggregation's vectors.
     """
 

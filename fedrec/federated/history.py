@@ -192,15 +192,30 @@ class RunHistory:
             test["epsilon"] = eps
             privacy = {"epsilon": eps, "delta": last.get("delta"), "noise-multiplier": last.get("noise-multiplier"),
                        "accountant": self.spec.federated.accountant if self.spec.federated.dp else "rdp"}
+            from fedrec.federated.privacy import NEIGHBOURING, replace_one_epsilon
+
+            releases = 1
             if self.spec.central_dp:
                 privacy.update({"kind": "central (client level)", "clipping-norm": self.spec.central_clipping_norm,
-                                "target-epsilon": self.spec.central_target_epsilon or None})
+                                "target-epsilon": self.spec.central_target_epsilon or None,
+                                "neighbouring": NEIGHBOURING["central"]})
             else:
                 from fedrec.federated.registry import ALGORITHMS
 
-                kind = getattr(ALGORITHMS.create(self.spec.algorithm), "dp_kind", "local (user level)")
+                algorithm = ALGORITHMS.create(self.spec.algorithm)
+                kind = getattr(algorithm, "dp_kind", "local (user level)")
+                releases = int(getattr(algorithm, "RELEASES_PER_ROUND", 1))
                 privacy.update({"kind": kind, "max-grad-norm": self.spec.federated.max_grad_norm,
-                                "target-epsilon": self.spec.federated.target_epsilon or None})
+                                "target-epsilon": self.spec.federated.target_epsilon or None,
+                                "neighbouring": getattr(algorithm, "dp_neighbouring", NEIGHBOURING["local"])})
+            # the same releases under replace-one (twice the sensitivity: noise multiplier / 2)
+            sigma, delta = last.get("noise-multiplier"), last.get("delta")
+            if sigma and delta:
+                eps1 = replace_one_epsilon(noise_multiplier=sigma, steps=len(trained) * releases, delta=delta,
+                                           accountant=privacy["accountant"])
+                privacy["epsilon-replace-one"] = None if math.isinf(eps1) else round(eps1, 6)
+            # data-dependent and unnoised, so the clients do not send them (fedrec.federated.node)
+            privacy["train-loss"] = "not reported under DP"
         out = {
             "algorithm": self.spec.algorithm,
             "model": self.spec.model or None,

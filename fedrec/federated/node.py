@@ -10,7 +10,10 @@ client -> server (train)
     ``arrays`` (the upload's sums), ``metrics`` (MetricRecord: ``num-examples``, ``weight``,
     ``users``, ``examples``, ``loss-sum``, ``shard``, ``group-counts``, and ``epsilon`` under
     differential privacy). With ``central-dp`` the arrays are the client's means instead
-    (:func:`fedrec.federated.privacy.client_means`) and ``num-examples`` is 1.
+    (:func:`fedrec.federated.privacy.client_means`) and ``num-examples`` is 1. Under local or
+    central DP ``examples`` and ``loss-sum`` are not sent (data-dependent and unnoised) and
+    ``num-examples`` is the number of users (1 under central DP); see
+    :mod:`fedrec.federated.privacy` for what is sent and why.
 server -> client (evaluate)
     ``arrays``, ``config`` (``round``).
 client -> server (evaluate)
@@ -232,9 +235,12 @@ def _save_model(node: _Node, spec: RunSpec, context: Context, best_round: int) -
     _set_meta(context, saved_round=best_round)
 
 
-def client_info(node: _Node) -> ConfigRecord:
-    """What a node tells the server about its data (for the run's record)."""
+def client_info(node: _Node, spec: RunSpec | None = None) -> ConfigRecord:
+    """What a node tells the server about its data (for the run's record); under DP (``spec``)
+    without its interaction counts (``UNNOISED_INFO``: for a one-user node, its history)."""
     info = {k: v for k, v in node.data.info.items() if isinstance(v, (int, float, str, bool))}
+    if spec is not None and _under_dp(spec):
+        info = {k: v for k, v in info.items() if k not in UNNOISED_INFO}
     if node.target:
         info["attack-target"] = str(node.data.split.item_raw[node.target])
         info["malicious"] = bool(node.malicious)
@@ -266,15 +272,15 @@ def client_query(msg: Message, context: Context) -> RecordDict:
     node = node_of(context, spec)
     if kind == "save-model":
         _save_model(node, spec, context, int(config.get("best-round", 0)))
-        return RecordDict({"info": client_info(node)})
+        return RecordDict({"info": client_info(node, spec)})
     if kind == "info":
-        return RecordDict({"info": client_info(node)})
+        return RecordDict({"info": client_info(node, spec)})
     if kind.startswith("psi-"):
         return psi_query(node, kind, msg, context)
     if kind != "init":
         raise ConfigError(f"unknown query kind {kind!r}")
     return RecordDict({"arrays": params_to_record(node.alg.initial_global()), "layout": _layout_record(node.alg.layout),
-                       "info": client_info(node)})
+                       "info": client_info(node, spec)})
 
 
 def psi_query(node: _Node, kind: str, msg: Message, context: Context) -> RecordDict:
@@ -445,7 +451,30 @@ def client_train(msg: Message, context: Context) -> RecordDict:
     if upload.group_changed is not None:  # how many of its users changed group since their last round
         metrics["group-changed"] = [float(x) for x in upload.group_changed.tolist()]
         metrics["routed-before"] = int(upload.routed_before)
+    if _under_dp(spec):
+        _drop_unnoised(metrics, users=int(upload.users), central=spec.central_dp)
     return RecordDict({"arrays": params_to_record(arrays), "metrics": metrics})
+
+
+#: train-reply metrics that are data-dependent and unnoised: not sent under DP
+UNNOISED_TRAIN_METRICS = ("examples", "loss-sum")
+#: info-reply counts of a node's interactions: not sent under DP
+UNNOISED_INFO = ("rows", "out-of-catalogue")
+
+
+def _under_dp(spec: RunSpec) -> bool:
+    """Whether the run is under local (user-level) or central (client-level) DP."""
+    return bool(spec.federated.dp or spec.central_dp)
+
+
+def _drop_unnoised(metrics: MetricRecord, *, users: int, central: bool) -> None:
+    """Under DP, remove the per-user values nothing noises (the training loss, the number of
+    training targets: for a one-user client its history length); Flower's weighting key
+    becomes the number of users (1 under central DP), which does not depend on data."""
+    for key in UNNOISED_TRAIN_METRICS:
+        if key in metrics:
+            del metrics[key]
+    metrics["num-examples"] = 1 if central else users
 
 
 # -- secure aggregation (SecAgg+, Flower's legacy workflow) -------------------------------
@@ -601,8 +630,9 @@ def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Uploa
         arrays = record_to_params(r.content["arrays"])
         rows = {n: (arrays.pop(f"{n}@rows"), arrays.pop(f"{n}@weights")) for n in layout.aligned
                 if f"{n}@rows" in arrays}
+        # under DP a client sends no examples / loss-sum (UNNOISED_TRAIN_METRICS): 0 and NaN
         uploads.append(Upload(arrays, float(m["weight"]), counts, int(m["users"]),
-                              int(m["examples"]), float(m["loss-sum"]),
+                              int(m.get("examples", 0)), float(m.get("loss-sum", float("nan"))),
                               {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None,
                               changed, int(m.get("routed-before", 0)), rows or None))
     return uploads

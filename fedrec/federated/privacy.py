@@ -1,40 +1,85 @@
 """User-level differential privacy on the clients (DP-SGD / DP-FedAvg with Opacus accounting).
 
-The privacy unit is **one user's training sequence**. In a round, every participating user
-trains its own copy of the shared parameters (see :mod:`fedrec.federated.algorithm`); what
-leaves the client is the sum of those copies. With DP on, the client:
+The privacy unit is **one user**: its whole training sequence, in every round. In a round,
+every participating user trains its own copy of the shared parameters (see
+:mod:`fedrec.federated.algorithm`); what leaves the client is the sum of those copies. With
+DP on, the client:
 
 1. turns each user's change into a *pseudo-gradient* ``(global - trained) / lr`` over
    everything the user uploads (the public parameters and the group FFNs it was routed to),
-   and clips it to L2 norm ``max_grad_norm``. With ``local_steps = 1`` and ``optimizer =
-   sgd`` this is exactly the user's gradient, so the mechanism is DP-SGD with per-user
-   clipping; with more steps or Adam it is DP-FedAvg's per-user update clipping. Norms are
-   computed on the stacked per-user tensors the engine already holds (no extra per-user
-   gradient of any table is materialised; a user's unchosen groups have zero change). Item
-   tables are per-user *compact* copies of the rows the user read (the engine's default),
-   so memory does not grow with the catalogue; the norm is the same, since unread rows do
-   not change.
-2. adds Gaussian noise ``N(0, (noise_multiplier * max_grad_norm)^2)`` (times ``lr``) to
-   every coordinate of every uploaded sum — public sums and all group sums, chosen or not.
-3. records one step of the sampled Gaussian mechanism in an Opacus accountant whose state
-   lives in the client's persisted state, so epsilon accumulates across rounds.
+   and clips it to L2 norm ``max_grad_norm`` (C), jointly over all those tensors. With
+   ``local_steps = 1`` and ``optimizer = sgd`` this is exactly the user's gradient, so the
+   mechanism is DP-SGD with per-user clipping; with more steps or Adam it is DP-FedAvg's
+   per-user update clipping. Norms are computed on the stacked per-user tensors the engine
+   already holds (no extra per-user gradient of any table is materialised; a user's unchosen
+   groups have zero change). Item tables are per-user *compact* copies of the rows the user
+   read (the engine's default), so memory does not grow with the catalogue; the norm is the
+   same, since unread rows do not change.
+2. adds Gaussian noise ``N(0, (lr * noise_multiplier * max_grad_norm)^2)`` to every
+   coordinate of every uploaded sum — public sums and all group sums, chosen or not.
+3. records one release of the Gaussian mechanism (sampling rate 1, one step per round) in an
+   Opacus accountant whose state lives in the client's persisted state, so epsilon
+   accumulates across rounds.
 
-Private parameters (user FFNs, user tables) never leave the client and are trained without
-clipping or noise. What the server still learns without noise: per shard, the number of
-participating users and how many chose each group at each layer (so, for a shard of one
-user, that user's groups), and the evaluation summaries. Training losses are not reported
-under DP.
+**The neighbouring relation (local, user level), exactly.** Two federations are neighbours
+when they differ in one user's *contribution*: in one, user ``u`` trains on its sequence;
+in the other, ``u``'s clipped change is zero (the "zero-out" form of add/remove). Which users
+take part in a round and how each is routed are the same in both (participation is a hash of
+the run seed, the round and the raw user id, which the server knows; routing is released in
+the clear, below). One user's clipped change has L2 norm at most ``lr * C`` in parameter
+units, over everything it uploads, so a round's uploaded sums have that sensitivity and the
+noise ``lr * noise_multiplier * C`` is the Gaussian mechanism with noise multiplier
+``noise_multiplier``, which is what Opacus's accountants (RDP, PRV: add/remove adjacency)
+compose, ``rounds`` times at sampling rate 1. The run's ``(epsilon, delta)`` is that
+guarantee. Under **replace-one** (``u``'s sequence replaced by any other, routed alike) the
+sensitivity doubles to ``2 lr C``: the guarantee is the accountant's at noise multiplier
+``noise_multiplier / 2`` (:func:`replace_one_epsilon`; the result's ``privacy`` block reports
+it as ``epsilon-replace-one``). Adding or removing a user *from the federation* is not
+covered: a client's number of participating users is sent in the clear (a phone's existence
+is known to the server it talks to).
+
+**What leaves a client under DP, and why** (train reply): the noised sums (covered above);
+``users`` and ``weight`` (the number of participating users, a function of the shard's
+membership and the public seed, not of data: ``weighting = users`` is required); per layer
+the users per group, ``group-counts``, and how many changed group, ``group-changed`` with
+``routed-before``: **not protected** (they reveal, for a one-user client, which group that
+user was routed to, MRFF's designed leak); ``epsilon``, ``noise-multiplier``, ``delta``
+(functions of the options and the round); ``shard`` (the client id). **Not sent under DP**:
+the training loss (``loss-sum``) and the number of training targets (``examples``, for a
+one-user client its history length); ``num-examples`` (Flower's weighting key) is the
+number of users. The node's ``info`` reply leaves out its interaction counts (``rows``,
+``out-of-catalogue``). The evaluate reply (valid/test summaries: score histograms, metric
+sums, coverage counts) is computed on the held-out interactions and is **outside** the
+training guarantee. Private parameters (user FFNs, user tables) never leave the client and
+are trained without clipping or noise.
 
 The accountant's sampling rate is 1: user participation (``fraction``) is drawn from the
 run seed, which the server knows, so it gives no amplification by sampling. The noise is
 drawn from a secret per-process seed unless ``dp_noise_seed`` is set (reproducible
 experiments only: a server that knows the seed can remove the noise).
 
+**delta.** The default is ``DELTA_SCALE / population`` (0.01 / N): the mechanism that
+publishes each of N users' data with probability delta is (0, delta)-DP, so delta = 1 / N
+(the default before issue 19) allows one user's data in the clear on average; at 0.01 / N
+the chance that anyone's is, is at most 1%. Opacus's and TF Privacy's guidance is "orders of
+magnitude below 1 / N". An explicit ``delta`` above 1 / population is accepted with a
+warning (:func:`check_delta`).
+
 **Central DP** (client level, the alternative): clients upload their *mean* model
 (:func:`client_means`), Flower's ``DifferentialPrivacyServerSideFixedClipping`` clips each
-client's ``model - global`` to a norm and adds Gaussian noise to the average, which the
-role-aware strategy then takes with equal client weights; :func:`central_epsilon` accounts
-for it. The server is trusted to add the noise.
+client's ``model - global`` to the clipping norm C (jointly over all arrays) and adds Gaussian
+noise ``noise_multiplier * C / n`` to the average over a fixed ``n`` (the run's number of
+clients: a client that does not reply counts as a zero update, so the noise never falls
+below ``noise_multiplier * C`` on the sum), which the role-aware strategy takes with equal
+client weights; :func:`central_epsilon` accounts for it, every client every round (sampling
+rate 1, ``rounds`` steps). The relation is **add/remove one client** (its whole shard, as a
+zero update; sensitivity C of the sum); replace-one client doubles it (noise multiplier / 2).
+The server is trusted: it sees every client's unnoised mean model and metrics; the
+guarantee covers what it *releases*, the global models of every round. Released besides, in
+the clear: the round's total users and per-group counts (sent back to every client as the
+balance-loss share, and in the history), and the evaluation metrics. The clients send no
+training loss and no example counts under central DP either. ``central-delta`` defaults to
+``min(1e-5, DELTA_SCALE / clients)`` and warns above 1 / clients.
 """
 
 from __future__ import annotations
@@ -48,10 +93,46 @@ import torch
 
 from fedrec.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "UserLevelDP", "calibrate_noise", "central_epsilon", "client_means", "epsilon_of",
-           "privacy_from_config"]
+__all__ = ["ACCOUNTANTS", "DELTA_SCALE", "UserLevelDP", "calibrate_noise", "central_delta", "central_epsilon",
+           "check_delta", "client_means", "default_delta", "epsilon_of", "privacy_from_config", "replace_one_epsilon"]
 
 ACCOUNTANTS = ("rdp", "prv")
+
+#: the default delta is this fraction of 1 / (number of privacy units): 0.01 / N
+DELTA_SCALE = 0.01
+
+#: the neighbouring relations of the two mechanisms (recorded in a DP run's result)
+NEIGHBOURING = {
+    "local": "zero-out one user's contribution (add/remove of its clipped change; participation and routing public)",
+    "central": "add/remove one client (its whole shard, as a zero update; the number of clients fixed)",
+}
+
+
+def default_delta(units: int) -> float:
+    """The default delta for ``units`` privacy units (users, or clients under central DP):
+    ``DELTA_SCALE / units`` (see the module docstring)."""
+    if units < 1:
+        raise ConfigError(f"differential privacy: the default delta needs the number of users (got {units})")
+    return DELTA_SCALE / units
+
+
+def central_delta(clients: int) -> float:
+    """The default ``central-delta`` for ``clients`` clients: ``min(1e-5, DELTA_SCALE / clients)``."""
+    return min(1e-5, default_delta(clients))
+
+
+def check_delta(delta: float, units: int, *, key: str, unit: str = "users") -> None:
+    """Warn (:class:`~fedrec.errors.FedrecWarning`, one line) when ``delta`` is above 1 /
+    ``units``: such a delta allows one unit's data in the clear (see the module docstring).
+    ``key`` names the option, ``unit`` what is counted. Nothing when ``units`` is unknown (0)."""
+    import warnings
+
+    from fedrec.errors import FedrecWarning
+
+    if units > 0 and delta > 1.0 / units:
+        warnings.warn(f"'{key}' {delta:g} is above 1 / {units:,} {unit} ({1.0 / units:.3g}): it allows one of them "
+                      f"to be exposed in full; use at most {DELTA_SCALE / units:.3g} (the default)", FedrecWarning,
+                      stacklevel=2)
 
 
 def _accountant(name: str):
@@ -178,15 +259,18 @@ class UserLevelDP:
 
 def privacy_from_config(cfg, *, releases_per_round: int = 1) -> UserLevelDP | None:
     """The :class:`UserLevelDP` of a federated config (None when DP is off): ``delta``
-    defaults to 1 / ``population``; with ``target_epsilon`` the noise is calibrated, the same
-    on every client, for ``rounds * releases_per_round`` releases."""
+    defaults to ``DELTA_SCALE / population`` (a given one above 1 / population warns); with
+    ``target_epsilon`` the noise is calibrated, the same on every client, for ``rounds *
+    releases_per_round`` releases."""
     if not cfg.dp:
         return None
     if not cfg.delta and not cfg.population:
-        raise ConfigError("differential privacy: 'delta' defaults to 1 / 'population' (the number of users in "
+        raise ConfigError("differential privacy: 'delta' defaults to 0.01 / 'population' (the number of users in "
                           "the whole federation, which a node cannot count): set 'population' or 'delta' "
                           "(fedrec simulate and a federation folder's manifest set the population)")
-    delta = cfg.delta or 1.0 / cfg.population
+    if cfg.delta:
+        check_delta(cfg.delta, cfg.population, key="delta")
+    delta = cfg.delta or default_delta(cfg.population)
     sigma = cfg.noise_multiplier
     if cfg.target_epsilon:
         sigma = calibrate_noise(target_epsilon=cfg.target_epsilon, delta=delta, rounds=cfg.rounds * releases_per_round,
@@ -210,6 +294,18 @@ def client_means(layout, global_params: dict[str, torch.Tensor], upload) -> dict
             out[n] = ((upload.sums[n].double() / upload.weight).to(global_params[n].dtype) if upload.weight > 0
                       else global_params[n].clone())
     return out
+
+
+def replace_one_epsilon(*, noise_multiplier: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon of ``steps`` releases (sampling rate 1) under the **replace-one** relation:
+    replacing one unit's data can move the clipped sum by twice the clipping norm, so it is
+    the add/remove epsilon at ``noise_multiplier / 2``; inf without noise."""
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    return epsilon_of(torch.tensor([[noise_multiplier / 2, 1.0, float(steps)]], dtype=torch.float64), delta=delta,
+                      accountant=accountant)
 
 
 def central_epsilon(*, noise_multiplier: float, rounds: int, delta: float) -> float:

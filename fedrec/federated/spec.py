@@ -11,7 +11,8 @@ algorithm's default), ``shards`` (clients; in a Flower simulation the number of 
 (write the result JSON there), ``checkpoint-dir`` / ``checkpoint-every`` / ``resume``
 (:mod:`fedrec.federated.checkpoint`), ``central-dp`` with ``central-noise-multiplier`` or
 ``central-target-epsilon``, ``central-clipping-norm`` and ``central-delta`` (client-level DP
-with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`),
+with Flower's server-side fixed-clipping wrapper, :mod:`fedrec.federated.privacy`; 0, the
+default: ``min(1e-5, 0.01 / clients)``),
 ``secure-aggregation`` with ``secagg-clipping-range`` (SecAgg+,
 ``server/secagg.py``), ``model-dir`` (save the model of the best validation round: the
 global parameters on the server's machine, each client's private state on its own),
@@ -79,7 +80,7 @@ class RunSpec:
     central_noise_multiplier: float = 0.0
     central_target_epsilon: float = 0.0
     central_clipping_norm: float = 1.0
-    central_delta: float = 1e-5
+    central_delta: float = 0.0
     secure_aggregation: bool = False
     secagg_clipping_range: float = 8.0
     model_dir: str = ""
@@ -125,8 +126,9 @@ class RunSpec:
                                   "'central-target-epsilon' > 0")
             if not self.central_clipping_norm > 0:
                 raise ConfigError(f"run config 'central-clipping-norm' must be > 0 (got {self.central_clipping_norm})")
-            if not 0 < self.central_delta < 1:
-                raise ConfigError(f"run config 'central-delta' must be in (0, 1) (got {self.central_delta})")
+            if not 0 <= self.central_delta < 1:  # 0: the default, min(1e-5, 0.01 / clients)
+                raise ConfigError(f"run config 'central-delta' must be in (0, 1), or 0 for the default "
+                                  f"(got {self.central_delta})")
             if self.federated.dp:
                 raise ConfigError("choose local DP (noise-multiplier / target-epsilon) or 'central-dp', not both")
         elif self.central_noise_multiplier or self.central_target_epsilon:

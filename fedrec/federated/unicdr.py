@@ -173,6 +173,8 @@ class FedUniCDR:
 
     #: what the DP guarantee protects (the result JSON's ``privacy.kind``)
     dp_kind = "local (row level: each shared row, and each domain's shared aggregator)"
+    dp_neighbouring = ("zero-out one shared row's clipped change, or one domain aggregator's (which rows a domain "
+                       "sends, and their weights, are public)")
     #: Gaussian releases per round under DP: each shared row and the shared aggregator
     RELEASES_PER_ROUND = 2
 

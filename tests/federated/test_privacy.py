@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,10 +18,11 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from fedrec.data import load_dataset
 from fedrec.data.split import split_dataset
-from fedrec.errors import ConfigError
+from fedrec.errors import ConfigError, FedrecWarning
 from fedrec.federated import FederatedConfig, create_algorithm
 from fedrec.federated.algorithm import LocalState
-from fedrec.federated.privacy import UserLevelDP, calibrate_noise
+from fedrec.federated.privacy import (UserLevelDP, calibrate_noise, central_delta, check_delta, default_delta,
+                                      privacy_from_config)
 from fedrec.federated.runner import run_in_process
 from fedrec.federated.spec import parse_run_config
 
@@ -127,7 +129,7 @@ def test_epsilon_after_r_rounds_matches_opacus_and_persists_in_client_state(spli
         g, _, agg = alg.aggregate(g, [up])
         eps.append(agg["epsilon"])
         assert agg["epsilon"] == metrics["epsilon"] and math.isnan(agg["loss"])
-    delta = 1.0 / split.n_users
+    delta = 0.01 / split.n_users  # the default: well below 1 / population
     for r, e in enumerate(eps, start=1):
         assert e == pytest.approx(_independent_epsilon(sigma, r, delta), rel=0.01)
     assert eps == sorted(eps) and eps[0] < eps[-1]
@@ -150,6 +152,12 @@ def test_simulate_reports_epsilon_and_stays_within_the_target():
     assert result["privacy"]["noise-multiplier"] == pytest.approx(
         calibrate_noise(target_epsilon=5.0, delta=1e-3, rounds=3), rel=1e-4)
     assert all(h["train"]["loss"] is None for h in result["history"])  # no training loss under DP
+    assert result["privacy"]["train-loss"] == "not reported under DP"
+    assert result["privacy"]["neighbouring"].startswith("zero-out one user's contribution")
+    # replace-one doubles the sensitivity: the accountant at half the noise multiplier
+    sigma = result["privacy"]["noise-multiplier"]
+    assert result["privacy"]["epsilon-replace-one"] == pytest.approx(_independent_epsilon(sigma / 2, 3, 1e-3), rel=0.01)
+    assert result["privacy"]["epsilon-replace-one"] > 2 * eps
 
 
 def test_dp_switched_off_gives_exactly_the_non_dp_result():
@@ -160,12 +168,65 @@ def test_dp_switched_off_gives_exactly_the_non_dp_result():
 
 
 def test_dp_delta_default_needs_the_population(split):
-    """A node cannot count the federation's users: without 'population' or 'delta', DP stops."""
-    with pytest.raises(ConfigError, match="'delta' defaults to 1 / 'population'"):
+    """A node cannot count the federation's users: without 'population' or 'delta', DP stops;
+    with it, delta is 0.01 / population, and no warning is given."""
+    with pytest.raises(ConfigError, match="'delta' defaults to 0.01 / 'population'"):
         create_algorithm("mrff", split, task="ctr", model_options=SMALL, config=FederatedConfig(noise_multiplier=1.0))
-    alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL,
-                           config=FederatedConfig(noise_multiplier=1.0, population=1000))
-    assert alg.privacy.delta == pytest.approx(1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FedrecWarning)
+        alg = create_algorithm("mrff", split, task="ctr", model_options=SMALL,
+                               config=FederatedConfig(noise_multiplier=1.0, population=1000))
+        assert alg.privacy.delta == pytest.approx(1e-5)
+        privacy_from_config(FederatedConfig(noise_multiplier=1.0, population=1000, delta=1e-3))  # = 1 / N: no warning
+
+
+def test_a_delta_above_one_over_the_population_warns():
+    with pytest.warns(FedrecWarning, match=r"'delta' 0.01 is above 1 / 1,000 users .* use at most 1e-05"):
+        dp = privacy_from_config(FederatedConfig(noise_multiplier=1.0, population=1000, delta=0.01))
+    assert dp.delta == 0.01  # accepted as given
+    with pytest.warns(FedrecWarning, match=r"'central-delta' 0.2 is above 1 / 10 clients"):
+        check_delta(0.2, 10, key="central-delta", unit="clients")
+    assert central_delta(10) == 1e-5 and central_delta(10**6) == pytest.approx(1e-8) and default_delta(200) == 5e-5
+
+
+def _train_replies(monkeypatch, flat):
+    """A run's train-reply metrics (every client, every round) and its result."""
+    from fedrec.federated import node
+
+    seen = []
+    original = node.client_train
+
+    def spy(msg, context):
+        reply = original(msg, context)
+        seen.append(dict(reply["metrics"]))
+        return reply
+
+    monkeypatch.setattr(node, "client_train", spy)
+    return seen, run_in_process(parse_run_config(flat))
+
+
+@pytest.mark.parametrize("flat,central", [({"noise-multiplier": 1.0, "dp-noise-seed": 0}, False),
+                                          ({"central-dp": True, "central-noise-multiplier": 1.0}, True)])
+def test_under_dp_no_unnoised_per_user_value_leaves_a_client(monkeypatch, flat, central):
+    """Under local and central DP the train replies carry no examples / loss-sum (the
+    per-user history length and training loss, unnoised) and num-examples does not depend on
+    data; the node info has no interaction counts; the history says the loss is not reported."""
+    seen, result = _train_replies(monkeypatch, {**TINY, **flat})
+    assert len(seen) == 4  # 2 clients x 2 rounds
+    for m in seen:
+        assert not {"examples", "loss-sum"} & set(m), sorted(m)
+        assert m["num-examples"] == (1 if central else m["users"])
+        assert {"weight", "users", "group-counts", "shard"} <= set(m)  # the listed, unnoised counts
+    assert all(h["train"]["loss"] is None for h in result["history"])
+    assert result["privacy"]["train-loss"] == "not reported under DP"
+    assert result["node_data"] and all("rows" not in n and "out-of-catalogue" not in n for n in result["node_data"])
+
+
+def test_without_dp_the_replies_keep_examples_and_loss(monkeypatch):
+    seen, result = _train_replies(monkeypatch, TINY)
+    assert all({"examples", "loss-sum"} <= set(m) and m["num-examples"] == m["examples"] for m in seen)
+    assert all(isinstance(h["train"]["loss"], float) for h in result["history"])
+    assert all("rows" in n for n in result["node_data"]) and "privacy" not in result
 
 
 def test_dp_without_binding_clip_or_noise_is_the_non_dp_update(split):
@@ -211,6 +272,14 @@ def test_cli_target_epsilon(tmp_path):
 
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.95 * 6 <= result["test"]["epsilon"] <= 6.006 and result["privacy"]["delta"] == pytest.approx(1e-4)
+    assert "warning" not in done.stderr  # 1e-4 is below 1 / 24 users
+    loose = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--data", TINY["data"], "--rounds", "1",
+                            "-n", "2", "--set", "model.dim=16", "--noise-multiplier", "1", "--delta", "0.1", "--json"],
+                           capture_output=True, text=True, check=False)
+    assert loose.returncode == 0, loose.stderr  # accepted, with one warning line
+    warned = [line for line in loose.stderr.splitlines() if "warning" in line]
+    assert warned == ["fedrec: warning: 'delta' 0.1 is above 1 / 24 users (0.0417): it allows one of them to be "
+                      "exposed in full; use at most 0.000417 (the default)"]
     bad = subprocess.run([sys.executable, "-m", "fedrec.cli", "simulate", "--rounds", "1", "--delta", "1e-5"],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "differential privacy is off" in bad.stderr
@@ -238,12 +307,14 @@ def _delta(a, b):
 def test_central_dp_clips_each_clients_update(tmp_path):
     """Negligible noise: the new global moves by the average of the clipped client updates,
     so by at most the clipping norm; a loose norm leaves a larger move (the clip binds)."""
-    init, tight, _ = _central_round_one(tmp_path / "a", **{"central-noise-multiplier": 1e-9,
+    init, tight, result = _central_round_one(tmp_path / "a", **{"central-noise-multiplier": 1e-9,
                                                            "central-clipping-norm": 0.01})
     _, loose, _ = _central_round_one(tmp_path / "b", **{"central-noise-multiplier": 1e-9,
                                                         "central-clipping-norm": 1e6})
     assert float(_delta(init, tight).norm()) <= 0.01 * (1 + 1e-3)
     assert float(_delta(init, loose).norm()) > 0.5
+    # the default central-delta: min(1e-5, 0.01 / clients); the relation is add/remove one client
+    assert result["privacy"]["delta"] == 1e-5 and result["privacy"]["neighbouring"].startswith("add/remove one client")
 
 
 def test_central_dp_noise_has_the_wrapper_standard_deviation(tmp_path):
