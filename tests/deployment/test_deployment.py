@@ -75,11 +75,19 @@ def test_superlink_and_two_supernodes_with_node_local_files(tmp_path, shared_dat
             own = entry["data"].replace("parquet:", f"parquet:{fed}/", 1)
             dep.start_supernode(f"node{i}", f'data="{own}" catalogue="{fed / "catalogue.parquet"}" shard={i}')
         result = _run(dep, tmp_path / "result.json", **extra)
-        # `flwr run --stream` exits 0 on a failed run; `fedrec launch` does not
-        failed = subprocess.run([str(Path(sys.executable).with_name("fedrec")), "launch", "loopback",
-                                 "--run-config", "rounds=0", "--timeout", "300"], env=flower_env(dep.cli_home),
+        # a bad run config is refused before anything is submitted (exit 2)
+        fedrec = str(Path(sys.executable).with_name("fedrec"))
+        refused = subprocess.run([fedrec, "launch", "loopback", "--run-config", "rounds=0", "--timeout", "300"],
+                                 env=flower_env(dep.cli_home), capture_output=True, text=True, check=False, timeout=400)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stdout + refused.stderr
+        assert "'rounds' must be >= 1" in refused.stderr
+        # `flwr run --stream` exits 0 on a failed run; `fedrec launch` does not: a third node
+        # never connects, the server gives up after 'node-wait' with one line naming it
+        failed = subprocess.run([fedrec, "launch", "loopback", "--run-config", "shards=3 node-wait=2", "--timeout", "300",
+                                 "--log", str(tmp_path / "failed.log")], env=flower_env(dep.cli_home),
                                 capture_output=True, text=True, check=False, timeout=400)
         assert failed.returncode == 1 and "finished:failed" in failed.stderr, failed.stdout + failed.stderr
+        assert "only 2 of 3 nodes connected after 2 s (run config 'node-wait')" in failed.stderr
     finally:
         dep.close()
     assert not dep.leftovers()  # nothing left running

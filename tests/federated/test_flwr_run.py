@@ -111,6 +111,9 @@ def test_flwr_run_matches_in_process(tmp_path, case):
                     assert [(f["client"], f["reason"]) for f in v] == [(f["client"], f["reason"]) for f in b[stage][k]]
                 else:
                     assert v == b[stage][k], (stage, k)
+    if case == "mrff":
+        assert all(len(h["train"]["failed"]) == 1 and len(h["train"]["clients"]) == 1 for h in flwr_result["history"])
+        assert flwr_result["test"]["n"] == 24  # both clients evaluated
 
 
 def test_fedrec_launch_reports_a_refused_run_in_one_line(tmp_path):
@@ -150,6 +153,3 @@ def test_fedrec_launch_reports_a_refused_run_in_one_line(tmp_path):
             assert "Traceback" not in text, text[-3000:]
     finally:
         _kill_tree(_pids_of(f"{home}/local-superlink"))
-    if case == "mrff":
-        assert all(len(h["train"]["failed"]) == 1 and len(h["train"]["clients"]) == 1 for h in flwr_result["history"])
-        assert flwr_result["test"]["n"] == 24  # both clients evaluated
