@@ -156,6 +156,9 @@ def _set_attack(node: _Node, spec: RunSpec, node_config: dict[str, Any]) -> None
     if spec.attack_fraction > 0:
         clients = int(spec.shards or node_config.get("shards", node_config.get("num-partitions", 0)) or 0)
         bad = robust.malicious_clients(seed=spec.federated.seed, fraction=spec.attack_fraction, clients=clients)
+        if not 0 <= node.client < clients:
+            raise ConfigError(f"'attack-fraction': this node's client id ({node.client}) is not in 0..{clients - 1}; "
+                              "give each node its 'shard' in its node config")
         node.malicious = node.client in set(bad.tolist())
     if node.malicious:
         node.alg.batch_transform = robust.poison_batch(spec.attack, node.target)
@@ -237,7 +240,8 @@ def _save_model(node: _Node, spec: RunSpec, context: Context, best_round: int) -
 
 def client_info(node: _Node, spec: RunSpec | None = None) -> ConfigRecord:
     """What a node tells the server about its data (for the run's record); under DP (``spec``)
-    without its interaction counts (``UNNOISED_INFO``: for a one-user node, its history)."""
+    without its interaction counts and data fingerprint (``UNNOISED_INFO``: for a one-user
+    node, its history; a resume under DP then checks the catalogue, not each node's data)."""
     info = {k: v for k, v in node.data.info.items() if isinstance(v, (int, float, str, bool))}
     if spec is not None and _under_dp(spec):
         info = {k: v for k, v in info.items() if k not in UNNOISED_INFO}
@@ -459,7 +463,8 @@ def client_train(msg: Message, context: Context) -> RecordDict:
 #: train-reply metrics that are data-dependent and unnoised: not sent under DP
 UNNOISED_TRAIN_METRICS = ("examples", "loss-sum")
 #: info-reply counts of a node's interactions: not sent under DP
-UNNOISED_INFO = ("rows", "out-of-catalogue")
+#: (``data-fingerprint``: a hash of its rows, which would confirm a guessed history exactly)
+UNNOISED_INFO = ("rows", "out-of-catalogue", "data-fingerprint")
 
 
 def _under_dp(spec: RunSpec) -> bool:

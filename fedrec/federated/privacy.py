@@ -48,7 +48,8 @@ user was routed to, MRFF's designed leak); ``epsilon``, ``noise-multiplier``, ``
 the training loss (``loss-sum``) and the number of training targets (``examples``, for a
 one-user client its history length); ``num-examples`` (Flower's weighting key) is the
 number of users. The node's ``info`` reply leaves out its interaction counts (``rows``,
-``out-of-catalogue``). The evaluate reply (valid/test summaries: score histograms, metric
+``out-of-catalogue``) and its data fingerprint (``data-fingerprint``, a hash that would confirm
+a guessed history). The evaluate reply (valid/test summaries: score histograms, metric
 sums, coverage counts) is computed on the held-out interactions and is **outside** the
 training guarantee. Private parameters (user FFNs, user tables) never leave the client and
 are trained without clipping or noise.

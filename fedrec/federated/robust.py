@@ -3,9 +3,10 @@ role-aware aggregation.
 
 **Attacks** (run options ``attack``, ``attack-fraction``, ``attack-target``,
 ``attack-scale``). A fixed set of clients is malicious for the whole run: exactly
-``round(attack-fraction x clients)`` of the run's ``shards`` clients (at least one), the first
-of a permutation of the client ids drawn from ``seed`` (:func:`malicious_clients`), so every
-runtime and every node computes the same set. What a malicious client does:
+``floor(attack-fraction x clients + 0.5)`` of the run's ``shards`` clients (at least one), the first
+of a permutation of the client ids drawn from ``seed`` (:func:`malicious_clients`; halves
+round up), so every runtime and every node computes the same set; each node must know its
+client id (``shard`` in its node config, or Flower's ``partition-id``). What a malicious client does:
 
 ``label-flip``
     Trains its users on flipped click labels (every training impression's label ``y``
@@ -82,13 +83,13 @@ Params = dict[str, torch.Tensor]
 
 def malicious_clients(*, seed: int, fraction: float, clients: int) -> np.ndarray:
     """The sorted ids of the malicious clients among ``0 .. clients - 1``: exactly
-    ``round(fraction x clients)`` (at least one when ``fraction`` > 0), the first of a
-    permutation drawn from ``seed``."""
+    ``floor(fraction x clients + 0.5)`` (halves round up; at least one when ``fraction`` > 0),
+    the first of a permutation drawn from ``seed``."""
     if fraction <= 0:
         return np.zeros(0, dtype=np.int64)
     if clients < 1:
         raise ConfigError("'attack-fraction' needs the number of clients: set the run config's 'shards'")
-    k = max(1, int(round(fraction * clients)))
+    k = max(1, int(np.floor(fraction * clients + 0.5 + 1e-9)))
     if k >= clients:
         raise ConfigError(f"'attack-fraction' {fraction:g} of {clients} client(s) makes every client malicious "
                           "(no honest client is left to evaluate)")
@@ -172,18 +173,23 @@ def exposure_summary(alg, shard, global_params: Params, state, *, target: int, k
     users = users[keep]
     if not users.size:
         return out
-    scores = alg.score_items(global_params, state, users, group_counts=group_counts).to(torch.float64)
-    scores[:, 0] = -np.inf
     seen_user, seen_item = seen // n_cols, seen % n_cols
-    first = np.searchsorted(seen_user, users, side="left")
-    counts = np.searchsorted(seen_user, users, side="right") - first
-    idx = np.concatenate([np.arange(f, f + c) for f, c in zip(first, counts)]) if counts.sum() else np.zeros(0, int)
-    scores[torch.from_numpy(np.repeat(np.arange(len(users)), counts)), torch.from_numpy(seen_item[idx])] = -np.inf
-    # the target's rank: how many items score strictly above it (ties broken in its favour)
-    above = (scores > scores[:, target:target + 1]).sum(1).numpy()
+    above = []
+    chunk = int(alg.config.chunk_size)
+    for start in range(0, users.size, chunk):  # users x items scores, one chunk at a time
+        cu = users[start:start + chunk]
+        scores = alg.score_items(global_params, state, cu, group_counts=group_counts).to(torch.float64)
+        scores[:, 0] = -np.inf
+        first = np.searchsorted(seen_user, cu, side="left")
+        counts = np.searchsorted(seen_user, cu, side="right") - first
+        idx = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        scores[torch.from_numpy(np.repeat(np.arange(len(cu)), counts)), torch.from_numpy(seen_item[idx])] = -np.inf
+        # the target's rank: how many items score strictly above it (ties broken in its favour)
+        above.append((scores > scores[:, target:target + 1]).sum(1).numpy())
+    rank = np.concatenate(above)
     out["target-users"] = int(users.size)
     for k in ks:
-        out[f"target-hits@{k}"] = int((above < k).sum())
+        out[f"target-hits@{k}"] = int((rank < k).sum())
     return out
 
 
@@ -250,7 +256,9 @@ def robust_aggregate(layout: Layout, global_params: Params, uploads, *, method: 
     clipped = kept = 0
     # Krum's f: the malicious clients the defender allows for, out of all the round's clients
     # (a group's members may hold all of them)
-    f = int(np.floor(fraction * len(uploads)))
+    from fedrec.federated.failures import drawn_count
+
+    f = drawn_count(fraction, len(uploads))
     for names, who, means, weights in _votes(layout, uploads):
         if not who:
             continue  # nobody voted: the aggregate left it unchanged
@@ -265,7 +273,8 @@ def robust_aggregate(layout: Layout, global_params: Params, uploads, *, method: 
             for name in names:
                 new[name] = torch.from_numpy(np.asarray(trim_mean(np.stack([v[name].numpy() for v in means]), fraction)))
         elif m in ("krum", "multi-krum"):
-            chosen = _krum(means, names, f, 1 if m == "krum" else n - f)
+            deltas = [{name: v[name] - global_params[name].to(torch.float64) for name in names} for v in means]
+            chosen = _krum(deltas, names, f, 1 if m == "krum" else n - f)  # the same choice, better conditioned
             kept += len(chosen)
             for name in names:
                 new[name] = sum(means[i][name] for i in chosen) / len(chosen)

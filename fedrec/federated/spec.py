@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
-import numpy as np
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import numpy as np
 
 from fedrec.config import build_config
 from fedrec.errors import ConfigError
@@ -129,6 +129,9 @@ class RunSpec:
             if not 0 <= self.central_delta < 1:  # 0: the default, min(1e-5, 0.01 / clients)
                 raise ConfigError(f"run config 'central-delta' must be in (0, 1), or 0 for the default "
                                   f"(got {self.central_delta})")
+            if self.federated.weighting != "users":
+                raise ConfigError("'central-dp' needs weighting 'users' (a client's weight must not depend on its "
+                                  "users' data)")
             if self.federated.dp:
                 raise ConfigError("choose local DP (noise-multiplier / target-epsilon) or 'central-dp', not both")
         elif self.central_noise_multiplier or self.central_target_epsilon:
@@ -182,6 +185,7 @@ class RunSpec:
         if uses and self.task == "cdr":
             raise ConfigError(f"run config '{uses[0]}' is not supported for cross-domain runs (task 'cdr': each "
                               "client sends the rows of its own users)")
+
     def _check_failures(self) -> None:
         """The simulated-failure options (:mod:`fedrec.federated.failures`)."""
         for key in ("client_failure", "stragglers"):

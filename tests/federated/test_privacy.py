@@ -219,7 +219,8 @@ def test_under_dp_no_unnoised_per_user_value_leaves_a_client(monkeypatch, flat, 
         assert {"weight", "users", "group-counts", "shard"} <= set(m)  # the listed, unnoised counts
     assert all(h["train"]["loss"] is None for h in result["history"])
     assert result["privacy"]["train-loss"] == "not reported under DP"
-    assert result["node_data"] and all("rows" not in n and "out-of-catalogue" not in n for n in result["node_data"])
+    assert result["node_data"] and all("rows" not in n and "out-of-catalogue" not in n and "data-fingerprint" not in n
+                                       for n in result["node_data"])
 
 
 def test_without_dp_the_replies_keep_examples_and_loss(monkeypatch):

@@ -160,3 +160,20 @@ def test_bad_attack_and_defence_options_are_one_line_errors(tmp_path, sets, mess
     assert result.exit_code == 2, (result.output, result.exception)
     assert len(lines) == 1 and lines[0].startswith("fedrec: error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_exposure_does_not_depend_on_the_chunk_it_is_scored_in():
+    """er@K is scored chunk by chunk (memory bounded by chunk-size): the same numbers for any
+    chunk size when nothing random depends on it (no dropout)."""
+    base = {**TINY, "rounds": 1, "attack-fraction": 0.2, "attack": "item-promotion", "model.dropout": 0.0}
+    a = run_in_process(parse_run_config({**base, "chunk-size": 7}))
+    b = run_in_process(parse_run_config(base))
+    assert a["test"]["er-users"] == b["test"]["er-users"] > 0
+    assert all(a["test"][f"er@{k}"] == b["test"][f"er@{k}"] for k in (5, 10, 20))
+
+
+def test_halves_round_up_and_central_dp_refuses_example_weights():
+    assert len(malicious_clients(seed=0, fraction=0.25, clients=10)) == 3
+    assert len(malicious_clients(seed=0, fraction=0.35, clients=10)) == 4
+    with pytest.raises(ConfigError, match="'central-dp' needs weighting 'users'"):
+        parse_run_config({**TINY, "central-dp": True, "central-noise-multiplier": 1.0, "weighting": "examples"})
