@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["umask", "new_file_mode", "atomic_path", "write_text_atomic", "write_json_atomic", "check_writable"]
+__all__ = ["umask", "new_file_mode", "atomic_path", "write_text_atomic", "write_json_atomic", "merge_json_entry",
+           "check_writable"]
 
 
 def check_writable(path: str | Path, what: str, *, folder: bool = False) -> Path:
@@ -106,3 +107,19 @@ def write_text_atomic(path: str | Path, text: str, *, mode: int | None = None) -
 def write_json_atomic(obj: Any, path: str | Path, *, indent: int | None = 1, mode: int | None = None) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
     return write_text_atomic(path, json.dumps(obj, indent=indent), mode=mode)
+
+
+def merge_json_entry(path: str | Path, key: str, value: Any) -> dict[str, Any]:
+    """Set ``key`` to ``value`` in the JSON object at ``path`` (created when absent), under an
+    exclusive lock on ``path.lock`` and written atomically, so several processes may fill one
+    results file; returns the whole object as written."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results[key] = value
+        write_json_atomic(results, path)
+    return results

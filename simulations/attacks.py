@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedrec.files import write_text_atomic
+from fedrec.files import merge_json_entry, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "movielens:{data_root}/ml-100k/u.data"
@@ -126,11 +126,6 @@ def _f(x: Any, digits: int = 4) -> str:
     return "-" if x is None else f"{float(x):.{digits}f}"
 
 
-def _merge(path: Path, key: str, cell: dict[str, Any]) -> dict[str, Any]:
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results[key] = cell
-    write_text_atomic(path, json.dumps(results, indent=1))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: running", file=sys.stderr)
         cell = {"row": row, "seed": args.seed, "config": flat, "fingerprint": fp,
                 **run_row(flat, args.data_root, state, not args.no_progress)}
-        done = _merge(out, key, cell)
+        done = merge_json_entry(out, key, cell)
         write_text_atomic(out.with_suffix(".md"), markdown(done))
         t = cell["test"]
         print(f"{key}: test auc {t.get('auc')} er@10 {t.get('er@10')} ({cell['seconds']:.0f} s)", file=sys.stderr)

@@ -37,7 +37,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fedrec.files import write_text_atomic
+from fedrec.files import merge_json_entry, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = "client_failures"
@@ -156,17 +156,6 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _merge(path: Path, key: str, cell: dict[str, Any]) -> dict[str, Any]:
-    """Add one run to the results file under a lock (resumable; several processes may fill it)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results[key] = cell
-        write_text_atomic(path, json.dumps(results, indent=1))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config": {**result["config"], "data": recorded["data"]},
                 "failures": failure_summary(result["history"]), "history": result["history"],
                 "fingerprint": fp}
-        results = _merge(out_json, key, cell)
+        results = merge_json_entry(out_json, key, cell)
         write_text_atomic(out_json.with_suffix(".md"), markdown(results))
         print(f"{key}: test {cell['test']} (best round {cell['best_round']}, {cell['seconds']} s)",
               file=sys.stderr, flush=True)

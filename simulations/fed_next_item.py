@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.compare import mean_cell, seeds_cell
-from fedrec.files import write_text_atomic
+from fedrec.files import merge_json_entry, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 STEM = "fed_next_item"
@@ -148,17 +148,6 @@ def run_cell(config: dict[str, Any], data_root: str, state: Path | None, split_c
             "seconds_per_epoch": round(result["seconds"] / epochs, 3), "curve": curve}
 
 
-def _merge(path: Path, key: str, cell: dict[str, Any]) -> dict[str, Any]:
-    """Add one cell to the results file under a lock (several processes may fill one table)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results[key] = cell
-        _write(path, json.dumps(results, indent=1))
-    return results
 
 
 def _mean_std(values: list[float]) -> str:
@@ -247,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key in results and results[key].get("fingerprint") == fp:
                     continue
                 if saved is not None and saved.exists() and json.loads(saved.read_text()).get("fingerprint") == fp:
-                    results = _merge(out_json, key, json.loads(saved.read_text()))
+                    results = merge_json_entry(out_json, key, json.loads(saved.read_text()))
                     continue
                 state = args.state_dir / f"{_safe(key)}-{fp}" if args.state_dir is not None else None
                 start = time.perf_counter()
@@ -257,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                         "wall_seconds": round(time.perf_counter() - start, 2), "fingerprint": fp}
                 if saved is not None:
                     _write(saved, json.dumps(cell, indent=1))
-                results = _merge(out_json, key, cell)
+                results = merge_json_entry(out_json, key, cell)
                 _write(out_json.with_suffix(".md"), markdown(results))
                 print(f"{key}: test {cell['test']} ({cell['seconds']} s)", file=sys.stderr, flush=True)
     if results:

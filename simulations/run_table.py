@@ -26,7 +26,7 @@ from fedrec.compare import mean_cell, seeds_cell, test_metric
 from fedrec.config import build_config, load_toml
 from fedrec.data import load_dataset
 from fedrec.data.split import SplitConfig, split_dataset
-from fedrec.files import write_text_atomic
+from fedrec.files import merge_json_entry, write_text_atomic
 from fedrec.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,16 +41,6 @@ def state_name(stem: str, row: str, seed: int) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{stem}-{row}-seed{seed}") + ".pt"
 
 
-def _merge(path: Path, key: str, run: dict) -> dict:
-    """Add one run to the results file under a lock (several processes may fill one table)."""
-    import fcntl
-
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results[key] = run
-        _write(path, json.dumps(results, indent=1))
-    return results
 
 
 def population_note(results: dict) -> str:
@@ -127,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             if negatives:  # results name the file as the config does, not by this machine's path
                 r["train"]["negatives_file"] = next(iter(negatives.values()))
             r["row"] = row
-            results = _merge(out_json, key, r)
+            results = merge_json_entry(out_json, key, r)
             print(f"{key:28s} valid {r['valid']} test {r['test']} best epoch {r['best_epoch']} ({r['seconds']} s)",
                   flush=True)
     text = table_markdown(cfg, args.config.stem, results)
