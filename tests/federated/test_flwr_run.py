@@ -62,13 +62,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_flwr_run_matches_in_process(tmp_path, case):
-    """Each Ray SuperNode reads only its client file of a federation folder; the result equals
-    the in-process simulation from the whole dataset."""
-    data, partition, common = CASES[case]
-    write_federation(data, tmp_path / "fed", clients=2, partition=partition)
-    spec = parse_run_config({**common, "federation": str(tmp_path / "fed"), "out": str(tmp_path / "flwr.json")})
+def _flower_env(tmp_path: Path) -> tuple[Path, str, dict[str, str]]:
+    """A fresh ``FLWR_HOME`` under ``tmp_path``, this venv's bin folder, and the environment
+    ``flwr run`` gets: no runtime installs, no telemetry, free local SuperLink ports."""
     home = tmp_path / "flwr-home"
     home.mkdir()
     bin_dir = str(Path(sys.executable).parent)
@@ -76,6 +72,17 @@ def test_flwr_run_matches_in_process(tmp_path, case):
            "FLWR_TELEMETRY_ENABLED": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
            "RAY_DEDUP_LOGS": "0"}
+    return home, bin_dir, env
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flwr_run_matches_in_process(tmp_path, case):
+    """Each Ray SuperNode reads only its client file of a federation folder; the result equals
+    the in-process simulation from the whole dataset."""
+    data, partition, common = CASES[case]
+    write_federation(data, tmp_path / "fed", clients=2, partition=partition)
+    spec = parse_run_config({**common, "federation": str(tmp_path / "fed"), "out": str(tmp_path / "flwr.json")})
+    home, bin_dir, env = _flower_env(tmp_path)
     run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in spec.flower_config().items())
     flwr = str(Path(bin_dir) / "flwr")
     try:
@@ -121,13 +128,7 @@ def test_fedrec_launch_reports_a_refused_run_in_one_line(tmp_path):
     refused at once (not after ``node-wait``), and a node's missing data file ends the run;
     each time stderr holds one ``fedrec: error:`` line (fedrec's message, the status, the
     log file), exit 1, and the full log names the error in one line, without a traceback."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-           "RAY_DEDUP_LOGS": "0"}
+    home, bin_dir, env = _flower_env(tmp_path)
     cases = [
         ('shards=3 rounds=1 data="synthetic:users=24,items=40"',
          "run config 'shards' is 3, but this Flower simulation has 2 SuperNode(s): set shards=2, or run with "
