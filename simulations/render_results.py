@@ -1032,6 +1032,26 @@ data generation would pass 24 GiB at about {gen_limit / 1e6:.1f}M users and the 
 state at about {kept_limit / 1e6:.1f}M (less, as other jobs share the machine's memory)."""
 
 
+def new_delta_epsilons(stem: str) -> str:
+    """The recorded local-DP runs' epsilon recomputed at the current default delta (0.01 / N)
+    from their recorded noise multiplier and rounds (Opacus RDP, sampling rate 1); N is the
+    run's evaluated users, checked against its recorded delta 1 / N."""
+    from fedrec.federated.privacy import central_epsilon, default_delta
+
+    parts = []
+    for run in doc(stem).values():
+        p = run.get("privacy") or {}
+        if not p.get("noise-multiplier") or not p.get("delta"):
+            continue
+        users = int(run["test"]["n"])  # every user has a test impression: the population
+        if round(1 / users, 6) != round(p["delta"], 6):
+            continue  # not recorded at the old default 1 / N
+        eps = central_epsilon(noise_multiplier=p["noise-multiplier"], rounds=int(run["rounds"]),
+                              delta=default_delta(users))
+        parts.append(f"epsilon {p['epsilon']:.2f} at delta 1/{users:,} is {eps:.2f} at 0.01/{users:,}")
+    return ("At the current default delta the same noise spends: " + "; ".join(parts) + ".") if parts else ""
+
+
 def s_privacy() -> str:
     loc, cen = "fed_kuaisar_dp", "fed_kuaisar_central_dp"
     nodp = "federated MRFF, no DP (epsilon = inf)"
@@ -1056,7 +1076,7 @@ first-round pseudo-gradient norm), one seed:
 
 {compare_table(loc)}
 
-Calibrated noise multipliers — {noise_multipliers(loc)}.
+Calibrated noise multipliers — {noise_multipliers(loc)}. {new_delta_epsilons(loc)}
 
 Privacy costs accuracy quickly here: at epsilon = 8 federated MRFF loses
 {mean(loc, nodp, 'auc') - mean(loc, e8, 'auc'):.3f} AUC and falls just below the user-click-rate baseline, and at
