@@ -174,6 +174,14 @@ class RunSpec:
         if not self.robust_norm >= 0:
             raise ConfigError(f"run config 'robust-norm' must be >= 0 (0: the median norm of the round) "
                               f"(got {self.robust_norm})")
+        # options that would be accepted and then ignored
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, used, by in (("attack_scale", self.attack in ("scale", "item-promotion"), "attack scale or item-promotion"),
+                              ("robust_fraction", self.robust in ("trimmed-mean", "krum", "multi-krum"),
+                               "robust trimmed-mean, krum or multi-krum"),
+                              ("robust_norm", self.robust == "norm-bound", "robust norm-bound")):
+            if getattr(self, key) != defaults[key] and not used:
+                raise ConfigError(f"run config '{key.replace('_', '-')}' is used only with {by}: it would be ignored")
         if self.attack == "label-flip" and self.task != "ctr":
             raise ConfigError(f"run config 'attack' label-flip flips click labels: it needs task 'ctr' "
                               f"(got {self.task!r})")

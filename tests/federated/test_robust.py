@@ -145,6 +145,8 @@ def test_a_defended_run_without_attack_stays_close_to_the_plain_one():
     (["robust=median", "secure-aggregation=true"], "cannot be combined with 'secure-aggregation'"),
     (["attack-fraction=0.2", "attack-target=no-such-item"], "item 'no-such-item' is not in the catalogue"),
     (["attack=scale", "attack-fraction=0.9"], "every client malicious"),
+    (["attack=label-flip", "attack-fraction=0.2", "attack-scale=5"], "'attack-scale' is used only with"),
+    (["robust=median", "robust-norm=2"], "'robust-norm' is used only with robust norm-bound"),
 ])
 def test_bad_attack_and_defence_options_are_one_line_errors(tmp_path, sets, message):
     from typer.testing import CliRunner
