@@ -796,8 +796,11 @@ def inspect_groups(
     device: str = typer.Option("auto", "--device", help="Where the model computes: auto (a GPU when present), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
-    """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data)."""
-    from fedrec.config import build_config, load_toml, parse_assignments
+    """Report how MRFF routes users over groups per layer (and NMI against true groups on synthetic data).
+
+    Without --checkpoint, MRFF is trained first exactly as `fedrec train --model mrff` would
+    train it on --data: the per-dataset defaults, under --config, --set and the flags."""
+    from fedrec.config import build_config, load_toml
     from fedrec.data import load_dataset
     from fedrec.data.split import SplitConfig, split_dataset
     from fedrec.device import resolve_device
@@ -810,20 +813,20 @@ def inspect_groups(
         on = resolve_device(device)
         if checkpoint is not None:  # what the file holds, before any data is read
             require_groups(describe_saved(checkpoint)["model"], str(checkpoint))
-        file_cfg = load_toml(config) if config else {}
-        split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
         if checkpoint is not None:
+            file_cfg = load_toml(config) if config else {}
+            split = split_dataset(load_dataset(data), build_config(SplitConfig, file_cfg.get("split", {}), where="split"))
             model, _ = load_saved(checkpoint, split)  # refuses another split, or weights that do not fit
-        else:
-            options = dict(file_cfg.get("model", {}))
-            options.update(parse_assignments(sets))
-            train_options = dict(file_cfg.get("train", {}))
-            for key, value in (("epochs", epochs), ("seed", seed)):
-                if value is not None:
-                    train_options[key] = value
+        else:  # the model `fedrec train --model mrff` would train: the same per-dataset defaults
+            resolved, split_table = _train_resolve("mrff", data, config, sets, epochs=epochs, seed=seed,
+                                                   device=device)
+            split = split_dataset(load_dataset(data), build_config(SplitConfig, split_table, where="split"))
+            task = resolved.options.get("task", "ctr" if split.has_labels else "next_item")
+            if task not in ("ctr", "next_item"):
+                raise FedrecError(f"inspect groups: MRFF routes users for the ctr or next_item task (got {task!r})")
+            options = resolved.model_options()
+            train_options = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
             train_options.setdefault("progress", not as_json and sys.stderr.isatty())
-            train_options.setdefault("device", device)
-            task = "ctr" if split.has_labels else "next_item"
             result = train("mrff", split, task=task, model_options=options,
                            config=build_config(TrainConfig, train_options, where="train"), data_name=data)
             model = create_model("mrff", ModelData.from_split(split), options, task=task)
@@ -831,6 +834,8 @@ def inspect_groups(
         users, routes = route_users(model.to(on), split)
         report = group_report(users, routes, model.cfg.groups, split.user_group)
         report["data"] = data
+        if checkpoint is None:  # the options of the training run, as `fedrec train` records them
+            report["resolved"] = resolved.record()
     except FedrecError as exc:
         _fail(exc)
     out.mkdir(parents=True, exist_ok=True)

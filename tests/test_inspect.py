@@ -47,3 +47,22 @@ def test_cli_inspect_groups_writes_json_and_png(tmp_path):
     assert 0.0 <= report["nmi_combined"] <= 1.0
     assert (tmp_path / "groups.png").stat().st_size > 1000
     assert json.loads((tmp_path / "groups.json").read_text())["users"] == 60
+
+
+def test_cli_inspect_groups_trains_with_the_per_dataset_defaults(tmp_path):
+    """Without a checkpoint, the MRFF it reports on is the one a bare `fedrec train --model
+    mrff` trains: the format's defaults (synthetic: patience 5) under the user's flags."""
+    from fedrec.defaults import resolve
+
+    spec = "synthetic:users=40,items=30,groups=2,seed=2"
+    run = subprocess.run(
+        [sys.executable, "-m", "fedrec.cli", "inspect", "groups", "--data", spec, "--epochs", "1",
+         "--set", "dim=16", "--set", "max-len=8", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    resolved = json.loads(run.stdout)["resolved"]
+    expected = resolve(spec, runtime="centralised", model="mrff",
+                       user={"epochs": 1, "model.dim": 16, "model.max-len": 8}).record()
+    assert resolved["options"]["patience"] == expected["options"]["patience"] == 5
+    assert resolved["defaults"] == expected["defaults"] and resolved["options"]["epochs"] == 1
