@@ -13,6 +13,11 @@ skipped, so an interrupted table resumes; several processes (``--only``) may fil
 With ``--state-dir DIR`` every run also keeps its training state there after each epoch
 (``fedrec train --resume``), so a run interrupted mid-way resumes at its last epoch and ends
 as an uninterrupted run would.
+
+No per-dataset defaults (:mod:`fedrec.defaults`) apply here: a row trains with exactly the
+keys its file gives over the library's own defaults, so that the tables recorded with this
+script stay reproducible as they were run. ``fedrec compare`` applies the per-dataset
+defaults, like ``fedrec train`` and ``fedrec simulate``.
 """
 
 from __future__ import annotations
