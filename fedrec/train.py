@@ -31,13 +31,14 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedrec.config import canonical_options
 from fedrec.data.batching import (ExampleSet, build_examples, check_task, evaluation_population, iterate_batches,
@@ -93,14 +94,24 @@ class TrainConfig:
     #: and test) rank against these instead of uniform draws; another sampled protocol
     #: alongside it is an error.
     negatives_file: str = ""
-    #: next item: of the ``negatives`` per target, this many from the target's own request's
-    #: stage samples (RecFlow's hard negatives; data with stage samples only); 0 = none
+    #: data with stage samples only (RecFlow); 0 = none. Next item: of the ``negatives`` per
+    #: target, this many from the target's own request's stage samples (RecFlow's hard
+    #: negatives). CTR: this many of each impression's request's stage samples as extra
+    #: non-clicks, trained by ``stage_loss``
     stage_negatives: int = 0
     #: the least stage (1 pre-ranking .. 4 re-ranking) a stage sample must have reached
     stage_min: int = 1
     #: stage negatives only among items the user did not consume in training (RecFlow's
     #: baseline keeps them: false = as the paper)
     stage_unseen: bool = False
+    #: CTR with ``stage_negatives``: ``bce`` (the stage samples are non-clicks: a BCE term
+    #: over them, RecFlow's data-distribution-shift baseline) or ``fsltr`` (RecFlow's
+    #: full-stage learning to rank: a pairwise logistic loss over each request's stage
+    #: priorities, click > exposed > re-ranking cut > ranking cut > coarse cut > pre-ranking
+    #: cut); either is added to the impressions' own BCE
+    stage_loss: str = "bce"
+    #: weight of the ``stage_loss`` term
+    stage_weight: float = 1.0
     #: where the model and its batches compute: ``auto`` (a GPU when present), ``cpu``,
     #: ``cuda``, ``cuda:N`` or ``mps`` (:func:`fedrec.device.resolve_device`); results and
     #: checkpoints are the same files whichever device wrote them
@@ -130,9 +141,13 @@ class TrainConfig:
             raise ConfigError(f"train option 'weight-decay' must be >= 0 (got {self.weight_decay})")
         if self.lr <= 0:
             raise ConfigError(f"train option 'lr' must be > 0 (got {self.lr})")
-        if self.stage_negatives < 0 or self.stage_negatives > self.negatives:
-            raise ConfigError(f"train option 'stage-negatives' must be in 0..negatives ({self.negatives}) "
-                              f"(got {self.stage_negatives})")
+        if self.stage_negatives < 0:
+            raise ConfigError(f"train option 'stage-negatives' must be >= 0 (got {self.stage_negatives})")
+        if self.stage_loss not in STAGE_LOSSES:
+            raise ConfigError(f"train option 'stage-loss' must be one of {', '.join(STAGE_LOSSES)} "
+                              f"(got {self.stage_loss!r})")
+        if not self.stage_weight > 0:
+            raise ConfigError(f"train option 'stage-weight' must be > 0 (got {self.stage_weight})")
         if not 1 <= self.stage_min <= 4:
             raise ConfigError(f"train option 'stage-min' must be in 1..4 (got {self.stage_min})")
         if self.protocol not in PROTOCOLS:
@@ -208,6 +223,8 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
                 mine = domains == d
                 if len(np.unique(labels_all[mine])) == 2:
                     out[f"{name}/auc"] = ctr_metrics(labels_all[mine], probs_all[mine])["auc"]
+        if examples.split.stage_user is not None:  # RecFlow-style data: also rank within each request
+            out.update(stage_ranking_metrics(model, examples, batch_size=batch_size, ks=ks))
         return _clean(out)
     if task == "cdr":
         ranks = _ranks(model, examples, protocol=protocol, batch_size=batch_size, eval_seed=eval_seed,
@@ -218,6 +235,41 @@ def evaluate(model: RecModel, examples: ExampleSet, *, task: str, protocol: str 
                    top=top, top_k=max(ks))
     return _clean(next_item_metrics(examples, ranks, ks, None if top is None else np.concatenate(top),
                                     grouped=protocol == "full"))
+
+
+def stage_ranking_metrics(model: RecModel, examples: ExampleSet, *, batch_size: int = 512,
+                          ks=DEFAULT_TOPK) -> dict[str, float]:
+    """CTR on data with stage samples (RecFlow): ``stage/hr@K``, ``stage/ndcg@K`` and
+    ``stage/n``: each held-out *click* ranked by the model's click probability among the
+    candidates its own request's funnel filtered out (every stage sample of the same user and
+    time), as RecFlow ranks each request's stage candidates. Examples whose request has no
+    stage sample, and non-clicks, are not ranked; nothing when no example is ranked."""
+    from fedrec.data.samplers import StageIndex
+
+    index = StageIndex(examples.split)
+    rows = examples.target_rows[:, -1]
+    clicked = (rows >= 0) & (examples.split.label[np.maximum(rows, 0)] > 0)
+    lo, hi = index.requests(rows)
+    keep = np.flatnonzero(clicked & (hi > lo))
+    if len(keep) == 0:
+        return {}
+    ranks = []
+    for start in range(0, len(keep), batch_size):
+        part = keep[start:start + batch_size]
+        chunk = replace(examples, seq=examples.seq[part], input_rows=examples.input_rows[part],
+                        target_rows=examples.target_rows[part])
+        batch = next(iterate_batches(chunk, batch_size=len(part)))
+        items, _ = index.padded(examples.target_rows[part, -1])
+        target = batch["target_items"][:, -1:]
+        cand = torch.cat([target, torch.from_numpy(items)], dim=1)
+        with torch.no_grad():
+            probs = model.predict_ctr_candidates(_dev(batch, model), cand.to(model_device(model))).cpu().double().numpy()
+        neg = np.where(items > 0, probs[:, 1:], -np.inf)
+        ranks.append(sampled_ranking_ranks(probs[:, 0], neg))
+    metrics = topk_metrics(np.concatenate(ranks), parse_topk(ks))
+    out = {f"stage/{k}": v for k, v in metrics.items() if k.startswith(("hr@", "ndcg@", "mrr"))}
+    out["stage/n"] = int(len(keep))
+    return out
 
 
 def next_item_metrics(examples: ExampleSet, ranks: np.ndarray, ks=DEFAULT_TOPK, top_items: np.ndarray | None = None,
@@ -551,6 +603,34 @@ def _load_resume(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def _check_stage_options(cfg: TrainConfig, task: str, model_name: str, model: RecModel, split: SplitData) -> None:
+    """The stage-sample options, refused before any work where they cannot apply or would be
+    ignored."""
+    given = [f"'{name}'" for name, value, default in (("stage-loss", cfg.stage_loss, "bce"),
+                                                      ("stage-weight", cfg.stage_weight, 1.0))
+             if value != default]
+    if not cfg.stage_negatives:
+        if given:
+            raise ConfigError(f"train option {given[0]} needs 'stage-negatives' > 0")
+        return
+    if task == "next_item" and cfg.stage_negatives > cfg.negatives:
+        raise ConfigError(f"train option 'stage-negatives' must be in 0..negatives ({cfg.negatives}) "
+                          f"(got {cfg.stage_negatives})")
+    if task not in ("next_item", "ctr"):
+        raise ConfigError(f"train option 'stage-negatives' is for the next_item and ctr tasks (got {task})")
+    if task == "next_item" and given:
+        raise ConfigError(f"train option {given[0]} is for the ctr task (next item trains stage samples as its "
+                          "negatives, with the model's own loss)")
+    if not getattr(model, "trainable", True):
+        raise ConfigError(f"train option 'stage-negatives': model '{model_name}' is fitted by counting, not trained")
+    if task == "ctr" and not getattr(model, "ctr_stage_negatives", False):
+        raise ConfigError(f"train option 'stage-negatives': model '{model_name}' does not score stage samples in CTR "
+                          "training (models that do: the sequence backbone's, e.g. sasrec, mrff)")
+    if split.stage_user is None:
+        raise ConfigError("train option 'stage-negatives' needs data with stage samples (recflow:DIR with its "
+                          "all_stage/ folder, or synthetic:kind=recflow)")
+
+
 def _check_both_classes(*stages: ExampleSet) -> None:
     """CTR: each evaluation stage needs clicks and non-clicks (AUC is undefined otherwise);
     refused before training rather than after its first epoch."""
@@ -605,6 +685,7 @@ def train(
     np.random.seed(cfg.seed % (2**32))
     data = ModelData.from_split(split)
     model = create_model(model_name, data, model_options, task=task)
+    _check_stage_options(cfg, task, model_name, model, split)
     max_len = getattr(getattr(model, "cfg", None), "max_len", 1)
     eval_len = getattr(model, "eval_max_len", max_len)  # cdr: evaluation contexts may be longer
     valid = build_examples(split, task=task, stage="valid", max_len=eval_len)
@@ -641,10 +722,9 @@ def train(
         opts = _optimizers(model, cfg)
         sampler = UniformNegativeSampler.for_training(split, seed=cfg.seed) if task in ("next_item", "cdr") else None
         if cfg.stage_negatives:
-            if task != "next_item":
-                raise ConfigError(f"train option 'stage-negatives' is for the next_item task (got {task})")
             sampler = StageNegativeSampler(split, seed=cfg.seed, stage=cfg.stage_negatives, min_stage=cfg.stage_min,
                                            unseen_only=cfg.stage_unseen)
+        extra_loss = stage_ctr_loss(cfg) if task == "ctr" and cfg.stage_negatives else None
         best_state, best_epoch, best_valid, best_score, stale = None, 0, {}, -np.inf, 0
         first, finished, earlier_seconds = 1, False, 0.0
         identity = _resume_identity(model_name, task, data_name, model_options, cfg, split)
@@ -695,7 +775,8 @@ def train(
                 model.train()
                 losses = train_epoch(model, opts, (to_device(b, device) for b in iterate_batches(
                     train_ex, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                    num_negatives=cfg.negatives if task in ("next_item", "cdr") else 0, sampler=sampler)))
+                    num_negatives=cfg.negatives if task in ("next_item", "cdr") else cfg.stage_negatives,
+                    sampler=sampler)), extra_loss=extra_loss)
                 scores = evaluate(model, valid, **eval_args)
                 record = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "valid": scores}
                 routed = routing_stats(model, valid, last_routes)
@@ -761,14 +842,62 @@ def train(
     return result
 
 
-def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], batches) -> list[float]:
+#: the ``stage_loss`` values of :class:`TrainConfig`
+STAGE_LOSSES = ("bce", "fsltr")
+
+
+def stage_priorities(labels: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RecFlow's FSLTR priorities: of an impression ``6`` when clicked, else ``5``; of a stage
+    sample its deepest stage, ``1`` (cut at pre-ranking) .. ``4`` (cut at re-ranking)."""
+    return 5 + (labels > 0.5).long(), levels.long()
+
+
+def stage_ctr_loss(cfg: TrainConfig) -> Callable[[dict, dict], torch.Tensor]:
+    """The stage term of CTR training with ``stage_negatives`` (:class:`TrainConfig`), as
+    ``fn(batch, outputs)``: ``stage_weight`` times
+
+    * ``bce``: the mean BCE of the batch's stage samples (``negatives``, item 0 = none) as
+      non-clicks;
+    * ``fsltr``: the mean pairwise logistic loss ``log(1 + exp(s_j - s_i))`` over every pair
+      of the same position (the impression and its request's stage samples) whose
+      priorities (:func:`stage_priorities`) differ, ``i`` the higher.
+
+    A position without stage samples adds nothing."""
+    weight, kind = float(cfg.stage_weight), cfg.stage_loss
+
+    def fn(batch: dict, out: dict) -> torch.Tensor:
+        neg = out.get("neg_logits")
+        if neg is None:
+            raise ConfigError("this model does not score stage samples in CTR training")
+        have = (batch["negatives"] > 0) & batch["target_mask"].unsqueeze(-1)  # (B, T, n)
+        if kind == "bce":
+            per = F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none")
+            return weight * (per * have).sum() / have.sum().clamp(min=1)
+        pos, lev = stage_priorities(batch["target_labels"], batch["negative_levels"])
+        scores = torch.cat([out["logits"].unsqueeze(-1), neg], dim=-1)  # (B, T, 1 + n)
+        prio = torch.cat([pos.unsqueeze(-1), lev], dim=-1)
+        valid = torch.cat([batch["target_mask"].unsqueeze(-1), have], dim=-1)
+        higher = (prio.unsqueeze(-1) > prio.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        diff = scores.unsqueeze(-1) - scores.unsqueeze(-2)  # s_i - s_j
+        per = F.softplus(-diff)
+        return weight * (per * higher).sum() / higher.sum().clamp(min=1)
+
+    return fn
+
+
+def train_epoch(model: nn.Module, opts: list[torch.optim.Optimizer], batches, *,
+                extra_loss: Callable[[dict, dict], torch.Tensor] | None = None) -> list[float]:
     """One pass of ``model`` (in train mode) over ``batches``: a step of every optimiser per
-    batch; returns the batch losses."""
+    batch; returns the batch losses. ``extra_loss(batch, outputs)`` is added to the model's
+    own loss (e.g. :func:`stage_ctr_loss`)."""
     losses = []
     for batch in batches:
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        loss = model.loss(batch, model(batch))
+        out = model(batch)
+        loss = model.loss(batch, out)
+        if extra_loss is not None:
+            loss = loss + extra_loss(batch, out)
         loss.backward()
         for opt in opts:
             opt.step()

@@ -392,7 +392,9 @@ def iterate_batches(
     looked up by the model from the split (not copied per batch). With ``num_negatives``
     (``next_item`` training: ``(B, T, n)``; evaluation: ``candidates`` ``(B, 1 + n)``;
     ``cdr``: ``negatives`` ``(B, n)`` in training, ``candidates`` ``(B, 1 + n)`` in
-    evaluation) a ``sampler`` is required; evaluation candidates
+    evaluation; ``ctr`` training with a :class:`~fedrec.data.samplers.StageNegativeSampler`:
+    ``negatives`` ``(B, T, n)`` from each impression's request's stage samples, item 0 where
+    it has none, and their ``negative_levels``) a ``sampler`` is required; evaluation candidates
     come from a :class:`FixedNegatives` sampler as it is, or are drawn from a uniform
     sampler's seed.
     """
@@ -448,7 +450,17 @@ def iterate_batches(
                 if column is not None:  # per-row values of history and targets (NaN = padding)
                     batch[key] = torch.from_numpy(_take(column, inp, fill=np.nan).astype(np.float32))
                     batch["target_" + key] = torch.from_numpy(_take(column, tgt, fill=np.nan).astype(np.float32))
-            if num_negatives:
+            if num_negatives and examples.task == "ctr":
+                # CTR on data with stage samples: extra non-clicks of each impression's own
+                # request (stage-aware training), with the stage each reached
+                if examples.stage != "train" or not hasattr(sampler, "sample_stage"):
+                    raise ConfigError("CTR batches take negatives only in training, from stage samples")
+                T = tgt.shape[1]
+                neg, lev = sampler.sample_stage(np.repeat(users, T), tgt.reshape(-1), num_negatives)
+                valid = (tgt >= 0)[:, :, None]
+                batch["negatives"] = torch.from_numpy(neg.reshape(len(idx), T, num_negatives) * valid)
+                batch["negative_levels"] = torch.from_numpy(lev.reshape(len(idx), T, num_negatives) * valid)
+            elif num_negatives:
                 dom = domains if sp.domains else None
                 if examples.stage == "train":
                     T = tgt.shape[1]

@@ -37,7 +37,7 @@ from fedrec.data.io import iter_lines, resolve_file
 from fedrec.data.split import TEST, TRAIN, VALID, SplitData
 from fedrec.errors import ConfigError, DataError
 
-__all__ = ["UniformNegativeSampler", "StageNegativeSampler", "FixedNegatives"]
+__all__ = ["UniformNegativeSampler", "StageIndex", "StageNegativeSampler", "FixedNegatives"]
 
 _MAX_ROUNDS = 20
 
@@ -185,6 +185,57 @@ class UniformNegativeSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
+class StageIndex:
+    """The split's stage samples indexed by request: the items the recommender funnel
+    filtered out of each (user, request time), with the deepest stage each reached
+    (``level``: 1 pre-ranking, 2 coarse ranking, 3 ranking, 4 re-ranking). ``min_stage``
+    keeps only samples that reached at least that stage."""
+
+    def __init__(self, split: SplitData, *, min_stage: int = 1, option: str = "stage-negatives") -> None:
+        if split.stage_user is None:
+            raise ConfigError(f"{option} needs data with stage samples (recflow:DIR with its all_stage/ "
+                              "folder, or synthetic:kind=recflow)")
+        if not 1 <= min_stage <= 4:
+            raise ConfigError(f"stage-min must be in 1..4 (got {min_stage})")
+        self.split = split
+        keep = split.stage_level >= min_stage
+        self.items = split.stage_item[keep]
+        self.levels = np.asarray(split.stage_level)[keep].astype(np.int64)
+        times = np.asarray(split.stage_time)[keep]
+        users = split.stage_user[keep]
+        self._t0 = int(min(times.min(), np.min(split.time))) if times.size else 0
+        span = int(max(times.max() if times.size else 0, np.max(split.time))) - self._t0 + 1
+        if span * (split.n_users + 1) >= 2**62:
+            raise ConfigError("stage samples: the time span is too long to index requests by (user, time)")
+        self._span = span
+        self._keys = users.astype(np.int64) * span + (times.astype(np.int64) - self._t0)  # sorted (user, time)
+
+    def requests(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end, in :attr:`items` / :attr:`levels`, of the stage samples of each
+        split row's request (rows < 0: none)."""
+        sp = self.split
+        rows = np.asarray(rows, dtype=np.int64)
+        safe = np.maximum(rows, 0)
+        keys = sp.row_user[safe].astype(np.int64) * self._span + (np.asarray(sp.time)[safe].astype(np.int64) - self._t0)
+        lo = np.searchsorted(self._keys, keys, side="left")
+        hi = np.searchsorted(self._keys, keys, side="right")
+        hi = np.where(rows >= 0, hi, lo)
+        return lo, hi
+
+    def padded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(items, levels)``, each ``(len(rows), M)``: every stage sample of each row's
+        request (``M`` the largest request), padded with item 0 and level 0."""
+        lo, hi = self.requests(rows)
+        size = hi - lo
+        width = int(size.max()) if len(size) else 0
+        col = np.arange(width)[None, :]
+        has = col < size[:, None]
+        at = np.where(has, lo[:, None] + col, 0)
+        if len(self.items) == 0:
+            return np.zeros(has.shape, dtype=np.int64), np.zeros(has.shape, dtype=np.int64)
+        return np.where(has, self.items[at], 0), np.where(has, self.levels[at], 0)
+
+
 class StageNegativeSampler(UniformNegativeSampler):
     """Training negatives of which ``stage`` per target come from the target's own request's
     stage samples (the items the funnel filtered out of it: same user, same time; drawn
@@ -194,37 +245,32 @@ class StageNegativeSampler(UniformNegativeSampler):
     another request (a false negative); RecFlow's baseline keeps it, ``unseen_only`` replaces
     such picks by their uniform draw. ``min_stage`` (1..4) keeps only samples that reached at
     least that stage (1 = all; 4 = only those cut at re-ranking, the hardest).
+
+    :meth:`sample_stage` serves CTR training: stage samples only, with their levels (no
+    uniform fill), as extra non-clicks of the impression's request.
     """
 
     def __init__(self, split: SplitData, *, seed: int, stage: int, min_stage: int = 1, unseen_only: bool = False) -> None:
         super().__init__(split, seed=seed, exclude_parts=(TRAIN,))
-        if split.stage_user is None:
-            raise ConfigError("stage-negatives needs data with stage samples (recflow:DIR with its all_stage/ "
-                              "folder, or synthetic:kind=recflow)")
+        self.index = StageIndex(split, min_stage=min_stage)
         if stage < 1:
             raise ConfigError(f"stage-negatives must be >= 1 (got {stage})")
-        keep = split.stage_level >= min_stage
         self.stage = int(stage)
         self.unseen_only = bool(unseen_only)
-        self._stage_items = split.stage_item[keep]
-        times = np.asarray(split.stage_time)[keep]
-        users = split.stage_user[keep]
-        self._t0 = int(min(times.min(), np.min(split.time))) if times.size else 0
-        span = int(max(times.max() if times.size else 0, np.max(split.time))) - self._t0 + 1
-        if span * (split.n_users + 1) >= 2**62:
-            raise ConfigError("stage samples: the time span is too long to index requests by (user, time)")
-        self._span = span
-        self._stage_keys = users.astype(np.int64) * span + (times.astype(np.int64) - self._t0)  # sorted (user, time)
 
-    def _requests(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Start and end of each target row's request in the stage arrays."""
-        sp = self.split
-        safe = np.maximum(rows, 0)
-        keys = sp.row_user[safe].astype(np.int64) * self._span + (np.asarray(sp.time)[safe].astype(np.int64) - self._t0)
-        lo = np.searchsorted(self._stage_keys, keys, side="left")
-        hi = np.searchsorted(self._stage_keys, keys, side="right")
-        hi = np.where(rows >= 0, hi, lo)
-        return lo, hi
+    def _pick(self, users: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(has, picks, seen)``: which rows' requests have stage samples, ``k`` positions
+        (in the index) drawn uniformly with replacement for each of them, and whether each
+        pick is an item the user consumed in training (only computed with ``unseen_only``)."""
+        lo, hi = self.index.requests(np.asarray(rows, dtype=np.int64))
+        size = hi - lo
+        has = size > 0
+        pick = lo[has, None] + (self.rng.random((int(has.sum()), k)) * size[has, None]).astype(np.int64)
+        seen = np.zeros(pick.shape, dtype=bool)
+        if self.unseen_only and pick.size:
+            users_h = np.repeat(np.asarray(users, dtype=np.int64)[has], k)
+            seen = self._seen(users_h, self.index.items[pick].reshape(-1)).reshape(pick.shape)
+        return has, pick, seen
 
     def sample_rows(self, users: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
         """``(len(rows), n)`` negatives for target ``rows`` (split row indices, -1 = none):
@@ -234,20 +280,28 @@ class StageNegativeSampler(UniformNegativeSampler):
         k = min(self.stage, n)
         if k == 0 or len(rows) == 0:
             return out
-        lo, hi = self._requests(np.asarray(rows, dtype=np.int64))
-        size = hi - lo
-        has = size > 0
+        has, pick, seen = self._pick(users, rows, k)
         if has.any():
-            pick = lo[has, None] + (self.rng.random((int(has.sum()), k)) * size[has, None]).astype(np.int64)
-            chosen = self._stage_items[pick]  # (H, k)
-            if self.unseen_only:
-                # a candidate filtered here but consumed in another training request is no
-                # negative of the user's: it keeps its uniform draw
-                users_h = np.repeat(np.asarray(users, dtype=np.int64)[has], k)
-                seen = self._seen(users_h, chosen.reshape(-1)).reshape(chosen.shape)
-                chosen = np.where(seen, out[has, :k], chosen)
-            out[has, :k] = chosen
+            chosen = self.index.items[pick]  # (H, k)
+            # a candidate filtered here but consumed in another training request is no
+            # negative of the user's (unseen_only): it keeps its uniform draw
+            out[has, :k] = np.where(seen, out[has, :k], chosen)
         return out
+
+    def sample_stage(self, users: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(items, levels)``, each ``(len(rows), n)``: ``n`` of each row's request's stage
+        samples (uniform with replacement) and the stage each reached (1..4); item 0 and
+        level 0 where the request has none (and, with ``unseen_only``, for a pick the user
+        consumed in training)."""
+        items = np.zeros((len(rows), n), dtype=np.int64)
+        levels = np.zeros((len(rows), n), dtype=np.int64)
+        if n == 0 or len(rows) == 0:
+            return items, levels
+        has, pick, seen = self._pick(users, rows, n)
+        if has.any():
+            items[has] = np.where(seen, 0, self.index.items[pick])
+            levels[has] = np.where(seen, 0, self.index.levels[pick])
+        return items, levels
 
 
 class FixedNegatives:

@@ -215,6 +215,9 @@ class SequenceModel(RecModel):
     #: set by the federated engine on its working copy: compute the loss without
     #: data-dependent shapes, so it runs under ``torch.func.vmap``
     vmap_safe: bool = False
+    #: CTR: scores a batch's ``negatives`` (stage samples of each position's request) as
+    #: ``neg_logits`` with the same head (stage-aware training, ``stage-negatives``)
+    ctr_stage_negatives: bool = True
 
     def __init__(self, data: ModelData, cfg: BackboneConfig, make_ffn: Callable[[int], nn.Module]) -> None:
         super().__init__()
@@ -308,6 +311,11 @@ class SequenceModel(RecModel):
         if self.cfg.task == "ctr":
             u = out["user_repr"].unsqueeze(1).expand(-1, h.shape[1], -1)
             out["logits"] = self.ctr_head(torch.cat([h, target, u], dim=-1)).squeeze(-1)
+            if "negatives" in batch:  # stage-aware training: extra non-clicks of each position's request
+                n = batch["negatives"].shape[-1]
+                neg = self.items(batch["negatives"], maps)  # (B, T, n, dim)
+                x = torch.cat([h.unsqueeze(2).expand(-1, -1, n, -1), neg, u.unsqueeze(2).expand(-1, -1, n, -1)], dim=-1)
+                out["neg_logits"] = self.ctr_head(x).squeeze(-1)  # (B, T, n)
         else:
             out["logits"] = (h * target).sum(-1)
             if "negatives" in batch and self.cfg.next_loss == "bce":

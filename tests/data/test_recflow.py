@@ -141,8 +141,10 @@ def test_stage_negatives_come_from_the_targets_own_request():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"negatives": 2, "stage_negatives": 3}, "'stage-negatives' must be in 0..negatives"),
+    ({"stage_negatives": -1}, "'stage-negatives' must be >= 0"),
     ({"stage_min": 5}, "'stage-min' must be in 1..4"),
+    ({"stage_loss": "pairwise"}, "'stage-loss' must be one of bce, fsltr"),
+    ({"stage_weight": 0.0}, "'stage-weight' must be > 0"),
 ])
 def test_stage_options_are_checked(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -158,9 +160,9 @@ def test_stage_aware_training_runs_and_differs_from_exposure_only():
               config=TrainConfig(epochs=2, negatives=4, stage_negatives=2, progress=False, protocol="full"))
     assert a["test"] != b["test"]
     assert b["train"]["stage_negatives"] == 2
-    with pytest.raises(ConfigError, match="stage-negatives' is for the next_item task"):
-        train("sasrec", sp, task="ctr", model_options={"dim": 16, "max-len": 8},
-              config=TrainConfig(epochs=1, stage_negatives=1, progress=False))
+    with pytest.raises(ConfigError, match=r"'stage-negatives' must be in 0..negatives \(4\)"):
+        train("sasrec", sp, task="next_item", model_options=options,
+              config=TrainConfig(epochs=1, negatives=4, stage_negatives=5, progress=False))
 
 
 def test_crm_conditions_on_the_watch_time():
