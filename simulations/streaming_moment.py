@@ -8,11 +8,16 @@ Every strategy (``first-label``, ``final-label``, ``fast-slow``) trains a fresh 
 the same stream, per seed. Writes ``<out>/<name>.json`` (per strategy and seed: pooled AUC
 after warmup, per-window AUC, events trained, mean delay from exposure to training; plus mean
 and std over seeds), ``<out>/<name>.md`` and ``<out>/<name>.png`` (AUC per window). Finished
-(strategy, seed) pairs are kept on a rerun.
+(strategy, seed) pairs are kept on a rerun; a file that holds runs of other data, model,
+options or stream settings is refused (write those under another ``--name``).
 
-Example::
+The window, delay and horizon defaults are in seconds, the time unit of the synthetic data
+(one impression per user every ~600 s). Examples::
 
     python simulations/streaming_moment.py --seed 0 --seed 1 --seed 2
+    # non-stationary clicks: every item's CTR rises during 4 one-hour "moments"
+    python simulations/streaming_moment.py --data "synthetic:users=2000,items=500,min_len=20,max_len=60,moments=4,seed=1" \
+        --name streaming_moment_nonstationary
 """
 
 from __future__ import annotations
@@ -126,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"{args.name}.json"
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     try:
+        requested = {"data": args.data, "model": args.model, "options": options,
+                     "config": {k: v for k, v in vars(StreamConfig(window=args.window, delay=args.delay,
+                                                                  horizon=args.horizon, warmup=args.warmup, lr=args.lr,
+                                                                  batch_size=args.batch_size)).items()
+                                if k not in ("strategy", "seed")}}
+        differ = [k for k, v in requested.items() if doc["runs"] and doc.get(k) != v]
+        if differ:
+            print(f"error: {path} holds runs of another {', '.join(differ)} "
+                  f"({'; '.join(f'{k} {doc.get(k)}' for k in differ)}); write these under another --name",
+                  file=sys.stderr)
+            return 2
         split = split_dataset(load_dataset(args.data))
         for seed in args.seed if args.seed is not None else [0, 1, 2]:
             for strategy in args.strategy or list(STRATEGIES):
