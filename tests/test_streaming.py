@@ -112,6 +112,8 @@ def test_the_script_streams_non_stationary_data_and_keeps_each_file_to_one_strea
     doc = json.loads((out / "ns.json").read_text())
     assert doc["data"] == moments and set(doc["runs"]) == {"first-label/seed0"}
     assert 0.0 <= doc["runs"]["first-label/seed0"]["auc"] <= 1.0 and doc["runs"]["first-label/seed0"]["trained"] > 0
+    assert 0 < doc["moments"]["share"] < 1 and doc["moments"]["ctr_inside"] > doc["moments"]["ctr_outside"]
+    assert "of the impressions are in one of their item's moments" in (out / "ns.md").read_text()
     recorded = (out / "ns.json").read_text()
     # the stationary stream (or other settings) into the same file: refused, the file untouched
     capsys.readouterr()

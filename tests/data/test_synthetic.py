@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from fedrec.data import load_dataset
+from fedrec.data.sources.synthetic import in_moments
 from fedrec.errors import SpecError
 
 
@@ -168,7 +169,8 @@ def test_moments_raise_the_click_rate_inside_them_and_change_only_clicks(small, 
     windows = with_moments.meta["moment_windows"]
     assert len(windows) == 3 * 1000 and (windows["end"] - windows["start"] == 3600).all()
     assert windows["start"].between(base["time"].min(), base["time"].max()).all()
-    inside = _in_moment(with_moments)
+    inside = in_moments(with_moments)
+    assert (inside == _in_moment(with_moments)).all()
     assert 0.05 < inside.mean() < 0.5, inside.mean()
     labels = frame["label"].to_numpy()
     assert labels[inside].mean() > labels[~inside].mean() + 0.1, (labels[inside].mean(), labels[~inside].mean())
@@ -191,7 +193,9 @@ def test_moments_on_two_domains_cover_each_domains_items():
     ds = load_dataset("synthetic:users=100,items=30,seed=3,domains=2,moments=2")
     windows, frame = ds.meta["moment_windows"], ds.interactions.frame
     assert sorted(windows["item"].unique()) == list(range(1, 61)) and len(windows) == 120
-    assert _in_moment(ds)[frame["domain"].to_numpy() == "d1"].any()
+    assert in_moments(ds)[frame["domain"].to_numpy() == "d1"].any()
+    with pytest.raises(SpecError, match="has no moments"):
+        in_moments(load_dataset("synthetic:users=30"))
 
 
 @pytest.mark.parametrize("options, message", [

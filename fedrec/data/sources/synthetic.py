@@ -293,6 +293,26 @@ def generate(
     return dataset
 
 
+def in_moments(dataset: Dataset) -> np.ndarray:
+    """Whether each row of ``dataset.interactions.frame`` falls in one of its item's moments
+    (``moments=K`` data, from ``meta["moment_windows"]``); a :class:`SpecError` on data
+    without moments."""
+    windows = dataset.meta.get("moment_windows")
+    if windows is None:
+        raise SpecError(f"{dataset.name}: the data has no moments (synthetic:...,moments=K)")
+    frame = dataset.interactions.frame
+    order = np.argsort(windows["item"].to_numpy(), kind="stable")
+    w_item, w_start, w_end = (windows[c].to_numpy()[order] for c in ("item", "start", "end"))
+    item, time = frame["item"].to_numpy(), frame["time"].to_numpy().astype(np.float64)
+    lo, hi = np.searchsorted(w_item, item, "left"), np.searchsorted(w_item, item, "right")
+    inside = np.zeros(len(frame), dtype=bool)
+    for k in range(int((hi - lo).max(initial=0))):  # the k-th moment of each row's item
+        has = lo + k < hi
+        j = np.minimum(lo + k, len(w_item) - 1)
+        inside |= has & (time >= w_start[j]) & (time < w_end[j])
+    return inside
+
+
 def _moments(rng: np.random.Generator, chosen: np.ndarray, time: np.ndarray, items: int, moments: int,
              length: float) -> tuple[np.ndarray, np.ndarray]:
     """The ``(items, moments)`` start times of every item's moments, drawn uniformly over
