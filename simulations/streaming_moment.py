@@ -8,11 +8,16 @@ Every strategy (``first-label``, ``final-label``, ``fast-slow``) trains a fresh 
 the same stream, per seed. Writes ``<out>/<name>.json`` (per strategy and seed: pooled AUC
 after warmup, per-window AUC, events trained, mean delay from exposure to training; plus mean
 and std over seeds), ``<out>/<name>.md`` and ``<out>/<name>.png`` (AUC per window). Finished
-(strategy, seed) pairs are kept on a rerun.
+(strategy, seed) pairs are kept on a rerun; a file that holds runs of other data, model,
+options or stream settings is refused (write those under another ``--name``).
 
-Example::
+The window, delay and horizon defaults are in seconds, the time unit of the synthetic data
+(one impression per user every ~600 s). Examples::
 
     python simulations/streaming_moment.py --seed 0 --seed 1 --seed 2
+    # non-stationary clicks: every item's CTR rises during 4 one-hour "moments"
+    python simulations/streaming_moment.py --name streaming_moment_nonstationary \
+        --data "synthetic:users=2000,items=500,min_len=20,max_len=60,moments=4,seed=1"
 """
 
 from __future__ import annotations
@@ -49,6 +54,20 @@ def summary(runs: dict[str, Any]) -> dict[str, Any]:
     return table
 
 
+def moment_stats(dataset) -> dict[str, Any]:
+    """How non-stationary ``moments=K`` data is: its moment settings (moments per item, logit
+    lift, length), the share of impressions inside an item's moment and the click rate inside
+    and outside the moments."""
+    from fedrec.data.sources.synthetic import in_moments
+
+    inside = in_moments(dataset)
+    label = dataset.interactions.frame["label"].to_numpy()
+    params = dataset.meta["params"]
+    return {**{k: params[k] for k in ("moments", "moment_lift", "moment_length")}, "share": float(inside.mean()),
+            "ctr_inside": float(label[inside].mean()) if inside.any() else None,
+            "ctr_outside": float(label[~inside].mean()) if (~inside).any() else None}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The result table (rendered from the JSON)."""
     c = doc["config"]
@@ -60,6 +79,12 @@ def markdown(doc: dict[str, Any]) -> str:
         std = f" ± {m['auc_std']:.4f}" if m["auc_std"] is not None else ""
         lines.append(f"| {strategy} | {m['auc']:.4f}{std} | {m['seeds']} | {m['trained']:,.0f} | "
                      f"{m['mean_training_delay']:,.0f} | {m['seconds']:.0f} |")
+    if doc.get("moments"):
+        mo = doc["moments"]
+        lines += ["", f"{mo['moments']} moments per item of {mo['moment_length']:g} s each, click logit "
+                      f"+{mo['moment_lift']:g} in them: {mo['share']:.0%} of the impressions are in one of "
+                      f"their item's moments; click rate {mo['ctr_inside']:.3f} inside them, "
+                      f"{mo['ctr_outside']:.3f} outside."]
     return "\n".join(lines) + "\n"
 
 
@@ -126,7 +151,25 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"{args.name}.json"
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     try:
-        split = split_dataset(load_dataset(args.data))
+        requested = {"data": args.data, "model": args.model, "options": options,
+                     "config": {k: v for k, v in vars(StreamConfig(window=args.window, delay=args.delay,
+                                                                  horizon=args.horizon, warmup=args.warmup, lr=args.lr,
+                                                                  batch_size=args.batch_size)).items()
+                                if k not in ("strategy", "seed")}}
+        differ = [k for k, v in requested.items() if doc["runs"] and doc.get(k) != v]
+        if differ:
+            print(f"error: {path} holds runs of another {', '.join(differ)} "
+                  f"({'; '.join(f'{k} {doc.get(k)}' for k in differ)}); write these under another --name",
+                  file=sys.stderr)
+            return 2
+        dataset = load_dataset(args.data)
+        if "moment_windows" in dataset.meta:  # non-stationary clicks (synthetic:...,moments=K)
+            stats = moment_stats(dataset)
+            if doc["runs"] and doc.get("moments") != stats:  # recorded runs of the same data: describe it
+                doc["moments"] = stats
+                _write(path, json.dumps(doc, indent=2) + "\n")
+            doc["moments"] = stats
+        split = split_dataset(dataset)
         for seed in args.seed if args.seed is not None else [0, 1, 2]:
             for strategy in args.strategy or list(STRATEGIES):
                 key = f"{strategy}/seed{seed}"

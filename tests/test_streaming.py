@@ -97,3 +97,31 @@ def test_models_that_fit_on_the_whole_log_are_refused():
         stream_train("moment_cross", split, model_options={"dim": 16}, config=StreamConfig())
     with pytest.raises(ConfigError, match="model 'qarm' fits state on the whole log"):
         stream_train("qarm", split, model_options={"dim": 16}, config=StreamConfig())
+
+
+def test_the_script_streams_non_stationary_data_and_keeps_each_file_to_one_stream(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "simulations"))
+    import json
+
+    import streaming_moment
+
+    out = tmp_path / "out"
+    moments = "synthetic:users=40,items=30,min_len=8,max_len=12,moments=2,moment_length=1800,seed=2"
+    common = ["--seed", "0", "--strategy", "first-label", "--set", "dim=8", "--out", str(out), "--name", "ns"]
+    assert streaming_moment.main(["--data", moments, *common]) == 0
+    doc = json.loads((out / "ns.json").read_text())
+    assert doc["data"] == moments and set(doc["runs"]) == {"first-label/seed0"}
+    assert 0.0 <= doc["runs"]["first-label/seed0"]["auc"] <= 1.0 and doc["runs"]["first-label/seed0"]["trained"] > 0
+    assert 0 < doc["moments"]["share"] < 1 and doc["moments"]["ctr_inside"] > doc["moments"]["ctr_outside"]
+    assert "of the impressions are in one of their item's moments" in (out / "ns.md").read_text()
+    recorded = (out / "ns.json").read_text()
+    # the stationary stream (or other settings) into the same file: refused, the file untouched
+    capsys.readouterr()
+    assert streaming_moment.main(["--data", moments.replace(",moments=2,moment_length=1800", ""), *common]) == 2
+    assert "ns.json holds runs of another data" in capsys.readouterr().err
+    assert streaming_moment.main(["--data", moments, "--horizon", "1800", *common]) == 2
+    assert "holds runs of another config" in capsys.readouterr().err
+    assert (out / "ns.json").read_text() == recorded
+    # the same stream again: the finished pair is kept, nothing retrained
+    assert streaming_moment.main(["--data", moments, *common]) == 0
+    assert (out / "ns.json").read_text() == recorded

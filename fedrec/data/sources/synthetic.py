@@ -36,13 +36,28 @@ eps2_u`` and an item quality ``q_i ~ N(0, 0.7^2)``, ``rating = clip(round(2.7 + 
 multi-behaviour head of UniCDR+, :data:`fedrec.data.batching.LIKE_THRESHOLD`). Drawn from a
 stream of its own, so the rest of the data is the same as with ``behaviours=1``.
 
+Live-stream moments (``moments=K``, K >= 1): the click rate is no longer stationary in time.
+Every item gets ``K`` highlight moments, each ``moment_length`` long (in the data's time
+unit, seconds; default 3600) and starting at a time drawn uniformly over the span of its
+domain's impressions (``[first time, last time]``; moments of one item may overlap, a late
+one may run past the end). While an item is in a moment, its clicks follow
+``P(click) = sigmoid(sharpness * w_u . v_i / sqrt(dim) + b_u + moment_lift)`` (a logit shift,
+default 2.0): a stream's CTR rises during its "highlight moments" (Moment&Cross), so a model
+that learns from recent clicks gains. The moments are drawn from a stream of their own and
+the click draws are the same uniforms, so the exposures, times and every other column are
+those of the data without moments, and a click without moments stays a click (the lift only
+adds clicks). The moments are kept in ``Dataset.meta["moment_windows"]`` (a frame of
+``item``, ``start``, ``end``: an impression at ``time`` is in a moment when ``start <= time <
+end``). ``moment_lift`` and ``moment_length`` are refused without ``moments``.
+
 ``kind=recflow`` generates a recommender funnel with RecFlow's columns instead (exposures,
 watch times and the stage samples each request filtered out; its options are in
 :mod:`fedrec.data.sources.recflow`).
 
 Options (defaults): ``users=2000, items=1000, groups=4, categories=20, dim=16,
 group_weight=0.8, min_len=10, max_len=60, explore=0.3, sharpness=3.0, profile_signal=0.5,
-domains=1, overlap=1.0, domain_ratio=1, behaviours=1, seed=0``.
+domains=1, overlap=1.0, domain_ratio=1, behaviours=1, moments=0, moment_lift=2.0,
+moment_length=3600, seed=0``.
 """
 
 from __future__ import annotations
@@ -81,11 +96,23 @@ def load_synthetic(spec: SourceSpec, options: Options) -> Dataset:
         domain_ratio=options.float("domain_ratio", 1.0, minimum=0.01),
         overlap=options.float("overlap", 1.0, minimum=0.0, maximum=1.0),
         behaviours=int(options.choice("behaviours", ("1", "2"), "1")),
+        moments=options.int("moments", 0, minimum=0),
         seed=options.int("seed", 0),
     )
+    for key in ("moment_lift", "moment_length"):
+        if options.has(key) and p["moments"] == 0:
+            raise SpecError(f"{spec.text}: option '{key}' needs moments >= 1 (moments per item; got moments=0)")
+    lift = options.float("moment_lift", 2.0)
+    length = options.float("moment_length", 3600.0)
     options.finish()
     if p["max_len"] < p["min_len"]:
         raise SpecError(f"{spec.text}: max_len ({p['max_len']}) must be >= min_len ({p['min_len']})")
+    if p["moments"]:
+        if not (np.isfinite(lift) and lift > 0):
+            raise SpecError(f"{spec.text}: option 'moment_lift' must be a positive finite number (got {lift:g})")
+        if not (np.isfinite(length) and length > 0):
+            raise SpecError(f"{spec.text}: option 'moment_length' must be a positive finite number (got {length:g})")
+        p.update(moment_lift=lift, moment_length=length)
     return generate(name=spec.text, **p)
 
 
@@ -146,6 +173,9 @@ def generate(
     overlap: float = 1.0,
     domain_ratio: float = 1.0,
     behaviours: int = 1,
+    moments: int = 0,
+    moment_lift: float = 2.0,
+    moment_length: float = 3600.0,
     seed: int = 0,
 ) -> Dataset:
     """Generate a synthetic :class:`Dataset` (parameters as in the module docstring)."""
@@ -157,6 +187,8 @@ def generate(
     # the second behaviour: its own stream, so behaviours=1 data is unchanged
     rng2 = np.random.default_rng([seed, 2])
     taste2 = np.sqrt(0.5) * taste + np.sqrt(0.5) * rng2.standard_normal((users, dim))
+    # the moments: a stream of their own too, so moments=0 data is unchanged
+    rng3 = np.random.default_rng([seed, 3])
 
     # which users are active in which domain
     active = np.ones((users, domains), dtype=bool)
@@ -168,6 +200,7 @@ def generate(
 
     frames = []
     item_tables = []
+    moment_tables = []
     for d in range(domains):
         # per-domain catalogue
         category = rng.integers(categories, size=items)
@@ -200,12 +233,19 @@ def generate(
         explore_mask = rng.random(n) < explore
         chosen[explore_mask] = cand[explore_mask, 0]
         affinity = _blocked(lambda b: np.einsum("nd,nd->n", taste[uid[b]], vec[chosen[b]]), n) / np.sqrt(dim)
-        click = rng.random(n) < 1.0 / (1.0 + np.exp(-(sharpness * affinity + propensity[uid])))
+        uniform = rng.random(n)  # the click draws (compared below, once the times are known)
         gaps = rng.exponential(600.0, size=n).round().astype(np.int64) + 1
         first = np.cumsum(lengths) - lengths
         cum = np.cumsum(gaps)
         # per-user clock: the user's own cumulative gaps after a common start
         time = 1_700_000_000 + cum - np.repeat((cum - gaps)[first], lengths)
+        logit = sharpness * affinity + propensity[uid]
+        if moments:
+            start, inside = _moments(rng3, chosen, time, items, moments, moment_length)
+            logit = logit + moment_lift * inside
+            moment_tables.append(pd.DataFrame({"item": np.repeat(np.arange(items) + 1 + d * items, moments),
+                                               "start": start.ravel(), "end": start.ravel() + moment_length}))
+        click = uniform < 1.0 / (1.0 + np.exp(-logit))
         frame = pd.DataFrame({"user": uid + 1, "item": chosen + 1 + d * items, "time": time, "label": click.astype(np.int8)})
         if behaviours > 1:
             quality = 0.7 * rng2.standard_normal(items)
@@ -228,7 +268,11 @@ def generate(
         index=pd.Index(np.arange(users) + 1, name="user"),
     )
     present = np.unique(table["user"].to_numpy())
-    return Dataset(
+    extra: dict = {}
+    if moments:
+        extra = {"params": dict(moments=moments, moment_lift=moment_lift, moment_length=moment_length),
+                 "moment_windows": pd.concat(moment_tables, ignore_index=True)}
+    dataset = Dataset(
         name=name,
         interactions=Interactions.from_frame(table, source=name),
         user_features=user_features.loc[present],
@@ -243,3 +287,43 @@ def generate(
                            overlap=overlap, domain_ratio=domain_ratio, behaviours=behaviours, seed=seed),
         },
     )
+    if extra:  # recorded only with moments: the meta of data without them is unchanged
+        dataset.meta["params"].update(extra["params"])
+        dataset.meta["moment_windows"] = extra["moment_windows"]
+    return dataset
+
+
+def in_moments(dataset: Dataset) -> np.ndarray:
+    """Whether each row of ``dataset.interactions.frame`` falls in one of its item's moments
+    (``moments=K`` data, from ``meta["moment_windows"]``); a :class:`SpecError` on data
+    without moments."""
+    windows = dataset.meta.get("moment_windows")
+    if windows is None:
+        raise SpecError(f"{dataset.name}: the data has no moments (synthetic:...,moments=K)")
+    frame = dataset.interactions.frame
+    order = np.argsort(windows["item"].to_numpy(), kind="stable")
+    w_item, w_start, w_end = (windows[c].to_numpy()[order] for c in ("item", "start", "end"))
+    item, time = frame["item"].to_numpy(), frame["time"].to_numpy().astype(np.float64)
+    lo, hi = np.searchsorted(w_item, item, "left"), np.searchsorted(w_item, item, "right")
+    inside = np.zeros(len(frame), dtype=bool)
+    for k in range(int((hi - lo).max(initial=0))):  # the k-th moment of each row's item
+        has = lo + k < hi
+        j = np.minimum(lo + k, len(w_item) - 1)
+        inside |= has & (time >= w_start[j]) & (time < w_end[j])
+    return inside
+
+
+def _moments(rng: np.random.Generator, chosen: np.ndarray, time: np.ndarray, items: int, moments: int,
+             length: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(items, moments)`` start times of every item's moments, drawn uniformly over
+    ``[time.min(), time.max()]``, and whether each impression (item ``chosen`` at ``time``)
+    falls in one of its item's moments (``start <= time < start + length``)."""
+    lo, hi = float(time.min()), float(time.max())
+    start = lo + rng.random((items, moments)) * (hi - lo)
+
+    def inside(b: slice) -> np.ndarray:
+        s = start[chosen[b]]  # (block, moments)
+        t = time[b, None]
+        return ((t >= s) & (t < s + length)).any(axis=1)
+
+    return start, _blocked(inside, len(time))
