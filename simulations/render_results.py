@@ -1017,8 +1017,45 @@ several other jobs):
 
 {fed_next_item.markdown(s).strip().split(chr(10), 1)[1].strip()}
 
-FedMF was still improving at its last round ({fmf.get('best_round', fmf.get('best_epoch'))} of
-{fmf.get('rounds_run', fmf.get('epochs_run'))}). Other datasets and rows have not been recorded yet."""
+{_fed_next_item_findings(s)}"""
+
+
+def _fed_next_item_findings(s: dict) -> str:
+    """The sentences under the federated next-item table, from ``fed_next_item.json``."""
+    import fed_next_item
+
+    lines = []
+    for dataset in fed_next_item.DATASETS:
+        cell = {c["row"]: c for c in s.values() if c["dataset"] == dataset}
+        if not cell:
+            continue
+        hr = {row: float(np.mean([c["test"]["hr@10"] for c in s.values()
+                                  if c["dataset"] == dataset and c["row"] == row])) for row in cell}
+        fed = [r for r in ("fedmf", "pfedrec", "fedavg-sasrec", "mrff-fed") if r in hr]
+        label = lambda r: fed_next_item.ROWS[r]["label"]  # noqa: E731
+        if fed:
+            top = max(fed, key=hr.get)
+            text = (f"{fed_next_item.DATASETS[dataset][0]}: the best federated row is {label(top)} "
+                    f"(HR@10 {hr[top]:.4f})")
+            if "popularity" in hr:
+                text += f", against popularity's {hr['popularity']:.4f}"
+            central = [r for r in ("sasrec", "mrff") if r in hr]
+            if central:
+                best_c = max(central, key=hr.get)
+                text += f" and the best centralised row, {label(best_c)}, at {hr[best_c]:.4f}"
+            if "fedavg-sasrec" in hr and "popularity" in hr:
+                text += (f"; FedAvg-SASRec ({hr['fedavg-sasrec']:.4f}) is "
+                         f"{'barely above' if 0 <= hr['fedavg-sasrec'] - hr['popularity'] < 0.03 else 'above' if hr['fedavg-sasrec'] > hr['popularity'] else 'below'} popularity")
+            lines.append(text + ".")
+        still = [label(r) for r in fed if cell[r].get("best_round") == cell[r].get("rounds_run")]
+        if still:
+            lines.append(f"Still improving at the last round there: {', '.join(still)}.")
+    missing = [f"{fed_next_item.DATASETS[d][0]} ({', '.join(fed_next_item.ROWS[r]['label'] for r in fed_next_item.ROWS if not any(c['dataset'] == d and c['row'] == r for c in s.values()))})"
+               for d in fed_next_item.DATASETS
+               if any(not any(c["dataset"] == d and c["row"] == r for c in s.values()) for r in fed_next_item.ROWS)]
+    if missing:
+        lines.append("Not recorded yet: " + "; ".join(missing) + ". Seeds 1 and 2 are not recorded for any row.")
+    return "\n".join(lines)
 
 
 def s_client_failures() -> str:
