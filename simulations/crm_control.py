@@ -17,9 +17,14 @@ The claim holds when a higher served condition gives a higher ``top10_value`` (a
 over seeds) and ``<out>/<name>.md``. Finished seeds are kept and skipped on a rerun;
 ``--state-dir`` keeps each seed's training state so an interrupted seed resumes.
 
+``--tower dt`` measures CRM's Decision-Transformer variant (CRM-DT, model option ``tower``)
+instead, into ``ml100k_crm_dt_control`` by default; the JSON has the same shape (the tower is
+in each run's ``resolved`` record).
+
 Example::
 
     python simulations/crm_control.py --data-root ../shared/data --seed 0 --seed 1 --seed 2
+    python simulations/crm_control.py --data-root ../shared/data --tower dt --seed 0 --seed 1 --seed 2
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from fedrec.files import write_text_atomic
 
 DEFAULT_DATA = "movielens:{data_root}/ml-100k?implicit=true"
 SERVES = ("min", "mean", "max", "1", "5", "min,mean,max")
+TOWERS = ("concat", "dt")
+#: the default output stem of each tower
+NAMES = {"concat": "ml100k_crm_control", "dt": "ml100k_crm_dt_control"}
 
 
 def item_values(split) -> np.ndarray:
@@ -105,7 +113,8 @@ def run_seed(data: str, seed: int, *, serves: tuple[str, ...], state_dir: Path |
     train_opts = {k: v for k, v in resolved.options.items() if k != "task" and not k.startswith("model.")}
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
-        train_opts["resume"] = str(state_dir / f"crm_seed{seed}.pt")
+        tower = resolved.model_options().get("tower", "concat")
+        train_opts["resume"] = str(state_dir / (f"crm_seed{seed}.pt" if tower == "concat" else f"crm_{tower}_seed{seed}.pt"))
     cfg = build_config(TrainConfig, {**train_opts, "seed": seed}, where="train")
     result = train("crm", split, task=task, model_options=resolved.model_options(), config=cfg, data_name=data)
     state = result.pop("model_state")
@@ -136,6 +145,12 @@ def summary(runs: dict[str, Any], serves: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def tower_of(doc: dict[str, Any]) -> str:
+    """The CRM tower the runs of ``doc`` trained (``concat`` where none was given)."""
+    towers = {str(r.get("resolved", {}).get("options", {}).get("model.tower", "concat")) for r in doc["runs"].values()}
+    return ",".join(sorted(towers)) or "concat"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The result table (rendered from the JSON)."""
     def cell(m: dict[str, Any] | None, digits: int) -> str:
@@ -145,7 +160,8 @@ def markdown(doc: dict[str, Any]) -> str:
         return f"{m['mean']:.{digits}f}{std}"
 
     seeds = sorted(r["seed"] for r in doc["runs"].values())
-    lines = [f"CRM on `{doc['data']}`, test users, full ranking; seeds {', '.join(map(str, seeds))} "
+    model = {"concat": "CRM", "dt": "CRM-DT"}.get(tower_of(doc), f"CRM (tower {tower_of(doc)})")
+    lines = [f"{model} on `{doc['data']}`, test users, full ranking; seeds {', '.join(map(str, seeds))} "
              f"({doc['column']} as the condition)", "",
              "| served condition | HR@10 | NDCG@10 | mean value of the top 10 | mean held-out value of hits |",
              "| --- | --- | --- | --- | --- |"]
@@ -170,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="training or model.KEY options over the defaults (repeatable)")
     parser.add_argument("--out", default="simulations/results", help="output folder")
-    parser.add_argument("--name", default="ml100k_crm_control", help="output file stem")
+    parser.add_argument("--tower", default="concat", choices=TOWERS,
+                        help="CRM's user tower (model option tower): concat (default) or dt (CRM-DT)")
+    parser.add_argument("--name", default=None,
+                        help=f"output file stem (default {NAMES['concat']}, with --tower dt {NAMES['dt']})")
     parser.add_argument("--state-dir", default=None, help="folder of per-seed training states (resumable)")
     args = parser.parse_args(argv)
     seeds = args.seed if args.seed is not None else [0, 1, 2]
@@ -183,9 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         key, value = item.split("=", 1)
         user[key.strip()] = value.strip()
+    if args.tower != "concat":
+        if user.get("model.tower", args.tower) != args.tower:
+            print(f"error: --tower {args.tower} and --set model.tower={user['model.tower']} disagree", file=sys.stderr)
+            return 2
+        user["model.tower"] = args.tower
+    tower = str(user.get("model.tower", "concat"))
+    name = args.name or NAMES.get(tower, f"ml100k_crm_{tower}_control")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.json"
+    path = out / f"{name}.json"
     doc: dict[str, Any] = {"data": args.data, "runs": {}}
     if path.exists():
         doc = json.loads(path.read_text())
@@ -207,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     doc["summary"] = summary(doc["runs"], serves)
     _atomic_write(path, json.dumps(doc, indent=2) + "\n")
-    _atomic_write(out / f"{args.name}.md", markdown(doc))
+    _atomic_write(out / f"{name}.md", markdown(doc))
     print(markdown(doc))
     return 0
 

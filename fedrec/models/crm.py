@@ -33,7 +33,37 @@ Choices where the paper is silent (documented):
 * **Condition embedding**: ``e(c) = MLP(log1p(max(c, 0)))`` — continuous, so it needs no
   bucket edges (bucket edges computed from the data would depend on other users, which a
   federated client may not see); ``log1p`` tames watch-time tails and keeps ratings ordered.
-* The Decision-Transformer variant (interleaved watch-time-to-go tokens) is not built.
+
+**The Decision-Transformer variant** (``tower = "dt"``, CRM-DT; the default ``tower =
+"concat"`` is the model above). The paper's Transformer variant borrows the Decision
+Transformer layout (Chen et al., NeurIPS 2021): per step, a *value-to-go* token (the analogue
+of return-to-go: the watch time, or rating, still to come) and the item token, interleaved;
+the model predicts the next item at the to-go token. Here, for a window of history items
+``x_1..x_T`` whose targets (the item after each) are ``y_1..y_T`` with observed values
+``v_1..v_T``:
+
+* **Tokens** ``[x_1, g_1, x_2, g_2, ..., x_T, g_T]``: ``x_t`` the item representation,
+  ``g_t = MLP(log1p(G_t))`` the to-go embedding; both tokens of step ``t`` share its
+  (right-aligned) position embedding, and a token-type embedding tells them apart. The first
+  step has no to-go token before its item: the batch has no target for ``x_1``.
+* **Causality**: one causal mask over the ``2T`` tokens (the SASRec blocks above), so the
+  output at ``g_t`` sees ``x_1..x_t`` and ``g_1..g_t`` only — the earlier items and its own
+  and earlier to-gos, never ``x_{t+1}`` (tested). That output, after the final LayerNorm, is
+  the user vector that retrieves ``y_t``.
+* **Value-to-go** (``to-go``; the paper's exact definition is not known to us): ``sum``
+  (default, as return-to-go) ``G_t = v_t + v_{t+1} + ... + v_T``, the total value of the
+  window's remaining steps; ``mean`` ``G_t = (v_t + ... + v_T) / (T - t + 1)``, the mean value
+  per remaining step (on the scale of one value, whatever the position). Steps whose value is
+  missing (padding, NaN) count neither in the sum nor in the mean. At the last step both are
+  ``v_T``: one step remains.
+* **Serving**: the window is the training window in which the next, not yet known item has
+  the served value ``c`` (option ``serve``: the user's ``mean``, ``max``, ..., a fixed number;
+  each request of a list is its own forward pass). So the last to-go token holds ``c``
+  itself — one step remains — and each history step's to-go is its hindsight ``G_t`` over the
+  history's observed values followed by ``c`` (for ``sum``: the values of the history items
+  after step ``t`` plus ``c``). The targets' own values (the held-out one) are never read.
+* **Item tokens** carry no value of their own (``history-conditions`` is false by default
+  under ``dt``; true adds each item's own observed value to its token, as in ``concat``).
 """
 
 from __future__ import annotations
@@ -50,10 +80,12 @@ from fedrec.models.base import ModelData
 from fedrec.models.layers import PositionwiseFFN, SelfAttention
 from fedrec.models.retrieval import RetrievalConfig, RetrievalModel
 
-__all__ = ["CRMConfig", "CRM", "parse_serve"]
+__all__ = ["CRMConfig", "CRM", "parse_serve", "value_to_go"]
 
 _CONDITIONS = ("auto", "rating", "value")
 _STATS = ("mean", "max", "min", "median", "last")
+_TOWERS = ("concat", "dt")
+_TO_GO = ("sum", "mean")
 
 
 def parse_serve(spec: Any) -> tuple[str | float, ...]:
@@ -75,6 +107,23 @@ def parse_serve(spec: Any) -> tuple[str | float, ...]:
     return tuple(out)
 
 
+def value_to_go(values: torch.Tensor, real: torch.Tensor, mode: str) -> torch.Tensor:
+    """The value-to-go of every step of a window (CRM-DT, module docstring).
+
+    ``values`` ``(..., T)`` are the steps' observed values, ``real`` ``(..., T)`` True where a
+    step has one (not padding, not NaN). ``sum``: ``G_t = sum_{s >= t} v_s`` over real steps;
+    ``mean``: that sum over the number of real steps from ``t`` on (0 where there is none).
+    """
+    if mode not in _TO_GO:
+        raise ValueError(f"unknown to-go {mode!r}")
+    v = torch.where(real, torch.nan_to_num(values, nan=0.0), torch.zeros_like(values))
+    total = v.flip(-1).cumsum(-1).flip(-1)
+    if mode == "sum":
+        return total
+    count = real.to(values.dtype).flip(-1).cumsum(-1).flip(-1)
+    return torch.where(count > 0, total / count.clamp(min=1.0), torch.zeros_like(total))
+
+
 @dataclass
 class CRMConfig(RetrievalConfig):
     """CRM's options (module docstring)."""
@@ -83,11 +132,29 @@ class CRMConfig(RetrievalConfig):
     condition: str = "auto"
     #: the serving condition(s): mean, max, min, median, last or a number; a list merges requests
     serve: str = "mean"
-    #: history tokens also carry the embedding of their own observed value
-    history_conditions: bool = True
+    #: history (item) tokens also carry the embedding of their own observed value (default:
+    #: true with the concat tower, false with dt)
+    history_conditions: bool | None = None
+    #: the user tower: concat (MLP over [history encoding ; condition]) or dt (interleaved
+    #: value-to-go and item tokens, the paper's Decision-Transformer variant)
+    tower: str = "concat"
+    #: dt only: the value-to-go of a step, sum (of the remaining steps' values; default) or mean
+    to_go: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.tower not in _TOWERS:
+            raise ConfigError(f"model option 'tower' must be one of {', '.join(_TOWERS)} (got {self.tower!r})")
+        if self.tower == "dt":
+            if self.to_go is None:
+                self.to_go = "sum"
+            if self.to_go not in _TO_GO:
+                raise ConfigError(f"model option 'to-go' must be one of {', '.join(_TO_GO)} (got {self.to_go!r})")
+        elif self.to_go is not None:
+            raise ConfigError(f"model option 'to-go' applies to tower = \"dt\" only (got to-go = {self.to_go!r} "
+                              f"with tower = {self.tower!r})")
+        if self.history_conditions is None:
+            self.history_conditions = self.tower == "concat"
         if self.condition not in _CONDITIONS:
             raise ConfigError(f"model option 'condition' must be one of {', '.join(_CONDITIONS)} (got {self.condition!r})")
         if self.interests != 1:
@@ -136,7 +203,12 @@ class CRM(RetrievalModel):
             self.history_mlp = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(d)
-        self.tower = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d))
+        if cfg.tower == "dt":
+            #: token types: 0 the item token, 1 the value-to-go token of a step
+            self.token_types = nn.Embedding(2, d)
+        else:
+            self.tower = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
+                                       nn.Linear(2 * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
     @staticmethod
@@ -150,19 +222,55 @@ class CRM(RetrievalModel):
             raise ConfigError(f"model 'crm' needs the batch's '{key}' (the data's '{self.column}' column)")
         return batch[key]
 
-    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(B, T, d)``: the history encoding ``h_t`` at every position."""
+    def _item_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, T, d)``: the history's item tokens (with their own values under
+        ``history-conditions``) and position embeddings."""
         items = batch["items"]
-        T = items.shape[1]
         x = self.items(items, batch.get("item_maps")) * math.sqrt(self.cfg.dim)
-        padding = items == 0
         if self.cfg.history_conditions:
             x = x + self.history_mlp(self._scaled(self._values(batch, self.key)))
-        x = x + self.positions.weight[-T:].unsqueeze(0)
+        return x + self.positions.weight[-items.shape[1]:].unsqueeze(0)
+
+    def _run_blocks(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         h = self.drop(x) * (~padding).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             h = block(h, padding)
         return self.final_norm(h)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, T, d)``: the history encoding ``h_t`` at every position (``concat`` tower)."""
+        return self._run_blocks(self._item_tokens(batch), batch["items"] == 0)
+
+    def encode_dt(self, batch: dict[str, torch.Tensor], to_go: torch.Tensor) -> torch.Tensor:
+        """CRM-DT: ``(B, T, d)``, the output at every step's value-to-go token.
+
+        ``to_go`` ``(B, T)``: the value-to-go ``G_t`` of each step (:func:`value_to_go`). The
+        tokens ``[x_1, g_1, ..., x_T, g_T]`` run through the causal blocks; the output at
+        ``g_t`` sees ``x_1..x_t`` and ``g_1..g_t`` only.
+        """
+        items = batch["items"]
+        B, T = items.shape
+        x = self._item_tokens(batch) + self.token_types.weight[0]
+        g = (self.condition_mlp(self._scaled(to_go)) + self.positions.weight[-T:].unsqueeze(0)
+             + self.token_types.weight[1])
+        tokens = torch.stack([x, g], dim=2).reshape(B, 2 * T, -1)  # x_1, g_1, x_2, g_2, ...
+        padding = (items == 0).repeat_interleave(2, dim=1)  # a padded step pads both its tokens
+        return self._run_blocks(tokens, padding)[:, 1::2]
+
+    def serving_to_go(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CRM-DT: ``(B, K, T)``, the value-to-go of every step under each serving condition.
+
+        The step values are the history's own values shifted by one (step ``t``'s target is
+        history item ``t + 1``) followed by the served condition ``c`` for the next item, so
+        the last step's to-go is ``c`` itself. The batch's target values are never read.
+        """
+        values = self._values(batch, self.key)
+        real = (batch["items"] != 0) & ~torch.isnan(values)
+        c = self.serving_conditions(batch)  # (B, K)
+        K = c.shape[1]
+        step = torch.cat([values[:, 1:].unsqueeze(1).expand(-1, K, -1), c.unsqueeze(-1)], dim=-1)  # (B, K, T)
+        step_real = torch.cat([real[:, 1:], torch.ones_like(real[:, :1])], dim=1).unsqueeze(1).expand(-1, K, -1)
+        return value_to_go(step, step_real, self.cfg.to_go)
 
     def condition_vectors(self, h: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """``h`` ``(B, T, d)`` and raw conditions ``(B, T, K)`` -> user vectors ``(B, T, K, d)``."""
@@ -199,12 +307,21 @@ class CRM(RetrievalModel):
         return torch.stack(out, dim=1)
 
     def user_vectors(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Training: the user vector at every position under its target's observed value."""
+        """Training: the user vector at every position under its target's observed value
+        (``dt``: under the value-to-go of the window's targets from that position on)."""
+        targets = self._values(batch, "target_" + self.key)
+        if self.cfg.tower == "dt":
+            real = (batch["target_items"] != 0) & ~torch.isnan(targets)
+            return self.encode_dt(batch, value_to_go(targets, real, self.cfg.to_go)).unsqueeze(2), None, {}
         h = self.encode(batch)
-        conditions = self._values(batch, "target_" + self.key).unsqueeze(-1)  # (B, T, 1)
-        return self.condition_vectors(h, conditions), None, {}
+        return self.condition_vectors(h, targets.unsqueeze(-1)), None, {}
 
     def serving_vectors(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, K, d)``: one user vector per serving condition after the last position."""
+        if self.cfg.tower == "dt":
+            to_go = self.serving_to_go(batch)  # (B, K, T)
+            B, K, T = to_go.shape
+            wide = {key: batch[key].repeat_interleave(K, dim=0) for key in ("items", self.key)}
+            return self.encode_dt(wide, to_go.reshape(B * K, T))[:, -1].reshape(B, K, -1)
         h = self.encode(batch)[:, -1:]  # (B, 1, d)
         return self.condition_vectors(h, self.serving_conditions(batch).unsqueeze(1))[:, 0]

@@ -51,19 +51,32 @@ def split(request, single_domain, two_domains, rated):
     return rated if params.get("name") in NEEDS_RATING else single_domain
 
 
+#: options that select another architecture of a registered model: each is a case of its own
+VARIANTS = {"crm": ({"tower": "dt"},)}
+
+
+def _variants(name):
+    """``(options, id suffix)`` of the model's default and of each of its VARIANTS."""
+    yield {}, ""
+    for options in VARIANTS.get(name, ()):
+        yield options, "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+
+
 def cases():
     for name in MODELS.names():
         for task in MODELS.create(name).model.tasks:
-            yield pytest.param(name, task, id=f"{name}-{task}")
+            for variant, suffix in _variants(name):
+                yield pytest.param(name, task, variant, id=f"{name}{suffix}-{task}")
 
 
-def _options(name):
-    """The SMALL options the model's config knows (None for models without options)."""
+def _options(name, variant=None):
+    """The SMALL options the model's config knows (None for models without options), with
+    the case's variant options."""
     config = MODELS.create(name).config
     if config is None:
         return None
     known = {f.name.replace("_", "-") for f in dataclasses.fields(config)}
-    return {k: v for k, v in SMALL.items() if k in known}
+    return {**{k: v for k, v in SMALL.items() if k in known}, **(variant or {})}
 
 
 def _batch(split, task, stage="train"):
@@ -73,11 +86,11 @@ def _batch(split, task, stage="train"):
     return next(iterate_batches(ex, batch_size=16, num_negatives=negatives, sampler=sampler))
 
 
-@pytest.mark.parametrize("name, task", list(cases()))
-def test_model_contract(split, name, task):
+@pytest.mark.parametrize("name, task, variant", list(cases()))
+def test_model_contract(split, name, task, variant):
     torch.manual_seed(0)
     data = ModelData.from_split(split)
-    model = create_model(name, data, _options(name), task=task)
+    model = create_model(name, data, _options(name, variant), task=task)
     if not getattr(model, "trainable", True):
         model.fit(split)
     batch = _batch(split, task)
@@ -95,7 +108,7 @@ def test_model_contract(split, name, task):
     # evaluation outputs and a state_dict round trip into a fresh model
     model.eval()
     evaluation = _batch(split, task, stage="test")
-    clone = create_model(name, data, _options(name), task=task)
+    clone = create_model(name, data, _options(name, variant), task=task)
     clone.load_state_dict(model.state_dict())
     clone.eval()
     with torch.no_grad():
@@ -109,12 +122,12 @@ def test_model_contract(split, name, task):
             assert model.score_all(evaluation).shape == (evaluation["user"].shape[0], data.n_items + 1)
 
 
-@pytest.mark.parametrize("name, task", list(cases()))
-def test_same_seed_same_result(split, name, task):
+@pytest.mark.parametrize("name, task, variant", list(cases()))
+def test_same_seed_same_result(split, name, task, variant):
     # full ranking: sampled-99 needs 99 distinct unseen items per user, this catalogue has 60
     cfg = TrainConfig(epochs=2, batch_size=16, seed=3, progress=False, protocol="full")
-    a = train(name, split, task=task, model_options=_options(name), config=cfg)
-    b = train(name, split, task=task, model_options=_options(name), config=cfg)
+    a = train(name, split, task=task, model_options=_options(name, variant), config=cfg)
+    b = train(name, split, task=task, model_options=_options(name, variant), config=cfg)
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
     assert all(np.isfinite(v) for v in a["test"].values() if v is not None)
 
@@ -144,11 +157,12 @@ def _federated_cases():
         for task in spec.model.tasks:
             if task == "cdr":  # one client per domain, rows aligned by PSI: tests/federated/test_unicdr_federated.py
                 continue
-            yield pytest.param(name, task, id=f"{name}-{task}")
+            for variant, suffix in _variants(name):
+                yield pytest.param(name, task, variant, id=f"{name}{suffix}-{task}")
 
 
-@pytest.mark.parametrize("name, task", list(_federated_cases()))
-def test_one_federated_round(split, single_domain, name, task):
+@pytest.mark.parametrize("name, task, variant", list(_federated_cases()))
+def test_one_federated_round(split, single_domain, name, task, variant):
     """Every trainable model also federates: one round of the vectorised engine (``fedrec
     simulate --algorithm fedavg --model NAME``), an upload
     that moves the global parameters and stays finite, then each user's own model scores
@@ -157,7 +171,7 @@ def test_one_federated_round(split, single_domain, name, task):
     from fedrec.federated import FederatedConfig, create_algorithm
 
     cfg = FederatedConfig(lr=0.01, negatives=2, chunk_size=16, seed=0)
-    options = _options(name)
+    options = _options(name, variant)
     if name in NEEDS_DOMAINS:
         split, options = single_domain, {**options, "cross": False}
     alg = create_algorithm("fedavg", split, task=task, model=name, model_options=options, config=cfg)
