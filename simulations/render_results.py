@@ -504,6 +504,17 @@ def s_crm() -> str:
 
     def v(serve: str, key: str, digits: int = 3) -> str:
         return f(c[serve][key]["mean"], digits)
+
+    dt = doc("ml100k_crm_dt_control")
+    dt_seeds = ", ".join(str(r["seed"]) for r in sorted(dt["runs"].values(), key=lambda r: r["seed"]))
+
+    def dv(serve: str) -> str:
+        return f(dt["summary"][serve]["top10_value"]["mean"], 3)
+    low, high = (dt["summary"][k]["top10_value"]["mean"] for k in ("1", "5"))
+    crm_span = c["5"]["top10_value"]["mean"] - c["1"]["top10_value"]["mean"]
+    dt_moves = ("does not move what it retrieves in the requested direction" if high <= low else
+                "moves what it retrieves in the requested direction, but far less than CRM's does"
+                if high - low < crm_span / 2 else "moves what it retrieves in the requested direction, as CRM's does")
     return f"""### CRM on MovieLens-100K
 
 Next item, every rating an implicit positive (issue 17; `implicit=true`, so the rating 1–5 of
@@ -531,7 +542,20 @@ at the maximum and lowest at a fixed 1; the multiplexed request (`min,mean,max`,
 score) is not better than `mean`. The history tokens' own ratings do not help either: without
 them (`history-conditions = false`) CRM reaches {m(s, 'CRM without history conditions', 'hr@10')}, within
 the seeds' spread of the default's {m(s, crm, 'hr@10')}; the default is kept until the control runs are
-repeated with it."""
+repeated with it.
+
+**CRM-DT** (`tower = "dt"`, the paper's Decision-Transformer variant: per step a rating-to-go
+token, the sum of the window's remaining ratings, interleaved with the item token under one
+causal mask; served with the user's mean rating, or a fixed one, at the last step) — the row
+`CRM-DT` above, and `python simulations/crm_control.py --data-root ../shared/data --tower dt
+--seed {dt_seeds.replace(', ', ' --seed ')}`:
+
+{crm_control.markdown(dt).strip()}
+
+CRM-DT reaches full HR@10 {m(s, 'CRM-DT', 'hr@10')} (seeds {seeds(s, 'CRM-DT')}) against CRM's
+{mm(s, crm, 'hr@10')} and SASRec's {mm(s, 'SASRec', 'hr@10')}, and its served rating
+{dt_moves}: the mean rating of its top 10 is {dv('1')} at a fixed 1 and
+{dv('5')} at a fixed 5 (CRM: {v('1', 'top10_value')} and {v('5', 'top10_value')})."""
 
 
 def s_qarm() -> str:

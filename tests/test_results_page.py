@@ -50,6 +50,7 @@ def test_every_recorded_comparison_and_table_is_on_the_page(fresh):
                  bench_long_sequences.markdown_table(json.loads((RESULTS / "bench_long_sequences.json").read_text())),
                  bench_marm.markdown_table(json.loads((RESULTS / "bench_marm.json").read_text())),
                  crm_control.markdown(json.loads((RESULTS / "ml100k_crm_control.json").read_text())),
+                 crm_control.markdown(json.loads((RESULTS / "ml100k_crm_dt_control.json").read_text())),
                  streaming_moment.markdown(json.loads((RESULTS / "streaming_moment.json").read_text())),
                  streaming_moment.markdown(json.loads((RESULTS / "streaming_moment_nonstationary.json").read_text())),
                  group_discovery.markdown_table(json.loads((RESULTS / "group_discovery.json").read_text())),
