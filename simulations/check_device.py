@@ -15,7 +15,12 @@ runs, for every registered model and every task it supports, on small synthetic 
    MRFF, with its groups; ``pfedrec`` for MF, with its personalised scoring; else
    ``fedavg``): the CPU's and DEVICE's new global parameters must agree within
    ``--eval-tol`` relative to the update's size, and so must the test metrics each side's
-   clients compute with their own models. Federated UniCDR (one client per domain) is not
+   clients compute with their own models. The round uses plain SGD: its update is linear in the
+   gradient, so float rounding stays rounding (Adam's first step, ``lr * g / (|g| + eps)``,
+   turns a rounding-level difference in a near-zero gradient into a difference of order
+   ``lr``: on an H200 that alone gave relative differences of 1e-3 to 8e-2). Models that draw
+   their training noise on the device (:data:`DEVICE_RANDOM`) are run and timed, not compared.
+   Federated UniCDR (one client per domain) is not
    in it: its silo clients train through the centralised trainer, which check 2 covers.
 
 On the CPU itself (``cpu``) it is a self-check of the device code paths (every tensor moved
@@ -51,6 +56,10 @@ DATA = {
     "domains": "synthetic:users=60,items=80,groups=2,min_len=6,max_len=12,seed=1,domains=2,overlap=0.5",
     "rated": "synthetic:users=60,items=80,groups=2,min_len=6,max_len=12,seed=1,behaviours=2",
 }
+#: models whose training draws random numbers on the device (BERT4Rec's cloze masks, DimeRec's
+#: diffusion steps and noise): another device draws other numbers, so their federated round is
+#: run, timed and checked finite, not compared with the CPU's
+DEVICE_RANDOM = ("bert4rec", "dimerec")
 #: models that need a per-row value, and multi-domain data (as the model contract test)
 NEEDS_RATING = ("crm",)
 NEEDS_DOMAINS = ("moment_cross",)
@@ -130,7 +139,7 @@ def check_federated(name: str, task: str, split, device: str, options: dict[str,
     out: dict[str, Any] = {"model": name, "task": task, "algorithm": algorithm}
     new, summaries = {}, {}
     for label, where in (("cpu", "cpu"), ("device", device)):
-        cfg = FederatedConfig(lr=0.01, negatives=2, chunk_size=16, seed=0, device=where)
+        cfg = FederatedConfig(lr=0.01, optimizer="sgd", negatives=2, chunk_size=16, seed=0, device=where)
         alg = create_algorithm(algorithm, split, task=task, model=name, model_options=options, config=cfg)
         users = np.arange(1, split.n_users + 1)
         g = alg.initial_global()
@@ -149,8 +158,10 @@ def check_federated(name: str, task: str, split, device: str, options: dict[str,
     a, b = summaries["cpu"], summaries["device"]
     eval_diff = max((abs(a[k] - b[k]) for k in a if isinstance(a.get(k), float) and isinstance(b.get(k), float)
                      and not k.endswith("error-bound")), default=0.0)
+    finite = all(bool(torch.isfinite(dev_g2[n]).all()) for n in dev_g2)
     out.update({"max_change": change, "max_diff": diff, "relative_diff": diff / change if change > 0 else 0.0,
-                "eval_cpu": a, "eval_device": b, "eval_max_diff": eval_diff})
+                "eval_cpu": a, "eval_device": b, "eval_max_diff": eval_diff, "finite": finite,
+                "compared": name not in DEVICE_RANDOM})
     return out
 
 
@@ -203,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
                 if name in NEEDS_DOMAINS:  # the cross branch reads other domains: federated without it, on one
                     fsplit, options = splits["single"], {**(options or {}), "cross": False}
                 f = check_federated(name, task, fsplit, device, options)
-                f["ok"] = bool(f["relative_diff"] <= args.eval_tol and f["eval_max_diff"] <= args.eval_tol)
+                f["ok"] = bool(f["finite"] and (not f["compared"] or (f["relative_diff"] <= args.eval_tol
+                                                                      and f["eval_max_diff"] <= args.eval_tol)))
                 fed.append(f)
                 print(f"{'':14s} {task:9s} {f['algorithm']} round: relative difference {f['relative_diff']:.1e}, "
-                      f"evaluation {f['eval_max_diff']:.1e} ({f['seconds_cpu']:.2f} s vs {f['seconds_device']:.2f} s) "
+                      f"evaluation {f['eval_max_diff']:.1e}{'' if f['compared'] else ' (device-drawn noise: not compared)'} "
+                      f"({f['seconds_cpu']:.2f} s vs {f['seconds_device']:.2f} s) "
                       f"{'ok' if f['ok'] else 'FAIL'}", flush=True)
     report = {"device": device, "torch": torch.__version__, "epochs": args.epochs, "eval_tol": args.eval_tol,
               "train_tol": args.train_tol, "models": rows, "federated": fed,
