@@ -51,10 +51,10 @@ import numpy as np
 
 from fedrec.config import build_config, load_toml
 from fedrec.errors import ConfigError
-from fedrec.files import atomic_path, write_text_atomic
+from fedrec.files import atomic_path, dumps_entries, write_text_atomic
 
 __all__ = ["load_comparison", "apply_overrides", "row_options", "run_comparison", "comparison_table", "test_metric",
-           "write_outputs", "plot_curves", "curve_figure", "curve_stats", "auc_cell", "mean_cell", "seeds_cell",
+           "write_outputs", "is_done", "plot_curves", "curve_figure", "curve_stats", "auc_cell", "mean_cell", "seeds_cell",
            "SHOWN_BOUND"]
 
 _KINDS = ("federated", "centralised")
@@ -270,6 +270,12 @@ def _metric(task: str) -> str:
     return selection_metric(task)
 
 
+def is_done(results: dict[str, Any], key: str, fingerprint: str) -> bool:
+    """Whether ``results`` holds the (row, seed) ``key`` run with this very configuration
+    (results recorded before fingerprints existed are kept as done)."""
+    return key in results and results[key].get("fingerprint", fingerprint) == fingerprint
+
+
 def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path, only: list[str] | None = None,
                    on_result: Callable[[str, dict], None] | None = None,
                    app_dir: str | Path | None = None, runtime: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -293,11 +299,11 @@ def run_comparison(cfg: dict[str, Any], *, seeds: list[int], out_dir: str | Path
         fingerprint = _fingerprint(cfg, run)
         for seed in seeds:
             key = f"{run['name']}/seed{seed}"
-            if key in results and results[key].get("fingerprint", fingerprint) == fingerprint:
-                continue  # done with this very configuration (results without a fingerprint are kept)
+            if is_done(results, key, fingerprint):
+                continue
             results[key] = _scrub(_run_one(cfg, run, seed, split_cache, app_dir, runtime), cfg)
             results[key]["fingerprint"] = fingerprint
-            _atomic_write(path, json.dumps(results, indent=1))
+            _atomic_write(path, dumps_entries(results))
             write_outputs(cfg, results, out_dir)
             if on_result is not None:
                 on_result(key, results[key])

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["umask", "new_file_mode", "atomic_path", "write_text_atomic", "write_json_atomic", "merge_json_entry",
+           "dumps_entries",
            "check_writable"]
 
 
@@ -107,6 +108,15 @@ def write_text_atomic(path: str | Path, text: str, *, mode: int | None = None) -
 def write_json_atomic(obj: Any, path: str | Path, *, indent: int | None = 1, mode: int | None = None) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
     return write_text_atomic(path, json.dumps(obj, indent=indent), mode=mode)
+
+
+def dumps_entries(obj: dict[str, Any]) -> str:
+    """A results object (one entry per run: ``row/seedK`` -> result) as JSON with one entry per
+    line, each written compactly: a third of the size of ``indent=1`` for runs that carry
+    per-epoch histories, and a rerun of one (row, seed) changes one line of the file."""
+    if not obj:
+        return "{}\n"
+    return "{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in obj.items()) + "\n}\n"
 
 
 def merge_json_entry(path: str | Path, key: str, value: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,9 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedrec.compare import _fingerprint, _safe, load_comparison, write_outputs  # noqa: E402
+from fedrec.compare import _fingerprint, _safe, is_done, load_comparison, write_outputs  # noqa: E402
 from fedrec.errors import ConfigError, FedrecError  # noqa: E402
-from fedrec.files import write_text_atomic  # noqa: E402
+from fedrec.files import dumps_entries, write_text_atomic  # noqa: E402
 
 #: the folder, under --out, of each pair's own comparison output and log
 WORK = ".parallel"
@@ -67,7 +68,7 @@ def plan(configs: list[dict[str, Any]], seeds: list[int], only: list[str] | None
                 if only and run["name"] not in only:
                     continue
                 key = f"{run['name']}/seed{seed}"
-                if key in done and done[key].get("fingerprint") == _fingerprint(cfg, run):
+                if is_done(done, key, _fingerprint(cfg, run)):
                     continue
                 jobs.append((cfg, run["name"], seed))
     return jobs
@@ -100,7 +101,7 @@ def merge(cfg: dict[str, Any], out: Path) -> list[str]:
                 results[key] = value
                 merged.append(key)
     if merged:
-        write_text_atomic(target, json.dumps(results, indent=1))
+        write_text_atomic(target, dumps_entries(results))
         write_outputs(cfg, results, out)
     return merged
 
@@ -127,6 +128,20 @@ def run_all(jobs: list[tuple], args: argparse.Namespace, out: Path) -> dict[str,
     pending = list(jobs)
     running: list[tuple[subprocess.Popen, str, Any, float]] = []
     report: dict[str, list[str]] = {"finished": [], "failed": [], "stopped": [], "not started": []}
+    try:
+        _loop(pending, running, report, args, out, env, start)
+    finally:  # interrupted (Ctrl-C, SIGTERM): no pair process outlives this one
+        for proc, _, log, _ in running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return report
+
+
+def _loop(pending: list, running: list, report: dict[str, list[str]], args: argparse.Namespace, out: Path,
+          env: dict[str, str], start: float) -> None:
+    """The scheduling loop of :func:`run_all` (``running`` is updated in place)."""
     while pending or running:
         late = args.deadline is not None and time.monotonic() - start > args.deadline
         while pending and len(running) < args.workers and not late:
@@ -145,7 +160,7 @@ def run_all(jobs: list[tuple], args: argparse.Namespace, out: Path) -> dict[str,
                 log.close()
                 report["stopped"].append(label)
                 print(f"[{time.monotonic() - start:6.0f} s] stopped at the deadline: {label}", flush=True)
-            running = []
+            running.clear()
             report["not started"] += [f"{c['stem']}: {r}/seed{s}" for c, r, s in pending]
             break
         time.sleep(0.5)
@@ -159,8 +174,7 @@ def run_all(jobs: list[tuple], args: argparse.Namespace, out: Path) -> dict[str,
             report["finished" if ok else "failed"].append(label)
             print(f"[{time.monotonic() - start:6.0f} s] {'done' if ok else f'FAILED (exit {proc.returncode})'} "
                   f"{label} in {time.monotonic() - t0:.0f} s", flush=True)
-        running = still
-    return report
+        running[:] = still
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results"), help="the comparisons' output folder")
     parser.add_argument("--merge-only", action="store_true", help="merge what earlier runs left; run nothing")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that run_all stops its pair processes
     if args.workers < 1 or args.threads < 1:
         parser.error("--workers and --threads must be >= 1")
     if args.deadline is not None and args.deadline <= 0:

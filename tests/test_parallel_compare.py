@@ -48,6 +48,8 @@ def test_pairs_run_in_parallel_merge_resume_and_deadline(tmp_path, capsys):
     assert sorted(results) == ["SASRec/seed0", "popularity/seed0"]
     for run in cfg["runs"]:  # recorded under the fingerprint `fedrec compare` itself would give
         assert results[f"{run['name']}/seed0"]["fingerprint"] == _fingerprint(cfg, run)
+    lines = (out / "tiny.json").read_text().splitlines()  # one (row, seed) per line
+    assert len(lines) == len(results) + 2 and lines[0] == "{" and lines[-1] == "}"
     assert (out / "tiny.md").is_file() and (out / "tiny.csv").is_file()
     assert "SASRec" in (out / "tiny.md").read_text()
     assert (parallel_compare.pair_dir(out, "tiny", "SASRec", 0) / "log.txt").is_file()
