@@ -18,7 +18,8 @@ runs, for every registered model and every task it supports, on small synthetic 
    clients compute with their own models. The round uses plain SGD: its update is linear in the
    gradient, so float rounding stays rounding (Adam's first step, ``lr * g / (|g| + eps)``,
    turns a rounding-level difference in a near-zero gradient into a difference of order
-   ``lr``: on an H200 that alone gave relative differences of 1e-3 to 8e-2). Models that draw
+   ``lr``: on an H200 that alone gave relative differences of 5e-4 to 8e-2 for models that draw no
+   noise on the device). Models that draw
    their training noise on the device (:data:`DEVICE_RANDOM`) are run and timed, not compared.
    Federated UniCDR (one client per domain) is not
    in it: its silo clients train through the centralised trainer, which check 2 covers.

@@ -456,6 +456,8 @@ def s_lastfm_seed_models() -> str:
 
     def claim(model: str, ablated: str, metric: str) -> str:  # the paper says model > ablated
         return "reproduced" if cmp(model, ablated, metric) == "above" else "not reproduced"
+    counts = sorted({len(runs(s, r["row"])) for r in doc(s).values()})
+    n_seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     seeded = (bert, kf, el, dime)
     at_level = ", ".join(r for r in seeded if cmp(r, sas, "hr@10") != "below") or "none"
     not_level = ", ".join(r for r in seeded if cmp(r, sas, "hr@10") == "below") or "none"
@@ -482,7 +484,7 @@ NDCG@10): GRU4Rec {pub('lastfm', 'GRU4Rec')}, SASRec {pub('lastfm', 'SASRec')}, 
 {pub('lastfm', 'BERT4Rec')}, S3-Rec {pub('lastfm', 'S3-Rec')}; full ranking SASRec {pub('lastfm', 'SASRec full')}. None of KuaiFormer, DimeRec and ELASTIC published numbers on
 these data.
 
-What the table says (every row 3 seeds; "above" / "below" where the two rows' means differ by
+What the table says ({n_seeds} seeds per row; "above" / "below" where the two rows' means differ by
 more than their standard deviations together, else "level with"):
 
 - **DimeRec is {cmp(dime, sas, 'hr@10')} SASRec on sampled-99** ({mm(s, dime, 'hr@10')} against

@@ -81,3 +81,32 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert parallel_compare.main([str(cfg_path), "--only", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "no run named nope" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_stops_the_pair_processes(tmp_path):
+    """Stopping the runner (SIGTERM, as `kill PID` sends) leaves no pair process running."""
+    import signal
+    import subprocess
+    import time
+
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(CONFIG)
+    out = tmp_path / "out"
+    runner = subprocess.Popen([sys.executable, str(ROOT / "simulations" / "parallel_compare.py"), str(cfg_path),
+                               "--seed", "0", "--only", "SASRec", "--set", "epochs=100000", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = parallel_compare.pair_dir(out, "tiny", "SASRec", 0) / "log.txt"
+    deadline = time.monotonic() + 60
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert log.exists(), "the pair never started"
+
+    def pairs() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", str(out / ".parallel")], capture_output=True, text=True)
+        return found.stdout.split()
+
+    assert pairs(), "the pair process is not running"
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) != 0
+    assert pairs() == []
+    assert not (out / "tiny.json").exists()  # nothing partial merged
