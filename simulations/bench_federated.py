@@ -3,6 +3,10 @@
 Usage::
 
     python simulations/bench_federated.py [--data-root ../shared/data] [--loop-users 100] [--skip-flwr] [--json]
+        [--only-flwr | --only-item-aggregation] [--out FILE]
+
+``--out FILE`` writes the parts measured into that JSON file, keeping the keys of parts not
+run this time (``simulations/results/bench_federated.json`` is written this way).
 
 (a) ``round_over_epoch``: wall time of one federated MRFF round over all users (one
     vectorised shard, the reference protocol) divided by one centralised MRFF epoch
@@ -14,6 +18,11 @@ Usage::
     simulation engine with 4 SuperNodes (KuaiSAR-R split in 4 shards), 1 and 4 rounds
     (evaluation once, after the last round); per round = (t4 - t1) / 3, start-up = t1 - per
     round.
+(e) ``touched_over_all``: federated MRFF next item on LastFM (S3-Rec file; one vectorised
+    shard, 4 training negatives, compact item tables), the median of 3 timed rounds
+    (``client_update`` + ``aggregate``, after one warm-up round each) with
+    ``item-aggregation = touched`` divided by the same with ``all``, the two interleaved round
+    by round in one process. Target <= 1.10.
 (d) ``peak_mb``: peak resident memory of each part, each measured in its own subprocess
     (for ``flwr run``: the largest sum of RSS over all its processes, sampled every 0.5 s).
 
@@ -90,6 +99,39 @@ def part_epoch(data_root: str) -> dict:
     start = time.perf_counter()
     epoch(2)
     return {"seconds": time.perf_counter() - start}
+
+
+def part_aggregation(data_root: str) -> dict:
+    """Rounds of federated MRFF next item on LastFM with ``item-aggregation`` all and touched,
+    interleaved (see (e) in the module docstring)."""
+    import statistics
+
+    import numpy as np
+
+    from fedrec.data import load_dataset
+    from fedrec.data.split import split_dataset
+    from fedrec.federated import FederatedConfig, create_algorithm
+
+    split = split_dataset(load_dataset(f"seq:{data_root}/s3rec/LastFM.txt"))
+    users = np.arange(1, split.n_users + 1)
+    runs = {}
+    for agg in ("all", "touched"):
+        alg = create_algorithm("mrff", split, task="next_item",
+                               model_options={"dim": 64, "heads": 2, "dropout": 0.5, "max-len": 50},
+                               config=FederatedConfig(negatives=4, item_aggregation=agg))
+        runs[agg] = [alg, alg.initial_global(), alg.initial_local(users), alg.make_shard(users), None]
+    times: dict[str, list[float]] = {"all": [], "touched": []}
+    for rnd in range(1, 5):
+        for agg, run in runs.items():
+            alg, g, st, sh, counts = run
+            start = time.perf_counter()
+            up, st, _ = alg.client_update(g, st, sh, round=rnd, group_counts=counts)
+            g, counts, _ = alg.aggregate(g, [up])
+            if rnd > 1:  # round 1 warms up
+                times[agg].append(time.perf_counter() - start)
+            run[1:] = [g, st, sh, counts]
+    med = {agg: statistics.median(t) for agg, t in times.items()}
+    return {"all_seconds": med["all"], "touched_seconds": med["touched"], "users": int(split.n_users)}
 
 
 def part_loop(data_root: str, n_users: int) -> dict:
@@ -210,14 +252,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-users", type=int, default=100)
     parser.add_argument("--skip-flwr", action="store_true", help="skip part (c)")
     parser.add_argument("--only-flwr", action="store_true", help="run part (c) only")
+    parser.add_argument("--only-item-aggregation", action="store_true", help="run part (e) only")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, help="merge the parts measured into this JSON file")
     args = parser.parse_args(argv)
+    if args.only_flwr and args.only_item_aggregation:
+        parser.error("--only-flwr and --only-item-aggregation exclude each other")
     data_root = str(Path(args.data_root).resolve())
 
     result: dict = {"peak_mb": {}}
-    if not args.only_flwr:
+    if not (args.only_flwr or args.only_item_aggregation):
         result.update(_local_parts(data_root, args.loop_users))
-    if not args.skip_flwr:
+    if not args.only_flwr:
+        agg = _in_subprocess("aggregation", data_root)
+        print(f"item aggregation {agg}", file=sys.stderr, flush=True)
+        result["touched_over_all"] = round(agg["touched_seconds"] / agg["all_seconds"], 3)
+        result["item_aggregation_round_seconds"] = {"all": round(agg["all_seconds"], 2),
+                                                    "touched": round(agg["touched_seconds"], 2)}
+        result["peak_mb"]["item_aggregation_rounds"] = round(agg["peak_mb"])
+    if not args.skip_flwr and not args.only_item_aggregation:
         with tempfile.TemporaryDirectory(prefix="fedrec-bench-flwr-") as tmp:
             one = flwr_run(data_root, 1, Path(tmp) / "h1")
             four = flwr_run(data_root, 4, Path(tmp) / "h4")
@@ -225,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         result["flwr_seconds_per_round"] = round(per_round, 2)
         result["flwr_startup_seconds"] = round(one["seconds"] - per_round, 2)
         result["peak_mb"]["flwr_run_4_supernodes"] = round(max(one["peak_mb"], four["peak_mb"]))
+    if args.out is not None:
+        from fedrec.files import write_text_atomic
+
+        old = json.loads(args.out.read_text()) if args.out.exists() else {}
+        merged = {**old, **{k: v for k, v in result.items() if k != "peak_mb"},
+                  "peak_mb": {**old.get("peak_mb", {}), **result["peak_mb"]}}
+        write_text_atomic(args.out, json.dumps(merged, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -205,6 +205,11 @@ class Upload:
     #: weights)``, the rows sent (int64) and their weights (float64); ``sums[name]`` then
     #: holds ``weight * row`` for those rows only, ``(len(rows), ...)``
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: ``item-aggregation = touched``: per compact public item table, ``(n_rows,)`` float64,
+    #: the total weight of the users whose local update read each row (``sums`` unchanged:
+    #: ``weight * global`` plus the users' changes); the server averages each read row's
+    #: change over these weights
+    touched: dict[str, torch.Tensor] | None = None
 
 
 # -- the algorithm -----------------------------------------------------------------------
@@ -275,6 +280,10 @@ class Algorithm:
         self.batch_transform = None
         self._item_tables = {n: (key, None if r is None else r.to(self.device))
                              for n, (key, r) in self._compact_tables().items()}
+        if self.config.item_aggregation == "touched" and not self._item_tables:
+            raise ConfigError(f"federated option 'item-aggregation' touched needs public item tables read through "
+                              f"item indices; model '{self.model_name}' has none here (a full cross-entropy reads "
+                              "every row): use item-aggregation=all")
 
     def _canonical_init(self, data: ModelData) -> None:
         """Make the initial parameters independent of how many users this split holds.
@@ -509,6 +518,8 @@ class Algorithm:
         weight_total, loss_sum, n_examples = 0.0, 0.0, 0
         changed = torch.zeros(self.layout.layers, dtype=torch.float64)
         routed_before = 0
+        touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in self._item_tables}
+                   if cfg.item_aggregation == "touched" else None)
         if len(examples):
             sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
@@ -528,6 +539,7 @@ class Algorithm:
                 cu = users[sl]
                 pos = self._positions(state, cu)
                 ex = self._per_user_batch(chunk, cu)
+                read = (to_cpu(self._compact_batch(ex)[1]) if touched is not None and not self.compact else None)
                 params, ex, rows, start_values, loss, choice = to_cpu(self._local_train(on_device, state, pos, ex,
                                                                                         share, vgrad))
                 loss_sum += float(loss.sum())
@@ -549,6 +561,11 @@ class Algorithm:
                     w = torch.ones_like(n_pos) if cfg.weighting == "users" else n_pos
                     weight_total += float(w.sum())
                     n_examples += int(n_pos.sum())
+                    if touched is not None:  # each distinct row a user read counts its weight once
+                        for n, r in (read or rows).items():
+                            first = torch.ones_like(r, dtype=torch.bool)
+                            first[:, 1:] = r[:, 1:] != r[:, :1]  # padding repeats a user's smallest row
+                            touched[n].index_add_(0, r[first], w.view(-1, 1).expand_as(r)[first])
                     for n in self.layout.shared:
                         wn = w.to(params[n].dtype)
                         if n in rows:
@@ -584,7 +601,7 @@ class Algorithm:
                        "noise-multiplier": self.privacy.noise_multiplier, "delta": self.privacy.delta}
         upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum,
                         {k: metrics[k] for k in ("epsilon", "noise-multiplier", "delta")} if self.privacy else None,
-                        changed if self.layout.groups else None, routed_before)
+                        changed if self.layout.groups else None, routed_before, touched=touched)
         return upload, state, metrics
 
     def _train_batches(self, examples: ExampleSet, sampler) -> Any:
@@ -812,7 +829,9 @@ def _negative_seed(seed: int, round: int, shard: Shard) -> int:
 
 
 def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Upload]) -> tuple[Params, torch.Tensor, dict[str, float]]:
-    """The server's step, which needs only the layout: public = sum / weight; each group =
+    """The server's step, which needs only the layout: public = sum / weight (an item table
+    uploaded with per-row weights, ``item-aggregation = touched``: global + each row's summed
+    change / the weight of the users that read it, unchanged when nobody did); each group =
     sum / members (unchanged when it has none); each row of an aligned table = its weighted
     sum / its total weight over the clients that sent it (unchanged when none did). Sums run
     in float64 in upload order.
@@ -826,7 +845,18 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
         counts += u.group_counts.to(torch.float64).reshape(counts.shape)
     if weight > 0:
         for n in layout.shared:
-            new[n] = sum(u.sums[n].to(torch.float64) for u in uploads).div(weight).to(global_params[n].dtype)
+            total = sum(u.sums[n].to(torch.float64) for u in uploads)
+            readers = [u.touched[n] for u in uploads if u.touched is not None and n in u.touched]
+            if readers:  # item-aggregation = touched: each row's change over the weight of its readers
+                if len(readers) != len(uploads):
+                    raise ValueError(f"parameter {n}: some uploads carry per-row weights and some do not")
+                read = sum(t.to(torch.float64) for t in readers)
+                g = global_params[n].to(torch.float64)
+                shape = (-1,) + (1,) * (g.dim() - 1)
+                change = (total - weight * g) / read.clamp(min=1e-300).view(shape)
+                new[n] = torch.where((read > 0).view(shape), g + change, g).to(global_params[n].dtype)
+            else:
+                new[n] = total.div(weight).to(global_params[n].dtype)
     for n, (layer, g) in layout.groups.items():
         c = float(counts[layer, g])
         if c > 0:

@@ -9,9 +9,11 @@ from fedrec.errors import ConfigError
 from fedrec.federated.evaluation import DEFAULT_BINS
 from fedrec.metrics import DEFAULT_TOPK, parse_topk
 
-__all__ = ["FederatedConfig", "PROTOCOLS"]
+__all__ = ["FederatedConfig", "ITEM_AGGREGATIONS", "PROTOCOLS"]
 
 PROTOCOLS = ("full", "sampled-99", "sampled-999")
+#: how the public item tables are averaged (see ``item_aggregation``)
+ITEM_AGGREGATIONS = ("all", "touched")
 
 
 @dataclass
@@ -29,6 +31,17 @@ class FederatedConfig:
     ``weighting``
         Public parameters averaged with one weight per ``users`` (the reference) or per
         training ``examples`` (target positions).
+    ``item_aggregation``
+        How the server averages the public item tables a user trains as a compact copy
+        (the rows its history, targets and negatives read): ``all`` (every round's user
+        counts for every row, a row it did not read with the global value: Chai et al.'s
+        summed item gradient scaled by one over the round's users, so a row read by k of N
+        users moves by about k / N of their mean change) or ``touched`` (each row averaged
+        over the users that read it; rows nobody read keep their value: FedAvg row by row).
+        ``touched`` sends the server which rows each client read (as its compact upload
+        already does without secure aggregation) and is refused with differential privacy,
+        secure aggregation, central DP and robust aggregation, whose guarantees do not cover
+        those counts.
     ``fraction``
         Share of users taking part in each round (drawn per round from ``seed``; every
         client computes the same draw, so it is identical in any runtime).
@@ -85,6 +98,7 @@ class FederatedConfig:
     optimizer: str = "adam"
     lr: float = 0.1
     weighting: str = "users"
+    item_aggregation: str = "all"
     fraction: float = 1.0
     chunk_size: int = 256
     seed: int = 0
@@ -130,6 +144,12 @@ class FederatedConfig:
             raise ConfigError(f"federated option 'optimizer' must be adam or sgd (got {self.optimizer!r})")
         if self.weighting not in ("users", "examples"):
             raise ConfigError(f"federated option 'weighting' must be users or examples (got {self.weighting!r})")
+        if self.item_aggregation not in ITEM_AGGREGATIONS:
+            raise ConfigError(f"federated option 'item-aggregation' must be one of {', '.join(ITEM_AGGREGATIONS)} "
+                              f"(got {self.item_aggregation!r})")
+        if self.dp and self.item_aggregation == "touched":
+            raise ConfigError("federated option 'item-aggregation' touched sends which item rows each client read, "
+                              "unnoised: not with differential privacy (use item-aggregation=all)")
         if not self.lr > 0:
             raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
         if not 0.0 < self.fraction <= 1.0:

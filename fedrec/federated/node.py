@@ -439,6 +439,8 @@ def client_train(msg: Message, context: Context) -> RecordDict:
     for name, (rows, weights) in (upload.rows or {}).items():  # aligned tables: only the rows sent
         arrays[f"{name}@rows"] = rows
         arrays[f"{name}@weights"] = weights
+    for name, weights in (upload.touched or {}).items():  # item-aggregation = touched: per-row reader weights
+        arrays[f"{name}@touched"] = weights
     if spec.central_dp:
         # Flower's central-DP wrapper clips each client's (model - global): send the means,
         # with equal weights (num-examples 1) as its noise calibration assumes
@@ -635,11 +637,12 @@ def replies_to_uploads(replies: Iterable[Message], layout: Layout) -> list[Uploa
         arrays = record_to_params(r.content["arrays"])
         rows = {n: (arrays.pop(f"{n}@rows"), arrays.pop(f"{n}@weights")) for n in layout.aligned
                 if f"{n}@rows" in arrays}
+        touched = {n: arrays.pop(f"{n}@touched") for n in layout.shared if f"{n}@touched" in arrays}
         # under DP a client sends no examples / loss-sum (UNNOISED_TRAIN_METRICS): 0 and NaN
         uploads.append(Upload(arrays, float(m["weight"]), counts, int(m["users"]),
                               int(m.get("examples", 0)), float(m.get("loss-sum", float("nan"))),
                               {k: float(m[k]) for k in ("epsilon", "noise-multiplier", "delta")} if "epsilon" in m else None,
-                              changed, int(m.get("routed-before", 0)), rows or None))
+                              changed, int(m.get("routed-before", 0)), rows or None, touched or None))
     return uploads
 
 

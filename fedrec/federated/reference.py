@@ -36,6 +36,8 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0
     users = examples.users
+    touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in alg._item_tables}
+               if cfg.item_aggregation == "touched" else None)
     sampler = (UniformNegativeSampler.for_training(alg.split, seed=_negative_seed(cfg.seed, round, shard))
                if alg.task == "next_item" else None)
     for u in users:
@@ -89,6 +91,12 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
             n_examples += int(n_pos)
             for n in layout.shared:
                 sums[n] += w * named[n]
+            if touched is not None:  # the rows of each item table this user's batch read (and padding)
+                items = torch.cat([torch.zeros(1, dtype=torch.long)]
+                                  + [batch[k].reshape(-1) for k in ("items", "target_items", "negatives") if k in batch])
+                for n, (_, row_of_item) in alg._item_tables.items():
+                    read = items.unique() if row_of_item is None else row_of_item.cpu()[items].unique()
+                    touched[n][read] += w
             routing = out["context"]["routing"]
             for n, (layer, g) in layout.groups.items():
                 if bool((routing[layer]["choice"][0] == g).any()):
@@ -96,5 +104,5 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
             for layer, r in enumerate(routing):
                 for g in r["choice"][0].tolist():
                     counts[layer, g] += 1
-    upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum)
+    upload = Upload(sums, weight_total, counts, len(users), n_examples, loss_sum, touched=touched)
     return upload, state, {"users": float(len(users)), "loss": loss_sum / len(users) if len(users) else float("nan")}

@@ -150,6 +150,13 @@ class RunSpec:
                 if on and key in limits:
                     raise ConfigError(f"algorithm '{self.algorithm}' does not support '{key}' (each client sends the "
                                       "rows of its own common users, not a fixed set of parameters)")
+        if self.federated.item_aggregation == "touched":
+            for key, on in (("secure-aggregation", self.secure_aggregation), ("central-dp", self.central_dp),
+                            ("robust", self.robust != "none")):
+                if on:
+                    raise ConfigError(f"'item-aggregation = touched' cannot be combined with '{key}' (the server "
+                                      "averages each item row over the clients that read it, from per-row counts "
+                                      f"that {key} does not cover); use item-aggregation=all")
         self._check_attack()
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
