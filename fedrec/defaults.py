@@ -91,7 +91,7 @@ _NEXT_ITEM = FormatDefaults(
         # fed_next_item: each item row averaged over the users that read it; over all users a
         # row read by few moves by almost nothing (LastFM FedMF test HR@10 0.2688 -> see the
         # table; Amazon Video 0.1667, below popularity's 0.5919)
-        "item-aggregation": "touched",
+        "item-aggregation": "auto",  # touched where allowed (not with DP, SecAgg+, robust; compact tables)
     },
     per_model={
         # beauty_next "MRFF hard" row: MRFF leaves its early plateau after ~40 epochs
@@ -355,26 +355,6 @@ def _expand(user: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _guarded(given: Mapping[str, Any]) -> bool:
-    """Whether the user's keys turn on local or central DP, secure aggregation or robust
-    aggregation (values as a config file or ``--set`` gives them)."""
-    def on(key: str) -> bool:
-        v = given.get(key)
-        if v is None:
-            return False
-        if isinstance(v, str):
-            v = v.strip().lower()
-            if v in ("", "false", "0", "no", "none"):
-                return False
-            try:
-                return float(v) > 0
-            except ValueError:
-                return True
-        return bool(v)
-
-    return any(on(k) for k in ("noise-multiplier", "target-epsilon", "secure-aggregation", "central-dp", "robust"))
-
-
 def resolve(data: str, *, runtime: str, user: Mapping[str, Any], model: str | None = None) -> Resolved:
     """Merge the defaults of ``data`` under the user's flat keys (the user's win, key by key;
     ``-`` and ``_`` are the same key). ``model`` is the model trained; for the ``federated``
@@ -388,10 +368,6 @@ def resolve(data: str, *, runtime: str, user: Mapping[str, Any], model: str | No
     if runtime == "federated" and default_algorithm(data) != "mrff":
         base = {"algorithm": default_algorithm(data), **base}  # the format's own algorithm (unicdr on cdr:)
     taken = {k: v for k, v in base.items() if k not in given}
-    if runtime == "federated" and taken.get("item-aggregation") == "touched" and _guarded(given):
-        # per-row reader counts are outside what DP, secure aggregation and robust aggregation
-        # cover: the default gives way to the engine's (all) rather than refusing the run
-        del taken["item-aggregation"]
     return Resolved(format=format_of(data), runtime=runtime, model=model, options={**taken, **given}, defaults=taken,
                     user=given)
 

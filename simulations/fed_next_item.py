@@ -60,7 +60,7 @@ DATASETS: dict[str, tuple[str, str]] = {
 
 _SEQ = {"dim": 64, "heads": 2, "dropout": 0.5, "max-len": 50}
 #: item rows averaged over the users that read them (see ``item-aggregation`` in
-#: fedrec/federated/config.py; the per-dataset default of the next-item formats)
+#: fedrec/federated/config.py; what ``auto``, the next-item formats' default, gives here)
 _TOUCHED = {"item-aggregation": "touched"}
 #: name -> (label, kind, model or algorithm, model options)
 ROWS: dict[str, dict[str, Any]] = {

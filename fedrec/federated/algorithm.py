@@ -283,7 +283,12 @@ class Algorithm:
         if self.config.item_aggregation == "touched" and not self._item_tables:
             raise ConfigError(f"federated option 'item-aggregation' touched needs public item tables read through "
                               f"item indices; model '{self.model_name}' has none here (a full cross-entropy reads "
-                              "every row): use item-aggregation=all")
+                              "every row): use item-aggregation=all or auto")
+        #: the item aggregation in effect (``auto`` resolved: ``touched`` where the model has
+        #: compact public item tables and DP is off, ``all`` otherwise)
+        self.item_aggregation = self.config.item_aggregation
+        if self.item_aggregation == "auto":
+            self.item_aggregation = "touched" if self._item_tables and not self.config.dp else "all"
 
     def _canonical_init(self, data: ModelData) -> None:
         """Make the initial parameters independent of how many users this split holds.
@@ -519,7 +524,7 @@ class Algorithm:
         changed = torch.zeros(self.layout.layers, dtype=torch.float64)
         routed_before = 0
         touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in self._item_tables}
-                   if cfg.item_aggregation == "touched" else None)
+                   if self.item_aggregation == "touched" else None)
         if len(examples):
             sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
@@ -841,6 +846,7 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
     new = {n: p.clone() for n, p in global_params.items()}
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight = sum(u.weight for u in uploads)
+    rows_read = -1  # item rows averaged over their readers this round (-1: none was)
     for u in uploads:
         counts += u.group_counts.to(torch.float64).reshape(counts.shape)
     if weight > 0:
@@ -848,6 +854,7 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
             total = sum(u.sums[n].to(torch.float64) for u in uploads)
             readers = [u.touched[n] for u in uploads if u.touched is not None and n in u.touched]
             if readers:  # item-aggregation = touched: each row's change over the weight of its readers
+                rows_read = max(rows_read, 0)
                 if len(readers) != len(uploads):
                     raise ValueError(f"parameter {n}: some uploads carry per-row weights and some do not")
                 read = sum(t.to(torch.float64) for t in readers)
@@ -855,6 +862,7 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
                 shape = (-1,) + (1,) * (g.dim() - 1)
                 change = (total - weight * g) / read.clamp(min=1e-300).view(shape)
                 new[n] = torch.where((read > 0).view(shape), g + change, g).to(global_params[n].dtype)
+                rows_read += int((read > 0).sum())
             else:
                 new[n] = total.div(weight).to(global_params[n].dtype)
     for n, (layer, g) in layout.groups.items():
@@ -877,6 +885,8 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
                                  global_params[n].to(torch.float64)).to(global_params[n].dtype)
     users = sum(u.users for u in uploads)
     metrics = {"users": float(users), "loss": sum(u.loss_sum for u in uploads) / users if users else float("nan")}
+    if rows_read >= 0:
+        metrics["item-rows-read"] = float(rows_read)
     before = sum(u.routed_before for u in uploads if u.group_changed is not None)
     if before:  # share of the users routed before whose group changed, per layer
         metrics["group-changed"] = (sum(u.group_changed for u in uploads if u.group_changed is not None)

@@ -13,7 +13,7 @@ __all__ = ["FederatedConfig", "ITEM_AGGREGATIONS", "PROTOCOLS"]
 
 PROTOCOLS = ("full", "sampled-99", "sampled-999")
 #: how the public item tables are averaged (see ``item_aggregation``)
-ITEM_AGGREGATIONS = ("all", "touched")
+ITEM_AGGREGATIONS = ("all", "touched", "auto")
 
 
 @dataclass
@@ -41,7 +41,12 @@ class FederatedConfig:
         ``touched`` sends the server which rows each client read (as its compact upload
         already does without secure aggregation) and is refused with differential privacy,
         secure aggregation, central DP and robust aggregation, whose guarantees do not cover
-        those counts.
+        those counts, and for a model without compact public item tables. ``auto`` (the
+        next-item formats' default) is ``touched`` where it is allowed and ``all`` elsewhere:
+        with DP here, with secure aggregation, central DP or robust aggregation in the run
+        spec (:class:`~fedrec.federated.spec.RunSpec` resolves it to ``all``), and for a
+        model without such tables (the algorithm's ``item_aggregation``); the rounds' history
+        reports ``item-rows-read`` where rows were averaged over their readers.
     ``fraction``
         Share of users taking part in each round (drawn per round from ``seed``; every
         client computes the same draw, so it is identical in any runtime).
@@ -149,7 +154,7 @@ class FederatedConfig:
                               f"(got {self.item_aggregation!r})")
         if self.dp and self.item_aggregation == "touched":
             raise ConfigError("federated option 'item-aggregation' touched sends which item rows each client read, "
-                              "unnoised: not with differential privacy (use item-aggregation=all)")
+                              "unnoised: not with differential privacy (use item-aggregation=all or auto)")
         if not self.lr > 0:
             raise ConfigError(f"federated option 'lr' must be > 0 (got {self.lr})")
         if not 0.0 < self.fraction <= 1.0:

@@ -13,7 +13,7 @@ updating ``p_u`` and its copy of the item rows it read, and uploads that copy. W
 ``item-aggregation = all`` the server averages the copies over the round's users (untouched
 rows count with their global value): Chai et al.'s server step — item gradients summed over
 users — scaled by one over the number of users, so a row read by few users barely moves;
-with ``touched`` (the next-item formats' default) each row is averaged over the users that
+with ``touched`` (``auto``, the next-item formats' default) each row is averaged over the users that
 read it (:mod:`fedrec.federated.config`, ``item_aggregation``). Item tables are trained as
 compact per-user copies (only the rows a user's targets and negatives read), so memory grows
 with the users' data, not with the catalogue.

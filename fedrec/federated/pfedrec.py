@@ -13,8 +13,8 @@ data. Here:
   linear layer ``w_u . q_i + c_u`` *is* the per-user vector ``p_u = w_u`` and bias ``c_u``,
   stored as per-user private tables (one row per user, kept on the client, never in an
   upload or the global parameters); the item embedding ``q`` is public, averaged by the
-  server row by row over the users that read each row (``item-aggregation = touched``, the
-  next-item formats' default) or over all of the round's users (``all``: untouched rows
+  server row by row over the users that read each row (``item-aggregation = touched``, ``auto``
+  in the next-item formats' default) or over all of the round's users (``all``: untouched rows
   count with their global value; the paper's code, whose item learning rate
   ``lr x n_items x lr_eta`` offsets that dilution).
 * **Local update, in the paper's order.** Each local step first updates the score function

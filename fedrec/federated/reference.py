@@ -37,7 +37,7 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0
     users = examples.users
     touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in alg._item_tables}
-               if cfg.item_aggregation == "touched" else None)
+               if alg.item_aggregation == "touched" else None)
     sampler = (UniformNegativeSampler.for_training(alg.split, seed=_negative_seed(cfg.seed, round, shard))
                if alg.task == "next_item" else None)
     for u in users:

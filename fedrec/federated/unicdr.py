@@ -156,6 +156,9 @@ class FedUniCDR:
                               f"(the data has {len(split.domains)}: {', '.join(split.domains)})")
         if cfg.fraction < 1.0:
             raise ConfigError("algorithm 'unicdr': every domain trains every round (fraction must be 1)")
+        if cfg.item_aggregation == "touched":
+            raise ConfigError("algorithm 'unicdr': each domain keeps its own item table (nothing item-indexed is "
+                              f"averaged), so item-aggregation {cfg.item_aggregation!r} does not apply (use 'all' or 'auto')")
         if cfg.optimizer != "adam":
             raise ConfigError("algorithm 'unicdr': each domain trains with Adam (sparse tables: SparseAdam); "
                               f"optimizer {cfg.optimizer!r} is not supported")

@@ -104,6 +104,9 @@ def test_per_row_weights_travel_through_the_flower_apps(split):
         out[agg] = run
     assert out["touched"]["valid"] != out["all"]["valid"]
     assert out["touched"]["config"]["item-aggregation"] == "touched"
+    trained = [h["train"] for h in out["touched"]["history"] if "train" in h]
+    assert trained and all(t["item-rows-read"] > 0 for t in trained)
+    assert not any("item-rows-read" in h.get("train", {}) for h in out["all"]["history"])
 
 
 def test_on_real_data_fedmf_learns_only_with_row_wise_averages(shared_data):
@@ -127,7 +130,7 @@ def test_on_real_data_fedmf_learns_only_with_row_wise_averages(shared_data):
 def test_refused_where_it_cannot_hold(split):
     from fedrec.federated.spec import parse_run_config
 
-    with pytest.raises(ConfigError, match="'item-aggregation' must be one of all, touched"):
+    with pytest.raises(ConfigError, match="'item-aggregation' must be one of all, touched, auto"):
         FederatedConfig(item_aggregation="rows")
     with pytest.raises(ConfigError, match="not with differential privacy"):
         FederatedConfig(item_aggregation="touched", noise_multiplier=1.0)
@@ -138,8 +141,36 @@ def test_refused_where_it_cannot_hold(split):
                        ("robust", {"robust": "median"})):
         with pytest.raises(ConfigError, match=f"cannot be combined with '{key}'"):
             parse_run_config({**base, **extra})
+    with pytest.raises(ConfigError, match="algorithm 'unicdr'.*item-aggregation 'touched' does not apply"):
+        create_algorithm("unicdr", split_dataset(load_dataset("synthetic:users=40,domains=2,seed=1")), task="cdr",
+                         config=FederatedConfig(item_aggregation="touched"))
     # a full cross-entropy reads every item row: no compact tables to weigh row by row
     with pytest.raises(ConfigError, match="needs public item tables read through item indices"):
         create_algorithm("fedavg", split, task="next_item", model="sasrec",
                          model_options={**SMALL, "next-loss": "ce"},
                          config=FederatedConfig(item_aggregation="touched"))
+
+
+def test_auto_is_touched_where_it_is_allowed_and_all_elsewhere(split):
+    """``auto`` (the next-item formats' default): touched for a model with compact public item
+    tables; all with DP, with secure aggregation / central DP / robust aggregation in the run
+    spec, for a model that reads every item row, and for local-only training."""
+    from fedrec.defaults import resolve
+    from fedrec.federated.spec import parse_run_config
+
+    def effective(algorithm, model=None, options=SMALL, **cfg):
+        return create_algorithm(algorithm, split, task="next_item", model=model, model_options=options,
+                                config=FederatedConfig(item_aggregation="auto", **cfg)).item_aggregation
+
+    assert effective("fedmf") == "touched" and effective("mrff") == "touched"
+    assert effective("fedmf", noise_multiplier=1.0, population=14) == "all"
+    assert effective("fedavg", "sasrec", {**SMALL, "next-loss": "ce"}) == "all"
+    assert effective("local", "sasrec") == "all"
+    base = {"data": "synthetic:users=14,items=200,seed=5", "task": "next_item", "algorithm": "fedmf",
+            "item-aggregation": "auto"}
+    assert parse_run_config(base).federated.item_aggregation == "auto"
+    for extra in ({"secure-aggregation": True}, {"central-dp": True, "central-noise-multiplier": 1.0},
+                  {"robust": "median"}, {"target-epsilon": 8.0}):
+        assert parse_run_config({**base, **extra}).federated.item_aggregation == "all"
+    assert resolve("seq:FILE", runtime="federated", user={}).options["item-aggregation"] == "auto"
+    assert resolve("kuaisar:DIR", runtime="federated", user={}).options.get("item-aggregation") is None
