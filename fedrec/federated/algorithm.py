@@ -282,8 +282,9 @@ class Algorithm:
                              for n, (key, r) in self._compact_tables().items()}
         if self.config.item_aggregation == "touched" and not self._item_tables:
             raise ConfigError(f"federated option 'item-aggregation' touched needs public item tables read through "
-                              f"item indices; model '{self.model_name}' has none here (a full cross-entropy reads "
-                              "every row): use item-aggregation=all or auto")
+                              f"item indices; model '{self.model_name}' has none here (a full cross-entropy or softmax "
+                              "reads every row; some models keep no public item-indexed table): use "
+                              "item-aggregation=all or auto")
         #: the item aggregation in effect (``auto`` resolved: ``touched`` where the model has
         #: compact public item tables and DP is off, ``all`` otherwise)
         self.item_aggregation = self.config.item_aggregation
@@ -518,13 +519,17 @@ class Algorithm:
         users = examples.users
         if len(np.unique(users)) != len(users):
             raise ConfigError("federated training expects one training example per user")
-        sums = {n: torch.zeros_like(global_params[n]) for n in self.layout.global_names}
+        touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in self._item_tables}
+                   if self.item_aggregation == "touched" else None)
+        # the tables averaged row by row over their readers are summed in float64: the server
+        # divides (sum - W x global) by a row's reader weight, often 1, not by W, so float32
+        # rounding of W x global (W: every user of the shard) would reach the rows' changes
+        sums = {n: torch.zeros_like(global_params[n], dtype=torch.float64 if touched and n in touched else None)
+                for n in self.layout.global_names}
         counts = torch.zeros(self.layout.layers, self.layout.n_groups, dtype=torch.float64)
         weight_total, loss_sum, n_examples = 0.0, 0.0, 0
         changed = torch.zeros(self.layout.layers, dtype=torch.float64)
         routed_before = 0
-        touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in self._item_tables}
-                   if self.item_aggregation == "touched" else None)
         if len(examples):
             sampler = (UniformNegativeSampler.for_training(self.split, seed=_negative_seed(cfg.seed, round, shard))
                        if self.task == "next_item" else None)
@@ -544,7 +549,8 @@ class Algorithm:
                 cu = users[sl]
                 pos = self._positions(state, cu)
                 ex = self._per_user_batch(chunk, cu)
-                read = (to_cpu(self._compact_batch(ex)[1]) if touched is not None and not self.compact else None)
+                if touched is not None:  # before compaction renumbers the items
+                    self._count_readers(ex, users=cu, touched=touched)
                 params, ex, rows, start_values, loss, choice = to_cpu(self._local_train(on_device, state, pos, ex,
                                                                                         share, vgrad))
                 loss_sum += float(loss.sum())
@@ -566,20 +572,16 @@ class Algorithm:
                     w = torch.ones_like(n_pos) if cfg.weighting == "users" else n_pos
                     weight_total += float(w.sum())
                     n_examples += int(n_pos.sum())
-                    if touched is not None:  # each distinct row a user read counts its weight once
-                        for n, r in (read or rows).items():
-                            first = torch.ones_like(r, dtype=torch.bool)
-                            first[:, 1:] = r[:, 1:] != r[:, :1]  # padding repeats a user's smallest row
-                            touched[n].index_add_(0, r[first], w.view(-1, 1).expand_as(r)[first])
                     for n in self.layout.shared:
-                        wn = w.to(params[n].dtype)
+                        acc = sums[n].dtype
+                        wn = w.to(acc)
                         if n in rows:
                             # sum of the users' copies = W * global + their changes, row by row
-                            sums[n] += wn.sum() * global_params[n]
-                            change = (params[n] - start_values[n]) * wn.view(-1, 1, 1)
+                            sums[n] += wn.sum() * global_params[n].to(acc)
+                            change = (params[n] - start_values[n]).to(acc) * wn.view(-1, 1, 1)
                             sums[n].index_add_(0, rows[n].reshape(-1), change.flatten(0, 1))
                         else:
-                            sums[n] += torch.tensordot(wn, params[n], dims=1)
+                            sums[n] += torch.tensordot(wn, params[n].to(acc), dims=1)
                     if member is not None:
                         counts += member.sum(0)
                         first = choice[:, :, 0].numpy()  # (C, layers)
@@ -608,6 +610,26 @@ class Algorithm:
                         {k: metrics[k] for k in ("epsilon", "noise-multiplier", "delta")} if self.privacy else None,
                         changed if self.layout.groups else None, routed_before, touched=touched)
         return upload, state, metrics
+
+    def _count_readers(self, ex: dict[str, torch.Tensor], *, users: np.ndarray,
+                       touched: dict[str, torch.Tensor]) -> None:
+        """``item-aggregation = touched``: add each user's weight once to every row of each
+        compact item table that its real items (history, targets, negatives; not the padding
+        item 0) read. ``ex``: the chunk's batch with global item indices (one example per user)."""
+        fields = [k for k in ("items", "target_items", "negatives") if k in ex]
+        C = len(users)
+        flat = torch.cat([ex[k].reshape(C, -1) for k in fields], dim=1).cpu()
+        if self.config.weighting == "users":
+            w = torch.ones(C, dtype=torch.float64)
+        else:
+            w = ex["target_mask"].sum(1).cpu().to(torch.float64)
+        user = torch.arange(C).unsqueeze(1).expand_as(flat)
+        real = flat > 0
+        for n, (_, row_of_item) in self._item_tables.items():
+            rows = flat if row_of_item is None else row_of_item.cpu()[flat]
+            size = touched[n].numel()
+            pairs = torch.unique(user[real] * size + rows[real])  # distinct (user, row)
+            touched[n].index_add_(0, pairs % size, w[pairs // size])
 
     def _train_batches(self, examples: ExampleSet, sampler) -> Any:
         """The training batches of ``examples``, one per chunk of ``chunk_size`` users, in
@@ -858,6 +880,8 @@ def aggregate_uploads(layout: Layout, global_params: Params, uploads: list[Uploa
                 if len(readers) != len(uploads):
                     raise ValueError(f"parameter {n}: some uploads carry per-row weights and some do not")
                 read = sum(t.to(torch.float64) for t in readers)
+                if not bool(torch.isfinite(read).all()) or bool((read < 0).any()):
+                    raise ValueError(f"parameter {n}: per-row reader weights must be finite and >= 0")
                 g = global_params[n].to(torch.float64)
                 shape = (-1,) + (1,) * (g.dim() - 1)
                 change = (total - weight * g) / read.clamp(min=1e-300).view(shape)

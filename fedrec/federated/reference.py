@@ -32,12 +32,13 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
     share = alg.group_share(group_counts if group_counts is not None else alg.initial_group_counts())
     mask = participants(alg.split.user_raw[shard.users], seed=cfg.seed, round=round, fraction=cfg.fraction)
     examples = shard.train.subset(shard.users[mask])
-    sums = {n: torch.zeros_like(global_params[n]) for n in layout.global_names}
+    touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in alg._item_tables}
+               if alg.item_aggregation == "touched" else None)
+    sums = {n: torch.zeros_like(global_params[n], dtype=torch.float64 if touched and n in touched else None)
+            for n in layout.global_names}
     counts = torch.zeros(layout.layers, layout.n_groups, dtype=torch.float64)
     weight_total, loss_sum, n_examples = 0.0, 0.0, 0
     users = examples.users
-    touched = ({n: torch.zeros(global_params[n].shape[0], dtype=torch.float64) for n in alg._item_tables}
-               if alg.item_aggregation == "touched" else None)
     sampler = (UniformNegativeSampler.for_training(alg.split, seed=_negative_seed(cfg.seed, round, shard))
                if alg.task == "next_item" else None)
     for u in users:
@@ -90,10 +91,10 @@ def reference_client_update(alg: Algorithm, global_params: Params, state: LocalS
             weight_total += w
             n_examples += int(n_pos)
             for n in layout.shared:
-                sums[n] += w * named[n]
-            if touched is not None:  # the rows of each item table this user's batch read (and padding)
-                items = torch.cat([torch.zeros(1, dtype=torch.long)]
-                                  + [batch[k].reshape(-1) for k in ("items", "target_items", "negatives") if k in batch])
+                sums[n] += w * named[n].to(sums[n].dtype)
+            if touched is not None:  # the rows of each item table this user's real items read
+                items = torch.cat([batch[k].reshape(-1) for k in ("items", "target_items", "negatives") if k in batch])
+                items = items[items > 0]
                 for n, (_, row_of_item) in alg._item_tables.items():
                     read = items.unique() if row_of_item is None else row_of_item.cpu()[items].unique()
                     touched[n][read] += w

@@ -150,6 +150,7 @@ class RunSpec:
                 if on and key in limits:
                     raise ConfigError(f"algorithm '{self.algorithm}' does not support '{key}' (each client sends the "
                                       "rows of its own common users, not a fixed set of parameters)")
+        self._check_attack()
         guarded = [key for key, on in (("secure-aggregation", self.secure_aggregation),
                                        ("central-dp", self.central_dp), ("robust", self.robust != "none")) if on]
         if self.federated.item_aggregation == "touched" and guarded:
@@ -158,7 +159,6 @@ class RunSpec:
                               f"that {guarded[0]} does not cover); use item-aggregation=all or auto")
         if self.federated.item_aggregation == "auto" and (guarded or self.federated.dp):
             self.federated.item_aggregation = "all"  # what auto means here (FederatedConfig.item_aggregation)
-        self._check_attack()
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ConfigError("run config 'checkpoint-every' / 'resume' need 'checkpoint-dir'")
 

@@ -89,6 +89,24 @@ def test_vectorised_engine_equals_the_one_user_loop(split, float64, algorithm, m
     assert _max_diff(g_vec, _run(make("all"), shards, 2)) > 1e-3
 
 
+def test_rows_with_one_reader_keep_float32_precision_in_a_large_shard():
+    """The server divides (sum - W x global) by a row's reader weight, often 1, not by W: in
+    float32 the rounding of W x global (W = 1,500 users here) would reach the rows' changes
+    (7.7e-5 apart between two chunkings before the sums of these tables were kept in float64).
+    Without dropout the result must not depend on the chunking."""
+    sp = split_dataset(load_dataset("synthetic:users=1500,items=3000,seed=2"))
+    users = np.arange(1, sp.n_users + 1)
+    out = []
+    for chunk in (7, 2048):
+        alg = create_algorithm("fedmf", sp, task="next_item",
+                               config=FederatedConfig(negatives=4, item_aggregation="touched", chunk_size=chunk))
+        g = alg.initial_global()
+        assert g["items.weight"].dtype == torch.float32
+        up, _, _ = alg.client_update(g, alg.initial_local(users), alg.make_shard(users), round=1)
+        out.append(alg.aggregate(g, [up])[0]["items.weight"])
+    assert float((out[0] - out[1]).abs().max()) <= 1e-6
+
+
 def test_per_row_weights_travel_through_the_flower_apps(split):
     """In-process Flower run (2 clients): with ``touched`` the saved global item table is the
     one the engine computes directly with ``touched``, not the one of ``all``."""
