@@ -169,6 +169,9 @@ FORMATS: dict[str, FormatDefaults] = {
             "rounds": 60,  # fed_kuaisar [federated]: the best validation round came at 45-50
             "shards": 1,  # fed_kuaisar [federated]
             "eval-every": 5,  # fed_kuaisar [federated]
+            # fed_kuaisar "federated MRFF, item rows over readers" (touched) against
+            # "federated MRFF" (all): attribute-code rows averaged over their readers
+            "item-aggregation": "auto",
         },
         recorded=("kuaisar_ctr", "fed_kuaisar"),
     ),
@@ -185,6 +188,8 @@ FORMATS: dict[str, FormatDefaults] = {
             "rounds": 60,  # fed_ml100k [federated]
             "shards": 1,  # fed_ml100k [federated]
             "eval-every": 5,  # fed_ml100k [federated]
+            # fed_ml100k "... item rows over readers" (touched) against the rows over all users
+            "item-aggregation": "auto",
         },
         per_model={
             # CRM retrieves the next item conditioned on its rating (issue 17): next item, with

@@ -76,7 +76,9 @@ def run_row(flat: dict[str, Any], data_root: str, state: Path | None, progress: 
     from fedrec.federated.spec import parse_run_config
 
     real = {**flat, "data": flat["data"].replace("{data_root}", data_root)}
-    real = _with_defaults(real)
+    # robust aggregation cannot average item rows over their readers (item-aggregation = auto
+    # would give the defended rows 'all' and the undefended ones 'touched'): every row the same
+    real = _with_defaults({"item-aggregation": "all", **real})
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
         real.update({"checkpoint-dir": str(state), "checkpoint-every": 5, "resume": (state / "server.pt").exists()})

@@ -1054,8 +1054,9 @@ Issue 14's table: MRFF with its default gate (`scaled`, router-detach) and with 
   with one fresh-Adam step at lr 0.1 per round the shared SASRec does not learn what the
   centralised one does, while MRFF's per-user FFN learns each user's own click rate.
 * **Item rows averaged over the users that read them** (`item-aggregation = touched`, the rows
-  "item rows over readers"; the other federated rows average every item row over all users, a
-  row read by few users barely moving: [why](../../fedrec/federated/README.md#item-rows-averaged-over-their-readers-item-aggregation)),
+  "item rows over readers", what a bare `fedrec simulate` on these formats now runs: `auto`;
+  the other federated rows average every item row over all users, a row read by few users
+  barely moving, as recorded before: [why](../../fedrec/federated/README.md#item-rows-averaged-over-their-readers-item-aggregation)),
   test AUC: {readers(k, "KuaiSAR-R")}; {readers(ml, "MovieLens-100K")}.
 * **Half the users per round** (`fraction = 0.5`, same rounds; one seed where recorded) and
   **local-only** training (each user its own SASRec, no sharing: the floor) are
@@ -1087,7 +1088,7 @@ interaction a positive, leave-one-out by time, the held-out item against 99 unif
 never-interacted items, 4 training negatives per positive, 100 rounds evaluated every 5 — for
 FedMF, PFedRec, FedAvg-SASRec and federated MRFF beside popularity and centralised SASRec and
 MRFF, resumably. The federated rows average each item row over the users whose update read it
-(`item-aggregation = touched`, what the next-item formats' default `auto` gives); the rows "item rows over all
+(`item-aggregation = touched`, what the per-dataset default `auto` gives); the rows "item rows over all
 users" are the same algorithms with every row averaged over all of a round's users
 (`item-aggregation = all`, as this table was first recorded; `--rows fedmf-all ...`). Recorded so
 far (the seconds per round were measured on 2 cores shared with other jobs):

@@ -42,8 +42,9 @@ class FederatedConfig:
         already does without secure aggregation) and is refused with differential privacy,
         secure aggregation, central DP and robust aggregation, whose guarantees do not cover
         those counts, and for a model without compact public item tables. ``auto`` (the
-        next-item formats' default) is ``touched`` where it is allowed and ``all`` elsewhere:
-        with DP here, with secure aggregation, central DP or robust aggregation in the run
+        per-dataset default of the next-item formats, ``kuaisar:`` and ``movielens:``) is
+        ``touched`` where it is allowed and ``all`` elsewhere: with DP here, with secure
+        aggregation, central DP or robust aggregation in the run
         spec (:class:`~fedrec.federated.spec.RunSpec` resolves it to ``all``), and for a
         model without such tables (the algorithm's ``item_aggregation``); the rounds' history
         reports ``item-rows-read`` where rows were averaged over their readers.

@@ -191,4 +191,5 @@ def test_auto_is_touched_where_it_is_allowed_and_all_elsewhere(split):
                   {"robust": "median"}, {"target-epsilon": 8.0}):
         assert parse_run_config({**base, **extra}).federated.item_aggregation == "all"
     assert resolve("seq:FILE", runtime="federated", user={}).options["item-aggregation"] == "auto"
-    assert resolve("kuaisar:DIR", runtime="federated", user={}).options.get("item-aggregation") is None
+    assert resolve("kuaisar:DIR", runtime="federated", user={}).options["item-aggregation"] == "auto"
+    assert resolve("synthetic:", runtime="federated", user={}).options.get("item-aggregation") is None
