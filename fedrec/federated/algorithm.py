@@ -550,7 +550,7 @@ class Algorithm:
                 pos = self._positions(state, cu)
                 ex = self._per_user_batch(chunk, cu)
                 if touched is not None:  # before compaction renumbers the items
-                    self._count_readers(ex, users=cu, touched=touched)
+                    self._count_readers(ex, touched)
                 params, ex, rows, start_values, loss, choice = to_cpu(self._local_train(on_device, state, pos, ex,
                                                                                         share, vgrad))
                 loss_sum += float(loss.sum())
@@ -611,13 +611,12 @@ class Algorithm:
                         changed if self.layout.groups else None, routed_before, touched=touched)
         return upload, state, metrics
 
-    def _count_readers(self, ex: dict[str, torch.Tensor], *, users: np.ndarray,
-                       touched: dict[str, torch.Tensor]) -> None:
+    def _count_readers(self, ex: dict[str, torch.Tensor], touched: dict[str, torch.Tensor]) -> None:
         """``item-aggregation = touched``: add each user's weight once to every row of each
         compact item table that its real items (history, targets, negatives; not the padding
         item 0) read. ``ex``: the chunk's batch with global item indices (one example per user)."""
         fields = [k for k in ("items", "target_items", "negatives") if k in ex]
-        C = len(users)
+        C = ex["items"].shape[0]
         flat = torch.cat([ex[k].reshape(C, -1) for k in fields], dim=1).cpu()
         if self.config.weighting == "users":
             w = torch.ones(C, dtype=torch.float64)
