@@ -46,3 +46,19 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def run_rounds(alg, shards, rounds: int, *, reference: bool = False):
+    """``rounds`` federated rounds of ``alg`` over the given user shards (one client each),
+    with the vectorised engine or the one-user-at-a-time loop: the final global parameters
+    and the clients' states."""
+    from fedrec.federated.reference import reference_client_update
+
+    g = alg.initial_global()
+    states = [alg.initial_local(s) for s in shards]
+    made = [alg.make_shard(s) for s in shards]
+    update = reference_client_update if reference else type(alg).client_update
+    for r in range(1, rounds + 1):
+        ups = [update(alg, g, st, sh, round=r)[0] for st, sh in zip(states, made, strict=True)]
+        g, _, _ = alg.aggregate(g, ups)
+    return g, states

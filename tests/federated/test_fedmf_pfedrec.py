@@ -13,8 +13,9 @@ from fedrec.data.split import split_dataset
 from fedrec.errors import ConfigError
 from fedrec.federated import FederatedConfig, create_algorithm
 from fedrec.federated.pfedrec import PERSONALISE_ROUND
-from fedrec.federated.reference import reference_client_update
 from fedrec.metrics import sampled_ranking_ranks
+
+from conftest import run_rounds
 
 SMALL = {"dim": 8, "max-len": 30}
 
@@ -24,16 +25,7 @@ def split():
     return split_dataset(load_dataset("synthetic:users=14,items=200,seed=5"))
 
 
-def _run(alg, shards, rounds, *, reference=False):
-    """Rounds over the given user shards: final global parameters and client states."""
-    g = alg.initial_global()
-    states = [alg.initial_local(s) for s in shards]
-    made = [alg.make_shard(s) for s in shards]
-    for r in range(1, rounds + 1):
-        update = reference_client_update if reference else type(alg).client_update
-        ups = [update(alg, g, st, sh, round=r)[0] for st, sh in zip(states, made, strict=True)]
-        g, _, _ = alg.aggregate(g, ups)
-    return g, states
+_run = run_rounds
 
 
 def _max_diff(a, b):

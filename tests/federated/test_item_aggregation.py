@@ -19,7 +19,8 @@ from fedrec.errors import ConfigError
 from fedrec.federated import FederatedConfig, create_algorithm
 from fedrec.federated.algorithm import Upload, aggregate_uploads
 from fedrec.federated.layout import Layout
-from fedrec.federated.reference import reference_client_update
+
+from conftest import run_rounds
 
 SMALL = {"dim": 8, "max-len": 30}
 
@@ -30,14 +31,7 @@ def split():
 
 
 def _run(alg, shards, rounds, *, reference=False):
-    g = alg.initial_global()
-    states = [alg.initial_local(s) for s in shards]
-    made = [alg.make_shard(s) for s in shards]
-    update = reference_client_update if reference else type(alg).client_update
-    for r in range(1, rounds + 1):
-        ups = [update(alg, g, st, sh, round=r)[0] for st, sh in zip(states, made, strict=True)]
-        g, _, _ = alg.aggregate(g, ups)
-    return g
+    return run_rounds(alg, shards, rounds, reference=reference)[0]
 
 
 def _max_diff(a, b):
