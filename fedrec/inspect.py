@@ -21,7 +21,8 @@ from fedrec.data.split import SplitData
 from fedrec.device import to_device
 from fedrec.errors import ConfigError
 
-__all__ = ["grouped_models", "require_groups", "route_users", "group_report", "plot_group_report"]
+__all__ = ["grouped_models", "require_groups", "route_users", "user_gate_inputs", "kmeans_nmi", "group_report",
+           "plot_group_report"]
 
 
 def grouped_models() -> list[str]:
@@ -59,6 +60,39 @@ def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.n
         users.append(batch["user"].numpy())
         routes.append(model.route(to_device(batch, model_device(model))).cpu().numpy())
     return np.concatenate(users), np.concatenate(routes)
+
+
+@torch.no_grad()
+def user_gate_inputs(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(users, per layer (n, w) arrays)``: each user's gate-network input at its test-time
+    view (the same examples :func:`route_users` routes), for models with ``gate_inputs``."""
+    from fedrec.train import model_device
+
+    if not hasattr(model, "gate_inputs"):
+        raise ConfigError(f"{type(model).__name__} has no group gate to inspect (models with groups: "
+                          f"{', '.join(grouped_models())})")
+    model.eval()
+    examples = build_examples(split, task="ctr" if split.has_labels else "next_item", stage="test",
+                              max_len=model.cfg.max_len)
+    _, first = np.unique(examples.users, return_index=True)
+    examples = examples.subset(examples.users[first])
+    users, layers = [], []
+    for batch in iterate_batches(examples, batch_size=batch_size):
+        users.append(batch["user"].numpy())
+        layers.append([x.cpu().numpy() for x in model.gate_inputs(to_device(batch, model_device(model)))])
+    return np.concatenate(users), [np.concatenate(per) for per in zip(*layers)]
+
+
+def kmeans_nmi(features: np.ndarray, truth: np.ndarray, groups: int, *, seed: int = 0) -> float:
+    """NMI against ``truth`` of k-means with ``groups`` clusters on ``features`` (``(n, w)``,
+    each column standardised; 10 restarts): how well the best clustering of these features
+    into ``groups`` parts recovers the true groups (an upper reference for a router that reads them)."""
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(features, dtype=np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-9)
+    labels = KMeans(groups, n_init=10, random_state=seed).fit(x).labels_
+    return round(float(normalized_mutual_info_score(truth, labels)), 4)
 
 
 def group_report(users: np.ndarray, routes: np.ndarray, groups: int, true_group: np.ndarray | None = None,

@@ -19,8 +19,16 @@ others one mechanism each.
   its own model at the last round, only to groups trained in that round (as evaluation
   routes), and per round the share of users per group and of users whose group changed.
 
+Groups that mean something need two things: a router input that separates the true groups, and
+a router that finds the separation. So each centralised report also gives the NMI of the best
+k-means (G clusters) of the trained router's own input (``kmeans_gate_input``, per layer),
+and ``group_discovery_reference.json`` beside the results gives, per data spec, the NMI of
+k-means on simple summaries of each user's training rows (category shares, click rate per
+category, clicked items) and of the profile ``segment``: what the data alone lets a clustering find.
+
 Writes ``simulations/results/group_discovery.json`` (one report per mode, variant and seed,
-written after each, so ``--resume`` skips what is done) and ``group_discovery_<mode>_<variant>.png``
+written after each, so ``--resume`` skips what is done; a centralised report without
+``kmeans_gate_input`` is run again in its place) and ``group_discovery_<mode>_<variant>.png``
 (heatmaps of the first seed's ``default`` and ``hard`` runs).
 """
 
@@ -39,13 +47,16 @@ from fedrec.data.split import split_dataset
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.registry import create_algorithm
 from fedrec.files import write_json_atomic
-from fedrec.inspect import group_report, plot_group_report, route_users
+from fedrec.data.split import TRAIN
+from fedrec.inspect import group_report, kmeans_nmi, plot_group_report, route_users, user_gate_inputs
 from fedrec.models.base import ModelData
 from fedrec.models.registry import create_model
 from fedrec.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "simulations" / "results" / "group_discovery.json"
+#: beside OUT: what k-means finds in simple summaries of the data alone, per data spec
+REFERENCE = "group_discovery_reference.json"
 
 #: name -> model options (over the model's defaults); "central"/"federated" limit a variant
 VARIANTS: dict[str, dict] = {
@@ -87,6 +98,9 @@ def run_central(split, spec: str, options: dict, *, seed: int, epochs: int, grou
     model.load_state_dict(r["model_state"])
     users, routes = route_users(model, split)
     report = group_report(users, routes, groups, split.user_group, seed=seed)
+    # the best k-means of the router's own input: whether the input or the router falls short
+    gate_users, inputs = user_gate_inputs(model, split)
+    report["kmeans_gate_input"] = [kmeans_nmi(x, split.user_group[gate_users], groups, seed=seed) for x in inputs]
     report["history"] = [{"epoch": h["epoch"], **h.get("routing", {})} for h in r["history"]]
     report.update(test=r["test"], best=r["best_epoch"], seconds=r["seconds"])
     return report
@@ -129,6 +143,50 @@ def run_federated(split, options: dict, *, seed: int, rounds: int, groups: int, 
     return report
 
 
+def reference_clusterings(split, groups: int, *, seed: int = 0) -> dict:
+    """NMI against the true groups of k-means (``groups`` clusters) on simple summaries of each
+    user's *training* rows, and of the profile ``segment`` as it is: what the data alone lets a
+    clustering find, the bar beside the routers' NMI. Summaries: the share of the user's
+    impressions per item category (what the feed showed), the click rate per category (0
+    where none was shown), both, and a 16-dimensional SVD of the user x item click counts."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.metrics import normalized_mutual_info_score
+
+    row_user = np.repeat(split.seq_user, np.diff(split.indptr))
+    train = split.part == TRAIN
+    u, item, label = row_user[train], split.item[train], split.label[train].astype(np.float64)
+    cat = split.item_features[:, split.item_feature_names.index("category")][item]
+    n_cat = int(split.item_features[:, split.item_feature_names.index("category")].max()) + 1
+    shown = np.zeros((split.n_users + 1, n_cat))
+    clicks = np.zeros_like(shown)
+    np.add.at(shown, (u, cat), 1.0)
+    np.add.at(clicks, (u, cat), label)
+    users = np.arange(1, split.n_users + 1)
+    truth = split.user_group[users]
+    share = shown[users] / np.maximum(shown[users].sum(1, keepdims=True), 1.0)
+    rate = clicks[users] / np.maximum(shown[users], 1.0)
+    bag = np.zeros((split.n_users + 1, split.n_items + 1))
+    np.add.at(bag, (u, item), label)
+    svd = TruncatedSVD(16, random_state=seed).fit_transform(bag[users])
+    out = {"category share of impressions": kmeans_nmi(share, truth, groups, seed=seed),
+           "click rate per category": kmeans_nmi(rate, truth, groups, seed=seed),
+           "both": kmeans_nmi(np.hstack([share, rate]), truth, groups, seed=seed),
+           "clicked items (SVD 16)": kmeans_nmi(svd, truth, groups, seed=seed)}
+    if split.user_features is not None and "segment" in split.user_feature_names:
+        segment = split.user_features[users, split.user_feature_names.index("segment")]
+        out["profile segment"] = round(float(normalized_mutual_info_score(truth, segment)), 4)
+    return out
+
+
+def reference_table(reference: dict) -> str:
+    """Markdown: per data spec, the NMI of each reference clustering."""
+    names = list(dict.fromkeys(k for ref in reference.values() for k in ref))
+    lines = ["| data | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for spec, ref in reference.items():
+        lines.append(f"| `{spec}` | " + " | ".join(f"{ref[n]:.3f}" if n in ref else "–" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: list[dict]) -> str:
     """The README's table, rendered from the reports of the JSON (mean over seeds where a
     (mode, variant) has several): NMI per layer and its chance level (the largest over
@@ -136,9 +194,10 @@ def markdown_table(results: list[dict]) -> str:
     on in which some layer had more than 90% of the users in one group, the mean share of
     users changing group per round, and the test AUC."""
     keys = list(dict.fromkeys((r["mode"], r["variant"]) for r in results))
-    lines = ["| setting | variant | options | seeds | NMI layer 0 | NMI layer 1 | chance | largest group (layers) "
-             "| rounds >= 5 with a layer > 90% in one group | users changing group per round | test AUC |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
+    lines = ["| setting | variant | options | seeds | NMI layer 0 | NMI layer 1 | chance | k-means on the gate input "
+             "(layers) | largest group (layers) | rounds >= 5 with a layer > 90% in one group "
+             "| users changing group per round | test AUC |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- | ---: | --- | ---: |"]
     for mode, variant in keys:
         rows = [r for r in results if r["mode"] == mode and r["variant"] == variant]
         nmi = np.array([r["summary"]["nmi"] for r in rows]).mean(0)
@@ -156,8 +215,10 @@ def markdown_table(results: list[dict]) -> str:
                 churn = " / ".join(f"{100 * c:.0f}%" for c in changed.mean(0))
         options = ", ".join(f"{k}={v}" for k, v in rows[0]["options"].items() if k not in ("groups", "max-len")) or "defaults"
         auc = np.mean([r["test"]["auc"] for r in rows])
+        kmeans = [r["kmeans_gate_input"] for r in rows if "kmeans_gate_input" in r]
+        km = " / ".join(f"{x:.3f}" for x in np.mean(kmeans, 0)) if kmeans else "–"
         lines.append(f"| {setting} | {variant} | {options} | {len(rows)} | {nmi[0]:.3f} | {nmi[1]:.3f} | {chance:.3f} | "
-                     + " / ".join(f"{x:.2f}" for x in largest) + f" | {collapsed} | {churn} | {auc:.4f} |")
+                     + km + " | " + " / ".join(f"{x:.2f}" for x in largest) + f" | {collapsed} | {churn} | {auc:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,10 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(out.read_text()) if args.resume and out.exists() else []
-    done = {(r["mode"], r["variant"], r["seed"], r["data"]) for r in results}
+    # a centralised cell recorded before the k-means of the gate input existed is run again
+    done = {(r["mode"], r["variant"], r["seed"], r["data"]) for r in results
+            if r["mode"] != "central" or "kmeans_gate_input" in r}
+    reference_path = out.parent / REFERENCE
+    reference = json.loads(reference_path.read_text()) if reference_path.is_file() else {}
     for seed in args.seeds:
         spec = f"synthetic:users={args.users},groups={args.groups},seed={seed}"
         split = split_dataset(load_dataset(spec))
+        if spec not in reference:
+            reference[spec] = reference_clusterings(split, args.groups, seed=seed)
+            _atomic_json(reference, reference_path)
+            print(f"k-means on the data alone, {spec}: {reference[spec]}", flush=True)
         for mode in args.modes:
             for variant in args.variants:
                 if (mode, variant, seed, spec) in done or (mode == "federated" and variant in CENTRAL_ONLY):
@@ -207,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                 report.update(mode=mode, variant=variant, options=options, data=spec, seed=seed,
                               budget={"epochs": args.epochs} if mode == "central" else {"rounds": args.rounds})
                 report["summary"] = _summary(report)
-                results.append(report)
+                key = (mode, variant, seed, spec)
+                at = [i for i, r in enumerate(results) if (r["mode"], r["variant"], r["seed"], r["data"]) == key]
+                if at:  # a re-run cell keeps its place in the table
+                    results[at[0]] = report
+                else:
+                    results.append(report)
                 _atomic_json(results, out)
                 s = report["summary"]
                 print(f"{mode:9s} {variant:18s} seed {seed}: NMI {s['nmi']} (chance {s['nmi_chance']}), largest "

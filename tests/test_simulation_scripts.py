@@ -133,6 +133,22 @@ def test_group_discovery_script_central_and_federated(tmp_path):
     fed = next(r for r in reports if r["mode"] == "federated")
     assert fed["history"][1]["changed"] is not None and len(fed["history"][1]["share"]) == 2
     assert (tmp_path / "gd_federated_default.png").exists()
+    # the k-means of the trained gate's input per layer, and of the data alone beside it
+    central = next(r for r in reports if r["mode"] == "central")
+    assert len(central["kmeans_gate_input"]) == 2 and all(0 <= x <= 1 for x in central["kmeans_gate_input"])
+    assert "k-means on the gate input" in module.markdown_table(reports)
+    reference = json.loads((tmp_path / module.REFERENCE).read_text())
+    ref = reference["synthetic:users=60,groups=4,seed=0"]
+    assert set(ref) == {"category share of impressions", "click rate per category", "both", "clicked items (SVD 16)",
+                        "profile segment"}
+    assert all(0 <= v <= 1 for v in ref.values())
+    # a centralised report from before the k-means existed is run again, in its place
+    del reports[0]["kmeans_gate_input"]
+    out.write_text(json.dumps(reports))
+    assert module.main(["--users", "60", "--epochs", "1", "--rounds", "2", "--seeds", "0",
+                        "--variants", "default", "--out", str(out), "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert [r["mode"] for r in again] == [r["mode"] for r in reports] and "kmeans_gate_input" in again[0]
     # resume skips the finished cells
     assert module.main(["--users", "60", "--epochs", "1", "--rounds", "2", "--seeds", "0",
                         "--variants", "default", "--out", str(out), "--resume"]) == 0

@@ -268,7 +268,7 @@ class GroupGatedFFN(nn.Module):
             out = out + private
         if self.cfg.residual:
             out = out + z
-        entry = {"probs": probs, "choice": choice, "logits": logits}
+        entry = {"probs": probs, "choice": choice, "logits": logits, "gate_in": gate_in}
         if self.cfg.router_detach and self.training:
             # the auxiliary losses see the same routing, with gradients for the gate only
             aux_logits = self.gate(gate_in.detach())
@@ -365,3 +365,9 @@ class MRFF(SequenceModel):
     def route(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(B, layers)`` group chosen (first of top-k) per user and layer."""
         return self.forward(batch, mode="route")
+
+    @torch.no_grad()
+    def gate_inputs(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer, the ``(B, w)`` input of the group gating network (the user's history
+        summary, with ``e_u`` where ``gate_input = both``): what a router can separate users by."""
+        return [r["gate_in"] for r in self.encode(batch)["context"]["routing"]]
