@@ -394,7 +394,9 @@ def markdown_table() -> str:
                         for rt, layer in layers.items() if rt == "centralised")
         fed_extra = "".join(f"; {m}: {_cell(layer)}" for m, layers in entry.per_model.items()
                             for rt, layer in layers.items() if rt == "federated")
+        model_extra = "".join(f"; {m}: {_cell(layer)}" for m, layers in entry.per_model.items()
+                              for rt, layer in layers.items() if rt == "model")
         recorded = ", ".join(f"`{r}`" for r in entry.recorded) or "-"
-        lines.append(f"| `{name}` | {_cell(entry.data)} | {_cell(entry.model)} | {_cell(entry.centralised)}{extra} "
+        lines.append(f"| `{name}` | {_cell(entry.data)} | {_cell(entry.model)}{model_extra} | {_cell(entry.centralised)}{extra} "
                      f"| {_cell(entry.federated)}{fed_extra} | {recorded} |")
     return "\n".join(lines) + "\n"

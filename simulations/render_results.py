@@ -525,6 +525,79 @@ more than their standard deviations together, else "level with"):
   machines, so they compare nothing across rows."""
 
 
+def s_lastfm_mrff_private() -> str:
+    s = "lastfm_mrff_private"
+    sas, ref = "SASRec", "MRFF, reference private FFN"
+    ref_res, low = "MRFF, reference private FFN + residual", "MRFF, low-rank private FFN + residual"
+    decay, decay1 = "MRFF, low-rank private FFN + residual, user-decay 0.1", "MRFF, low-rank private FFN + residual, user-decay 1.0"
+    none, one = "MRFF, no private FFN + residual", "MRFF, no private FFN + residual, G = 1"
+    recorded = {r["row"] for r in doc(s).values()}
+    # one seed has no spread of its own: below this gap two rows count as level (twice SASRec's
+    # seed-to-seed standard deviation over the 3 seeds of the seed-model table)
+    floor = {k: 2 * float(np.std(values("lastfm_seed_models", "SASRec", k))) for k in ("hr@10", "full/hr@10")}
+
+    def cmp(a: str, b: str, metric: str = "hr@10") -> str:
+        va, vb = values(s, a, metric), values(s, b, metric)
+        d = float(np.mean(va) - np.mean(vb))
+        noise = max(float(np.std(va) + np.std(vb)), floor[metric])
+        return "above" if d > noise else "below" if d < -noise else "level with"
+
+    def private(row: str) -> str:
+        return f"{runs(s, row)[0].get('private_parameters_per_user', 0):,}"
+
+    def curve(row: str) -> str:  # training loss and valid NDCG@10, at the best epoch and at the end
+        r = runs(s, row)[0]
+        at = next(h for h in r["history"] if h["epoch"] == r["best_epoch"])
+        last = r["history"][-1]
+        return (f"loss {at['loss']:.2f} at the best epoch, {last['loss']:.2f} at the last; valid NDCG@10 "
+                f"{at['valid']['ndcg@10']:.3f} then {last['valid']['ndcg@10']:.3f}")
+
+    def both(row: str) -> str:
+        return f"{mm(s, row, 'hr@10')} (full ranking {mm(s, row, 'full/hr@10')})"
+
+    n = sorted({len(runs(s, r)) for r in recorded})
+    lines = []
+    if {ref, ref_res, none, sas} <= recorded:
+        lines.append(
+            f"- **Trained centrally, the reference private FFN holds MRFF back on next item.** With it "
+            f"({private(ref)} private parameters per user), MRFF reaches {both(ref)} test HR@10; without it, with the "
+            f"residual, {both(none)}, {cmp(none, sas)} SASRec's {both(sas)} on sampled-99.")
+        lines.append(
+            f"- **Why: it memorises the user's own training items**, which next-item evaluation never asks for (the "
+            f"held-out item is new to the user, and both protocols leave the user's items out of the ranking). With "
+            f"the residual the private FFN: {curve(ref_res)}; SASRec: {curve(sas)}.")
+    if {low, decay} <= recorded:
+        text = (f"- **A private FFN sized and shrunk for sparse users**: low rank ({private(low)} parameters per user, "
+                f"starting at zero, scaled by n / (n + 10) of the history length) {both(low)}; shrunk toward its group "
+                f"with `user-decay = 0.1`, {both(decay)}")
+        if decay1 in recorded:
+            text += (f"; with `user-decay = 1.0`, {both(decay1)}: {cmp(decay1, sas)} SASRec on sampled-99 and "
+                     f"{cmp(decay1, sas, 'full/hr@10')} it on full ranking")
+        lines.append(text + ".")
+    if {none, one} <= recorded:
+        verdict = cmp(none, one)
+        head = "nothing measurable" if verdict == "level with" else f"G = 4 is {verdict} G = 1"
+        lines.append(f"- **What the groups add on next item: {head}.** G = 4 is {verdict} G = 1 "
+                     f"({both(none)} against {both(one)}).")
+    seeds_note = f"{n[0]} seed{'s' if n[0] > 1 else ''} per row" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds per row"
+    return f"""### MRFF's private FFN on next item (LastFM)
+
+Issue 14, item 2: what MRFF's private user FFN does for users with few interactions, and what
+its group FFNs add. Every row trains with the per-dataset defaults of `seq:` data (the budget
+and split of the seed-model table above); each MRFF row gives the options it is about itself
+and changes one of them — `python simulations/parallel_compare.py
+simulations/configs/lastfm_mrff_private.toml --data-root ../shared/data --out simulations/results`
+({seeds_note}; "above" / "below" where two rows' means differ by more than their standard
+deviations together, and at least twice SASRec's seed-to-seed standard deviation in the
+seed-model table ({floor['hr@10'] / 2:.4f} on sampled-99, {floor['full/hr@10'] / 2:.4f} on full ranking), else "level with").
+Federated, the same private FFN is what lifts MRFF above FedAvg-SASRec: see the federated
+next-item table below.
+
+{compare_table(s)}
+
+{chr(10).join(lines)}"""
+
+
 def s_crm() -> str:
     s, c = "ml100k_crm", doc("ml100k_crm_control")["summary"]
     crm = "CRM (served at the user's mean rating)"
@@ -1106,8 +1179,11 @@ FedMF, PFedRec, FedAvg-SASRec and federated MRFF beside popularity and centralis
 MRFF, resumably. The federated rows average each item row over the users whose update read it
 (`item-aggregation = touched`, what the per-dataset default `auto` gives); the rows "item rows over all
 users" are the same algorithms with every row averaged over all of a round's users
-(`item-aggregation = all`, as this table was first recorded; `--rows fedmf-all ...`). Recorded so
-far (the seconds per round were measured on 2 cores shared with other jobs):
+(`item-aggregation = all`, as this table was first recorded; `--rows fedmf-all ...`). MRFF also
+runs without its private FFN and with a residual around the gated FFN (centralised and
+federated), federated with both, and on LastFM with a shrunk private FFN (`--rows
+mrff-fed-private-res-decay mrff-fed-lowrank`; see the LastFM ablation of the private FFN above).
+Recorded so far (the seconds per round were measured on 2 cores shared with other jobs):
 
 {fed_next_item.markdown(s).strip().split(chr(10), 1)[1].strip()}
 
@@ -1128,7 +1204,8 @@ def _fed_next_item_findings(s: dict) -> str:
             continue
         hr = {row: float(np.mean([c["test"]["hr@10"] for c in s.values()
                                   if c["dataset"] == dataset and c["row"] == row])) for row in cell}
-        fed = [r for r in ("fedmf", "pfedrec", "fedavg-sasrec", "mrff-fed") if r in hr]
+        fed = [r for r in ("fedmf", "pfedrec", "fedavg-sasrec", "mrff-fed", "mrff-fed-res", "mrff-fed-private-res")
+               if r in hr]
         pairs = [f"{label_of(r)} {hr[r]:.4f} against {hr[r + '-all']:.4f}" for r in
                  ("fedmf", "pfedrec", "fedavg-sasrec", "mrff-fed") if r in hr and r + "-all" in hr]
         label = label_of
@@ -1138,7 +1215,7 @@ def _fed_next_item_findings(s: dict) -> str:
                     f"(HR@10 {hr[top]:.4f})")
             if "popularity" in hr:
                 text += f", against popularity's {hr['popularity']:.4f}"
-            central = [r for r in ("sasrec", "mrff") if r in hr]
+            central = [r for r in ("sasrec", "mrff", "mrff-res") if r in hr]
             if central:
                 best_c = max(central, key=hr.get)
                 text += f" and the best centralised row, {label(best_c)}, at {hr[best_c]:.4f}"
@@ -1149,6 +1226,11 @@ def _fed_next_item_findings(s: dict) -> str:
         if pairs:
             lines.append(f"Item rows averaged over the users that read them, against over all users (test HR@10): "
                          f"{'; '.join(pairs)}.")
+        variants = [r for r in ("mrff", "mrff-res", "mrff-fed", "mrff-fed-private-res", "mrff-fed-res",
+                                "mrff-fed-private-res-decay", "mrff-fed-lowrank") if r in hr]
+        if len(variants) > 2 and ("mrff-res" in hr or "mrff-fed-res" in hr):
+            lines.append("MRFF with and without its private FFN (test HR@10; see the LastFM ablation above): "
+                         + "; ".join(f"{label(r)} {hr[r]:.4f}" for r in variants) + ".")
         still = [label(r) for r in fed if cell[r].get("best_round") == cell[r].get("rounds_run")]
         if still:
             lines.append(f"Still improving at the last round there: {', '.join(still)}.")
@@ -1529,8 +1611,8 @@ their numbers are therefore no longer shown. Each can be measured again with the
 - Beauty, time per training step of MRFF dense / `dispatch` and SASRec (a 20-step profile, not a benchmark).
 - ML-100K CTR, an earlier table with at most 40 epochs and patience 5 (superseded by the 120-epoch table).
 - FedMF on ML-100K with a 10x larger item learning rate (validation NDCG@10 after 80 rounds; not kept).
-- Group discovery: k-means on each user's clicked items and the profile `segment` as oracle
-  clusterings, and centralised exploratory router variants (soft balance + entropy, gate noise, no private FFN).
+- Group discovery: centralised exploratory router variants (soft balance + entropy, gate noise, no
+  private FFN). The k-means reference clusterings are now recorded (`group_discovery_reference.json`).
 - KuaiSAR-R federated: the group counts per round of a first exploratory hard-gate run, and the
   centralised MRFF seed 0 before and after the engine's model-code change.
 - Synthetic federated: the clean-clone CI run at two threads and the runs before and after the compact
@@ -1546,6 +1628,7 @@ SECTIONS: list[tuple[str, Callable[[], str]]] = [
     ("intro", s_intro),
     ("centralised", s_central), ("kuaisar-ctr", s_kuaisar_ctr), ("ml100k-ctr", s_ml100k_ctr),
     ("lastfm-next", s_lastfm_next), ("beauty-next", s_beauty_next), ("lastfm-seed-models", s_lastfm_seed_models),
+    ("lastfm-mrff-private", s_lastfm_mrff_private),
     ("crm", s_crm), ("qarm", s_qarm), ("recflow", s_recflow), ("recflow-ctr", s_recflow_ctr), ("marm", s_marm), ("moment-cross", s_moment_cross),
     ("group-routing", s_group_routing), ("costs-centralised", s_costs_central),
     ("federated", s_federated), ("federation-equality", s_federation_equality), ("fed-synthetic", s_fed_synthetic),

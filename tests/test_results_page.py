@@ -111,8 +111,8 @@ def test_recorded_comparisons_match_todays_configs():
     resumed ``fedrec compare`` keeps it rather than re-running it."""
     from fedrec.compare import _fingerprint, load_comparison
 
-    for stem in ("lastfm_seed_models", "recflow_synthetic_stages", "kuaisar_marm", "ml100k_crm", "ml100k_qarm",
-                 "synthetic_moment_cross", "sport_cloth_ctr_moment_cross"):
+    for stem in ("lastfm_seed_models", "lastfm_mrff_private", "recflow_synthetic_stages", "kuaisar_marm", "ml100k_crm",
+                 "ml100k_qarm", "synthetic_moment_cross", "sport_cloth_ctr_moment_cross"):
         cfg = load_comparison(ROOT / "simulations" / "configs" / f"{stem}.toml", data_root="../shared/data")
         recorded = json.loads((RESULTS / f"{stem}.json").read_text())
         for run in cfg["runs"]:
