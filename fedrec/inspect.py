@@ -41,24 +41,30 @@ def require_groups(model_name: str, where: str = "") -> None:
                           f"{', '.join(grouped_models())})")
 
 
-@torch.no_grad()
-def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """``(users, routes)``: user indices and their ``(n, layers)`` chosen groups."""
+def _per_user_batches(model, split: SplitData, method: str, what: str, batch_size: int):
+    """``(user indices, device batch)`` of each user's test-time view (one example per
+    sequence: the first target of each user), for a model that has ``method``."""
     from fedrec.train import model_device
 
-    if not hasattr(model, "route"):
-        raise ConfigError(f"{type(model).__name__} has no group routing to inspect (models with groups: "
+    if not hasattr(model, method):
+        raise ConfigError(f"{type(model).__name__} has no {what} to inspect (models with groups: "
                           f"{', '.join(grouped_models())})")
     model.eval()
     examples = build_examples(split, task="ctr" if split.has_labels else "next_item", stage="test",
                               max_len=model.cfg.max_len)
-    # one example per sequence: the first target of each user
     _, first = np.unique(examples.users, return_index=True)
     examples = examples.subset(examples.users[first])
-    users, routes = [], []
     for batch in iterate_batches(examples, batch_size=batch_size):
-        users.append(batch["user"].numpy())
-        routes.append(model.route(to_device(batch, model_device(model))).cpu().numpy())
+        yield batch["user"].numpy(), to_device(batch, model_device(model))
+
+
+@torch.no_grad()
+def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``(users, routes)``: user indices and their ``(n, layers)`` chosen groups."""
+    users, routes = [], []
+    for u, batch in _per_user_batches(model, split, "route", "group routing", batch_size):
+        users.append(u)
+        routes.append(model.route(batch).cpu().numpy())
     return np.concatenate(users), np.concatenate(routes)
 
 
@@ -66,20 +72,10 @@ def route_users(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.n
 def user_gate_inputs(model, split: SplitData, *, batch_size: int = 512) -> tuple[np.ndarray, list[np.ndarray]]:
     """``(users, per layer (n, w) arrays)``: each user's gate-network input at its test-time
     view (the same examples :func:`route_users` routes), for models with ``gate_inputs``."""
-    from fedrec.train import model_device
-
-    if not hasattr(model, "gate_inputs"):
-        raise ConfigError(f"{type(model).__name__} has no group gate to inspect (models with groups: "
-                          f"{', '.join(grouped_models())})")
-    model.eval()
-    examples = build_examples(split, task="ctr" if split.has_labels else "next_item", stage="test",
-                              max_len=model.cfg.max_len)
-    _, first = np.unique(examples.users, return_index=True)
-    examples = examples.subset(examples.users[first])
     users, layers = [], []
-    for batch in iterate_batches(examples, batch_size=batch_size):
-        users.append(batch["user"].numpy())
-        layers.append([x.cpu().numpy() for x in model.gate_inputs(to_device(batch, model_device(model)))])
+    for u, batch in _per_user_batches(model, split, "gate_inputs", "group gate", batch_size):
+        users.append(u)
+        layers.append([x.cpu().numpy() for x in model.gate_inputs(batch)])
     return np.concatenate(users), [np.concatenate(per) for per in zip(*layers)]
 
 
