@@ -43,11 +43,10 @@ import numpy as np
 from tqdm import tqdm
 
 from fedrec.data import load_dataset
-from fedrec.data.split import split_dataset
+from fedrec.data.split import TRAIN, split_dataset
 from fedrec.federated.config import FederatedConfig
 from fedrec.federated.registry import create_algorithm
 from fedrec.files import write_json_atomic
-from fedrec.data.split import TRAIN
 from fedrec.inspect import group_report, kmeans_nmi, plot_group_report, route_users, user_gate_inputs
 from fedrec.models.base import ModelData
 from fedrec.models.registry import create_model
@@ -176,15 +175,6 @@ def reference_clusterings(split, groups: int, *, seed: int = 0) -> dict:
         segment = split.user_features[users, split.user_feature_names.index("segment")]
         out["profile segment"] = round(float(normalized_mutual_info_score(truth, segment)), 4)
     return out
-
-
-def reference_table(reference: dict) -> str:
-    """Markdown: per data spec, the NMI of each reference clustering."""
-    names = list(dict.fromkeys(k for ref in reference.values() for k in ref))
-    lines = ["| data | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    for spec, ref in reference.items():
-        lines.append(f"| `{spec}` | " + " | ".join(f"{ref[n]:.3f}" if n in ref else "–" for n in names) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: list[dict]) -> str:
