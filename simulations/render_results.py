@@ -955,7 +955,7 @@ central federated --variants hard default ... --users 1000 --epochs 10 --rounds 
   with 4 clusters on simple summaries of each user's training rows finds the true groups at
   NMI {ref_text} (`group_discovery_reference.json`). The router's own input does not: the best
   k-means of the trained gate's input (the column "k-means on the gate input") reaches only
-  {max(km):.2f}, so no router reading that input could reach 0.5. The gate reads the mean of the
+  {max(km):.2f}: the input, not only the router, falls short of separating the groups. The gate reads the mean of the
   Transformer's hidden states and the profile embedding, in which the users' category taste is
   not what dominates; what is left to build is a gate input that carries it (e.g. attribute
   embeddings of the history) with a router that clusters it.
